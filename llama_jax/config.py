@@ -1,0 +1,187 @@
+"""Model configuration: one frozen dataclass, the published presets, YAML loading.
+
+A `ModelConfig` is hashable so it can be a static argument of `jax.jit`. It describes the network only;
+the device mesh lives in `sharding.MeshConfig` and training settings in `train_config.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REMAT_POLICIES = ("none", "full", "save_dots")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1 frequency scaling: long wavelengths are slowed by `factor`, short ones kept, a smooth
+    ramp between `low_freq_factor` and `high_freq_factor` (in units of `original_max_position`)."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    ffn_dim: int
+    max_seq_len: int
+    head_dim: int = 0  # 0: dim // n_heads (every published LLaMA)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = False
+    # How the network is computed, not what it is: safe to change on a converted checkpoint.
+    dtype: str = "float32"  # compute dtype of matmuls and activations
+    param_dtype: str = "float32"
+    scan_layers: bool = True
+    remat: str = "none"
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.head_dim == 0:
+            object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
+        if isinstance(self.rope_scaling, dict):
+            object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len")
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"model config: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"model config: attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"model config: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def param_count(self) -> int:
+        """Number of parameters, from the shapes alone (what Meta and Hugging Face publish)."""
+        d, h = self.dim, self.head_dim
+        attention = d * h * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = 3 * d * self.ffn_dim
+        per_layer = attention + mlp + 2 * d  # two RMSNorm scales
+        embeddings = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        return self.n_layers * per_layer + embeddings + d
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
+        return cls(**_checked(values))
+
+
+def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """Meta's rule for the SwiGLU width: 2/3 of 4·dim, scaled, rounded up to a multiple."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+def _llama(dim, n_layers, n_heads, vocab_size=32000, max_seq_len=2048, n_kv_heads=None, multiple_of=256,
+           ffn_dim_multiplier=None, **rest) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads or n_heads, max_seq_len=max_seq_len,
+                       ffn_dim=ffn_dim_for(dim, multiple_of, ffn_dim_multiplier), **rest)
+
+
+_LLAMA2 = dict(max_seq_len=4096, norm_eps=1e-5)
+_LLAMA3 = dict(vocab_size=128256, max_seq_len=8192, rope_theta=500000.0, norm_eps=1e-5)
+_LLAMA31 = dict(_LLAMA3, max_seq_len=131072, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192))
+_LLAMA32 = dict(_LLAMA3, max_seq_len=131072, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), tie_embeddings=True)
+
+# Shapes from Meta's params.json files (dim, n_layers, n_heads, n_kv_heads, multiple_of, ffn_dim_multiplier).
+PRESETS: dict[str, ModelConfig] = {
+    "llama1-7b": _llama(4096, 32, 32, norm_eps=1e-6),
+    "llama1-13b": _llama(5120, 40, 40, norm_eps=1e-6),
+    "llama1-33b": _llama(6656, 60, 52, norm_eps=1e-6),
+    "llama1-65b": _llama(8192, 80, 64, norm_eps=1e-5),
+    "llama2-7b": _llama(4096, 32, 32, **_LLAMA2),
+    "llama2-13b": _llama(5120, 40, 40, **_LLAMA2),
+    "llama2-70b": _llama(8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3, **_LLAMA2),
+    "llama3-8b": _llama(4096, 32, 32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3, **_LLAMA3),
+    "llama3-70b": _llama(8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3, **_LLAMA3),
+    "llama3.1-8b": _llama(4096, 32, 32, n_kv_heads=8, multiple_of=1024, ffn_dim_multiplier=1.3, **_LLAMA31),
+    "llama3.1-70b": _llama(8192, 80, 64, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.3, **_LLAMA31),
+    "llama3.1-405b": _llama(16384, 126, 128, n_kv_heads=8, multiple_of=4096, ffn_dim_multiplier=1.2, **_LLAMA31),
+    "llama3.2-1b": _llama(2048, 16, 32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5, **_LLAMA32),
+    "llama3.2-3b": _llama(3072, 28, 24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0, **_LLAMA32),
+    # TinyLlama-1.1B's shape: the benchmark model.
+    "tinyllama-1.1b": ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
+                                  ffn_dim=5632, max_seq_len=2048),
+    # karpathy's stories260K (llama2.c tinyllamas), the real weights the tests decode with.
+    "stories260k": ModelConfig(vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_dim=172,
+                               max_seq_len=512, tie_embeddings=True),
+    # The default model of `python train.py`: trains on 2 CPU cores in minutes.
+    "small": ModelConfig(vocab_size=1024, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512,
+                         max_seq_len=256),
+    # Test model: odd sizes so transposed axes cannot line up by accident.
+    "tiny": ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
+                        max_seq_len=64),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown model preset {name!r}; choose one of: {', '.join(PRESETS)}") from None
+
+
+def load_model_config(spec: str | Path | dict) -> ModelConfig:
+    """A preset name, a YAML/JSON file (`preset: NAME` plus overrides, or every field), or a dict."""
+    if isinstance(spec, dict):
+        values = dict(spec)
+    elif isinstance(spec, str) and spec in PRESETS:
+        return PRESETS[spec]
+    else:
+        path = Path(spec)
+        if not path.is_file():
+            raise ValueError(f"unknown model preset or missing config file {str(spec)!r}; "
+                             f"presets: {', '.join(PRESETS)}")
+        text = path.read_text()
+        try:
+            values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ValueError(f"cannot parse model config {path}: {e}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"model config {path} must be a mapping of keys to values")
+    base = values.pop("preset", None)
+    if base is not None:
+        return dataclasses.replace(preset(base), **_checked(values))
+    return ModelConfig.from_dict(values)
+
+
+def _checked(values: dict[str, Any]) -> dict[str, Any]:
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"model config: unknown keys {unknown}; known keys: {sorted(known)}")
+    return values

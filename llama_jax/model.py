@@ -1,0 +1,220 @@
+"""The LLaMA network in Flax NNX: embed → scan(DecoderLayer × L) → RMSNorm → logits.
+
+Every parameter names its axes logically (`out_sharding`), every block boundary constrains its
+activations with `shard`, and `sharding.LOGICAL_AXIS_RULES` alone decides what lands on which device.
+
+    logits, cache = model(ids, positions, cache=None, segment_ids=None)
+
+`ids` and `positions` are (batch, length). Without a cache the call is causal self-attention over
+`ids` (training, scoring); `segment_ids` keeps packed documents from attending to each other. With a
+`KVCache` the new keys and values are written at each row's `cache.lengths` and the queries attend to
+everything cached so far (prefill, then decoding).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.attention import attention, causal_mask, choose_implementation
+from llama_jax.config import ModelConfig
+from llama_jax.kv_cache import KVCache, write_layer
+from llama_jax.rope import apply_rope, inverse_frequencies
+from llama_jax.sharding import shard
+
+_INIT_STD = 0.02  # GPT-2 / LLaMA-style initialisation for every matrix
+
+REMAT_POLICIES = {
+    "full": None,  # save nothing: recompute the whole layer in the backward pass
+    # keep the weight matmuls' outputs, recompute elementwise work and attention
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
+    value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
+    # Placement is decided once for the whole state from the logical names (see `create_state`), so
+    # Flax must not try to place each variable as it is created.
+    return nnx.Param(value.astype(dtype), out_sharding=names, eager_sharding=False)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, param_dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dt = config, config.param_dtype
+        self.config = config
+        self.wq = _param(rngs, (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), dt)
+        self.wk = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
+        self.wv = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
+        self.wo = _param(rngs, (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), dt)
+
+    def __call__(self, x, positions, mask, layer_cache=None, starts=None):
+        c, dtype = self.config, x.dtype
+        inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = shard(apply_rope(q, positions, inv_freq), "batch", "length", "q_heads", None)
+        k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
+        v = shard(v, "batch", "length", "kv_heads", None)
+        if layer_cache is not None:
+            cache_k, cache_v = layer_cache
+            k = write_layer(cache_k, k, starts)
+            v = write_layer(cache_v, v, starts)
+            layer_cache = (k, v)
+            implementation = "xla"  # decoding reads a long cache with a few queries: memory-bound
+        else:
+            implementation = choose_implementation(c.attention, c.dtype)
+        out = attention(q, k, v, mask, implementation)
+        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        return shard(out, "batch", "length", None), layer_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: w_down(silu(w_gate·x) * w_up·x) — Meta's w2(silu(w1·x) * w3·x)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        c, dt = config, config.param_dtype
+        self.w_gate = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
+        self.w_up = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
+        self.w_down = _param(rngs, (c.ffn_dim, c.dim), ("mlp", "embed"), dt)
+
+    def __call__(self, x):
+        dtype = x.dtype
+        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
+        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
+        hidden = shard(jax.nn.silu(gate) * up, "batch", "length", "mlp")
+        return shard(jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype)), "batch", "length", None)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attention_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+        self.attention = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x, positions, mask, layer_cache=None, starts=None):
+        with jax.named_scope("attention"):
+            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, layer_cache, starts)
+        x = x + h
+        with jax.named_scope("mlp"):
+            x = x + self.mlp(self.mlp_norm(x))
+        return x, layer_cache
+
+
+class Llama(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        c = config
+        self.embed = _param(rngs, (c.vocab_size, c.dim), ("vocab", "embed"), c.param_dtype)
+
+        # One DecoderLayer whose parameters all carry a leading `layers` axis, ready for the scan.
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_layers(key):
+            return DecoderLayer(c, rngs=nnx.Rngs(params=key))
+
+        self.layers = make_layers(jax.random.split(rngs.params(), c.n_layers))
+        self.norm = RMSNorm(c.dim, c.norm_eps, c.param_dtype)
+        if not c.tie_embeddings:
+            self.lm_head = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
+
+    def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        c = self.config
+        batch, length = ids.shape
+        starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
+        if positions is None:
+            positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
+        x = jnp.take(self.embed[...], ids, axis=0).astype(c.dtype)
+        x = shard(x, "batch", "length", None)
+
+        if cache is not None:
+            if segment_ids is not None:
+                raise ValueError("segment_ids are for packed training batches; they cannot be used with a KV cache")
+            q_index = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
+            kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
+            mask = causal_mask(q_index, kv_index)
+        elif segment_ids is not None:
+            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+            mask = causal_mask(index, index, segment_ids, segment_ids)
+        else:
+            mask = None  # plain causal: lets flash kernels skip building a mask
+
+        x, cache = self._run_layers(x, positions, mask, cache, starts)
+        x = self.norm(x)
+        if c.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        else:
+            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return shard(logits, "batch", "length", "vocab"), cache
+
+    def _run_layers(self, x, positions, mask, cache, starts):
+        graphdef, stacked = nnx.split(self.layers)
+
+        def layer(x, layer_params, layer_cache):
+            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, layer_cache, starts)
+            return x, layer_cache
+
+        if self.config.remat != "none":
+            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.config.remat], prevent_cse=not self.config.scan_layers)
+
+        def step(carry, xs):
+            x, k_all, v_all = carry
+            layer_params, i = xs
+            layer_cache = None if k_all is None else (k_all[i], v_all[i])
+            x, layer_cache = layer(x, layer_params, layer_cache)
+            if layer_cache is not None:
+                k_all = jax.lax.dynamic_update_index_in_dim(k_all, layer_cache[0], i, 0)
+                v_all = jax.lax.dynamic_update_index_in_dim(v_all, layer_cache[1], i, 0)
+            return (x, k_all, v_all), None
+
+        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        indices = jnp.arange(self.config.n_layers)
+        if self.config.scan_layers:
+            carry, _ = jax.lax.scan(step, carry, (stacked, indices))
+        else:  # a plain Python loop: easier to debug and profile layer by layer, slower to compile
+            for i in range(self.config.n_layers):
+                carry, _ = step(carry, (jax.tree.map(lambda a: a[i], stacked), i))
+        x, k_all, v_all = carry
+        if cache is None:
+            return x, None
+        return x, KVCache(k_all, v_all, cache.lengths + x.shape[1])
+
+
+def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
+    """The model's graph and its parameters as ShapeDtypeStructs (placed on `mesh` when given);
+    nothing is allocated, so this works for a 405B config on a laptop."""
+    from llama_jax.sharding import param_shardings
+
+    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    if mesh is not None:
+        shardings = param_shardings(state, mesh)
+        state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return graphdef, state
+
+
+def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Llama:
+    """A randomly initialised model whose parameters are created directly in their sharded layout, so no
+    device ever holds the whole model."""
+    from llama_jax.sharding import make_mesh, param_shardings
+
+    mesh = mesh or make_mesh()
+    graphdef, abstract = abstract_state(config)
+
+    def init():
+        return nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1]
+
+    state = jax.jit(init, out_shardings=param_shardings(abstract, mesh))()
+    return nnx.merge(graphdef, state)

@@ -1,0 +1,120 @@
+"""The device mesh, the one table that maps logical axis names onto it, and the activation constraint.
+
+Modules name the axes of every parameter and activation logically (`embed`, `q_heads`, `mlp`, ...).
+`LOGICAL_AXIS_RULES` below is the only place that decides which mesh axis shards which logical axis, so
+switching between data, FSDP and tensor parallelism is a change of mesh shape, never of model code.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (a tuple shards over their product; None replicates).
+LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # activations, caches and data batches
+    "length": None,
+    "embed": ("fsdp",),  # parameters only: FSDP shards weights along the model dimension
+    "vocab": ("tensor",),
+    "q_heads": ("tensor",),
+    "kv_heads": ("tensor",),
+    "head_dim": None,
+    "mlp": ("tensor",),
+    "layers": None,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 on one axis takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ValueError(f"mesh sizes must be positive, with at most one -1; got {self}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ValueError(f"mesh {self} does not divide the {n_devices} devices")
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ValueError(f"mesh {self} needs {math.prod(sizes)} devices, but {n_devices} are available")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A (data, fsdp, tensor) mesh over all devices (or the given ones)."""
+    config = config or MeshConfig()
+    devices = list(devices) if devices is not None else jax.devices()
+    shape = config.shape(len(devices))
+    if len(devices) == len(jax.devices()):
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
+                    mesh: Mesh | None = None) -> PartitionSpec:
+    """PartitionSpec for an array whose axes carry these logical names.
+
+    With a shape and mesh, a mesh axis that does not divide its dimension is dropped (that dimension is
+    replicated instead), so e.g. a single KV head still works on a tensor-parallel mesh.
+    """
+    used: dict[str, str] = {}
+    spec = []
+    for i, name in enumerate(names):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in LOGICAL_AXIS_RULES:
+            raise ValueError(f"logical axis {name!r} has no rule; known: {sorted(LOGICAL_AXIS_RULES)}")
+        axes = []
+        for axis in LOGICAL_AXIS_RULES[name] or ():
+            if axis in used:
+                raise ValueError(f"logical axes {used[axis]!r} and {name!r} of {tuple(names)} both map to "
+                                 f"mesh axis {axis!r}")
+            used[axis] = name
+            size = mesh.shape[axis] if mesh is not None else 1
+            if size > 1 and (shape is None or shape[i] % (size * math.prod(mesh.shape[a] for a in axes)) == 0):
+                axes.append(axis)
+        spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))
+    return PartitionSpec(*spec)
+
+
+def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
+
+
+def shard(x: jax.Array, *names: str | None) -> jax.Array:
+    """Constrain an activation's sharding by logical axis names, under the mesh set with `jax.set_mesh`.
+
+    Always applied when a mesh is set, on every platform, so CPU tests with fake devices exercise the
+    same constraints as a TPU pod. Without any mesh (plain eager use in a notebook) there is nothing to
+    constrain against.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if len(names) != x.ndim:
+        raise ValueError(f"shard: {len(names)} names {names} for an array of rank {x.ndim}")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh))
+
+
+def param_shardings(abstract_state, mesh: Mesh):
+    """NamedShardings for an `nnx.State` whose Variables carry logical names in `out_sharding`."""
+    from flax import nnx
+
+    def one(variable):
+        names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
+        return variable.replace(named_sharding(mesh, names, variable.shape))
+
+    return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
