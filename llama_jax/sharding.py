@@ -54,14 +54,14 @@ class MeshConfig:
 
     @classmethod
     def parse(cls, spec: str) -> MeshConfig:
-        """`"data=2,tensor=4"` → MeshConfig(data=2, fsdp=1, tensor=4); unnamed axes get size 1 (data -1)."""
+        """`"fsdp=2,tensor=4"` → MeshConfig(data=-1, fsdp=2, tensor=4): unnamed axes keep their defaults."""
         sizes = {}
         for part in filter(None, (p.strip() for p in spec.split(","))):
             name, _, value = part.partition("=")
             if name not in MESH_AXES or not value.lstrip("-").isdigit():
                 raise ValueError(f"bad mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}")
             sizes[name] = int(value)
-        return cls(**{"data": 1 if sizes else -1, **sizes})
+        return cls(**sizes)
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
