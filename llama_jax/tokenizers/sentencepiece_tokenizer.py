@@ -54,8 +54,7 @@ class SentencePieceTokenizer(Tokenizer):
     def special_id(self, name: str) -> int:
         token_id = self._sp.piece_to_id(name)
         # piece_to_id answers unk_id for any unknown piece, hence the name check.
-        sp = self._sp
-        is_special = sp.is_control(token_id) or sp.is_unknown(token_id) or sp.is_user_defined(token_id)
-        if not is_special or sp.id_to_piece(token_id) != name:
+        is_special = self._sp.is_control(token_id) or self._sp.is_unknown(token_id)
+        if not is_special or self._sp.id_to_piece(token_id) != name:
             raise KeyError(f"{self.path}: no special token {name!r}")
         return token_id
