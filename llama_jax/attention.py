@@ -1,19 +1,29 @@
-"""Scaled dot-product attention: one entry point, several implementations.
+"""Scaled dot-product attention: one entry point, three implementations.
 
-* ``xla``   — grouped einsums with a float32 softmax; the reference, and the path on CPU and for decoding.
-* ``cudnn`` — cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16). The
-  same call with ``implementation='xla'`` is what the CPU tests run, so the argument plumbing (layout,
-  grouped KV heads, mask) is tested everywhere; only the kernel itself needs a GPU.
+* ``xla``    — grouped einsums with a float32 softmax: the reference, the CPU path, and decoding.
+* ``cudnn``  — cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
+* ``splash`` — the Pallas splash-attention kernel (TPU), run per device under `shard_map`.
 
-``auto`` picks cudnn on GPU for half-precision prefill and training, xla otherwise.
+``auto`` picks splash on TPU, cudnn on GPU in half precision, xla otherwise. The flash kernels serve
+causal self-attention (training, scoring), with segment ids for packed documents; attending to a KV
+cache always takes the xla path, which is memory-bound anyway.
+
+Off their hardware both kernels still run in the CPU tests: cudnn's call falls back to its XLA kernel,
+and splash runs in Pallas interpret mode, so layout, head grouping, masking and sharding are tested
+everywhere; only the kernels' speed needs the accelerator.
 """
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 
+from llama_jax.sharding import logical_to_spec
+
 # Large but finite: a fully masked row (a padding query) then gives a uniform softmax instead of NaN.
 _MASKED = -1e30
+_SPLASH_BLOCKS = (512, 256, 128)  # the kernel tiles the sequence in multiples of 128 lanes
 
 
 def choose_implementation(requested: str, dtype, platform: str | None = None) -> str:
@@ -21,6 +31,8 @@ def choose_implementation(requested: str, dtype, platform: str | None = None) ->
         return requested
     platform = platform or jax.default_backend()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if platform == "tpu":
+        return "splash"
     return "cudnn" if platform == "gpu" and half else "xla"
 
 
@@ -37,14 +49,34 @@ def causal_mask(q_index: jax.Array, kv_index: jax.Array, q_segments: jax.Array |
     return mask
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, implementation: str) -> jax.Array:
-    """q (batch, q_len, heads, head_dim); k, v (batch, kv_len, kv_heads, head_dim); mask (batch, q_len,
-    kv_len) or None for plain causal self-attention (q_len == kv_len). Returns q's shape."""
-    if implementation == "xla":
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, *, mask: jax.Array | None = None,
+              segment_ids: jax.Array | None = None) -> jax.Array:
+    """q (batch, q_len, heads, head_dim); k, v (batch, kv_len, kv_heads, head_dim). Returns q's shape.
+
+    Either `mask` (batch, q_len, kv_len) says exactly which keys each query sees (decoding with a
+    cache), or the attention is causal self-attention, within `segment_ids` (batch, length) if given.
+    """
+    if mask is not None:
         return _grouped_attention(q, k, v, mask)
+    if implementation == "xla":
+        return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))
     if implementation == "cudnn":
-        return _library_attention(q, k, v, mask, "cudnn" if jax.default_backend() == "gpu" else "xla")
+        kernel = "cudnn" if jax.default_backend() == "gpu" else "xla"
+        if segment_ids is None:
+            return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
+        mask = _self_attention_mask(q.shape[0], q.shape[1], segment_ids)
+        return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=kernel)
+    if implementation == "splash":
+        if q.shape[1] % _SPLASH_BLOCKS[-1] == 0:
+            return _splash_attention(q, k, v, segment_ids)
+        # sequences the kernel cannot tile (short prompts, odd lengths) take the reference path
+        return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))
     raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+def _self_attention_mask(batch: int, length: int, segment_ids: jax.Array | None) -> jax.Array:
+    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    return causal_mask(index, index, segment_ids, segment_ids)
 
 
 def _grouped_attention(q, k, v, mask):
@@ -53,16 +85,47 @@ def _grouped_attention(q, k, v, mask):
     # Query heads that share a KV head are grouped instead of repeating K and V in memory.
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (head_dim ** -0.5)
-    if mask is None:
-        mask = jnp.tril(jnp.ones((q_len, k.shape[1]), bool))[None]
-    scores = jnp.where(mask[:, None, None], scores, _MASKED)
+    scores = jnp.where(mask[:, None, None], scores * (head_dim ** -0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-def _library_attention(q, k, v, mask, implementation):
-    if mask is None:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=implementation)
+def _splash_attention(q, k, v, segment_ids):
+    """Splash attention per device: batch split over (data, fsdp), heads over tensor, as the rules say."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, length, heads, head_dim = q.shape
+    block = next(b for b in _SPLASH_BLOCKS if length % b == 0)
+    mesh = jax.sharding.get_abstract_mesh()
+    q_spec = logical_to_spec(("batch", "q_heads", "length", "head_dim"), (batch, heads, length, head_dim), mesh)
+    kv_spec = logical_to_spec(("batch", "kv_heads", "length", "head_dim"), (batch, k.shape[2], length, head_dim), mesh)
+    if q_spec[1] != kv_spec[1]:  # e.g. 1 KV head cannot split: keep all heads together on each device
+        q_spec = kv_spec = jax.P(q_spec[0], None, None, None)
+    local_heads = heads // (mesh.shape[q_spec[1]] if q_spec[1] else 1)
+    segments = segment_ids if segment_ids is not None else jnp.ones((batch, length), jnp.int32)
+    kernel = _splash_kernel(local_heads, length, block, jax.default_backend() != "tpu")
+
+    def per_device(q, k, v, segments):
+        ids = splash.SegmentIds(q=segments, kv=segments)
+        return jax.vmap(kernel)(q, k, v, segment_ids=ids)
+
+    # The kernel takes (heads, length, head_dim) per example, and queries already scaled.
+    q = (q * head_dim ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    if mesh.empty:
+        out = per_device(q, k, v, segments)
+    else:
+        out = jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None)),
+                            out_specs=q_spec, check_vma=False)(q, k, v, segments)
+    return out.transpose(0, 2, 1, 3)
+
+
+@functools.lru_cache(maxsize=None)
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    blocks = splash.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
+                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
+    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)

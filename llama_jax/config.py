@@ -13,7 +13,7 @@ from typing import Any
 import yaml
 
 REMAT_POLICIES = ("none", "full", "save_dots")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

@@ -58,7 +58,7 @@ class Attention(nnx.Module):
         self.wv = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wo = _param(rngs, (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), dt)
 
-    def __call__(self, x, positions, mask, layer_cache=None, starts=None):
+    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
         c, dtype = self.config, x.dtype
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
@@ -67,15 +67,12 @@ class Attention(nnx.Module):
         q = shard(apply_rope(q, positions, inv_freq), "batch", "length", "q_heads", None)
         k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
         v = shard(v, "batch", "length", "kv_heads", None)
-        if layer_cache is not None:
-            cache_k, cache_v = layer_cache
-            k = write_layer(cache_k, k, starts)
-            v = write_layer(cache_v, v, starts)
-            layer_cache = (k, v)
-            implementation = "xla"  # decoding reads a long cache with a few queries: memory-bound
+        if layer_cache is None:
+            out = attention(q, k, v, choose_implementation(c.attention, c.dtype), segment_ids=segment_ids)
         else:
-            implementation = choose_implementation(c.attention, c.dtype)
-        out = attention(q, k, v, mask, implementation)
+            k, v = write_layer(layer_cache[0], k, starts), write_layer(layer_cache[1], v, starts)
+            layer_cache = (k, v)
+            out = attention(q, k, v, "xla", mask=mask)  # a few queries over a long cache: memory-bound
         out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
         return shard(out, "batch", "length", None), layer_cache
 
@@ -104,9 +101,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, layer_cache=None, starts=None):
+    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
         with jax.named_scope("attention"):
-            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, layer_cache, starts)
+            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts)
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.mlp_norm(x))
@@ -130,7 +127,10 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                 segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids: jax.Array | None = None,
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
+        last real one; full-length float32 logits of a long batch would not fit in memory)."""
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -145,13 +145,12 @@ class Llama(nnx.Module):
             q_index = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
             kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
             mask = causal_mask(q_index, kv_index)
-        elif segment_ids is not None:
-            index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-            mask = causal_mask(index, index, segment_ids, segment_ids)
         else:
-            mask = None  # plain causal: lets flash kernels skip building a mask
+            mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
 
-        x, cache = self._run_layers(x, positions, mask, cache, starts)
+        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.norm(x)
         if c.tie_embeddings:
             logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
@@ -159,11 +158,11 @@ class Llama(nnx.Module):
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
         return shard(logits, "batch", "length", "vocab"), cache
 
-    def _run_layers(self, x, positions, mask, cache, starts):
+    def _run_layers(self, x, positions, mask, segment_ids, cache, starts):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache):
-            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, layer_cache, starts)
+            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids, layer_cache, starts)
             return x, layer_cache
 
         if self.config.remat != "none":

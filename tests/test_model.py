@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.attention import attention, causal_mask
+from llama_jax.attention import attention
 from llama_jax.config import RopeScaling, preset
 from llama_jax.kv_cache import KVCache
 from llama_jax.model import create_model
@@ -41,6 +41,12 @@ def reconfigured(model, **changes):
     return nnx.merge(graphdef, nnx.state(model))
 
 
+def placed(model, mesh):
+    """The same parameters, laid out on `mesh` by the rules table."""
+    state = nnx.state(model)
+    return nnx.merge(nnx.graphdef(model), jax.device_put(state, param_shardings(state, mesh)))
+
+
 def relative_error(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
@@ -49,12 +55,10 @@ def relative_error(a, b):
                          ids=["data", "fsdp", "tensor"])
 def test_sharded_forward_equals_unsharded(model, ids, mesh_config):
     mesh = make_mesh(mesh_config)
-    _, state = nnx.split(model)
-    sharded_state = jax.device_put(state, param_shardings(state, mesh))
-    specs = {str(v.sharding.spec) for v in jax.tree.leaves(sharded_state)}
+    sharded = placed(model, mesh)
+    specs = {str(v.sharding.spec) for v in jax.tree.leaves(nnx.state(sharded))}
     if mesh_config.data == 1:  # the layout really splits weights, so the test compares something
         assert any("fsdp" in s or "tensor" in s for s in specs), specs
-    sharded = nnx.merge(nnx.graphdef(model), sharded_state)
     np.testing.assert_allclose(forward(sharded, ids, mesh), forward(model, ids), rtol=1e-5, atol=1e-5)
 
 
@@ -128,16 +132,38 @@ def test_cached_chunks_equal_the_full_forward(model, ids):
 
 
 def test_library_attention_path_equals_reference():
-    """The cudnn path's plumbing (layout, grouped KV heads, masks) through jax.nn.dot_product_attention,
-    run with its XLA kernel on CPU; on a GPU the same call selects cuDNN."""
+    """The cudnn path's plumbing (layout, grouped KV heads, segment masks) through
+    jax.nn.dot_product_attention, run with its XLA kernel on CPU; on a GPU the same call runs cuDNN."""
     keys = jax.random.split(jax.random.key(3), 3)
     q = jax.random.normal(keys[0], (2, 9, 6, 8))
     k = jax.random.normal(keys[1], (2, 9, 2, 8))
     v = jax.random.normal(keys[2], (2, 9, 2, 8))
-    index = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    segments = jnp.array([[1] * 4 + [2] * 5, [1] * 9])
-    for mask in (None, causal_mask(index, index, segments, segments)):
-        np.testing.assert_allclose(attention(q, k, v, mask, "cudnn"), attention(q, k, v, mask, "xla"), rtol=1e-5, atol=1e-5)
+    for segments in (None, jnp.array([[1] * 4 + [2] * 5, [1] * 9])):
+        np.testing.assert_allclose(attention(q, k, v, "cudnn", segment_ids=segments),
+                                   attention(q, k, v, "xla", segment_ids=segments), rtol=1e-5, atol=1e-5)
+
+
+def test_splash_attention_matches_reference_with_gradients(model):
+    """The TPU kernel in Pallas interpret mode, under shard_map with heads split over a 2-device tensor
+    mesh, with packed segments."""
+    mesh = make_mesh(MeshConfig(data=1, tensor=2))
+    ids = jax.random.randint(jax.random.key(4), (BATCH, 128), 0, CONFIG.vocab_size)  # the kernel's smallest tile
+    segments = jnp.array([[1] * 50 + [2] * 78, [1] * 128])
+
+    def loss_and_grads(m):
+        graphdef, state = nnx.split(m)
+
+        def loss(state):
+            return jnp.mean(nnx.merge(graphdef, state)(ids, segment_ids=segments)[0] ** 2)
+
+        with jax.set_mesh(mesh):
+            return jax.jit(jax.value_and_grad(loss))(state)
+
+    splash_loss, splash_grads = loss_and_grads(placed(reconfigured(model, attention="splash"), mesh))
+    xla_loss, xla_grads = loss_and_grads(placed(reconfigured(model, attention="xla"), mesh))
+    assert float(splash_loss) == pytest.approx(float(xla_loss), rel=1e-5)
+    for a, b in zip(jax.tree.leaves(splash_grads), jax.tree.leaves(xla_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
 def test_llama31_rope_scaling_matches_transformers():
