@@ -1,9 +1,33 @@
-"""llama_jax: the LLaMA model family (1, 2, 3, 3.1, 3.2) in JAX + Flax NNX."""
-from llama_jax.checkpoint import LoadedModel, load
-from llama_jax.config import PRESETS, ModelConfig, RopeScaling, load_model_config, preset
-from llama_jax.kv_cache import KVCache
-from llama_jax.model import Llama, create_model
-from llama_jax.sharding import MeshConfig, make_mesh
+"""llama_jax: the LLaMA model family (1, 2, 3, 3.1, 3.2) in JAX + Flax NNX.
 
-__all__ = ["KVCache", "Llama", "LoadedModel", "MeshConfig", "ModelConfig", "PRESETS", "RopeScaling", "create_model",
-           "load", "load_model_config", "make_mesh", "preset"]
+    import llama_jax
+    loaded = llama_jax.load("checkpoints/stories260K")
+
+Names are imported on first use, so `import llama_jax.tokenizer` (or a command line that fails on a bad
+flag) does not pay for importing JAX.
+"""
+import importlib
+
+_EXPORTS = {
+    "load": "llama_jax.checkpoint",
+    "LoadedModel": "llama_jax.checkpoint",
+    "ModelConfig": "llama_jax.config",
+    "RopeScaling": "llama_jax.config",
+    "PRESETS": "llama_jax.config",
+    "preset": "llama_jax.config",
+    "load_model_config": "llama_jax.config",
+    "KVCache": "llama_jax.kv_cache",
+    "Llama": "llama_jax.model",
+    "create_model": "llama_jax.model",
+    "MeshConfig": "llama_jax.sharding",
+    "make_mesh": "llama_jax.sharding",
+    "load_tokenizer": "llama_jax.tokenizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
