@@ -1,11 +1,20 @@
 """What every command line shares: user errors become one line on stderr and a non-zero exit."""
 from __future__ import annotations
 
+import argparse
 import sys
 from collections.abc import Callable
+from typing import NoReturn
 
 
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors raise ValueError, so `run_cli` prints them as one `error:` line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise ValueError(f"{self.prog}: {message}")
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:

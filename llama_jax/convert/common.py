@@ -1,0 +1,61 @@
+"""Steps every importer takes around the weights: dtypes, the tokenizer, and writing the model directory."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.checkpoint import write_model_dir
+from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.tokenizer import Tokenizer, load_tokenizer
+
+CHAT_TEMPLATE_CHOICES = ("auto", "llama2", "llama3", "none")
+
+
+def dtype_name(source: np.dtype, requested: str | None) -> str:
+    """The checkpoint's dtype: `requested`, else the source's own (float64 sources become float32)."""
+    if requested is not None:
+        if requested not in DTYPES:
+            raise ValueError(f"--dtype must be one of {DTYPES}, got {requested!r}")
+        return requested
+    name = np.dtype(source).name
+    if name == "float64":
+        return "float32"
+    if name not in DTYPES:
+        raise ValueError(f"unsupported weight dtype {name}; pass --dtype to convert to one of {DTYPES}")
+    return name
+
+
+def with_dtype(config: ModelConfig, name: str) -> ModelConfig:
+    """Parameters stored and computed in `name` (the model as published; `load(dtype=...)` can change it)."""
+    return config.replace(param_dtype=name, dtype=name)
+
+
+def find_tokenizer(explicit: str | Path | None, candidates: list[Path], source: Path) -> Tokenizer:
+    if explicit is not None:
+        return load_tokenizer(explicit)
+    for candidate in candidates:
+        if candidate.is_file():
+            return load_tokenizer(candidate)
+    looked = ", ".join(str(c) for c in candidates)
+    raise ValueError(f"no tokenizer found for {source} (looked for {looked}); pass --tokenizer FILE")
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{config.vocab_size} embeddings: it belongs to another model")
+
+
+def chat_template_choice(requested: str, detected: str | None) -> str | None:
+    if requested not in CHAT_TEMPLATE_CHOICES:
+        raise ValueError(f"--chat-template must be one of {CHAT_TEMPLATE_CHOICES}, got {requested!r}")
+    if requested == "auto":
+        return detected
+    return None if requested == "none" else requested
+
+
+def write_converted(out: str | Path, config: ModelConfig, params: dict, tokenizer: Tokenizer,
+                    chat_template: str | None) -> Path:
+    check_tokenizer_fits(tokenizer, config)
+    return write_model_dir(out, config, params, tokenizer_file=tokenizer.path, chat_template=chat_template)

@@ -1,0 +1,23 @@
+"""Run a `python -m` command line the way a user does, with the test suite's two fake CPU devices."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_module(module: str, *args: str | Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
+    """A user error: non-zero exit, exactly one stderr line starting with `error:`, no traceback."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0, result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]

@@ -1,0 +1,111 @@
+"""`convert hf` and `to-hf` against transformers: LLaMA 1 (MHA), LLaMA 2 (GQA, sharded safetensors),
+Llama 3.1 (rope scaling, one KV head, head_dim ≠ dim/heads) and Llama 3.2 (tied embeddings)."""
+import copy
+import json
+import shutil
+
+import numpy as np
+import pytest
+from hf_reference import VARIANTS, hf_config, hf_logits, hf_model, our_logits, relative_error, sample_ids, torch, transformers
+from module_runner import run_module
+
+from llama_jax.convert import convert_hf, export_hf, load_hf
+from llama_jax.convert.hf import INDEX_FILE
+
+LLAMA3_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+                        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory, assets):
+    root = tmp_path_factory.mktemp("hf")
+    dirs = {}
+    for variant in VARIANTS:
+        dirs[variant] = root / variant
+        sharding = {"max_shard_size": "100KB"} if variant == "llama2" else {}
+        hf_model(variant).save_pretrained(dirs[variant], safe_serialization=True, **sharding)
+    # The LLaMA 2 directory also carries what `convert hf` discovers by itself.
+    shutil.copyfile(assets / "tok512.bin", dirs["llama2"] / "tokenizer.model")
+    (dirs["llama2"] / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_CHAT_TEMPLATE}))
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def converted(hf_dirs, tmp_path_factory, assets):
+    root = tmp_path_factory.mktemp("converted")
+    result = run_module("llama_jax.convert", "hf", hf_dirs["llama2"], "--out", root / "llama2")
+    assert result.returncode == 0, result.stderr
+    for variant in VARIANTS:
+        if variant != "llama2":
+            convert_hf(hf_dirs[variant], root / variant, tokenizer=assets / "tok512.bin")
+    return {variant: root / variant for variant in VARIANTS}
+
+
+def test_the_sharded_reference_has_an_index(hf_dirs):
+    assert (hf_dirs["llama2"] / INDEX_FILE).is_file()
+    assert len(list(hf_dirs["llama2"].glob("model-*.safetensors"))) > 1
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_logits_match_transformers(variant, converted):
+    ids = sample_ids()
+    assert relative_error(our_logits(converted[variant], ids), hf_logits(hf_model(variant), ids)) <= 1e-5
+
+
+def test_llama3_rope_scaling_changes_the_reference_logits():
+    """Guards the Llama 3.1 parity test: at its length the scaling must matter."""
+    scaled = hf_model("llama3.1")
+    unscaled = transformers.LlamaForCausalLM(hf_config("llama3.1", rope_scaling=None)).eval()
+    unscaled.load_state_dict(scaled.state_dict())
+    ids = sample_ids()
+    assert relative_error(hf_logits(unscaled, ids), hf_logits(scaled, ids)) > 1e-2
+
+
+def test_config_records_discovered_tokenizer_and_chat_template(converted):
+    written = json.loads((converted["llama2"] / "config.json").read_text())
+    assert written["tokenizer"] == "tokenizer.bin"
+    assert written["chat_template"] == "llama3"
+    assert written["model"]["tie_embeddings"] is False
+    assert json.loads((converted["llama3.2"] / "config.json").read_text())["model"]["tie_embeddings"] is True
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_to_hf_round_trip_loads_in_transformers(variant, converted, tmp_path):
+    out = tmp_path / "hf"
+    if variant == "llama3.2":
+        result = run_module("llama_jax.convert", "to-hf", converted[variant], "--out", out)
+        assert result.returncode == 0, result.stderr
+    else:
+        export_hf(converted[variant], out, max_shard_size="100KB" if variant == "llama3.1" else "5GB")
+    assert (out / INDEX_FILE).is_file() == (variant == "llama3.1")
+    model, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    original = hf_model(variant).state_dict()
+    exported = model.state_dict()
+    assert set(exported) == set(original)
+    for name, tensor in original.items():
+        assert torch.equal(exported[name], tensor), name
+    ids = sample_ids()
+    assert relative_error(hf_logits(model, ids), hf_logits(hf_model(variant), ids)) <= 1e-5
+
+
+def test_bf16_checkpoint_stays_bf16_unless_asked(tmp_path, assets):
+    reference = copy.deepcopy(hf_model("llama2")).to(torch.bfloat16)
+    reference.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    embedding = reference.state_dict()["model.embed_tokens.weight"]
+
+    config, params = load_hf(tmp_path / "hf")
+    assert (config.param_dtype, config.dtype) == ("bfloat16", "bfloat16")
+    assert params["embed"].dtype.name == "bfloat16"
+    assert np.array_equal(params["embed"].view(np.int16), embedding.view(torch.int16).numpy())
+
+    config, params = load_hf(tmp_path / "hf", dtype="float32")
+    assert config.param_dtype == "float32"
+    assert np.array_equal(params["embed"], embedding.float().numpy())
+
+    convert_hf(tmp_path / "hf", tmp_path / "ours", tokenizer=assets / "tok512.bin")
+    export_hf(tmp_path / "ours", tmp_path / "back")
+    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "back")
+    assert back.dtype == torch.bfloat16
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(back.state_dict()[name], tensor), name
