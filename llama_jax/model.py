@@ -12,13 +12,15 @@ everything cached so far (prefill, then decoding).
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.attention import attention, causal_mask, choose_implementation
 from llama_jax.config import ModelConfig
-from llama_jax.kv_cache import KVCache, write_layer
+from llama_jax.kv_cache import KVCache, write_slots
 from llama_jax.rope import apply_rope, inverse_frequencies
 from llama_jax.sharding import shard
 
@@ -70,8 +72,13 @@ class Attention(nnx.Module):
         if layer_cache is None:
             out = attention(q, k, v, choose_implementation(c.attention, c.dtype), segment_ids=segment_ids)
         else:
-            k, v = write_layer(layer_cache[0], k, starts), write_layer(layer_cache[1], v, starts)
-            layer_cache = (k, v)
+            # The layer writes its new keys/values straight into the stacked cache (in place) and reads
+            # its own layer back: copying the layer out and back in would move the whole cache per step.
+            k_all, v_all, layer = layer_cache
+            k_all, v_all = write_slots(k_all, k, layer, starts), write_slots(v_all, v, layer, starts)
+            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+            layer_cache = (k_all, v_all, layer)
             out = attention(q, k, v, "xla", mask=mask)  # a few queries over a long cache: memory-bound
         out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
         return shard(out, "batch", "length", None), layer_cache
@@ -128,9 +135,15 @@ class Llama(nnx.Module):
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
                  segment_ids: jax.Array | None = None,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 logits_at: jax.Array | None = None,
+                 layer_params: list[nnx.State] | None = None) -> tuple[jax.Array, KVCache | None]:
         """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
-        last real one; full-length float32 logits of a long batch would not fit in memory)."""
+        last real one; full-length float32 logits of a long batch would not fit in memory).
+
+        `layer_params`, one State per layer (`per_layer_params`), runs the layers in a Python loop over
+        those separate buffers instead of the stacked parameters: decoding uses it because slicing a
+        layer out of the stack inside a compiled loop copies its weights on every step (XLA CPU and GPU).
+        """
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -148,7 +161,7 @@ class Llama(nnx.Module):
         else:
             mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
 
-        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts)
+        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts, layer_params)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.norm(x)
@@ -158,7 +171,7 @@ class Llama(nnx.Module):
             logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
         return shard(logits, "batch", "length", "vocab"), cache
 
-    def _run_layers(self, x, positions, mask, segment_ids, cache, starts):
+    def _run_layers(self, x, positions, mask, segment_ids, cache, starts, layer_params=None):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache):
@@ -171,16 +184,18 @@ class Llama(nnx.Module):
         def step(carry, xs):
             x, k_all, v_all = carry
             layer_params, i = xs
-            layer_cache = None if k_all is None else (k_all[i], v_all[i])
+            layer_cache = None if k_all is None else (k_all, v_all, i)
             x, layer_cache = layer(x, layer_params, layer_cache)
             if layer_cache is not None:
-                k_all = jax.lax.dynamic_update_index_in_dim(k_all, layer_cache[0], i, 0)
-                v_all = jax.lax.dynamic_update_index_in_dim(v_all, layer_cache[1], i, 0)
+                k_all, v_all, _ = layer_cache
             return (x, k_all, v_all), None
 
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         indices = jnp.arange(self.config.n_layers)
-        if self.config.scan_layers:
+        if layer_params is not None:
+            for i, params in enumerate(layer_params):
+                carry, _ = step(carry, (params, i))
+        elif self.config.scan_layers:
             carry, _ = jax.lax.scan(step, carry, (stacked, indices))
         else:  # a plain Python loop: easier to debug and profile layer by layer, slower to compile
             for i in range(self.config.n_layers):
@@ -191,13 +206,27 @@ class Llama(nnx.Module):
         return x, KVCache(k_all, v_all, cache.lengths + x.shape[1])
 
 
+def per_layer_params(model: Llama) -> list[nnx.State]:
+    """The stacked layer parameters as one State per layer (a copy), for `Llama(..., layer_params=)`."""
+    stacked = nnx.state(model.layers)
+    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.n_layers)]
+
+
 def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as ShapeDtypeStructs (placed on `mesh` when given);
     nothing is allocated, so this works for a 405B config on a laptop."""
     from llama_jax.sharding import param_shardings
 
-    abstract = nnx.eval_shape(lambda: Llama(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
+    graphdef = None
+
+    def init():
+        nonlocal graphdef
+        graphdef, state = nnx.split(Llama(config, rngs=nnx.Rngs(0)))
+        return state
+
+    # jax.eval_shape rather than nnx.eval_shape: the latter resolves the logical names against whatever
+    # mesh is active, which fails for names that are not mesh axes; placement is `param_shardings`' job.
+    state = jax.eval_shape(init)
     if mesh is not None:
         shardings = param_shardings(state, mesh)
         state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
@@ -207,13 +236,20 @@ def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.St
 def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Llama:
     """A randomly initialised model whose parameters are created directly in their sharded layout, so no
     device ever holds the whole model."""
-    from llama_jax.sharding import make_mesh, param_shardings
+    from llama_jax.sharding import make_mesh
 
-    mesh = mesh or make_mesh()
+    graphdef, init = _sharded_init(config, mesh or make_mesh())
+    return nnx.merge(graphdef, init(jax.random.key(seed)))
+
+
+@functools.lru_cache(maxsize=16)
+def _sharded_init(config: ModelConfig, mesh):
+    """Compiled once per (config, mesh): the seed is an argument, so new seeds do not recompile."""
+    from llama_jax.sharding import param_shardings
+
     graphdef, abstract = abstract_state(config)
 
-    def init():
-        return nnx.split(Llama(config, rngs=nnx.Rngs(seed)))[1]
+    def init(key):
+        return nnx.split(Llama(config, rngs=nnx.Rngs(params=key)))[1]
 
-    state = jax.jit(init, out_shardings=param_shardings(abstract, mesh))()
-    return nnx.merge(graphdef, state)
+    return graphdef, jax.jit(init, out_shardings=param_shardings(abstract, mesh))

@@ -1,0 +1,120 @@
+"""Batch generation from a model directory.
+
+    python infer.py --checkpoint DIR --prompts prompts.txt --output out.jsonl
+    python infer.py --checkpoint DIR --prompt "Once upon a time" --temperature 0
+    cat prompts.jsonl | python infer.py --checkpoint DIR --prompts - --chat
+
+Prompts come from --prompt (repeatable), a file (one prompt per line, or JSONL with a "prompt" field) or
+standard input. Each output line is a JSON record, in input order: prompt, completion, token_ids (the
+generated ids; a stop id that ends generation is not included) and finish_reason ("stop" | "length").
+BOS is prepended to every prompt. With --output, records are written batch by batch as they finish, and
+rerunning the same command continues after the records already there.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from llama_jax.cli import ArgumentParser, run_cli
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python infer.py",
+                            description="Generate completions of prompts with a llama_jax model directory.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="a model directory (from llama_jax.convert) or a training run directory")
+    parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="one prompt per line, or JSONL with a \"prompt\" field; - reads standard input")
+    parser.add_argument("--output", metavar="FILE.jsonl",
+                        help="where records go (default: standard output); an existing file is resumed")
+    parser.add_argument("--max-new-tokens", type=int, default=256, metavar="N",
+                        help="most tokens generated per prompt (default 256)")
+    parser.add_argument("--temperature", type=float, default=0.6, metavar="T", help="0 is greedy (default 0.6)")
+    parser.add_argument("--top-p", type=float, default=0.9, metavar="P",
+                        help="nucleus mass in (0, 1]; 1 turns it off (default 0.9)")
+    parser.add_argument("--top-k", type=int, default=0, metavar="K",
+                        help="keep the K most likely tokens; 0 turns it off (default)")
+    parser.add_argument("--seed", type=int, default=0, metavar="S",
+                        help="a prompt's samples depend only on the seed and its position in the input")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
+    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    parser.add_argument("--chat", action="store_true",
+                        help="wrap each prompt as a user message in the checkpoint's chat template")
+    parser.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
+                        help="an extra token id that ends a completion (the tokenizer's EOS always does)")
+    parser.add_argument("--mesh", default="", metavar="data=..,tensor=..",
+                        help="device mesh, e.g. data=2,tensor=4 (default: data-parallel over all devices)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
+    from llama_jax.checkpoint import read_model_dir
+    from llama_jax.generate import check_counts, check_stop_ids
+    from llama_jax.prompts import JsonlOutput, PromptEncoder, chat_template_for, read_prompts
+    from llama_jax.sampling import SamplingParams
+    from llama_jax.sharding import MeshConfig, make_mesh
+    from llama_jax.tokenizer import load_tokenizer
+
+    SamplingParams(args.temperature, args.top_k, args.top_p)
+    check_counts(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    prompts = read_prompts(args.prompt, args.prompts)
+    model_dir = read_model_dir(args.checkpoint)
+    check_stop_ids(args.stop_id, model_dir.config.vocab_size)
+    if model_dir.tokenizer_path is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer file; infer.py needs one to read text prompts")
+    encoder = PromptEncoder(load_tokenizer(model_dir.tokenizer_path),
+                            chat_template_for(model_dir.chat_template, args.chat),
+                            model_dir.config.max_seq_len, args.max_new_tokens)
+    prompt_ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
+    output = JsonlOutput(args.output, prompts) if args.output else None
+    first = output.done if output else 0
+    if first == len(prompts):
+        print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
+        return 0
+    try:
+        summary = run_generation(args, mesh, prompts, prompt_ids, first, output)
+    finally:
+        if output:
+            output.close()
+    print(summary, file=sys.stderr)
+    return 0
+
+
+def run_generation(args, mesh, prompts, prompt_ids, first, output) -> str:
+    """Run the model over prompts[first:], writing each batch's records as soon as it is done; returns
+    a summary line."""
+    from tqdm import tqdm
+
+    from llama_jax.checkpoint import load
+    from llama_jax.generate import Generator
+
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    generator = Generator(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
+                          chat=args.chat, stop_ids=args.stop_id)
+    progress = tqdm(total=len(prompts), initial=first, unit="prompt", file=sys.stderr,
+                    disable=args.prompts is None)
+    with progress:
+        for batch in generator.batches(prompts[first:], first, prompt_ids[first:]):
+            records = [dataclasses.asdict(c) for c in batch]
+            if output:
+                output.write(records)
+            else:
+                sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                sys.stdout.flush()
+            progress.update(len(batch))
+    buckets = sorted(bucket for _, bucket, _ in generator.compiled_shapes)
+    return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
+            f"{len(buckets)} compiled shape(s): batch {args.batch_size} x prompt lengths {buckets}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
