@@ -1,0 +1,194 @@
+"""Training throughput: llama_jax's train step beside transformers (PyTorch) on the same model and batch.
+
+    python benchmarks/train.py                    # TinyLlama-1.1B shape, seq 2048, bf16 compute (a GPU)
+    python benchmarks/train.py --small --seq-len 256 --batch-size 8 --dtype float32   # a CPU-sized run
+
+Both sides run one full optimizer step per iteration on random token ids: forward, next-token cross-entropy,
+backward, global-norm clipping at 1.0, AdamW. llama_jax: float32 parameters, `--dtype` compute, the
+`--remat` policy and attention implementation (cuDNN flash on GPU), one jitted donated step. transformers:
+LlamaForCausalLM with float32 parameters under torch.autocast(--dtype), SDPA attention, torch.optim.AdamW
+(fused on CUDA). Each framework runs in its own subprocess, one after the other, so neither holds memory
+or threads while the other is measured. Reported: the median step time of --steps steps after --warmup.
+
+    MFU = tokens/s × (6·N + 12·n_layers·seq_len·n_heads·head_dim) / (devices × peak FLOP/s)
+
+with N the parameters taking part in matmuls (all but the input embedding table); see llama_jax/flops.py.
+Peak: --peak-tflops, else the device's dense bf16 peak (H100 SXM: 989 TFLOP/s). A CPU has no published
+peak: it is estimated as cores × clock × 32 float32 FLOP per cycle (two 256-bit FMA pipes), clock from
+/proc/cpuinfo; say so when reporting.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = dict(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=2048)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="tinyllama-1.1b", help="model shape (a llama_jax preset)")
+    parser.add_argument("--small", action="store_true", help=f"a CPU-sized shape instead: {SMALL}")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (over all devices)")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    parser.add_argument("--remat", default="save_dots", choices=["none", "full", "save_dots"])
+    parser.add_argument("--attention", default="auto", help="llama_jax attention: auto (cuDNN on GPU), xla, cudnn")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak (default: by device kind)")
+    parser.add_argument("--torch-checkpointing", action="store_true",
+                        help="gradient checkpointing for transformers (when its activations do not fit)")
+    parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)  # the subprocesses
+    return parser.parse_args(argv)
+
+
+def model_config(args):
+    from llama_jax.config import ModelConfig, preset
+
+    config = ModelConfig(**SMALL) if args.small else preset(args.preset)
+    return config.replace(max_seq_len=max(config.max_seq_len, args.seq_len))
+
+
+def measure_jax(args) -> dict:
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from llama_jax.attention import choose_implementation
+    from llama_jax.batching import FIELDS, batch_sharding
+    from llama_jax.model import create_model
+    from llama_jax.optimizer import make_optimizer
+    from llama_jax.sharding import make_mesh
+    from llama_jax.train_config import TrainConfig
+    from llama_jax.train_step import init_state, make_train_step, state_shardings
+
+    config = model_config(args).replace(dtype=args.dtype, remat=args.remat, attention=args.attention)
+    train_config = TrainConfig(steps=1000, warmup=10, batch_size=args.batch_size, seq_len=args.seq_len)
+    mesh = make_mesh()
+    optimizer = make_optimizer(train_config)
+    _, shardings = state_shardings(config, optimizer, mesh)
+    model = create_model(config, mesh)
+    graphdef, state = nnx.split(model)
+    train_state = init_state(nnx.to_pure_dict(state), optimizer, shardings)
+    del model, state
+    shape = (1, args.batch_size, args.seq_len)
+    step = make_train_step(graphdef, optimizer, shardings, mesh, shape)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, config.vocab_size, (1, args.batch_size, args.seq_len + 1), dtype=np.int32)
+    host = {"inputs": ids[..., :-1], "targets": ids[..., 1:],
+            "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape),
+            "segments": np.ones(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+    batch = {name: jax.device_put(host[name], batch_sharding(mesh, shape)) for name in FIELDS}
+    times = []
+    with jax.set_mesh(mesh):
+        for _ in range(args.warmup + args.steps):
+            start = time.perf_counter()
+            train_state, metrics = step(train_state, batch)
+            jax.block_until_ready(metrics)
+            times.append(time.perf_counter() - start)
+    device = jax.devices()[0]
+    attention = choose_implementation(config.attention, config.dtype)
+    return {"framework": "llama_jax", "step_s": statistics.median(times[args.warmup:]),
+            "loss": float(metrics["loss"]), "devices": jax.device_count(), "device_kind": device.device_kind,
+            "platform": device.platform, "detail": f"{args.dtype} compute, remat={args.remat}, {attention} attention"}
+
+
+def measure_torch(args) -> dict:
+    import torch
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = model_config(args)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    torch.manual_seed(0)
+    hf_config = LlamaConfig(vocab_size=c.vocab_size, hidden_size=c.dim, intermediate_size=c.ffn_dim,
+                            num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
+                            num_key_value_heads=c.n_kv_heads, max_position_embeddings=c.max_seq_len,
+                            rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta, tie_word_embeddings=c.tie_embeddings,
+                            attn_implementation="sdpa")
+    model = LlamaForCausalLM(hf_config).to(device)
+    if args.torch_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
+                                  fused=cuda)
+    ids = torch.randint(0, c.vocab_size, (args.batch_size, args.seq_len), device=device)
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    times = []
+    for _ in range(args.warmup + args.steps):
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    kind = torch.cuda.get_device_name() if cuda else "cpu"
+    precision = f"{args.dtype} autocast" if dtype != torch.float32 else "float32"
+    checkpointing = ", grad checkpointing" if args.torch_checkpointing else ""
+    return {"framework": f"transformers {transformers.__version__}", "loss": float(loss),
+            "step_s": statistics.median(times[args.warmup:]), "devices": 1, "device_kind": kind,
+            "platform": device.type, "detail": f"{precision}, sdpa attention{checkpointing}"}
+
+
+def cpu_peak_flops() -> float:
+    mhz = max(float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
+              if line.startswith("cpu MHz"))
+    return os.cpu_count() * mhz * 1e6 * 32
+
+
+def run_subprocess(framework: str, argv: list[str]) -> dict:
+    result = subprocess.run([sys.executable, __file__, *argv, "--framework", framework], cwd=REPO,
+                            capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{framework} run failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = parse_args()
+    if args.framework:
+        measure = measure_jax if args.framework == "jax" else measure_torch
+        print(json.dumps(measure(args)))
+        return
+    from llama_jax import flops
+
+    argv = sys.argv[1:]
+    results = [run_subprocess("jax", argv)] + ([] if args.no_torch else [run_subprocess("torch", argv)])
+    config = model_config(args)
+    per_token = flops.training_flops_per_token(config, args.seq_len)
+    kind = results[0]["device_kind"]
+    peak = flops.peak_flops(kind, args.peak_tflops)
+    peak_note = f"--peak-tflops {args.peak_tflops}" if args.peak_tflops else f"{kind} bf16 dense"
+    if peak is None:
+        peak, peak_note = cpu_peak_flops(), "CPU estimate: cores x clock x 32 f32 FLOP/cycle"
+    shape = "small " + json.dumps(SMALL) if args.small else args.preset
+    print(f"model {shape}: {config.param_count() / 1e6:.1f}M params, {flops.matmul_params(config) / 1e6:.1f}M in "
+          f"matmuls; batch {args.batch_size} x seq {args.seq_len}; "
+          f"{per_token / 1e9:.3f} GFLOP/token (6N + 12*L*T*H*Dh)")
+    print(f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_note}); device: {kind}; "
+          f"median of {args.steps} steps after {args.warmup} warm-up")
+    print(f"| {'framework':<22} | {'setup':<46} | {'step (s)':>8} | {'tokens/s':>10} | {'MFU':>6} | {'loss':>6} |")
+    print(f"|{'-' * 24}|{'-' * 48}|{'-' * 10}|{'-' * 12}|{'-' * 8}|{'-' * 8}|")
+    for r in results:
+        tokens_per_s = args.batch_size * args.seq_len / r["step_s"]
+        mfu = tokens_per_s * per_token / (r["devices"] * peak)
+        print(f"| {r['framework']:<22} | {r['detail']:<46} | {r['step_s']:>8.3f} | {tokens_per_s:>10,.0f} | "
+              f"{100 * mfu:>5.1f}% | {r['loss']:>6.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Packed rows over a tokenized corpus, the train/validation split, and the batch of any step.
+
+A row is seq_len + 1 consecutive tokens of the corpus stream (inputs are its first seq_len, targets its last
+seq_len). Pretraining cuts the stream into back-to-back windows, so documents are packed densely and a long
+one continues in the next row. SFT packs whole examples (in order, as many as fit; an example longer than a
+row is truncated) and pads the rest, so a response is never separated from its prompt.
+
+Segment ids number the documents inside a row; the model attends only within a segment, positions restart
+at every document start (and at the row start), and the loss mask drops the targets that cross into the
+next document, padding, and SFT prompt tokens.
+
+Batch k is a pure function of (seed, k): sample j = k·batch_size + i of the run is row
+permutation_e(j mod n) of epoch e = j div n, the permutation a keyed Feistel bijection. So a resumed run
+reads exactly what an uninterrupted one would, on any number of hosts, and each host builds only the rows
+of its own devices.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+
+from llama_jax.data import TokenizedCorpus
+from llama_jax.sharding import logical_to_spec
+
+BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
+FIELDS = ("inputs", "targets", "positions", "segments", "loss_mask")
+
+
+class PackedRows:
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int, pad_id: int, whole_documents: bool,
+                 val_fraction: float):
+        self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
+        n_tokens = len(corpus.tokens)
+        self._doc_spans = _pack_documents(corpus.starts, seq_len + 1) if whole_documents else None
+        self.n_rows = len(self._doc_spans) if whole_documents else (n_tokens - 1) // seq_len
+        self.n_val = max(1, round(self.n_rows * val_fraction))
+        self.n_train = self.n_rows - self.n_val
+        if self.n_train < 1:
+            raise ValueError(f"the corpus ({n_tokens} tokens) is too small for seq_len {seq_len}: it makes "
+                             f"{self.n_rows} row(s), but training and validation need one each")
+
+    def spans(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[start, end) of each row in the token stream; row -1 is empty (all padding)."""
+        if self._doc_spans is None:
+            start = row_ids.astype(np.int64) * self.seq_len
+            end = start + self.seq_len + 1
+        else:
+            start, end = self._doc_spans[np.maximum(row_ids, 0)].T
+        empty = row_ids < 0
+        return np.where(empty, 0, start), np.where(empty, 0, end)
+
+    def arrays(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """The model's inputs for rows of any shape (..., ): each field (..., seq_len)."""
+        shape = row_ids.shape
+        start, end = (a.reshape(-1, 1) for a in self.spans(row_ids.reshape(-1)))
+        index = start + np.arange(self.seq_len + 1)
+        valid = index < end
+        index = np.where(valid, index, 0)
+        tokens = np.where(valid, self.corpus.tokens[index], self.pad_id).astype(np.int32)
+        doc = np.searchsorted(self.corpus.starts, index, side="right")
+        segments = np.where(valid, doc - doc[:, :1] + 1, 0).astype(np.int32)
+        weights = valid if self.corpus.weights is None else valid & (self.corpus.weights[index] > 0)
+        inputs_segments = segments[:, :-1]
+        # Positions count from each document's first token in the row, as if the document were alone.
+        steps = np.arange(self.seq_len)
+        is_start = np.concatenate([np.ones_like(inputs_segments[:, :1], bool),
+                                   inputs_segments[:, 1:] != inputs_segments[:, :-1]], axis=1)
+        positions = steps - np.maximum.accumulate(np.where(is_start, steps, 0), axis=1)
+        loss_mask = (segments[:, 1:] == inputs_segments) & (inputs_segments > 0) & weights[:, 1:]
+        fields = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions.astype(np.int32),
+                  "segments": inputs_segments, "loss_mask": loss_mask.astype(np.float32)}
+        return {name: value.reshape(*shape, self.seq_len) for name, value in fields.items()}
+
+    def train_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
+        """Row ids of step `step`'s batch (batch_size,): a pure function of (seed, step)."""
+        sample = step * batch_size + np.arange(batch_size, dtype=np.int64)
+        epoch, index = np.divmod(sample, self.n_train)
+        rows = np.empty_like(index)
+        for e in np.unique(epoch):
+            rows[epoch == e] = feistel_permutation(index[epoch == e], self.n_train, (seed << 32) + int(e))
+        return rows
+
+    def val_rows(self, batch_size: int, n_batches: int) -> list[np.ndarray]:
+        """The validation rows, in order, as at most n_batches batches; the last is padded with empty rows."""
+        n_batches = min(n_batches, math.ceil(self.n_val / batch_size))
+        ids = np.full(n_batches * batch_size, -1, np.int64)
+        count = min(self.n_val, len(ids))
+        ids[:count] = self.n_train + np.arange(count)
+        return list(ids.reshape(n_batches, batch_size))
+
+
+def _pack_documents(starts: np.ndarray, row_len: int) -> np.ndarray:
+    """Greedy in-order packing of whole documents into rows of row_len tokens: (n_rows, 2) spans."""
+    spans, row_start = [], None
+    for doc_start, doc_end in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        if row_start is not None and doc_end - row_start > row_len:
+            spans.append((row_start, min(doc_start, row_start + row_len)))
+            row_start = None
+        if row_start is None:
+            row_start = doc_start
+    if row_start is not None:
+        spans.append((row_start, min(int(starts[-1]), row_start + row_len)))
+    return np.asarray(spans, np.int64).reshape(-1, 2)
+
+
+def feistel_permutation(index: np.ndarray, n: int, key: int) -> np.ndarray:
+    """A keyed pseudo-random bijection of [0, n), applied elementwise: O(1) memory for any n, unlike
+    materialising a permutation of hundreds of millions of rows. A 4-round Feistel network permutes
+    [0, 4^k) ⊇ [0, n); values that land outside [0, n) are mapped again until they fall inside."""
+    half_bits = max(1, math.ceil(math.log2(max(n, 2)) / 2))
+    mask = np.uint64((1 << half_bits) - 1)
+    keys = [_mix(np.uint64((key * 4 + r) & 0xFFFFFFFFFFFFFFFF)) for r in range(4)]
+    out = np.asarray(index, np.uint64).copy()
+    todo = np.ones(out.shape, bool)
+    while todo.any():
+        left, right = out[todo] >> np.uint64(half_bits), out[todo] & mask
+        for round_key in keys:
+            left, right = right, left ^ (_mix(right ^ round_key) & mask)
+        out[todo] = (left << np.uint64(half_bits)) | right
+        todo = out >= np.uint64(n)
+    return out.astype(np.int64)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-mixed 64-bit hash."""
+    with np.errstate(over="ignore"):
+        x = np.asarray(x, np.uint64)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def batch_sharding(mesh: Mesh, shape: tuple[int, int, int]) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(BATCH_AXES, shape, mesh))
+
+
+def global_batch(rows: PackedRows, row_ids: np.ndarray, mesh: Mesh) -> dict[str, jax.Array]:
+    """The global batch for row_ids (grad_accum, micro_batch), sharded over the mesh's batch axes. This
+    process builds only the rows its own devices hold."""
+    shape = (*row_ids.shape, rows.seq_len)
+    sharding = batch_sharding(mesh, shape)
+    indices = sharding.addressable_devices_indices_map(shape).values()
+    local = sorted({(index[1].start or 0, index[1].stop or shape[1]) for index in indices})
+    local_ids = np.concatenate([row_ids[:, start:stop] for start, stop in local], axis=1)
+    return {name: jax.make_array_from_process_local_data(sharding, value, shape)
+            for name, value in rows.arrays(local_ids).items()}

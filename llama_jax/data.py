@@ -1,0 +1,205 @@
+"""A corpus on disk, tokenized once: text files, globs or JSONL → one flat token array, cached by content.
+
+    tokens   [BOS doc0 EOS][BOS doc1 EOS]...   uint16 (uint32 for vocabularies over 65536)
+    starts   offset of each document's first token, then the total length
+    weights  (SFT only) 1 where a token is a training target: the response, not the prompt
+
+The arrays are raw files (tokens.bin, weights.bin; dtype and sizes in meta.json) read through `np.memmap`:
+a batch reads only the rows it needs, the operating system's page cache shares them between the processes
+of a host, they are written in one streaming pass, and nothing beyond numpy is needed to inspect them.
+(A tensorstore/zarr array would add chunked compression, which token ids barely benefit from, and a chunk
+lookup to every random read.)
+
+The cache key hashes the corpus bytes, the tokenizer file and the options that change the tokens, so a
+changed file is re-tokenized and an unchanged one never is. Entries are assembled in a temporary directory
+and renamed into place: a killed tokenization leaves nothing that looks complete.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from llama_jax.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.tokenizer_training import train_sentencepiece
+from llama_jax.train_config import TrainConfig
+
+CACHE_FORMAT = 2
+
+Example = tuple[list[int], list[int] | None]  # token ids (BOS/EOS included), target weights or None
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedCorpus:
+    tokens: np.ndarray  # (n_tokens,) uint16/uint32, memory-mapped
+    starts: np.ndarray  # (n_docs + 1,) int64
+    weights: np.ndarray | None  # (n_tokens,) uint8, or None: every token is a target
+    key: str  # content hash of corpus, tokenizer and options
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedData:
+    tokenizer: Tokenizer
+    tokenizer_path: Path
+    corpus: TokenizedCorpus
+
+
+def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData:
+    """Tokenize the configured corpus (or find it in the cache) with `config.tokenizer`: a file, or
+    train:VOCAB to train one on the corpus first."""
+    from llama_jax.sft import sft_examples, sft_texts
+
+    cache_dir = Path(os.path.expanduser(config.data_cache))
+    files = data_files(config.data)
+    raw_key = corpus_hash(files)
+
+    def texts() -> Iterator[str]:
+        return sft_texts(files) if config.sft else documents(files, config.doc_separator)
+
+    if config.trained_vocab_size is not None:
+        texts_key = hashlib.sha256(f"{raw_key}|{config.sft}|{config.doc_separator}".encode()).hexdigest()
+        tokenizer_path = trained_tokenizer(texts(), config.trained_vocab_size, texts_key, cache_dir)
+    else:
+        tokenizer_path = Path(config.tokenizer)
+        if not tokenizer_path.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
+    tokenizer = load_tokenizer(tokenizer_path)
+    options = {"sft": config.sft, "chat_template": chat_template, "doc_separator": config.doc_separator}
+    key = _corpus_key(raw_key, tokenizer_path, options)
+    if config.sft:
+        examples = sft_examples(tokenizer, files, chat_template)
+    else:
+        examples = ((tokenizer.encode(text, bos=True, eos=True), None) for text in texts() if text.strip())
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    return PreparedData(tokenizer, tokenizer_path, tokenize_corpus(examples, key, cache_dir, dtype))
+
+
+def data_files(spec: str) -> list[Path]:
+    """The files of a comma-separated list of paths and globs, each glob sorted, duplicates dropped."""
+    files: list[Path] = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not matches:
+            raise FileNotFoundError(f"no data file matches {part}")
+        for match in map(Path, matches):
+            if match.is_dir():
+                raise ValueError(f"data {match} is a directory; name its files, e.g. {match}/*.txt")
+            if match not in files:
+                files.append(match)
+    return files
+
+
+def corpus_hash(files: list[Path]) -> str:
+    """sha256 of the files' kinds and contents (not their names: a moved corpus is the same corpus)."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(b"jsonl" if is_jsonl(path) else b"text")
+        digest.update(path.stat().st_size.to_bytes(8, "little"))
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _corpus_key(raw_key: str, tokenizer_path: Path, options: dict) -> str:
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{raw_key}|{json.dumps(options, sort_keys=True)}|".encode())
+    digest.update(tokenizer_path.read_bytes())
+    return digest.hexdigest()
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def documents(files: list[Path], doc_separator: str | None = None) -> Iterator[str]:
+    """Pretraining documents: a text file is one document (or several, split at `doc_separator`); a
+    JSONL file holds one {"text": ...} record per line."""
+    for path in files:
+        if is_jsonl(path):
+            for where, record in jsonl_records(path):
+                if not isinstance(record.get("text"), str):
+                    raise ValueError(f"{where}: expected a JSON object with a string \"text\" field")
+                yield record["text"]
+        else:
+            text = path.read_text(encoding="utf-8")
+            yield from text.split(doc_separator) if doc_separator else [text]
+
+
+def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
+    """("file:line", object) for each non-empty line of a JSONL file; one clear error for a bad line."""
+    with path.open(encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: expected a JSON object")
+            yield where, record
+
+
+def trained_tokenizer(texts: Iterable[str], vocab_size: int, texts_key: str, cache_dir: Path) -> Path:
+    """A SentencePiece model trained on `texts`, cached under their hash. Training is deterministic, so
+    every host of a job and every rerun gets the same file."""
+    path = cache_dir / f"tokenizer-{texts_key[:24]}-{vocab_size}.model"
+    if not path.is_file():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=cache_dir) as staging:
+            trained = train_sentencepiece(texts, vocab_size, Path(staging) / "tokenizer.model")
+            os.replace(trained, path)
+    return path
+
+
+def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtype=np.uint16) -> TokenizedCorpus:
+    """The cached corpus for `key`, built from `examples` when it is not cached yet. Documents with no
+    text (only BOS and EOS) are dropped; a corpus with none left is an error."""
+    entry = cache_dir / f"tokens-{key[:24]}"
+    if not (entry / "meta.json").is_file():
+        _build_entry(examples, entry, dtype)
+    meta = json.loads((entry / "meta.json").read_text())
+    weights = entry / "weights.bin"
+    return TokenizedCorpus(tokens=np.memmap(entry / "tokens.bin", dtype=meta["dtype"], mode="r"),
+                           starts=np.load(entry / "starts.npy"),
+                           weights=np.memmap(weights, dtype=np.uint8, mode="r") if weights.is_file() else None,
+                           key=key)
+
+
+def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
+    try:
+        starts = [0]
+        with open(staging / "tokens.bin", "wb") as tokens, open(staging / "weights.bin", "wb") as weights:
+            for ids, target_weights in examples:
+                if len(ids) <= 2:
+                    continue
+                tokens.write(np.asarray(ids, dtype).tobytes())
+                if target_weights is not None:
+                    weights.write(np.asarray(target_weights, np.uint8).tobytes())
+                starts.append(starts[-1] + len(ids))
+        if len(starts) == 1:
+            raise ValueError("the corpus holds no text: every document is empty")
+        if (staging / "weights.bin").stat().st_size == 0:  # pretraining: every token is a target
+            os.remove(staging / "weights.bin")
+        np.save(staging / "starts.npy", np.asarray(starts, np.int64))
+        meta = {"format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "tokens": starts[-1],
+                "documents": len(starts) - 1}
+        (staging / "meta.json").write_text(json.dumps(meta) + "\n")
+        try:
+            staging.rename(entry)
+        except OSError:  # another process of this host got there first, with identical contents
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

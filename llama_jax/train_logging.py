@@ -1,0 +1,102 @@
+"""Where training reports go: a progress bar on stderr, TensorBoard event files, and JSON lines.
+
+    RUN_DIR/metrics.jsonl    one object per log point: {"step", "loss", "tokens_per_s", "mfu", ...}
+    RUN_DIR/tensorboard/     event files for `tensorboard --logdir RUN_DIR`
+
+Only the first process of a multi-host job writes anything. Stdout stays free for the final JSON line.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
+
+
+class TrainLogger:
+    def __init__(self, run_dir: Path, *, enabled: bool, steps: int, start_step: int, tokens_per_step: int,
+                 flops_per_token: float, peak_flops_total: float | None):
+        self.enabled = enabled
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.peak_flops_total = peak_flops_total
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._bar = tqdm(total=steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, disable=not enabled,
+                         desc="train", unit="step")
+        if enabled:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
+            _drop_partial_last_line(run_dir / METRICS_FILE)
+            self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+
+    def restart_clock(self, step: int) -> None:
+        """Start timing afresh (after compilation, evaluation or a checkpoint, which are not training)."""
+        self._last_time, self._last_step = time.perf_counter(), step
+
+    def advance(self) -> None:
+        self._bar.update(1)
+
+    def train(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Log the metrics of `step` (a host dict) with throughput since the last call; returns them."""
+        now = time.perf_counter()
+        elapsed, steps = now - self._last_time, step - self._last_step
+        self._last_time, self._last_step = now, step
+        record = dict(metrics)
+        if steps > 0 and elapsed > 0:
+            record["tokens_per_s"] = steps * self.tokens_per_step / elapsed
+            if self.peak_flops_total:
+                record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops_total
+        postfix = {"loss": f"{record['loss']:.3f}"}
+        if "tokens_per_s" in record:
+            postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
+        if "mfu" in record:
+            postfix["mfu"] = f"{100 * record['mfu']:.1f}%"
+        self._bar.set_postfix(postfix, refresh=False)
+        self._write(step, record, "train")
+        return record
+
+    def eval(self, step: int, loss: float) -> None:
+        self._write(step, {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}, "eval")
+        if self.enabled:
+            self._bar.write(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}",
+                            file=sys.stderr)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self._bar.write(text, file=sys.stderr)
+
+    def _write(self, step: int, record: dict[str, float], split: str) -> None:
+        if not self.enabled:
+            return
+        for name, value in record.items():
+            self._writer.add_scalar(f"{split}/{name}", value, step)
+        self._jsonl.write(json.dumps({"step": step, "split": split, **record}) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        self._bar.close()
+        if self.enabled:
+            self._writer.close()
+            self._jsonl.close()
+
+
+def _drop_partial_last_line(path: Path) -> None:
+    """A process killed mid-write leaves half a line; cut it so that a resumed run appends whole ones."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, 2)
+        tail_start = max(0, size - (1 << 16))
+        f.seek(tail_start)
+        tail = f.read()
+        if tail.endswith(b"\n") or not tail:
+            return
+        cut = tail.rfind(b"\n")
+        f.truncate(tail_start + cut + 1 if cut >= 0 else tail_start)

@@ -1,0 +1,133 @@
+"""The pure training and evaluation steps, jitted once over the mesh with explicit shardings.
+
+    state, metrics = train_step(state, batch)
+
+A batch holds `grad_accum` micro-batches, (grad_accum, micro_batch, seq_len) per field; the step scans
+over them and sums their gradients, each micro-batch's loss divided by the token count of the WHOLE batch,
+so any split gives the gradient of the big batch. The loss is next-token cross-entropy in float32 over the
+tokens of `loss_mask`, optionally plus z-loss (PaLM): z_loss · log²Z, which keeps the softmax normaliser
+near 1 so bf16 logits stay well-conditioned.
+
+The state is a registered dataclass of plain pytrees (the parameter dict as `nnx.to_pure_dict` gives it,
+optax state, step counter) so it goes straight into `jax.jit` and orbax; the model module is rebuilt
+inside the trace by `nnx.merge`. The state is donated: parameters and optimizer moments are updated in
+place, never held twice.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from llama_jax.batching import FIELDS, batch_sharding
+from llama_jax.model import abstract_state
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: optimizer steps taken
+    params: dict  # pure parameter dict (nnx.to_pure_dict layout)
+    opt_state: Any
+
+
+def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len)."""
+    model = nnx.merge(graphdef, params)
+    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segments"])
+    logits = logits.astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
+    return log_z - target_logits, log_z
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, shardings: TrainState,
+                    mesh: Mesh, batch_shape: tuple[int, int, int], z_loss: float = 0.0,
+                    schedule: optax.Schedule | None = None):
+    """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
+    scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens."""
+
+    def loss_of(params, micro, total_tokens):
+        nll, log_z = token_losses(graphdef, params, micro)
+        mask = micro["loss_mask"]
+        nll_sum = jnp.sum(nll * mask)
+        z_sum = jnp.sum(jnp.square(log_z) * mask)
+        return (nll_sum + z_loss * z_sum) / total_tokens, (nll_sum, z_sum)
+
+    grad_fn = jax.grad(loss_of, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        tokens = jnp.sum(batch["loss_mask"])
+        total_tokens = jnp.maximum(tokens, 1.0)
+
+        def accumulate(carry, micro):
+            grads, nll_sum, z_sum = carry
+            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, micro, total_tokens)
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, nll_sum + micro_nll, z_sum + micro_z), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+        (grads, nll_sum, z_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {
+            "loss": nll_sum / total_tokens,
+            "z_loss": z_sum / total_tokens,
+            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+            "learning_rate": schedule(state.step) if schedule is not None else jnp.float32(0.0),
+            "tokens": tokens,
+        }
+        return TrainState(state.step + 1, params, opt_state), metrics
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
+    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
+                   out_shardings=(shardings, replicated), donate_argnums=0)
+
+
+def make_eval_step(graphdef: nnx.GraphDef, params_shardings: dict, mesh: Mesh, batch_shape: tuple[int, int, int]):
+    """`eval_step(params, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
+
+    def eval_step(params, batch):
+        def one(carry, micro):
+            nll, _ = token_losses(graphdef, params, micro)
+            return (carry[0] + jnp.sum(nll * micro["loss_mask"]), carry[1] + jnp.sum(micro["loss_mask"])), None
+
+        (nll_sum, count), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)
+        return nll_sum, count
+
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
+    return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings), out_shardings=replicated)
+
+
+def state_shardings(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:
+    """(abstract state with shardings, the shardings alone) for a model config on `mesh`. Optimizer
+    moments are sharded like their parameters; scalars (counters) are replicated."""
+    _, abstract = abstract_state(config, mesh)
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, config.param_dtype, sharding=a.sharding),
+                          nnx.to_pure_dict(abstract))
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_abstract = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    shardings = TrainState(replicated, param_shardings, opt_shardings)
+    abstract_train = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
+                                jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                             opt_abstract, opt_shardings))
+    return abstract_train, shardings
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+    """A fresh TrainState around `params` (already placed), the optimizer state created in place."""
+    opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
+    step = jax.device_put(jnp.int32(0), shardings.step)
+    return TrainState(step, params, opt_state)
