@@ -1,7 +1,8 @@
 """llama_jax: the LLaMA model family (1, 2, 3, 3.1, 3.2) in JAX + Flax NNX.
 
     import llama_jax
-    loaded = llama_jax.load("checkpoints/stories260K")
+    loaded = llama_jax.load("models/stories260K")
+    print(llama_jax.generate(loaded, ["Once upon a time"], max_new_tokens=50)[0].completion)
 
 Names are imported on first use, so `import llama_jax.tokenizer` (or a command line that fails on a bad
 flag) does not pay for importing JAX.
@@ -22,6 +23,16 @@ _EXPORTS = {
     "MeshConfig": "llama_jax.sharding",
     "make_mesh": "llama_jax.sharding",
     "load_tokenizer": "llama_jax.tokenizer",
+    "generate": "llama_jax.generation",
+    "stream": "llama_jax.generation",
+    "Generator": "llama_jax.generation",
+    "Completion": "llama_jax.generation",
+    "StreamPiece": "llama_jax.generation",
+    "SamplingParams": "llama_jax.sampling",
+    "perplexity": "llama_jax.evaluate",
+    "train": "llama_jax.trainer",
+    "TrainConfig": "llama_jax.train_config",
+    "load_train_config": "llama_jax.train_config",
 }
 
 __all__ = sorted(_EXPORTS)

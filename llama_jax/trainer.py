@@ -208,7 +208,7 @@ def _samples(run: _Run) -> list[dict[str, str]]:
     config = run.config
     if config.samples == 0 or jax.process_count() > 1:
         return []
-    from llama_jax.generate import generate
+    from llama_jax.generation import generate
 
     model = nnx.merge(abstract_state(run.model_config)[0], run.state.params)
     loaded = LoadedModel(model, run.model_config, run.mesh, run.data.tokenizer, run.chat_template)

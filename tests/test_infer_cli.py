@@ -20,7 +20,7 @@ from llama_jax.checkpoint import load, write_model_dir
 from llama_jax.cli import run_cli
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
-from llama_jax.generate import Generator
+from llama_jax.generation import Generator
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.tokenizer import load_tokenizer

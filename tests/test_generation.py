@@ -8,7 +8,7 @@ from flax import nnx
 
 from llama_jax.checkpoint import LoadedModel
 from llama_jax.config import preset
-from llama_jax.generate import Generator, _decode_step, _prefill, bucket_length, generate, stream
+from llama_jax.generation import Generator, _decode_step, _prefill, bucket_length, generate, stream
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh, param_shardings
 from llama_jax.tokenizer import load_tokenizer
