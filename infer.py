@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
     from llama_jax.checkpoint import read_model_dir
-    from llama_jax.generate import check_counts, check_stop_ids
+    from llama_jax.generation import check_counts, check_stop_ids
     from llama_jax.prompts import JsonlOutput, PromptEncoder, chat_template_for, read_prompts
     from llama_jax.sampling import SamplingParams
     from llama_jax.sharding import MeshConfig, make_mesh
@@ -94,7 +94,7 @@ def run_generation(args, mesh, prompts, prompt_ids, first, output) -> str:
     from tqdm import tqdm
 
     from llama_jax.checkpoint import load
-    from llama_jax.generate import Generator
+    from llama_jax.generation import Generator
 
     loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
     generator = Generator(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

@@ -29,7 +29,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
-from llama_jax.generate import Generator  # noqa: E402
+from llama_jax.generation import Generator  # noqa: E402
 
 PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "TPU v4": 1200, "TPU v5 lite": 819, "TPU v5e": 819,
             "TPU v5p": 2765, "TPU v6 lite": 1640, "TPU v6e": 1640}
