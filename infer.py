@@ -18,8 +18,7 @@ import json
 import sys
 
 from llama_jax.cli import ArgumentParser, run_cli
-
-DTYPES = ("float32", "bfloat16", "float16")
+from llama_jax.config import DTYPES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
