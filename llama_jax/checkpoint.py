@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,6 +26,16 @@ from flax import nnx
 from llama_jax.config import ModelConfig
 from llama_jax.model import Llama, abstract_state
 from llama_jax.sharding import make_mesh
+
+class _NoStepMetadataWarning(logging.Filter):
+    """A training run's params item sits inside an orbax step whose metadata file is one level up;
+    orbax warns that the item has none on every load, which is expected and harmless."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Metadata file does not exist" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_NoStepMetadataWarning())
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
