@@ -30,13 +30,13 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .`
-SMALL = dict(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=2048)
+SMALL = "bench-cpu"  # the preset --small selects
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="tinyllama-1.1b", help="model shape (a llama_jax preset)")
-    parser.add_argument("--small", action="store_true", help=f"a CPU-sized shape instead: {SMALL}")
+    parser.add_argument("--small", action="store_true", help=f"the CPU-sized preset {SMALL!r} instead")
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (over all devices)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
@@ -53,9 +53,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def model_config(args):
-    from llama_jax.config import ModelConfig, preset
+    from llama_jax.config import preset
 
-    config = ModelConfig(**SMALL) if args.small else preset(args.preset)
+    config = preset(SMALL if args.small else args.preset)
     return config.replace(max_seq_len=max(config.max_seq_len, args.seq_len))
 
 
@@ -176,7 +176,7 @@ def main() -> None:
     peak_note = f"--peak-tflops {args.peak_tflops}" if args.peak_tflops else f"{kind} bf16 dense"
     if peak is None:
         peak, peak_note = cpu_peak_flops(), "CPU estimate: cores x clock x 32 f32 FLOP/cycle"
-    shape = "small " + json.dumps(SMALL) if args.small else args.preset
+    shape = SMALL if args.small else args.preset
     print(f"model {shape}: {config.param_count() / 1e6:.1f}M params, {flops.matmul_params(config) / 1e6:.1f}M in "
           f"matmuls; batch {args.batch_size} x seq {args.seq_len}; "
           f"{per_token / 1e9:.3f} GFLOP/token (6N + 12*L*T*H*Dh)")

@@ -136,6 +136,9 @@ PRESETS: dict[str, ModelConfig] = {
     # TinyLlama-1.1B's shape: the benchmark model.
     "tinyllama-1.1b": ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
                                   ffn_dim=5632, max_seq_len=2048),
+    # The CPU-sized shape of the benchmarks (`--small`): TinyLlama's vocabulary around a 20M model.
+    "bench-cpu": ModelConfig(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704,
+                             max_seq_len=2048),
     # karpathy's stories260K (llama2.c tinyllamas), the real weights the tests decode with.
     "stories260k": ModelConfig(vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_dim=172,
                                max_seq_len=512, tie_embeddings=True),

@@ -4,7 +4,6 @@ import to the transformers logits."""
 import json
 import shutil
 
-import pytest
 from hf_reference import hf_model, hf_logits, our_logits, relative_error, sample_ids, torch
 from module_runner import run_module
 

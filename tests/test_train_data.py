@@ -2,7 +2,6 @@
 pure function of (seed, step), each host's slice, the token cache, SFT masks, tokenizer=train:VOCAB."""
 import json
 
-import jax
 import numpy as np
 import pytest
 
