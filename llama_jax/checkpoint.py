@@ -10,11 +10,13 @@ steps under DIR/checkpoints/<step>/params; `load` takes either and uses the newe
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,25 +55,33 @@ def ensure_new_output_dir(path: str | Path) -> Path:
 
 def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, tokenizer_file: str | Path | None = None,
                     chat_template: str | None = None) -> Path:
-    """Write a model directory atomically: it is assembled next to `out_dir` and renamed into place, so
-    a crash never leaves a half-written directory that looks complete."""
-    out_dir = ensure_new_output_dir(out_dir).absolute()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    """Write a model directory (config.json, tokenizer file, params/) atomically."""
+    with staged_output_dir(out_dir) as staging:
         tokenizer_name = None
         if tokenizer_file is not None:
             tokenizer_name = _tokenizer_file_name(tokenizer_file)
             shutil.copyfile(tokenizer_file, staging / tokenizer_name)
         write_config(staging, config, tokenizer_name, chat_template)
         save_params(staging / PARAMS_DIR, params)
+    return Path(out_dir).absolute()
+
+
+@contextlib.contextmanager
+def staged_output_dir(out_dir: str | Path) -> Iterator[Path]:
+    """A staging directory next to `out_dir` that is renamed to `out_dir` when the block succeeds and
+    removed when it fails: a crash never leaves a half-written directory that looks complete, and an
+    existing non-empty `out_dir` is refused before anything is written."""
+    out_dir = ensure_new_output_dir(out_dir).absolute()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
         if out_dir.exists():
             out_dir.rmdir()  # empty, checked above
         staging.rename(out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return out_dir
 
 
 def write_config(directory: Path, config: ModelConfig, tokenizer_name: str | None, chat_template: str | None) -> None:

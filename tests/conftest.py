@@ -20,3 +20,21 @@ def assets() -> Path:
     if not ASSETS.is_dir():
         pytest.skip(f"shared assets not found at {ASSETS}")
     return ASSETS
+
+
+@pytest.fixture(scope="session")
+def llama2_tok(assets):
+    from llama_jax.tokenizer import load_tokenizer
+
+    return load_tokenizer(assets / "llama2_tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3_tok(assets):
+    """The Llama 3 tokenizer is Meta-licensed: read from the shared assets, never committed."""
+    from llama_jax.tokenizer import load_tokenizer
+
+    path = assets / "llama3_tokenizer.model"
+    if not path.is_file():
+        pytest.skip("Llama 3 tokenizer (Meta Llama 3 license) not in the shared assets")
+    return load_tokenizer(path)

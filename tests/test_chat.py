@@ -14,7 +14,6 @@ Sources of the expected ids:
 import pytest
 
 from llama_jax.chat import detect_chat_template, encode_dialog
-from llama_jax.tokenizer import load_tokenizer
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json "chat_template".
 HF_LLAMA2_CHAT_TEMPLATE = (
@@ -63,19 +62,6 @@ OV_LLAMA3 = {
                    15339, 128009, 128006, 78191, 128007, 271, 5269, 649, 358, 1520, 499, 30, 128009, 128006, 882,
                    128007, 271, 5269, 1790, 374, 220, 17, 10, 17, 30, 128009, 128006, 78191, 128007, 271],
 }
-
-
-@pytest.fixture(scope="module")
-def llama2_tok(assets):
-    return load_tokenizer(assets / "llama2_tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def llama3_tok(assets):
-    path = assets / "llama3_tokenizer.model"
-    if not path.is_file():
-        pytest.skip("Llama 3 tokenizer (Meta Llama 3 license) not in the shared assets")
-    return load_tokenizer(path)
 
 
 def test_llama3_meta_reference_dialog(llama3_tok):

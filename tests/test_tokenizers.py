@@ -18,45 +18,32 @@ def cases(assets):
 
 
 @pytest.fixture(scope="module")
-def sp_tok(assets):
-    return load_tokenizer(assets / "llama2_tokenizer.model")
-
-
-@pytest.fixture(scope="module")
 def tok512(assets):
     return load_tokenizer(assets / "tok512.bin")
-
-
-@pytest.fixture(scope="module")
-def llama3_tok(assets):
-    path = assets / "llama3_tokenizer.model"
-    if not path.is_file():
-        pytest.skip("Llama 3 tokenizer (Meta Llama 3 license) not in the shared assets")
-    return load_tokenizer(path)
 
 
 # --- SentencePiece (LLaMA 1/2) -------------------------------------------------------------------------------
 
 
-def test_sentencepiece_published_ids(sp_tok, cases):
+def test_sentencepiece_published_ids(llama2_tok, cases):
     spec = cases["llama2_sentencepiece"]  # karpathy/llama2.c test.c
-    assert (sp_tok.kind, sp_tok.vocab_size, sp_tok.bos_id, sp_tok.eos_id) == ("sentencepiece", 32000, 1, 2)
+    assert (llama2_tok.kind, llama2_tok.vocab_size, llama2_tok.bos_id, llama2_tok.eos_id) == ("sentencepiece", 32000, 1, 2)
     for case in spec["cases"]:
         if "ids_no_bos" in case:
-            assert sp_tok.encode(case["text"], bos=False) == case["ids_no_bos"]
+            assert llama2_tok.encode(case["text"], bos=False) == case["ids_no_bos"]
         else:
-            assert sp_tok.encode(case["text"]) == case["ids"]
-            assert sp_tok.decode(case["ids"]) == case["text"]
+            assert llama2_tok.encode(case["text"]) == case["ids"]
+            assert llama2_tok.decode(case["ids"]) == case["text"]
 
 
-def test_sentencepiece_specials_and_eos(sp_tok):
-    assert sp_tok.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
-    assert sp_tok.decode([1, 15043, 3186, 2]) == "Hello world"
-    assert (sp_tok.special_id("<s>"), sp_tok.special_id("</s>"), sp_tok.special_id("<unk>")) == (1, 2, 0)
+def test_sentencepiece_specials_and_eos(llama2_tok):
+    assert llama2_tok.encode("Hello world", bos=True, eos=True) == [1, 15043, 3186, 2]
+    assert llama2_tok.decode([1, 15043, 3186, 2]) == "Hello world"
+    assert (llama2_tok.special_id("<s>"), llama2_tok.special_id("</s>"), llama2_tok.special_id("<unk>")) == (1, 2, 0)
     with pytest.raises(KeyError):
-        sp_tok.special_id("▁Hello")  # an ordinary piece, not a special token
-    assert set(sp_tok.stop_ids) >= {2}
-    assert sp_tok.file_name == "tokenizer.model"
+        llama2_tok.special_id("▁Hello")  # an ordinary piece, not a special token
+    assert set(llama2_tok.stop_ids) >= {2}
+    assert llama2_tok.file_name == "tokenizer.model"
 
 
 # --- llama2.c tokenizer.bin ----------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import tempfile
 from pathlib import Path
 
 import jax
@@ -16,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from llama_jax.checkpoint import check_param_shapes, ensure_new_output_dir, read_model_dir
+from llama_jax.checkpoint import check_param_shapes, ensure_new_output_dir, read_model_dir, staged_output_dir
 from llama_jax.config import ModelConfig
 from llama_jax.convert.common import dtype_name
 from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
@@ -89,7 +88,7 @@ class StoredParams:
 
 def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
               max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> Path:
-    out = ensure_new_output_dir(out).absolute()
+    ensure_new_output_dir(out)  # before any work: refuse early
     max_bytes = parse_size(max_shard_size)
     source = read_model_dir(model_dir)
     config = source.config
@@ -108,9 +107,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
     # Weight-major order: consecutive tensors come from the same stored parameter.
     tensors = [tensor(w, layer) for w in weights_for(config)
                for layer in (range(config.n_layers) if w.per_layer else [None])]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged_output_dir(out) as staging:
         _write_weights(staging, tensors, max_bytes)
         bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (None, None)
         (staging / "config.json").write_text(json.dumps(hf_config(config, name, bos, eos), indent=2) + "\n")
@@ -118,13 +115,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
             destination = staging / _TOKENIZER_FILES[tokenizer.kind]
             destination.parent.mkdir(exist_ok=True)
             shutil.copyfile(tokenizer.path, destination)
-        if out.exists():
-            out.rmdir()  # empty, checked above
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return out
+    return Path(out).absolute()
 
 
 def _write_weights(directory: Path, tensors: list[TensorSource], max_bytes: int) -> None:
