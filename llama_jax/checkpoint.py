@@ -204,8 +204,3 @@ def check_param_shapes(params_path: Path, target: dict) -> None:
 
 def _key(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-
-
-def params_to_numpy(params: dict) -> dict:
-    """A host copy of a parameter tree (for exporters)."""
-    return jax.tree.map(np.asarray, params)
