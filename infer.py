@@ -55,23 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
     from llama_jax.checkpoint import read_model_dir
-    from llama_jax.generation import check_counts, check_stop_ids
-    from llama_jax.prompts import JsonlOutput, PromptEncoder, chat_template_for, read_prompts
-    from llama_jax.sampling import SamplingParams
+    from llama_jax.inference.prompts import PromptEncoder, chat_template_for
+    from llama_jax.inference.results_file import JsonlOutput
     from llama_jax.sharding import MeshConfig, make_mesh
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.tokenizers import load_tokenizer
 
-    SamplingParams(args.temperature, args.top_k, args.top_p)
-    check_counts(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
+    settings = generation_settings(args)
     mesh = make_mesh(MeshConfig.parse(args.mesh))
-    prompts = read_prompts(args.prompt, args.prompts)
+    prompts = read_prompts(args)
     model_dir = read_model_dir(args.checkpoint)
-    check_stop_ids(args.stop_id, model_dir.config.vocab_size)
+    settings.check_model(model_dir.config)
     if model_dir.tokenizer_path is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer file; infer.py needs one to read text prompts")
     encoder = PromptEncoder(load_tokenizer(model_dir.tokenizer_path),
-                            chat_template_for(model_dir.chat_template, args.chat),
-                            model_dir.config.max_seq_len, args.max_new_tokens)
+                            chat_template_for(model_dir.chat_template, settings.chat),
+                            model_dir.config.max_seq_len, settings.max_new_tokens)
     prompt_ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
     output = JsonlOutput(args.output, prompts) if args.output else None
     first = output.done if output else 0
@@ -79,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
         return 0
     try:
-        summary = run_generation(args, mesh, prompts, prompt_ids, first, output)
+        summary = run_generation(args, settings, mesh, prompts, prompt_ids, first, output)
     finally:
         if output:
             output.close()
@@ -87,18 +85,37 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_generation(args, mesh, prompts, prompt_ids, first, output) -> str:
+def generation_settings(args: argparse.Namespace):
+    """The settings, checked once here (their errors name the setting: top_p for --top-p)."""
+    from llama_jax.inference.sampling import SamplingParams
+    from llama_jax.inference.settings import GenerationSettings
+
+    return GenerationSettings(args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p),
+                              args.seed, args.batch_size, args.chat, tuple(args.stop_id))
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """Prompts from --prompt values, or from --prompts FILE ("-" is standard input)."""
+    from llama_jax.inference.prompt_files import read_prompt_file
+
+    if args.prompt and args.prompts is not None:
+        raise ValueError("give prompts with --prompt or with --prompts FILE, not both")
+    if args.prompt:
+        return list(args.prompt)
+    if args.prompts is None:
+        raise ValueError("no prompts: give --prompt TEXT or --prompts FILE (- reads standard input)")
+    return read_prompt_file(args.prompts)
+
+
+def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> str:
     """Run the model over prompts[first:], writing each batch's records as soon as it is done; returns
     a summary line."""
     from tqdm import tqdm
 
     from llama_jax.checkpoint import load
-    from llama_jax.generation import Generator
+    from llama_jax.inference.generator import Generator
 
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
-    generator = Generator(loaded, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, batch_size=args.batch_size,
-                          chat=args.chat, stop_ids=args.stop_id)
+    generator = Generator(load(args.checkpoint, mesh=mesh, dtype=args.dtype), settings)
     progress = tqdm(total=len(prompts), initial=first, unit="prompt", file=sys.stderr,
                     disable=args.prompts is None)
     with progress:

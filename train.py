@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import sys
 
-from llama_jax import multihost
 from llama_jax.cli import run_cli
-from llama_jax.train_config import load_train_config
-from llama_jax.trainer import train
+from llama_jax.train import multihost
+from llama_jax.train.config import load_train_config
+from llama_jax.train.trainer import run
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
 
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     config_file, overrides = parse_args(argv)
     config = load_train_config(config_file, overrides)
     multihost.initialize(config.distributed)  # before anything touches a device
-    result = train(config)
+    result = run(config)
     samples = result.pop("samples")
     for i, sample in enumerate(samples, 1):
         print(f"--- sample {i}: {sample['prompt']!r} ---\n{sample['prompt']}{sample['completion']}\n")

@@ -90,7 +90,8 @@ def main() -> None:
         print("| command | model GiB | peak RSS GiB | peak / model | wall s |")
         print("|---|---|---|---|---|")
         for name, rss, seconds in rows:
-            print(f"| {name} | {model_bytes / 2**30:.2f} | {rss / 2**30:.2f} | {rss / model_bytes:.2f} | {seconds:.1f} |")
+            print(f"| {name} | {model_bytes / 2**30:.2f} | {rss / 2**30:.2f} | {rss / model_bytes:.2f} "
+                  f"| {seconds:.1f} |")
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -29,7 +29,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
-from llama_jax.generation import Generator  # noqa: E402
+from llama_jax.inference.generator import Generator  # noqa: E402
+from llama_jax.inference.sampling import SamplingParams  # noqa: E402
+from llama_jax.inference.settings import GenerationSettings  # noqa: E402
 
 PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "TPU v4": 1200, "TPU v5 lite": 819, "TPU v5e": 819,
             "TPU v5p": 2765, "TPU v6 lite": 1640, "TPU v6e": 1640}
@@ -47,8 +49,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: per device kind)")
-    parser.add_argument("--per-layer-weights", action="store_true",
-                        help="decode from a per-layer copy of the layer weights (2x their memory)")
     return parser.parse_args()
 
 
@@ -62,10 +62,10 @@ def best_time(fn, repeats: int) -> float:
     return min(times)
 
 
-def jax_generate_time(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, repeats: int,
-                      per_layer_weights: bool) -> float:
-    generator = Generator(loaded, max_new_tokens=new_tokens, temperature=0.0, batch_size=len(prompts),
-                          per_layer_weights=per_layer_weights)
+def jax_generate_time(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
+    settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
+                                  batch_size=len(prompts))
+    generator = Generator(loaded, settings)
     indices = list(range(len(prompts)))
 
     def run():
@@ -132,7 +132,6 @@ def main() -> None:
     config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
-    per_layer = args.per_layer_weights
     rng = np.random.default_rng(0)
     name = SMALL if args.small else args.preset
     print(f"model {name} ({config.param_count() / 1e6:.1f}M params, {args.dtype}), prompt {args.prompt_len}, "
@@ -141,8 +140,7 @@ def main() -> None:
     print(header + "\n|" + "---|" * 5)
     for batch in args.batches:
         prompts = rng.integers(3, config.vocab_size, (batch, args.prompt_len))
-        ours = batch * args.new_tokens / jax_generate_time(loaded, prompts.tolist(), args.new_tokens, args.repeats,
-                                                           per_layer)
+        ours = batch * args.new_tokens / jax_generate_time(loaded, prompts.tolist(), args.new_tokens, args.repeats)
         row = [f"{ours:,.0f}"]
         if args.no_torch:
             row += ["-", "-", "-"]
@@ -154,8 +152,8 @@ def main() -> None:
         print(f"| {batch} | " + " | ".join(row) + " |", flush=True)
 
     one = rng.integers(3, config.vocab_size, (1, args.prompt_len)).tolist()
-    full = jax_generate_time(loaded, one, args.new_tokens, args.repeats, per_layer)
-    prefill = jax_generate_time(loaded, one, 1, args.repeats, per_layer)
+    full = jax_generate_time(loaded, one, args.new_tokens, args.repeats)
+    prefill = jax_generate_time(loaded, one, 1, args.repeats)
     step = (full - prefill) / (args.new_tokens - 1)
     peak, source = peak_bandwidth_gbs(args.peak_gbs)
     achieved = step_bytes(config, args.prompt_len, args.new_tokens) / step / 1e9

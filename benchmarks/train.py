@@ -30,6 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .`
+
+from llama_jax.config import REMAT_POLICIES  # noqa: E402
+
 SMALL = "bench-cpu"  # the preset --small selects
 
 
@@ -40,7 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8, help="sequences per step (over all devices)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    parser.add_argument("--remat", default="save_dots", choices=["none", "full", "save_dots"])
+    parser.add_argument("--remat", default="save_dots", choices=list(REMAT_POLICIES))
     parser.add_argument("--attention", default="auto", help="llama_jax attention: auto (cuDNN on GPU), xla, cudnn")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -65,24 +68,23 @@ def measure_jax(args) -> dict:
     from flax import nnx
 
     from llama_jax.attention import choose_implementation
-    from llama_jax.batching import FIELDS, batch_sharding
     from llama_jax.model import create_model
-    from llama_jax.optimizer import make_optimizer
     from llama_jax.sharding import make_mesh
-    from llama_jax.train_config import TrainConfig
-    from llama_jax.train_step import init_state, make_train_step, state_shardings
+    from llama_jax.train.batching import FIELDS, batch_sharding
+    from llama_jax.train.config import TrainConfig
+    from llama_jax.train.optimizer import make_optimizer
+    from llama_jax.train.step import init_state, make_train_step, state_layout
 
     config = model_config(args).replace(dtype=args.dtype, remat=args.remat, attention=args.attention)
     train_config = TrainConfig(steps=1000, warmup=10, batch_size=args.batch_size, seq_len=args.seq_len)
     mesh = make_mesh()
     optimizer = make_optimizer(train_config)
-    _, shardings = state_shardings(config, optimizer, mesh)
+    layout = state_layout(config, optimizer, mesh)
     model = create_model(config, mesh)
-    graphdef, state = nnx.split(model)
-    train_state = init_state(nnx.to_pure_dict(state), optimizer, shardings)
-    del model, state
+    train_state = init_state(nnx.to_pure_dict(nnx.state(model)), optimizer, layout.shardings)
+    del model
     shape = (1, args.batch_size, args.seq_len)
-    step = make_train_step(graphdef, optimizer, shardings, mesh, shape)
+    step = make_train_step(layout, optimizer, mesh, shape)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, config.vocab_size, (1, args.batch_size, args.seq_len + 1), dtype=np.int32)
     host = {"inputs": ids[..., :-1], "targets": ids[..., 1:],
@@ -165,7 +167,7 @@ def main() -> None:
         measure = measure_jax if args.framework == "jax" else measure_torch
         print(json.dumps(measure(args)))
         return
-    from llama_jax import flops
+    from llama_jax.train import flops
 
     argv = sys.argv[1:]
     results = [run_subprocess("jax", argv)] + ([] if args.no_torch else [run_subprocess("torch", argv)])

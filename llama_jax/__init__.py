@@ -3,8 +3,9 @@
     import llama_jax
     loaded = llama_jax.load("models/stories260K")
     print(llama_jax.generate(loaded, ["Once upon a time"], max_new_tokens=50)[0].completion)
+    report = llama_jax.train.run(llama_jax.load_train_config("configs/tiny_test.yaml"))
 
-Names are imported on first use, so `import llama_jax.tokenizer` (or a command line that fails on a bad
+Names are imported on first use, so `import llama_jax.tokenizers` (or a command line that fails on a bad
 flag) does not pay for importing JAX.
 """
 import importlib
@@ -22,23 +23,27 @@ _EXPORTS = {
     "create_model": "llama_jax.model",
     "MeshConfig": "llama_jax.sharding",
     "make_mesh": "llama_jax.sharding",
-    "load_tokenizer": "llama_jax.tokenizer",
-    "generate": "llama_jax.generation",
-    "stream": "llama_jax.generation",
-    "Generator": "llama_jax.generation",
-    "Completion": "llama_jax.generation",
-    "StreamPiece": "llama_jax.generation",
-    "SamplingParams": "llama_jax.sampling",
+    "load_tokenizer": "llama_jax.tokenizers",
+    "generate": "llama_jax.inference.generator",
+    "stream": "llama_jax.inference.generator",
+    "Generator": "llama_jax.inference.generator",
+    "Completion": "llama_jax.inference.generator",
+    "StreamPiece": "llama_jax.inference.generator",
+    "GenerationSettings": "llama_jax.inference.settings",
+    "SamplingParams": "llama_jax.inference.sampling",
     "perplexity": "llama_jax.evaluate",
-    "train": "llama_jax.trainer",
-    "TrainConfig": "llama_jax.train_config",
-    "load_train_config": "llama_jax.train_config",
+    "TrainConfig": "llama_jax.train.config",
+    "load_train_config": "llama_jax.train.config",
 }
+# Subpackages reachable as attributes: `llama_jax.train.run(config)`.
+_SUBPACKAGES = ("convert", "inference", "tokenizers", "train")
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 
 
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"llama_jax.{name}")
     if name not in _EXPORTS:
         raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -18,6 +18,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from llama_jax.sharding import logical_to_spec
 
@@ -97,8 +98,6 @@ def _grouped_attention(q, k, v, mask, kv_layout: str = "bskd"):
 
 def _splash_attention(q, k, v, segment_ids):
     """Splash attention per device: batch split over (data, fsdp), heads over tensor, as the rules say."""
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
     batch, length, heads, head_dim = q.shape
     block = next(b for b in _SPLASH_BLOCKS if length % b == 0)
     mesh = jax.sharding.get_abstract_mesh()
@@ -125,10 +124,8 @@ def _splash_attention(q, k, v, segment_ids):
     return out.transpose(0, 2, 1, 3)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
-    from jax.experimental.pallas.ops.tpu import splash_attention as splash
-
     blocks = splash.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
                                block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
     mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])

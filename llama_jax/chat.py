@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizers import Tokenizer
 
 Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -80,6 +80,11 @@ def encode_dialog(tokenizer: Tokenizer, template: str, messages: Sequence[Messag
         raise ValueError(f"unknown chat template {template!r}; known: {', '.join(TEMPLATES)}")
     _validate(messages)
     return TEMPLATES[template](tokenizer, messages)
+
+
+def end_of_turn(tokenizer: Tokenizer, template: str) -> int:
+    """The id that ends an assistant's turn in `template`: what a fine-tuned model learns to emit."""
+    return tokenizer.special_id("<|eot_id|>") if template == "llama3" else tokenizer.eos_id
 
 
 def detect_chat_template(tokenizer: Tokenizer, hf_chat_template: str | None = None) -> str | None:

@@ -6,7 +6,6 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-
 EXPECTED_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError)
 
 

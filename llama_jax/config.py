@@ -1,7 +1,7 @@
 """Model configuration: one frozen dataclass, the published presets, YAML loading.
 
 A `ModelConfig` is hashable so it can be a static argument of `jax.jit`. It describes the network only;
-the device mesh lives in `sharding.MeshConfig` and training settings in `train_config.py`.
+the device mesh lives in `sharding.MeshConfig` and training settings in `train/config.py`.
 """
 from __future__ import annotations
 
@@ -12,9 +12,17 @@ from typing import Any
 
 import yaml
 
-REMAT_POLICIES = ("none", "full", "save_dots")
+# Remat policy name -> the `jax.checkpoint_policies` policy of the layer scan's body (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",  # recompute the whole layer in the backward pass
+    "save_dots": "dots_with_no_batch_dims_saveable",  # keep the weight matmuls' outputs, recompute the rest
+}
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
+# Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
+# converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.
+COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +50,7 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = False
-    # How the network is computed, not what it is: safe to change on a converted checkpoint.
+    # How the network is computed, not what it is (COMPUTE_FIELDS).
     dtype: str = "float32"  # compute dtype of matmuls and activations
     param_dtype: str = "float32"
     scan_layers: bool = True
@@ -62,20 +70,18 @@ class ModelConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(f"model config: n_heads ({self.n_heads}) must be a multiple of "
+                             f"n_kv_heads ({self.n_kv_heads})")
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
-            raise ValueError(f"model config: remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+            raise ValueError(f"model config: remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"model config: attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
+            raise ValueError(f"model config: attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
+                             f"got {self.attention!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model config: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-
-    @property
-    def q_per_kv(self) -> int:
-        return self.n_heads // self.n_kv_heads
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

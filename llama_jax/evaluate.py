@@ -69,7 +69,8 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
     n_batches = math.ceil(len(chunks) / batch_size)
     sharding = named_sharding(loaded.mesh, ("batch", "length"), (batch_size, seq_len))
     total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=n_batches, unit="batch", file=sys.stderr, disable=not progress or n_batches < _PROGRESS_MIN_BATCHES)
+    bar = tqdm(total=n_batches, unit="batch", file=sys.stderr,
+               disable=not progress or n_batches < _PROGRESS_MIN_BATCHES)
     with jax.set_mesh(loaded.mesh), bar:
         for inputs, targets, mask in batches(chunks, seq_len, batch_size, loaded.tokenizer.pad_id):
             placed = [jax.device_put(a, sharding) for a in (inputs, targets, mask)]
@@ -97,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from llama_jax.checkpoint import load, read_model_dir
     from llama_jax.sharding import MeshConfig, make_mesh
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.tokenizers import load_tokenizer
 
     model_dir = read_model_dir(args.checkpoint)
     if model_dir.tokenizer_path is None:

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
-from llama_jax.sharding import named_sharding
 
 CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
 
@@ -32,21 +31,11 @@ class KVCache:
         return self.k.shape[3]
 
     @classmethod
-    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None, mesh=None) -> KVCache:
-        """An empty cache; with a mesh, placed with batch over data and KV heads over tensor."""
+    def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+        """An empty cache (inside a jit, constrain it with `shard(k, *CACHE_AXES)` to place it)."""
         shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
         dtype = dtype or config.dtype
-        if mesh is None:
-            return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
-        kv_sharding = named_sharding(mesh, CACHE_AXES, shape)
-        length_sharding = named_sharding(mesh, ("batch",), (batch,))
-        make = jax.jit(lambda: cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32)),
-                       out_shardings=cls(kv_sharding, kv_sharding, length_sharding))
-        return make()
-
-    def shardings(self, mesh) -> KVCache:
-        kv = named_sharding(mesh, CACHE_AXES, self.k.shape)
-        return KVCache(kv, kv, named_sharding(mesh, ("batch",), self.lengths.shape))
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
 
 
 def write_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, starts: jax.Array) -> jax.Array:

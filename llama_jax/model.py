@@ -19,18 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.attention import attention, causal_mask, choose_implementation
-from llama_jax.config import ModelConfig
+from llama_jax.config import REMAT_POLICIES, ModelConfig
 from llama_jax.kv_cache import KVCache, write_slots
 from llama_jax.rope import apply_rope, inverse_frequencies
-from llama_jax.sharding import shard
+from llama_jax.sharding import make_mesh, param_shardings, shard
 
 _INIT_STD = 0.02  # GPT-2 / LLaMA-style initialisation for every matrix
-
-REMAT_POLICIES = {
-    "full": None,  # save nothing: recompute the whole layer in the backward pass
-    # keep the weight matmuls' outputs, recompute elementwise work and attention
-    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -46,9 +40,10 @@ class RMSNorm(nnx.Module):
         self.scale = nnx.Param(jnp.ones((dim,), param_dtype), out_sharding=("embed",), eager_sharding=False)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
+        with jax.named_scope("norm"):
+            x32 = x.astype(jnp.float32)
+            normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+            return normed.astype(x.dtype) * self.scale[...].astype(x.dtype)
 
 
 class Attention(nnx.Module):
@@ -135,22 +130,16 @@ class Llama(nnx.Module):
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
                  segment_ids: jax.Array | None = None,
-                 logits_at: jax.Array | None = None,
-                 layer_params: list[nnx.State] | None = None) -> tuple[jax.Array, KVCache | None]:
+                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
-        last real one; full-length float32 logits of a long batch would not fit in memory).
-
-        `layer_params`, one State per layer (`per_layer_params`), runs the layers in a Python loop over
-        those separate buffers instead of the stacked parameters: decoding uses it because slicing a
-        layer out of the stack inside a compiled loop copies its weights on every step (XLA CPU and GPU).
-        """
+        last real one; full-length float32 logits of a long batch would not fit in memory)."""
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
         if positions is None:
             positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
-        x = jnp.take(self.embed[...], ids, axis=0).astype(c.dtype)
-        x = shard(x, "batch", "length", None)
+        with jax.named_scope("embed"):
+            x = shard(jnp.take(self.embed[...], ids, axis=0).astype(c.dtype), "batch", "length", None)
 
         if cache is not None:
             if segment_ids is not None:
@@ -161,25 +150,30 @@ class Llama(nnx.Module):
         else:
             mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
 
-        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts, layer_params)
+        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         x = self.norm(x)
-        if c.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        else:
-            logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32)
-        return shard(logits, "batch", "length", "vocab"), cache
+        with jax.named_scope("lm_head"):
+            if c.tie_embeddings:
+                logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype),
+                                    preferred_element_type=jnp.float32)
+            else:
+                logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
+                                    preferred_element_type=jnp.float32)
+            return shard(logits, "batch", "length", "vocab"), cache
 
-    def _run_layers(self, x, positions, mask, segment_ids, cache, starts, layer_params=None):
+    def _run_layers(self, x, positions, mask, segment_ids, cache, starts):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache):
             x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids, layer_cache, starts)
             return x, layer_cache
 
-        if self.config.remat != "none":
-            layer = jax.checkpoint(layer, policy=REMAT_POLICIES[self.config.remat], prevent_cse=not self.config.scan_layers)
+        policy = REMAT_POLICIES[self.config.remat]
+        if policy is not None:
+            layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, policy),
+                                   prevent_cse=not self.config.scan_layers)
 
         def step(carry, xs):
             x, k_all, v_all = carry
@@ -192,31 +186,20 @@ class Llama(nnx.Module):
 
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         indices = jnp.arange(self.config.n_layers)
-        if layer_params is not None:
-            for i, params in enumerate(layer_params):
-                carry, _ = step(carry, (params, i))
-        elif self.config.scan_layers:
+        if self.config.scan_layers:
             carry, _ = jax.lax.scan(step, carry, (stacked, indices))
         else:  # a plain Python loop: easier to debug and profile layer by layer, slower to compile
             for i in range(self.config.n_layers):
-                carry, _ = step(carry, (jax.tree.map(lambda a: a[i], stacked), i))
+                carry, _ = step(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))
         x, k_all, v_all = carry
         if cache is None:
             return x, None
         return x, KVCache(k_all, v_all, cache.lengths + x.shape[1])
 
 
-def per_layer_params(model: Llama) -> list[nnx.State]:
-    """The stacked layer parameters as one State per layer (a copy), for `Llama(..., layer_params=)`."""
-    stacked = nnx.state(model.layers)
-    return [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(model.config.n_layers)]
-
-
 def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:
     """The model's graph and its parameters as ShapeDtypeStructs (placed on `mesh` when given);
     nothing is allocated, so this works for a 405B config on a laptop."""
-    from llama_jax.sharding import param_shardings
-
     graphdef = None
 
     def init():
@@ -236,8 +219,6 @@ def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.St
 def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Llama:
     """A randomly initialised model whose parameters are created directly in their sharded layout, so no
     device ever holds the whole model."""
-    from llama_jax.sharding import make_mesh
-
     graphdef, init = _sharded_init(config, mesh or make_mesh())
     return nnx.merge(graphdef, init(jax.random.key(seed)))
 
@@ -245,8 +226,6 @@ def create_model(config: ModelConfig, mesh=None, seed: int = 0) -> Llama:
 @functools.lru_cache(maxsize=16)
 def _sharded_init(config: ModelConfig, mesh):
     """Compiled once per (config, mesh): the seed is an argument, so new seeds do not recompile."""
-    from llama_jax.sharding import param_shardings
-
     graphdef, abstract = abstract_state(config)
 
     def init(key):

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -74,6 +75,12 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
+def mesh_platform(mesh: Mesh) -> str:
+    """"cpu", "gpu" or "tpu": the platform of the mesh's devices, which may not be this host's (a TPU topology
+    compiled for on a CPU host). Platform choices read this, never `jax.default_backend()`."""
+    return mesh.devices.flat[0].platform
+
+
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
                     mesh: Mesh | None = None) -> PartitionSpec:
     """PartitionSpec for an array whose axes carry these logical names.
@@ -123,8 +130,6 @@ def shard(x: jax.Array, *names: str | None) -> jax.Array:
 
 def param_shardings(abstract_state, mesh: Mesh):
     """NamedShardings for an `nnx.State` whose Variables carry logical names in `out_sharding`."""
-    from flax import nnx
-
     def one(variable):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
         return variable.replace(named_sharding(mesh, names, variable.shape))

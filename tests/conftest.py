@@ -24,7 +24,7 @@ def assets() -> Path:
 
 @pytest.fixture(scope="session")
 def llama2_tok(assets):
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.tokenizers import load_tokenizer
 
     return load_tokenizer(assets / "llama2_tokenizer.model")
 
@@ -32,7 +32,7 @@ def llama2_tok(assets):
 @pytest.fixture(scope="session")
 def llama3_tok(assets):
     """The Llama 3 tokenizer is Meta-licensed: read from the shared assets, never committed."""
-    from llama_jax.tokenizer import load_tokenizer
+    from llama_jax.tokenizers import load_tokenizer
 
     path = assets / "llama3_tokenizer.model"
     if not path.is_file():

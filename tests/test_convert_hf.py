@@ -6,7 +6,17 @@ import shutil
 
 import numpy as np
 import pytest
-from hf_reference import VARIANTS, hf_config, hf_logits, hf_model, our_logits, relative_error, sample_ids, torch, transformers
+from hf_reference import (
+    VARIANTS,
+    hf_config,
+    hf_logits,
+    hf_model,
+    our_logits,
+    relative_error,
+    sample_ids,
+    torch,
+    transformers,
+)
 from module_runner import run_module
 
 from llama_jax.convert import convert_hf, export_hf, load_hf

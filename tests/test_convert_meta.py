@@ -4,7 +4,7 @@ import to the transformers logits."""
 import json
 import shutil
 
-from hf_reference import hf_model, hf_logits, our_logits, relative_error, sample_ids, torch
+from hf_reference import hf_logits, hf_model, our_logits, relative_error, sample_ids, torch
 from module_runner import run_module
 
 from llama_jax.convert import convert_meta

@@ -12,7 +12,7 @@ from llama_jax.checkpoint import load
 from llama_jax.cli import run_cli
 from llama_jax.convert import convert_hf
 from llama_jax.evaluate import main, perplexity
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizers import load_tokenizer
 
 SEQ_LEN = 32
 

@@ -8,10 +8,13 @@ from flax import nnx
 
 from llama_jax.checkpoint import LoadedModel
 from llama_jax.config import preset
-from llama_jax.generation import Generator, _decode_step, _prefill, bucket_length, generate, stream
+from llama_jax.inference.decode import bucket_length, decode_step, prefill
+from llama_jax.inference.generator import Generator, generate, stream
+from llama_jax.inference.sampling import SamplingParams
+from llama_jax.inference.settings import GenerationSettings
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh, param_shardings
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizers import load_tokenizer
 
 CONFIG = preset("tiny").replace(vocab_size=512)  # tok512's vocabulary, for the text tests
 NEW = 8
@@ -65,26 +68,30 @@ def ids_only(model, mesh):
     return LoadedModel(model, CONFIG, mesh)
 
 
+def settings(temperature=0.0, top_k=0, top_p=1.0, **rest) -> GenerationSettings:
+    return GenerationSettings(**{"max_new_tokens": NEW, "batch_size": 4, **rest},
+                              sampling=SamplingParams(temperature, top_k, top_p))
+
+
 @pytest.fixture(scope="module")
 def greedy(model, mesh):
-    return Generator(ids_only(model, mesh), max_new_tokens=NEW, batch_size=4)
+    return Generator(ids_only(model, mesh), settings())
 
 
 def test_incremental_decoding_gives_the_full_forward_logits_at_every_position(model, forward):
     graphdef, state = nnx.split(model)
-    layers = None  # the default path: scanned over the stacked layer weights
-    prefill = jax.jit(_prefill, static_argnames=("graphdef", "cache_len", "chunk"))
-    step = jax.jit(_decode_step, static_argnames=("graphdef",))
+    prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "cache_len", "chunk"))
+    step = jax.jit(decode_step, static_argnames=("graphdef",))
     lengths, steps, bucket = [3, 7], 13, 16
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, CONFIG.vocab_size, n + steps).tolist() for n in lengths]
     padded = np.zeros((2, bucket), np.int32)
     for row, (seq, n) in enumerate(zip(seqs, lengths)):
         padded[row, :n] = seq[:n]
-    logits, cache = prefill(graphdef, state, layers, jnp.asarray(padded), jnp.asarray(lengths), cache_len=32, chunk=16)
+    logits, cache = prefill_jit(graphdef, state, jnp.asarray(padded), jnp.asarray(lengths), cache_len=32, chunk=16)
     got = [np.asarray(logits)]
     for t in range(steps - 1):  # feed each row its own next true token
-        logits, cache = step(graphdef, state, layers, jnp.asarray([seq[n + t] for seq, n in zip(seqs, lengths)]), cache)
+        logits, cache = step(graphdef, state, jnp.asarray([seq[n + t] for seq, n in zip(seqs, lengths)]), cache)
         got.append(np.asarray(logits))
     got = np.stack(got, axis=1)  # (rows, steps, vocab): positions n-1 .. n+steps-2
     for row, (seq, n) in enumerate(zip(seqs, lengths)):
@@ -100,28 +107,20 @@ def test_ragged_batch_gives_each_prompt_its_own_greedy_ids(greedy, prompts, refe
     assert greedy.compiled_shapes == {(4, 16, 16 + NEW)}
 
 
-def test_decoding_from_per_layer_weights_gives_the_same_ids(model, mesh, prompts, reference_greedy):
-    """The opt-in path: layers run in a loop over a per-layer copy instead of scanning the stacked weights."""
-    generator = Generator(ids_only(model, mesh), max_new_tokens=NEW, batch_size=4, per_layer_weights=True)
-    assert generator.layers is not None
-    assert [ids for ids, _ in generator.generate_ids(prompts, range(4))] == reference_greedy
-
-
 def test_long_prompts_are_prefilled_in_chunks(model, mesh, forward):
     """Chunks of 16 positions (64 prompt tokens per call over a batch of 4): the longest prompt's bucket
     is capped at 56 (max_seq_len 64 - 8 new), so 3 scanned chunks and a remainder of 8 hold the rows'
     last prompt tokens (slots 0, 39, 51, 15)."""
     rng = np.random.default_rng(4)
     prompts = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (1, 40, 52, 16)]
-    generator = Generator(ids_only(model, mesh), max_new_tokens=NEW, batch_size=4, prefill_tokens=64)
+    generator = Generator(ids_only(model, mesh), settings(), prefill_tokens=64)
     assert [ids for ids, _ in generator.generate_ids(prompts, range(4))] == greedy_by_full_forward(forward, prompts)
     assert generator.compiled_shapes == {(4, 56, 56 + NEW)}
 
 
 def test_rows_stop_independently_on_their_stop_ids(model, mesh, prompts, reference_greedy):
     stop = reference_greedy[1][3]  # the 4th greedy token of prompt 1
-    results = Generator(ids_only(model, mesh), max_new_tokens=NEW, batch_size=4,
-                        stop_ids=[stop]).generate_ids(prompts, range(len(prompts)))
+    results = Generator(ids_only(model, mesh), settings(stop_ids=(stop,))).generate_ids(prompts, range(len(prompts)))
     for (ids, reason), expected in zip(results, reference_greedy):
         if stop in expected:
             assert (ids, reason) == (expected[: expected.index(stop)], "stop")  # the stop id is not included
@@ -132,8 +131,7 @@ def test_rows_stop_independently_on_their_stop_ids(model, mesh, prompts, referen
 
 def test_sampled_streams_follow_the_prompt_index_not_the_batch(model, mesh, prompts):
     def sampler(seed):
-        return Generator(ids_only(model, mesh), max_new_tokens=NEW, batch_size=4, temperature=0.8, top_k=40,
-                         top_p=0.95, seed=seed)
+        return Generator(ids_only(model, mesh), settings(temperature=0.8, top_k=40, top_p=0.95, seed=seed))
 
     sampled = sampler(1)
     batch = sampled.generate_ids(prompts, range(4))
@@ -147,7 +145,7 @@ def test_sharded_generation_equals_single_device(model, prompts, reference_greed
     mesh = make_mesh(mesh_config)
     state = nnx.state(model)
     placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, param_shardings(state, mesh)))
-    generator = Generator(ids_only(placed, mesh), max_new_tokens=NEW, batch_size=4)
+    generator = Generator(ids_only(placed, mesh), settings())
     assert [ids for ids, _ in generator.generate_ids(prompts, range(4))] == reference_greedy
 
 
@@ -159,7 +157,7 @@ def text_model(model, mesh, assets):
 def test_text_api_and_streaming_agree_with_token_generation(text_model):
     texts = ["Once upon a time", "", "Tom and Lily", "The sun"]
     completions = generate(text_model, texts, max_new_tokens=NEW, batch_size=4)
-    generator = Generator(text_model, max_new_tokens=NEW, batch_size=4)
+    generator = Generator(text_model, settings())
     encoded = [text_model.tokenizer.encode(t) for t in texts]
     assert [(c.token_ids, c.finish_reason) for c in completions] == generator.generate_ids(encoded, range(4))
     assert [c.prompt for c in completions] == texts
@@ -176,15 +174,17 @@ def test_prompt_buckets_stay_few():
 
 
 def test_bad_requests_are_refused_with_a_clear_message(model, mesh, text_model):
-    with pytest.raises(ValueError, match="prompt 1 has 60 tokens; with max-new-tokens 8 it needs 68"):
-        Generator(ids_only(model, mesh), max_new_tokens=NEW).generate_ids([[1] * 60], [0])
-    with pytest.raises(ValueError, match="max-new-tokens must be an integer >= 1"):
-        Generator(text_model, max_new_tokens=0)
-    with pytest.raises(ValueError, match="batch-size"):
-        Generator(text_model, batch_size=0)
+    with pytest.raises(ValueError, match="prompt 1 has 60 tokens; with max_new_tokens 8 it needs 68"):
+        Generator(ids_only(model, mesh), settings()).generate_ids([[1] * 60], [0])
+    with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
+        generate(text_model, ["x"], max_new_tokens=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        generate(text_model, ["x"], batch_size=0)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        Generator(text_model, stop_ids=[512])
+        Generator(text_model, settings(stop_ids=(512,)))
+    with pytest.raises(ValueError, match="leaves no room for a prompt"):
+        Generator(text_model, settings(max_new_tokens=CONFIG.max_seq_len))
     with pytest.raises(ValueError, match="no chat template"):
-        Generator(ids_only(model, mesh), chat=True)
-    with pytest.raises(ValueError, match="top-p"):
+        Generator(ids_only(model, mesh), settings(chat=True))
+    with pytest.raises(ValueError, match="top_p"):
         generate(text_model, ["x"], top_p=0)

@@ -20,10 +20,11 @@ from llama_jax.checkpoint import load, write_model_dir
 from llama_jax.cli import run_cli
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
-from llama_jax.generation import Generator
+from llama_jax.inference.generator import Generator
+from llama_jax.inference.settings import GenerationSettings
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = importlib.util.spec_from_file_location("infer", REPO / "infer.py")
@@ -108,7 +109,7 @@ def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_pat
     loaded = load(chat_model, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
     ids = [encode_dialog(loaded.tokenizer, "llama2", [{"role": "user", "content": m}]) for m in messages]
     assert ids[0][:1] == [loaded.tokenizer.bos_id]
-    expected = Generator(loaded, max_new_tokens=6, batch_size=2).generate_ids(ids, [0, 1])
+    expected = Generator(loaded, GenerationSettings(max_new_tokens=6, batch_size=2)).generate_ids(ids, [0, 1])
     assert [(r["token_ids"], r["finish_reason"]) for r in got] == expected
     assert [r["prompt"] for r in got] == messages
 
@@ -136,19 +137,19 @@ def bad_inputs(tmp_path_factory):
 
 
 ERRORS = {
-    "top-p zero": (["--top-p", "0"], "top-p must be in (0, 1]"),
-    "top-p above one": (["--top-p", "1.5"], "top-p must be in (0, 1]"),
+    "top-p zero": (["--top-p", "0"], "top_p must be in (0, 1]"),
+    "top-p above one": (["--top-p", "1.5"], "top_p must be in (0, 1]"),
     "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
-    "negative top-k": (["--top-k", "-1"], "top-k must be an integer >= 0"),
-    "negative new tokens": (["--max-new-tokens", "-5"], "max-new-tokens must be an integer >= 1"),
-    "zero batch": (["--batch-size", "0"], "batch-size must be an integer >= 1"),
+    "negative top-k": (["--top-k", "-1"], "top_k must be an integer >= 0"),
+    "negative new tokens": (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 1"),
+    "zero batch": (["--batch-size", "0"], "batch_size must be an integer >= 1"),
     "negative seed": (["--seed", "-1"], "seed must be an integer in [0, 4294967295]"),
     "seed beyond 32 bits": (["--seed", str(2**32)], "seed must be an integer in [0, 4294967295]"),
     "not a number": (["--max-new-tokens", "many"], "invalid int value"),
     "bad mesh": (["--mesh", "model=2"], "bad mesh"),
     "mesh larger than the devices": (["--mesh", "tensor=4"], "devices"),
     "prompt too long": (["--prompt", "", "--prompt", "Once upon a time", "--max-new-tokens", "508"],
-                        "prompt 2 has 5 tokens; with max-new-tokens 508 it needs 513 positions, "
+                        "prompt 2 has 5 tokens; with max_new_tokens 508 it needs 513 positions, "
                         "but the model allows 512"),
     "no chat template": (["--chat"], "no chat template"),
     "stop id outside the vocabulary": (["--stop-id", "512"], "outside the vocabulary"),

@@ -37,7 +37,8 @@ def forward(model, ids, mesh=None, **kwargs):
 
 def reconfigured(model, **changes):
     """The same parameters under a config that computes differently (scan, remat, dtype)."""
-    graphdef, state = nnx.split(create_model(model.config.replace(**changes), make_mesh(MeshConfig(), jax.devices()[:1])))
+    mesh = make_mesh(MeshConfig(), jax.devices()[:1])
+    graphdef, state = nnx.split(create_model(model.config.replace(**changes), mesh))
     return nnx.merge(graphdef, nnx.state(model))
 
 
@@ -64,7 +65,8 @@ def test_sharded_forward_equals_unsharded(model, ids, mesh_config):
 
 def test_activation_constraints_follow_the_rules():
     mesh = make_mesh(MeshConfig(data=1, tensor=2))
-    assert logical_to_spec(("batch", "length", "q_heads", None), (2, 4, 6, 8), mesh) == jax.P(None, None, "tensor", None)
+    spec = logical_to_spec(("batch", "length", "q_heads", None), (2, 4, 6, 8), mesh)
+    assert spec == jax.P(None, None, "tensor", None)
     # an axis that does not divide its dimension is replicated instead of failing
     assert logical_to_spec(("vocab", "embed"), (97, 48), mesh) == jax.P(None, None)
     with pytest.raises(ValueError, match="both map to mesh axis 'tensor'"):

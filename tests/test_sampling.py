@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.sampling import SamplingParams, nucleus_mask, row_keys, sample
+from llama_jax.inference.sampling import SamplingParams, nucleus_mask, row_keys, sample
 
 VOCAB, ROWS, DRAWS = 12, 4, 8000
 TEMPERATURE = 0.7  # one temperature for every sampling test: each setting costs a compile

@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.tokenizer_training import train_sentencepiece
-from llama_jax.tokenizers import tiktoken_tokenizer
+from llama_jax.tokenizers import load_tokenizer, tiktoken_tokenizer
+from llama_jax.tokenizers.training import train_sentencepiece
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +26,8 @@ def tok512(assets):
 
 def test_sentencepiece_published_ids(llama2_tok, cases):
     spec = cases["llama2_sentencepiece"]  # karpathy/llama2.c test.c
-    assert (llama2_tok.kind, llama2_tok.vocab_size, llama2_tok.bos_id, llama2_tok.eos_id) == ("sentencepiece", 32000, 1, 2)
+    tok = llama2_tok
+    assert (tok.kind, tok.vocab_size, tok.bos_id, tok.eos_id) == ("sentencepiece", 32000, 1, 2)
     for case in spec["cases"]:
         if "ids_no_bos" in case:
             assert llama2_tok.encode(case["text"], bos=False) == case["ids_no_bos"]

@@ -128,7 +128,7 @@ def test_user_errors_are_one_line_without_traceback(workdir):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.strip().splitlines() == ["error: unknown config key 'stpes'; did you mean 'steps'? "
-                                                  "(see llama_jax/train_config.py for all keys)"]
+                                                  "(configs/default.yaml lists every key)"]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,11 +1,13 @@
-"""Training configuration: YAML + key=value overrides, type checks, clear errors, the model it resolves to."""
+"""Training configuration: YAML + key=value overrides (OmegaConf), type checks, clear errors, the model it resolves
+to."""
 from pathlib import Path
 
 import pytest
 
 from llama_jax.config import PRESETS
 from llama_jax.sharding import MeshConfig
-from llama_jax.train_config import TrainConfig, build_model_config, load_train_config
+from llama_jax.train.config import TrainConfig, load_train_config
+from llama_jax.train.init_from import build_model_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -17,7 +19,7 @@ def test_default_yaml_is_the_default_job():
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_every_bundled_config_loads(name):
     config = load_train_config(CONFIGS / name)
-    if config.model is not None:
+    if config.model.preset is not None:
         build_model_config(config, "gpu", vocab_size=None)  # the recipes' models resolve
 
 
@@ -28,7 +30,7 @@ def test_overrides_are_typed_and_nested():
                                       "tokenizer=train:1000"])
     assert (config.steps, config.lr, config.sft, config.init_from) == (7, 1e-4, True, None)
     assert config.mesh == MeshConfig(data=1, fsdp=2, tensor=1)
-    assert config.model == "tiny" and dict(config.model_overrides) == {"remat": "full", "dim": 64}
+    assert config.model.preset == "tiny" and config.model.overrides() == {"remat": "full", "dim": 64}
     assert config.sample_prompts == ("a: b", "c")
     assert config.distributed.process_id == 1
     assert config.trained_vocab_size == 1000
@@ -39,7 +41,7 @@ def test_yaml_nesting_and_command_line_precedence(tmp_path):
     path = tmp_path / "job.yaml"
     path.write_text("model: {preset: tiny, remat: save_dots}\nmesh: {tensor: 2}\nsteps: 5\nlr: 1\n")
     config = load_train_config(path, ["steps=9"])
-    assert config.model == "tiny" and dict(config.model_overrides) == {"remat": "save_dots"}
+    assert config.model.preset == "tiny" and config.model.overrides() == {"remat": "save_dots"}
     assert config.mesh.tensor == 2 and config.steps == 9 and config.lr == 1.0
 
 
@@ -58,7 +60,8 @@ def test_yaml_nesting_and_command_line_precedence(tmp_path):
     ("chat_template=llama3", "chat_template applies to SFT data"),
     ("mesh.fsdp=0", "mesh sizes must be positive"),
     ("steps", "expected key=value"),
-    ("sample_prompts=[1, 2]", "expected a list of strings"),
+    ("model.dim=wide", "bad value for model.dim: expected an integer, got 'wide'"),
+    ("steps=null", "bad value for steps: it cannot be null"),
 ])
 def test_bad_overrides_are_one_clear_error(argument, message):
     with pytest.raises(ValueError) as error:
@@ -68,9 +71,14 @@ def test_bad_overrides_are_one_clear_error(argument, message):
 
 def test_bad_yaml_values_are_type_checked(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("steps: '12'\n")
-    with pytest.raises(ValueError, match="bad value for steps: expected an integer, got '12'"):
+    path.write_text("steps: twelve\n")
+    with pytest.raises(ValueError, match="bad value for steps: expected an integer, got 'twelve'"):
         load_train_config(path)
+    path.write_text("mesh: {fsdp: 2, pipeline: 4}\n")
+    with pytest.raises(ValueError, match="unknown config key 'mesh.pipeline'"):
+        load_train_config(path)
+    path.write_text("model: tiny\nsteps: 3\n")  # a preset name alone is `model.preset`
+    assert load_train_config(path).model.preset == "tiny"
     path.write_text("- a list\n")
     with pytest.raises(ValueError, match="must be a mapping"):
         load_train_config(path)

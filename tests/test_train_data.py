@@ -5,13 +5,12 @@ import json
 import numpy as np
 import pytest
 
-from llama_jax.batching import PackedRows, feistel_permutation, global_batch
 from llama_jax.chat import encode_dialog
-from llama_jax.data import TokenizedCorpus, prepare_data
 from llama_jax.sharding import MeshConfig, make_mesh
-from llama_jax.sft import encode_example
-from llama_jax.tokenizer import load_tokenizer
-from llama_jax.train_config import load_train_config
+from llama_jax.tokenizers import load_tokenizer
+from llama_jax.train.batching import PackedRows, feistel_permutation, global_batch
+from llama_jax.train.config import load_train_config
+from llama_jax.train.data import TokenizedCorpus, encode_example, prepare_data
 
 # Three documents [BOS ... EOS] in one stream: 5 + 4 + 6 tokens.
 STREAM = np.array([1, 10, 11, 12, 2, 1, 20, 21, 2, 1, 30, 31, 32, 33, 2], np.uint16)
@@ -90,7 +89,8 @@ def _config(tmp_path, data, *extra):
                                     "tokenizer=train:400", *extra])
 
 
-CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3 + "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 3
+CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
+           + "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 3
            + "The moon is bright tonight.\n")
 
 
@@ -115,7 +115,7 @@ def test_tokenized_corpus_is_cached_by_content(tmp_path, assets, monkeypatch):
     first = prepare_data(_config(tmp_path, path, f"tokenizer={tokenizer}"), None)
     expected = load_tokenizer(tokenizer).encode(path.read_text(), bos=True, eos=True)
     assert np.asarray(first.corpus.tokens).tolist() == expected
-    monkeypatch.setattr("llama_jax.data._build_entry", lambda *a: pytest.fail("re-tokenized a cached corpus"))
+    monkeypatch.setattr("llama_jax.train.data._build_entry", lambda *a: pytest.fail("re-tokenized a cached corpus"))
     moved = tmp_path / "moved.txt"
     moved.write_text(path.read_text())
     assert prepare_data(_config(tmp_path, moved, f"tokenizer={tokenizer}"), None).corpus.key == first.corpus.key
@@ -166,7 +166,8 @@ def test_llama3_sft_responses_end_with_end_of_turn(assets):
     (None, [], FileNotFoundError, "no data file matches"),
     ("", [], ValueError, "cannot train a tokenizer on an empty corpus"),
     ("\n \n", ["tokenizer=ASSET"], ValueError, "the corpus holds no text"),
-    ('{"text": "fine"}\n{"txt": "oops"}\n', [], ValueError, 'corpus.jsonl:2: expected a JSON object with a string "text"'),
+    ('{"text": "fine"}\n{"txt": "oops"}\n', [], ValueError,
+     'corpus.jsonl:2: expected a JSON object with a string "text"'),
     ('{"text": "fine"}\nnot json\n', [], ValueError, "corpus.jsonl:2: not valid JSON"),
     ('{"prompt": "p"}\n', ["sft=true", "tokenizer=ASSET"], ValueError, 'needs string "prompt" and "response"'),
 ])

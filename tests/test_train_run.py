@@ -10,8 +10,9 @@ import pytest
 
 import llama_jax
 from llama_jax.checkpoint import CHECKPOINTS_DIR
-from llama_jax.train_config import load_train_config
-from llama_jax.trainer import train
+from llama_jax.train.config import load_train_config
+from llama_jax.train.metrics import TrainLogger
+from llama_jax.train.trainer import run
 
 STEPS = 40
 
@@ -39,7 +40,7 @@ def tiny_config(workdir, assets, data, run_dir, *extra):
 @pytest.fixture(scope="module")
 def trained(workdir, assets, excerpt):
     config = tiny_config(workdir, assets, excerpt, workdir / "run")
-    return config, train(config)
+    return config, run(config)
 
 
 def test_loss_falls_on_real_text(trained):
@@ -70,13 +71,13 @@ def test_checkpoint_resumes_on_another_mesh(trained, workdir, assets, excerpt):
     copy = workdir / "run_on_tensor_mesh"
     shutil.copytree(config.run_dir, copy)
     shutil.rmtree(copy / CHECKPOINTS_DIR / "40")  # resume from step 20, saved on the data=2 mesh
-    resumed = train(tiny_config(workdir, assets, excerpt, copy, "mesh.data=1", "mesh.tensor=2", "samples=0"))
+    resumed = run(tiny_config(workdir, assets, excerpt, copy, "mesh.data=1", "mesh.tensor=2", "samples=0"))
     assert resumed["step"] == STEPS
     np.testing.assert_allclose(resumed["train_loss"], result["train_loss"], rtol=1e-4)
     np.testing.assert_allclose(resumed["eval_loss"], result["eval_loss"], rtol=1e-4)
     params = llama_jax.load(copy).model.layers.mlp.w_gate[...]
-    np.testing.assert_allclose(np.asarray(params), np.asarray(llama_jax.load(config.run_dir).model.layers.mlp.w_gate[...]),
-                               atol=1e-4)
+    original = llama_jax.load(config.run_dir).model.layers.mlp.w_gate[...]
+    np.testing.assert_allclose(np.asarray(params), np.asarray(original), atol=1e-4)
 
 
 def test_fine_tuning_starts_from_init_from(trained, workdir, assets):
@@ -88,7 +89,7 @@ def test_fine_tuning_starts_from_init_from(trained, workdir, assets):
         f"init_from={config.run_dir}", "sft=true", f"data={data}", f"data_cache={workdir / 'cache'}",
         f"run_dir={workdir / 'sft'}", "seq_len=32", "batch_size=8", "steps=2", "warmup=0", "lr=1e-9",
         "eval_batches=1", "samples=0", "mesh.data=2"])
-    tuned = train(sft)
+    tuned = run(sft)
     assert tuned["step"] == 2 and tuned["vocab_size"] == 512
     stored = json.loads((workdir / "sft" / "config.json").read_text())
     assert stored["model"]["dim"] == 48 and stored["tokenizer"] == "tokenizer.bin"
@@ -107,15 +108,15 @@ def test_incompatible_run_dir_is_refused_and_untouched(trained, workdir, assets,
     config, _ = trained
     before = _snapshot(Path(config.run_dir))
     with pytest.raises(ValueError, match=r"holds a different run \(seq_len: 32 there, 16 now\)"):
-        train(tiny_config(workdir, assets, excerpt, config.run_dir, "seq_len=16"))
+        run(tiny_config(workdir, assets, excerpt, config.run_dir, "seq_len=16"))
     with pytest.raises(ValueError, match="holds a different run"):
-        train(tiny_config(workdir, assets, excerpt, config.run_dir, "model.dim=24"))
+        run(tiny_config(workdir, assets, excerpt, config.run_dir, "model.dim=24"))
     assert _snapshot(Path(config.run_dir)) == before
     other = workdir / "not_a_run"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="exists and is not a training run"):
-        train(tiny_config(workdir, assets, excerpt, other))
+        run(tiny_config(workdir, assets, excerpt, other))
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
@@ -131,13 +132,11 @@ def test_incompatible_init_from_is_refused(trained, workdir, assets, excerpt, ex
                "LLAMA2": str(assets / "llama2_tokenizer.model")}
     extra = [e.split("=")[0] + "=" + replace.get(e.split("=")[1], e.split("=")[1]) for e in extra]
     with pytest.raises(ValueError, match=message):
-        train(tiny_config(workdir, assets, excerpt, workdir / "refused", *extra))
+        run(tiny_config(workdir, assets, excerpt, workdir / "refused", *extra))
     assert not (workdir / "refused").exists()
 
 
 def test_metrics_of_a_killed_run_stay_whole_lines(tmp_path):
-    from llama_jax.train_logging import TrainLogger
-
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "spl')
     logger = TrainLogger(tmp_path, enabled=True, steps=3, start_step=2, tokens_per_step=8, flops_per_token=1.0,
                          peak_flops_total=None)

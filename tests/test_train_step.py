@@ -8,13 +8,13 @@ import optax
 import pytest
 from flax import nnx
 
-from llama_jax.batching import batch_sharding
 from llama_jax.config import preset
 from llama_jax.model import abstract_state, create_model
-from llama_jax.optimizer import decay_mask, learning_rate, make_optimizer
 from llama_jax.sharding import MeshConfig, make_mesh
-from llama_jax.train_config import TrainConfig
-from llama_jax.train_step import init_state, make_train_step, state_shardings, token_losses
+from llama_jax.train.batching import batch_sharding
+from llama_jax.train.config import TrainConfig
+from llama_jax.train.optimizer import decay_mask, learning_rate, make_optimizer
+from llama_jax.train.step import init_state, make_train_step, state_layout, token_losses
 
 # dim 48, 6 query / 2 KV heads, ffn 80, vocab 98: every axis splits in two, none equals another
 MODEL = preset("tiny").replace(vocab_size=98)
@@ -50,10 +50,10 @@ def run_steps(initial_params, mesh_config: MeshConfig, grad_accum: int = 1, opti
     """Train from the same initial parameters on `mesh_config` over `batches`; (metrics per step, state)."""
     mesh = make_mesh(mesh_config, devices)
     optimizer = optimizer or make_optimizer(CONFIG)
-    _, shardings = state_shardings(MODEL, optimizer, mesh)
-    state = init_state(jax.device_put(initial_params, shardings.params), optimizer, shardings)
+    layout = state_layout(MODEL, optimizer, mesh)
+    state = init_state(jax.device_put(initial_params, layout.shardings.params), optimizer, layout.shardings)
     shape = (grad_accum, BATCH // grad_accum, SEQ)
-    step = make_train_step(abstract_state(MODEL)[0], optimizer, shardings, mesh, shape, z_loss, learning_rate(CONFIG))
+    step = make_train_step(layout, optimizer, mesh, shape, z_loss, learning_rate(CONFIG))
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
@@ -103,7 +103,8 @@ def _reference_loss(params, batch, z_loss):
     picked = jnp.take_along_axis(log_probs, batch["targets"][..., None], -1)[..., 0]
     log_z = jnp.log(jnp.sum(jnp.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     mask = batch["loss_mask"]
-    return (jnp.sum(-picked * mask) + z_loss * jnp.sum(log_z ** 2 * mask)) / jnp.sum(mask), jnp.sum(-picked * mask) / jnp.sum(mask)
+    nll = jnp.sum(-picked * mask)
+    return (nll + z_loss * jnp.sum(log_z ** 2 * mask)) / jnp.sum(mask), nll / jnp.sum(mask)
 
 
 def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):

@@ -5,11 +5,13 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.chat import TEMPLATES
 from llama_jax.checkpoint import write_model_dir
 from llama_jax.config import DTYPES, ModelConfig
-from llama_jax.tokenizer import Tokenizer, load_tokenizer
+from llama_jax.tokenizers import Tokenizer, load_tokenizer
 
-CHAT_TEMPLATE_CHOICES = ("auto", "llama2", "llama3", "none")
+# "auto": detected from the tokenizer and its Hugging Face config; "none": a base model without chat.
+CHAT_TEMPLATE_CHOICES = ("auto", *TEMPLATES, "none")
 
 
 def dtype_name(source: np.dtype, requested: str | None) -> str:

@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llama_jax.checkpoint import ensure_new_output_dir
+from llama_jax.chat import detect_chat_template
 from llama_jax.config import ModelConfig, RopeScaling
 from llama_jax.convert.common import chat_template_choice, dtype_name, find_tokenizer, with_dtype, write_converted
 from llama_jax.convert.safetensors_io import TensorEntry, read_header, read_tensor
 from llama_jax.convert.weights import Weight, build_params, hf_name, weights_for
+from llama_jax.staging import ensure_new_output_dir
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -133,8 +134,6 @@ def hf_chat_template(hf_dir: Path) -> str | None:
 
 def convert_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                chat_template: str = "auto", dtype: str | None = None) -> Path:
-    from llama_jax.chat import detect_chat_template
-
     ensure_new_output_dir(out)
     hf_dir = Path(hf_dir)
     tok = find_tokenizer(tokenizer, [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], hf_dir)

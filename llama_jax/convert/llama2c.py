@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.checkpoint import ensure_new_output_dir
 from llama_jax.config import ModelConfig
 from llama_jax.convert.common import dtype_name, with_dtype, write_converted
 from llama_jax.convert.weights import WEIGHT_BY_META, Weight, build_params, meta_name
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.staging import ensure_new_output_dir
+from llama_jax.tokenizers import load_tokenizer
 
 MAGIC = 0x616B3432  # "ak42"
 V1_HEADER_BYTES = 256

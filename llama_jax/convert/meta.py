@@ -18,10 +18,11 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from llama_jax.checkpoint import ensure_new_output_dir
+from llama_jax.chat import detect_chat_template
 from llama_jax.config import ModelConfig, RopeScaling, ffn_dim_for
 from llama_jax.convert.common import chat_template_choice, dtype_name, find_tokenizer, with_dtype, write_converted
 from llama_jax.convert.weights import Weight, build_params, meta_name
+from llama_jax.staging import ensure_new_output_dir
 
 # Llama 3.1 scaling as Meta ships it; the factor is 32 for the tied-embedding Llama 3.2 1B and 3B
 # (meta-llama/llama-models issue #241; transformers' converter does the same), 8 otherwise.
@@ -32,7 +33,8 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ValueError("converting Meta checkpoints needs PyTorch: pip install torch (the CPU build is enough)") from None
+        raise ValueError("converting Meta checkpoints needs PyTorch: pip install torch "
+                         "(the CPU build is enough)") from None
     return torch
 
 
@@ -168,8 +170,6 @@ def load_meta(meta_dir: str | Path, dtype: str | None = None, max_seq_len: int |
 def convert_meta(meta_dir: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                  chat_template: str = "auto", dtype: str | None = None, max_seq_len: int | None = None,
                  rope_scaling_factor: float | None = None) -> Path:
-    from llama_jax.chat import detect_chat_template
-
     ensure_new_output_dir(out)
     meta_dir = Path(meta_dir)
     # LLaMA 1 and 2 downloads keep one tokenizer.model beside the per-size directories.

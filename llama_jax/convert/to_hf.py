@@ -15,14 +15,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from llama_jax.checkpoint import check_param_shapes, ensure_new_output_dir, read_model_dir, staged_output_dir
+from llama_jax.checkpoint import read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.convert.common import dtype_name
 from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
 from llama_jax.model import abstract_state
-from llama_jax.tokenizer import load_tokenizer
+from llama_jax.param_io import check_param_shapes
+from llama_jax.staging import ensure_new_output_dir, staged_output_dir
+from llama_jax.tokenizers import load_tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -53,7 +55,8 @@ def hf_config(config: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
         "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
         "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
         "rope_scaling": scaling, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype, "bos_token_id": bos_id, "eos_token_id": eos_id,
+        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype, "bos_token_id": bos_id,
+        "eos_token_id": eos_id,
     }
 
 

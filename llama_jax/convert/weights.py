@@ -135,7 +135,8 @@ def build_params(config: ModelConfig, read: Callable[[Weight, int | None], tuple
             name, tensor = read(weight, layer)
             expected = weight.torch_shape(config)
             if tuple(tensor.shape) != expected:
-                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, but the model config needs {expected}")
+                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, "
+                                 f"but the model config needs {expected}")
             if interleaved_rope and weight.key in ROTARY_KEYS:
                 tensor = half_split_rows(tensor, getattr(config, ROTARY_KEYS[weight.key]))
             builder.put(weight.key, to_model_layout(weight, tensor, config), layer)

@@ -12,7 +12,7 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizers.base import Tokenizer
 
 _UNK, _BOS, _EOS = 0, 1, 2
 _FIRST_BYTE_ID = 3  # run.c: byte b falls back to id b + 3

@@ -1,4 +1,4 @@
-"""SentencePiece `tokenizer.model` files: LLaMA 1 and 2, and models trained by `tokenizer_training.py`."""
+"""SentencePiece `tokenizer.model` files: LLaMA 1 and 2, and models trained by `training.py`."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizers.base import Tokenizer
 
 # A ModelProto starts with its repeated field 1 (`pieces`): tag byte 0x0a.
 _PROTO_FIRST_BYTE = 0x0A

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import tiktoken
 
-from llama_jax.tokenizer import Tokenizer
+from llama_jax.tokenizers.base import Tokenizer
 
 # From meta-llama/llama3 and llama-models llama/tokenizer.py.
 PAT_STR = (

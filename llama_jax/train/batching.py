@@ -22,8 +22,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from llama_jax.data import TokenizedCorpus
 from llama_jax.sharding import logical_to_spec
+from llama_jax.train.data import TokenizedCorpus
 
 BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
 FIELDS = ("inputs", "targets", "positions", "segments", "loss_mask")

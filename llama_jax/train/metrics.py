@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
 METRICS_FILE = "metrics.jsonl"
@@ -30,8 +31,6 @@ class TrainLogger:
         self._bar = tqdm(total=steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, disable=not enabled,
                          desc="train", unit="step")
         if enabled:
-            from tensorboardX import SummaryWriter
-
             self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
             _drop_partial_last_line(run_dir / METRICS_FILE)
             self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")

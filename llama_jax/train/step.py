@@ -24,8 +24,9 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.batching import FIELDS, batch_sharding
+from llama_jax.config import ModelConfig
 from llama_jax.model import abstract_state
+from llama_jax.train.batching import FIELDS, batch_sharding
 
 
 @jax.tree_util.register_dataclass
@@ -46,11 +47,41 @@ def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Arra
     return log_z - target_logits, log_z
 
 
-def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, shardings: TrainState,
-                    mesh: Mesh, batch_shape: tuple[int, int, int], z_loss: float = 0.0,
-                    schedule: optax.Schedule | None = None):
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """The model's graph and the train state's shapes and shardings: built once per run, used by every step
+    function, the initialisation and the checkpoint restore."""
+
+    graphdef: nnx.GraphDef
+    abstract: TrainState  # jax.ShapeDtypeStruct leaves, with their shardings
+    shardings: TrainState  # the NamedShardings alone
+
+
+def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+    """The layout of a train state for `config` on `mesh`. Optimizer moments are sharded like their
+    parameters; scalars (counters) are replicated. Nothing touches a device, so `mesh` may hold the
+    devices of a TPU topology that this host does not have."""
+    graphdef, abstract = abstract_state(config, mesh)
+    params = nnx.to_pure_dict(abstract)
+    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    # Shapes without shardings: eval_shape would otherwise look for the shardings' devices on this host.
+    opt_abstract = jax.eval_shape(optimizer.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
+                                                               params))
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    shardings = TrainState(replicated, param_shardings, opt_shardings)
+    abstract_train = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
+                                jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                             opt_abstract, opt_shardings))
+    return StateLayout(graphdef, abstract_train, shardings)
+
+
+def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation, mesh: Mesh,
+                    batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
     scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens."""
+    graphdef, shardings = layout.graphdef, layout.shardings
 
     def loss_of(params, micro, total_tokens):
         nll, log_z = token_losses(graphdef, params, micro)
@@ -80,7 +111,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         metrics = {
             "loss": nll_sum / total_tokens,
             "z_loss": z_sum / total_tokens,
-            "grad_norm": jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads))),
+            "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step) if schedule is not None else jnp.float32(0.0),
             "tokens": tokens,
         }
@@ -92,8 +123,9 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(graphdef: nnx.GraphDef, params_shardings: dict, mesh: Mesh, batch_shape: tuple[int, int, int]):
+def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int]):
     """`eval_step(params, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
+    graphdef = layout.graphdef
 
     def eval_step(params, batch):
         def one(carry, micro):
@@ -105,25 +137,7 @@ def make_eval_step(graphdef: nnx.GraphDef, params_shardings: dict, mesh: Mesh, b
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
-    return jax.jit(eval_step, in_shardings=(params_shardings, batch_shardings), out_shardings=replicated)
-
-
-def state_shardings(config, optimizer: optax.GradientTransformation, mesh: Mesh) -> tuple[TrainState, TrainState]:
-    """(abstract state with shardings, the shardings alone) for a model config on `mesh`. Optimizer
-    moments are sharded like their parameters; scalars (counters) are replicated."""
-    _, abstract = abstract_state(config, mesh)
-    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, config.param_dtype, sharding=a.sharding),
-                          nnx.to_pure_dict(abstract))
-    param_shardings = jax.tree.map(lambda a: a.sharding, params)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt_abstract = jax.eval_shape(optimizer.init, params)
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, param_shardings,
-                                          transform_non_params=lambda _: replicated)
-    shardings = TrainState(replicated, param_shardings, opt_shardings)
-    abstract_train = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
-                                jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                             opt_abstract, opt_shardings))
-    return abstract_train, shardings
+    return jax.jit(eval_step, in_shardings=(layout.shardings.params, batch_shardings), out_shardings=replicated)
 
 
 def init_state(params: dict, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:

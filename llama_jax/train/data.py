@@ -1,5 +1,17 @@
 """A corpus on disk, tokenized once: text files, globs or JSONL → one flat token array, cached by content.
 
+Pretraining reads text files (one document each, or split at a separator) and JSONL `{"text": ...}` records.
+Supervised fine-tuning (SFT) reads JSONL prompt/response records:
+
+    {"prompt": "What is the capital of France?", "response": "Paris."}
+
+Without a chat template an SFT example is BOS + prompt + response + EOS, the text simply continued. With one
+("llama2", "llama3") the prompt is the user's message in that template, exactly as `infer.py --chat`
+builds it, and the response ends with the template's end-of-turn token, which the model must learn to
+emit. Prompt tokens get weight 0, response tokens (and the end token) weight 1.
+
+The cache entry of a corpus:
+
     tokens   [BOS doc0 EOS][BOS doc1 EOS]...   uint16 (uint32 for vocabularies over 65536)
     starts   offset of each document's first token, then the total length
     weights  (SFT only) 1 where a token is a training target: the response, not the prompt
@@ -21,18 +33,19 @@ import glob
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
-from llama_jax.tokenizer import Tokenizer, load_tokenizer
-from llama_jax.tokenizer_training import train_sentencepiece
-from llama_jax.train_config import TrainConfig
+from llama_jax.chat import encode_dialog, end_of_turn
+from llama_jax.staging import staged_output_dir
+from llama_jax.tokenizers import Tokenizer, load_tokenizer
+from llama_jax.tokenizers.training import train_sentencepiece
+from llama_jax.train.config import TrainConfig
 
 CACHE_FORMAT = 2
+TRAINED_TOKENIZER_FILE = "tokenizer.model"
 
 Example = tuple[list[int], list[int] | None]  # token ids (BOS/EOS included), target weights or None
 
@@ -55,8 +68,6 @@ class PreparedData:
 def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData:
     """Tokenize the configured corpus (or find it in the cache) with `config.tokenizer`: a file, or
     train:VOCAB to train one on the corpus first."""
-    from llama_jax.sft import sft_examples, sft_texts
-
     cache_dir = Path(os.path.expanduser(config.data_cache))
     files = data_files(config.data)
     raw_key = corpus_hash(files)
@@ -152,13 +163,11 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
 def trained_tokenizer(texts: Iterable[str], vocab_size: int, texts_key: str, cache_dir: Path) -> Path:
     """A SentencePiece model trained on `texts`, cached under their hash. Training is deterministic, so
     every host of a job and every rerun gets the same file."""
-    path = cache_dir / f"tokenizer-{texts_key[:24]}-{vocab_size}.model"
-    if not path.is_file():
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=cache_dir) as staging:
-            trained = train_sentencepiece(texts, vocab_size, Path(staging) / "tokenizer.model")
-            os.replace(trained, path)
-    return path
+    entry = cache_dir / f"tokenizer-{texts_key[:24]}-{vocab_size}"
+    if not entry.is_dir():
+        with staged_output_dir(entry, keep_existing=True) as staging:
+            train_sentencepiece(texts, vocab_size, staging / TRAINED_TOKENIZER_FILE)
+    return entry / TRAINED_TOKENIZER_FILE
 
 
 def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtype=np.uint16) -> TokenizedCorpus:
@@ -176,9 +185,7 @@ def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtyp
 
 
 def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{entry.name}.partial-", dir=entry.parent))
-    try:
+    with staged_output_dir(entry, keep_existing=True) as staging:
         starts = [0]
         with open(staging / "tokens.bin", "wb") as tokens, open(staging / "weights.bin", "wb") as weights:
             for ids, target_weights in examples:
@@ -196,10 +203,44 @@ def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
         meta = {"format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "tokens": starts[-1],
                 "documents": len(starts) - 1}
         (staging / "meta.json").write_text(json.dumps(meta) + "\n")
-        try:
-            staging.rename(entry)
-        except OSError:  # another process of this host got there first, with identical contents
-            shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+
+def sft_records(files: list[Path]) -> Iterator[tuple[str, str, str]]:
+    """(where, prompt, response) for every record; one clear error for a file or record of another shape."""
+    for path in files:
+        if not is_jsonl(path):
+            raise ValueError(f"SFT data must be JSONL files of {{\"prompt\": ..., \"response\": ...}} records; "
+                             f"got {path}")
+        for where, record in jsonl_records(path):
+            prompt, response = record.get("prompt"), record.get("response")
+            if not isinstance(prompt, str) or not isinstance(response, str):
+                raise ValueError(f"{where}: an SFT record needs string \"prompt\" and \"response\" fields")
+            yield where, prompt, response
+
+
+def sft_texts(files: list[Path]) -> Iterator[str]:
+    """The texts of all records (to train a tokenizer on)."""
+    for _, prompt, response in sft_records(files):
+        yield prompt
+        yield response
+
+
+def encode_example(tokenizer: Tokenizer, prompt: str, response: str,
+                   chat_template: str | None) -> tuple[list[int], list[int]]:
+    """(ids, weights): weights are 1 on the tokens the model learns to produce."""
+    if chat_template is None:
+        prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
+        response_ids = tokenizer.encode(response, bos=False, eos=True)
+    else:
+        prompt_ids = encode_dialog(tokenizer, chat_template, [{"role": "user", "content": prompt}])
+        end = end_of_turn(tokenizer, chat_template)
+        response_ids = tokenizer.encode(response.strip(), bos=False, eos=False) + [end]
+    return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def sft_examples(tokenizer: Tokenizer, files: list[Path],
+                 chat_template: str | None) -> Iterator[tuple[list[int], list[int]]]:
+    for where, prompt, response in sft_records(files):
+        if not response.strip():
+            raise ValueError(f"{where}: the response is empty, nothing to learn from")
+        yield encode_example(tokenizer, prompt, response, chat_template)

@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import optax
 
-from llama_jax.train_config import TrainConfig
+from llama_jax.train.config import TrainConfig
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:

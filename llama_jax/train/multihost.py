@@ -19,7 +19,7 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 
-from llama_jax.train_config import DistributedConfig
+from llama_jax.train.config import DistributedConfig
 
 
 def initialize(config: DistributedConfig) -> None:

@@ -29,9 +29,9 @@ class SamplingParams:
         if not self.temperature >= 0:  # also rejects NaN
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top-k must be an integer >= 0 (0 turns it off), got {self.top_k}")
+            raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top-p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property
     def greedy(self) -> bool:

@@ -1,0 +1,258 @@
+"""Training settings: one frozen dataclass, filled by OmegaConf from its defaults, a YAML file and `key=value`.
+
+    python train.py --config configs/X.yaml steps=2000 mesh.fsdp=4 model.remat=full
+
+`TrainConfig` is an OmegaConf structured config: OmegaConf merges the layers and converts and checks every
+value against the type of its field; the dataclass's own `validate` checks what types cannot say (ranges,
+choices). This module only turns OmegaConf's errors into one line that names the key, with a did-you-mean
+for an unknown key: a typo must never silently train with the default.
+
+Nested keys address the mesh (`mesh.fsdp`), the multi-host runtime (`distributed.coordinator`) and the
+model: `model.preset` (a preset name or a model YAML file) and any field of `ModelConfig` (`model.remat`).
+`model=NAME` is short for `model.preset=NAME`, on the command line and in YAML.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from llama_jax.chat import TEMPLATES
+from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.sharding import MeshConfig
+
+TRAINED_TOKENIZER_PREFIX = "train:"
+CHAT_TEMPLATE_AUTO = "auto"  # SFT prompts in init_from's own chat template
+COMPUTE_DTYPE_AUTO = "auto"  # bfloat16 on accelerators, float32 on CPU
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """How this process joins a multi-host job. On Cloud TPU VMs (and SLURM / Open MPI jobs) JAX finds
+    everything itself; GPU clusters without a scheduler name the coordinator and each process's id."""
+
+    coordinator: str | None = None  # "host:port" of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+
+
+def _model_settings_class() -> type:
+    """`model.*`: a preset (or model YAML) plus an optional override of every ModelConfig field. Built from
+    ModelConfig's own fields, so a field added there is a settable key here with nothing else to change.
+    (`rope_scaling` is a nested config of its own; it comes with a preset, a model YAML or init_from.)"""
+    hints = typing.get_type_hints(ModelConfig)
+    fields = [("preset", str | None, dataclasses.field(default=None))]
+    fields += [(f.name, hints[f.name] | None, dataclasses.field(default=None))
+               for f in dataclasses.fields(ModelConfig) if f.name != "rope_scaling"]
+
+    def overrides(self) -> dict[str, Any]:
+        """The ModelConfig fields this run sets."""
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if value is not None and name != "preset"}
+
+    return dataclasses.make_dataclass("ModelSettings", fields, frozen=True, namespace={"overrides": overrides})
+
+
+ModelSettings = _model_settings_class()
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # What to train, on what.
+    model: ModelSettings = ModelSettings()  # preset None: "small", or init_from's own model
+    init_from: str | None = None  # a model directory (converted or trained) to start from
+    data: str = "data/tinyshakespeare.txt"  # files, globs, comma-separated; .jsonl: one record per line
+    doc_separator: str | None = None  # split text files into documents at this string
+    # A tokenizer file, or train:VOCAB to train a SentencePiece tokenizer on the corpus. Unset: init_from's
+    # tokenizer, or from scratch train:VOCAB with the model's vocab_size.
+    tokenizer: str | None = None
+    sft: bool = False  # JSONL prompt/response records; the loss is on response tokens only
+    chat_template: str | None = None  # SFT prompts in a chat template's form; "auto": init_from's
+    val_fraction: float = 0.05
+    data_cache: str = "~/.cache/llama_jax"
+    # How.
+    steps: int = 600
+    batch_size: int = 16  # sequences per step, over all devices and micro-batches
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
+    seed: int = 0
+    lr: float = 1e-3  # peak learning rate
+    warmup: int = 50  # linear warmup steps (at most `steps`)
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio (LLaMA: 10%)
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-5
+    grad_clip: float = 1.0
+    z_loss: float = 0.0
+    dtype: str = COMPUTE_DTYPE_AUTO  # compute dtype: auto = bfloat16 on accelerators, float32 on CPU
+    mesh: MeshConfig = MeshConfig()
+    distributed: DistributedConfig = DistributedConfig()
+    # Outputs.
+    run_dir: str = "runs/default"
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    eval_every: int = 100
+    eval_batches: int = 8
+    log_every: int = 10
+    samples: int = 3  # sample generations printed at the end
+    sample_tokens: int = 100
+    sample_prompts: tuple[str, ...] = ()  # default: BOS only
+    peak_tflops: float = 0.0  # per device, for MFU; 0: known accelerators' bf16 peak
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "eval_every",
+                    "eval_batches", "log_every", "sample_tokens")
+        for name in positive:
+            _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        _check(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")
+        _check(self.batch_size % self.grad_accum == 0,
+               f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        _check(self.warmup >= 0, f"warmup must not be negative, got {self.warmup}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        for name in ("weight_decay", "grad_clip", "z_loss", "samples", "seed", "peak_tflops"):
+            _check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
+        _check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
+        dtypes = (COMPUTE_DTYPE_AUTO, *DTYPES)
+        _check(self.dtype in dtypes, f"dtype must be one of {dtypes}, got {self.dtype!r}")
+        templates = (*TEMPLATES, CHAT_TEMPLATE_AUTO)
+        _check(self.chat_template is None or self.chat_template in templates,
+               f"chat_template must be one of {templates} or null, got {self.chat_template!r}")
+        _check(self.chat_template is None or self.sft, "chat_template applies to SFT data: set sft=true")
+        _check(self.chat_template != CHAT_TEMPLATE_AUTO or self.init_from is not None,
+               "chat_template=auto takes the template of init_from's checkpoint: set init_from")
+        if self.tokenizer is not None:
+            _check(self.tokenizer != "", "tokenizer must be a tokenizer file or train:VOCAB")
+            _trained_vocab(self.tokenizer)
+        _check(bool(self.data.strip()), "data must name at least one file")
+        sizes = dataclasses.astuple(self.mesh)
+        _check(all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
+               f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}")
+
+    @property
+    def trained_vocab_size(self) -> int | None:
+        """VOCAB of `tokenizer=train:VOCAB`, None for a tokenizer file or none."""
+        return _trained_vocab(self.tokenizer) if self.tokenizer is not None else None
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // self.grad_accum
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _trained_vocab(tokenizer: str) -> int | None:
+    if not tokenizer.startswith(TRAINED_TOKENIZER_PREFIX):
+        return None
+    text = tokenizer[len(TRAINED_TOKENIZER_PREFIX):]
+    if not text.isdigit() or not 260 <= int(text) <= 1_000_000:
+        raise ValueError(f"tokenizer={tokenizer!r}: VOCAB must be an integer from 260 (3 special pieces, "
+                         "256 bytes and at least one merge) to 1000000")
+    return int(text)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _key_types(cls: type, prefix: str = "") -> dict[str, Any]:
+    """Every settable key (`mesh.fsdp`, `model.preset`, ...) and its declared type."""
+    keys = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys.update(_key_types(hint, f"{prefix}{name}."))
+        else:
+            keys[f"{prefix}{name}"] = hint
+    return keys
+
+
+KEY_TYPES = _key_types(TrainConfig)
+_NULLS = ("null", "none", "~")
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Defaults, then the YAML file's values, then `key=value` overrides (command-line strings)."""
+    layers = [OmegaConf.structured(TrainConfig)]
+    if config_file is not None:
+        layers.append(OmegaConf.create(_read_yaml(Path(config_file))))
+    layers.append(OmegaConf.create(_parse_overrides(overrides)))
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ValueError(_explain(e)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"cannot parse config file {path}: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ValueError(f"config file {path} must be a mapping of keys to values")
+    if not isinstance(loaded.get("model", {}), dict):  # `model: llama2-7b`, or `model: null` for the default
+        loaded["model"] = {"preset": loaded["model"]}
+    return loaded
+
+
+def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """`key=value` strings as a nested dict. Values stay text for OmegaConf to convert to the field's type,
+    except null and, for list fields, a YAML list (a plain string is a one-item list)."""
+    nested: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"bad argument {item!r}: expected key=value (e.g. steps=100)")
+        key = "model.preset" if key == "model" else key
+        if key not in KEY_TYPES:
+            raise ValueError(_unknown_key(key))
+        value: Any = text
+        if text.strip().lower() in _NULLS or (text.strip() == "" and type(None) in typing.get_args(KEY_TYPES[key])):
+            value = None
+        elif typing.get_origin(KEY_TYPES[key]) is tuple:
+            value = yaml.safe_load(text) if text.lstrip().startswith("[") else [text]
+        *parents, leaf = key.split(".")
+        node = nested
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    return nested
+
+
+def _unknown_key(key: str) -> str:
+    close = difflib.get_close_matches(key, KEY_TYPES, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"unknown config key {key!r}{hint} (configs/default.yaml lists every key)"
+
+
+def _explain(error: OmegaConfBaseException) -> str:
+    """OmegaConf's multi-line error as one line naming the key."""
+    key = str(error.full_key)
+    if isinstance(error, ConfigKeyError) or key not in KEY_TYPES:
+        return _unknown_key(key)
+    if error.value is None:
+        return f"bad value for {key}: it cannot be null"
+    expected = KEY_TYPES[key]
+    base = next((a for a in typing.get_args(expected) if a is not type(None)), expected)
+    name = "a list of strings" if typing.get_origin(base) is tuple else _TYPE_NAMES.get(base, str(base))
+    return f"bad value for {key}: expected {name}, got {error.value!r}"

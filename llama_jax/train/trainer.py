@@ -1,0 +1,190 @@
+"""A training job from a TrainConfig: data, model, resume, the step loop, evaluation, checkpoints, samples.
+
+`run(config)` is what `python train.py` runs; it returns the final report (step, losses, checkpoint).
+Rerunning it with the same settings and run_dir continues from the newest checkpoint, and because every
+batch is a function of (seed, step) alone the continued job computes exactly what an uninterrupted one
+would. All processes of a multi-host job run it in lockstep; only the first writes files and logs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from llama_jax.checkpoint import LoadedModel, read_model_dir
+from llama_jax.config import ModelConfig
+from llama_jax.inference.generator import generate
+from llama_jax.model import create_model
+from llama_jax.param_io import restore_params
+from llama_jax.sharding import make_mesh, mesh_platform
+from llama_jax.train import flops
+from llama_jax.train.batching import PackedRows, global_batch
+from llama_jax.train.checkpoints import TrainingCheckpoints
+from llama_jax.train.config import TrainConfig
+from llama_jax.train.data import PreparedData, prepare_data
+from llama_jax.train.init_from import build_model_config, chat_template, resolve_tokenizer
+from llama_jax.train.metrics import TrainLogger
+from llama_jax.train.multihost import PreemptionNotice
+from llama_jax.train.optimizer import learning_rate, make_optimizer
+from llama_jax.train.run_dir import check_same_run, create_run_dir, read_run, run_fingerprint
+from llama_jax.train.step import StateLayout, TrainState, init_state, make_eval_step, make_train_step, state_layout
+
+SAMPLE_TEMPERATURE = 0.8
+
+
+@dataclasses.dataclass
+class _Job:
+    """Everything one training job works with, set up by `_prepare`."""
+
+    config: TrainConfig
+    run_dir: Path
+    data: PreparedData
+    rows: PackedRows
+    model_config: ModelConfig
+    chat_template: str | None
+    fingerprint: dict[str, Any]
+    mesh: jax.sharding.Mesh
+    layout: StateLayout
+    state: TrainState
+    start: int
+    train_loss: float | None
+    train_step: Callable
+    eval_step: Callable
+    checkpoints: TrainingCheckpoints
+
+
+def run(config: TrainConfig) -> dict[str, Any]:
+    job = _prepare(config)
+    config = job.config
+    logger = TrainLogger(job.run_dir, enabled=jax.process_index() == 0, steps=config.steps, start_step=job.start,
+                         tokens_per_step=config.batch_size * config.seq_len,
+                         flops_per_token=flops.training_flops_per_token(job.model_config, config.seq_len),
+                         peak_flops_total=_peak_flops_total(config, job.mesh))
+    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters, {len(job.data.corpus.tokens):,} "
+                   f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
+                   + (f"; resuming at step {job.start}" if job.start else ""))
+    with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
+        train_loss, eval_loss, preempted = _loop(job, logger, preemption)
+        job.checkpoints.wait()
+        job.checkpoints.close()
+        logger.close()
+    samples = [] if preempted else _samples(job)
+    return {"step": int(jax.device_get(job.state.step)), "train_loss": train_loss, "eval_loss": eval_loss,
+            "eval_perplexity": math.exp(min(eval_loss, 700.0)), "vocab_size": job.model_config.vocab_size,
+            "checkpoint": str(job.run_dir), "checkpoint_step": job.checkpoints.latest_step(), "preempted": preempted,
+            "samples": samples}
+
+
+def _prepare(config: TrainConfig) -> _Job:
+    """Check the run directory, tokenize the data, create or resume the state, compile nothing yet."""
+    run_dir = Path(config.run_dir)
+    stored = read_run(run_dir)
+    source = read_model_dir(config.init_from) if config.init_from else None
+    config = resolve_tokenizer(config, source)
+    template = chat_template(config, source)
+    data = prepare_data(config, template)
+    mesh = make_mesh(config.mesh)
+    model_config = build_model_config(config, mesh_platform(mesh), source.config if source else None,
+                                      data.tokenizer.vocab_size)
+    fingerprint = run_fingerprint(config, model_config, data.corpus.key)
+    if stored is not None:
+        check_same_run(run_dir, stored, fingerprint)
+    elif jax.process_index() == 0:
+        create_run_dir(run_dir, model_config, data.tokenizer_path, data.tokenizer.file_name, template,
+                       config.to_dict(), fingerprint)
+    multihost_utils.sync_global_devices("run_dir ready")
+
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.micro_batch % batch_shards:
+        raise ValueError(f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
+                         f"the data-parallel size (mesh data × fsdp = {batch_shards})")
+    rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
+    optimizer = make_optimizer(config)
+    layout = state_layout(model_config, optimizer, mesh)
+    checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
+    state, meta = _initial_state(config, model_config, source, mesh, optimizer, layout, checkpoints)
+    batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
+    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config))
+    eval_step = make_eval_step(layout, mesh, batch_shape)
+    return _Job(config, run_dir, data, rows, model_config, template, fingerprint, mesh, layout, state,
+                int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints)
+
+
+def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple[float | None, float, bool]:
+    """Train from job.start to config.steps (or a preemption): (last train loss, eval loss, preempted)."""
+    config, train_loss, eval_loss, preempted = job.config, job.train_loss, None, False
+    for step in range(job.start, config.steps):
+        ids = job.rows.train_rows(step, config.batch_size, config.seed).reshape(config.grad_accum, -1)
+        job.state, metrics = job.train_step(job.state, global_batch(job.rows, ids, job.mesh))
+        done = step + 1
+        logger.advance()
+        preempted = preemption.reached(done)
+        last = done == config.steps
+        save = last or preempted or done % config.checkpoint_every == 0
+        if step == job.start:
+            jax.block_until_ready(metrics)
+            logger.restart_clock(done)  # compilation is not training throughput
+        if save or done % config.log_every == 0:
+            train_loss = logger.train(done, {k: float(v) for k, v in jax.device_get(metrics).items()})["loss"]
+        if last or done % config.eval_every == 0:
+            eval_loss = _evaluate(job)
+            logger.eval(done, eval_loss)
+        if save:
+            position = {"seed": config.seed, "samples_seen": done * config.batch_size}
+            job.checkpoints.save(done, job.state, {"train_loss": train_loss, "data_position": position,
+                                                   "fingerprint": job.fingerprint})
+        if save or done % config.eval_every == 0:
+            logger.restart_clock(done)
+        if preempted:
+            logger.message(f"preempted: saved step {done}; rerun the same command to continue")
+            break
+    return train_loss, eval_loss if eval_loss is not None else _evaluate(job), preempted
+
+
+def _evaluate(job: _Job) -> float:
+    """Mean next-token loss over the validation rows (the same rows every time)."""
+    total = count = 0.0
+    for ids in job.rows.val_rows(job.config.batch_size, job.config.eval_batches):
+        batch = global_batch(job.rows, ids.reshape(job.config.grad_accum, -1), job.mesh)
+        nll, tokens = job.eval_step(job.state.params, batch)
+        total, count = total + nll, count + tokens
+    return float(total) / max(float(count), 1.0)
+
+
+def _initial_state(config, model_config, source, mesh, optimizer, layout: StateLayout, checkpoints):
+    """(state, meta): from the newest checkpoint, else init_from's parameters, else a random init."""
+    step = checkpoints.latest_step()
+    if step is not None:
+        params, opt_state, meta = checkpoints.restore(step, layout.abstract)
+        return TrainState(jax.device_put(np.int32(meta["step"]), layout.shardings.step), params, opt_state), meta
+    if source is not None:
+        params = restore_params(source.params_path, layout.abstract.params)
+    else:
+        params = nnx.to_pure_dict(nnx.state(create_model(model_config, mesh, seed=config.seed)))
+    return init_state(params, optimizer, layout.shardings), {}
+
+
+def _peak_flops_total(config: TrainConfig, mesh) -> float | None:
+    per_device = flops.peak_flops(mesh.devices.flat[0].device_kind, config.peak_tflops)
+    return per_device * mesh.devices.size if per_device else None
+
+
+def _samples(job: _Job) -> list[dict[str, str]]:
+    """A few generations from the trained model (single-process runs: the texts come back to one host)."""
+    config = job.config
+    if config.samples == 0 or jax.process_count() > 1:
+        return []
+    model = nnx.merge(job.layout.graphdef, job.state.params)
+    loaded = LoadedModel(model, job.model_config, job.mesh, job.data.tokenizer, job.chat_template)
+    prompts = list(config.sample_prompts or [""])
+    prompts = (prompts * config.samples)[: config.samples]
+    completions = generate(loaded, prompts, max_new_tokens=config.sample_tokens, temperature=SAMPLE_TEMPERATURE,
+                           seed=config.seed, batch_size=len(prompts))
+    return [{"prompt": c.prompt, "completion": c.completion} for c in completions]
