@@ -9,6 +9,12 @@ standard input. Each output line is a JSON record, in input order: prompt, compl
 generated ids; a stop id that ends generation is not included) and finish_reason ("stop" | "length").
 BOS is prepended to every prompt. With --output, records are written batch by batch as they finish, and
 rerunning the same command continues after the records already there.
+
+    python infer.py --compile-for v5e-8 --model llama3-8b --mesh tensor=8 --batch-size 32 --prompt-len 4096
+
+compiles prefill and a decode step of that setting for a TPU slice on this host (needs libtpu; no weights,
+no tokenizer) and prints per-chip memory, whether it fits and a roofline bound; the last line is JSON.
+Exit status 1: it does not fit.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 
 from llama_jax.cli import ArgumentParser, run_cli
 from llama_jax.config import DTYPES
@@ -24,7 +31,7 @@ from llama_jax.config import DTYPES
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(prog="python infer.py",
                             description="Generate completions of prompts with a llama_jax model directory.")
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+    parser.add_argument("--checkpoint", metavar="DIR",
                         help="a model directory (from llama_jax.convert) or a training run directory")
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     parser.add_argument("--prompts", metavar="FILE",
@@ -48,11 +55,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="an extra token id that ends a completion (the tokenizer's EOS always does)")
     parser.add_argument("--mesh", default="", metavar="data=..,tensor=..",
                         help="device mesh, e.g. data=2,tensor=4 (default: data-parallel over all devices)")
-    return parser.parse_args(argv)
+    compile_group = parser.add_argument_group("compiling for a TPU slice instead of generating")
+    compile_group.add_argument("--compile-for", metavar="SLICE", help="a TPU slice, e.g. v5e-8 (needs libtpu)")
+    compile_group.add_argument("--model", metavar="NAME",
+                               help="a preset, model YAML or model directory (only its config.json is read)")
+    compile_group.add_argument("--prompt-len", type=int, default=1024, metavar="P",
+                               help="prompt tokens per row (default 1024)")
+    args = parser.parse_args(argv)
+    if args.compile_for is None and args.checkpoint is None:
+        parser.error("the following arguments are required: --checkpoint")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compile_for is not None:
+        return compile_for(args)
     # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
     from llama_jax.checkpoint import read_model_dir
     from llama_jax.inference.prompts import PromptEncoder, chat_template_for
@@ -130,6 +148,33 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
     buckets = sorted(bucket for _, bucket, _ in generator.compiled_shapes)
     return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
             f"{len(buckets)} compiled shape(s): batch {args.batch_size} x prompt lengths {buckets}")
+
+
+def compile_for(args: argparse.Namespace) -> int:
+    from llama_jax.aot import report_json, report_table
+    from llama_jax.checkpoint import read_model_dir
+    from llama_jax.config import load_model_config
+    from llama_jax.hardware import tpu_slice
+    from llama_jax.inference.compile import compile_inference
+    from llama_jax.sharding import MeshConfig
+
+    tpu = tpu_slice(args.compile_for)
+    source = args.model or args.checkpoint
+    if source is None:
+        raise ValueError("--compile-for needs --model NAME (a preset, model YAML or model directory)")
+    model = read_model_dir(source).config if Path(source, "config.json").is_file() else load_model_config(source)
+    dtype = args.dtype or "bfloat16"
+    model = model.replace(dtype=dtype, param_dtype=dtype)
+    reports = compile_inference(model, tpu, MeshConfig.parse(args.mesh), args.batch_size, args.prompt_len,
+                                args.max_new_tokens)
+    print(report_table(tpu, reports))
+    summary = report_json(tpu, reports)
+    print(json.dumps(summary), flush=True)
+    if not summary["fits"]:
+        print(f"error: this setting does not fit in the HBM of a {tpu.name} chip: lower --batch-size or the context, "
+              "or shard more (--mesh tensor=N)", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -3,50 +3,53 @@
     python train.py                                      # the default job: a small model on TinyShakespeare
     python train.py --config configs/tiny_test.yaml steps=50 run_dir=runs/try
     python train.py --config configs/sft_example.yaml init_from=models/stories260k
+    python train.py --config configs/llama3_8b_v5p.yaml --compile-for v5p-128    # will it fit? (needs libtpu)
 
 Settings are `key=value` overrides on top of the YAML file on top of the defaults (configs/default.yaml
 lists every key). Rerunning the same command resumes from the run's newest checkpoint. Progress goes to
 stderr; stdout gets a few sample generations and, as its last line, a JSON report:
 {"step", "train_loss", "eval_loss", "eval_perplexity", "vocab_size", "checkpoint", ...}.
+
+--compile-for SLICE compiles the train and eval steps for a TPU slice (v4-N, v5p-N, v5e-N, v6e-N) on this
+host, reading no data or weights, and prints per-chip memory, whether it fits, the attention kernel and a
+roofline bound on step time and MFU; the last line is JSON. Exit status 1: it does not fit.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from pathlib import Path
 
-from llama_jax.cli import run_cli
-from llama_jax.train import multihost
-from llama_jax.train.config import load_train_config
-from llama_jax.train.trainer import run
+from llama_jax.cli import ArgumentParser, run_cli
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
+DOES_NOT_FIT_STATUS = 1
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, list[str]]:
-    """(config file, key=value overrides) from `[--config FILE] [key=value ...]` in any order."""
-    config_file, overrides = None, []
-    args = iter(argv)
-    for arg in args:
-        if arg == "--config":
-            config_file = next(args, None)
-            if config_file is None or "=" in config_file:
-                raise ValueError("--config needs a YAML file")
-        elif arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
-        elif arg.startswith("-"):
-            raise ValueError(f"unknown option {arg!r}; usage: python train.py [--config FILE] [key=value ...]")
-        else:
-            overrides.append(arg)
-    return config_file, overrides
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = ArgumentParser(prog="python train.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", metavar="FILE", help="a YAML file of settings (configs/*.yaml)")
+    parser.add_argument("--compile-for", metavar="SLICE",
+                        help="compile for a TPU slice (e.g. v5p-128) instead of training")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the file's")
+    args = parser.parse_intermixed_args(argv)
+    if args.config is not None and "=" in args.config and not Path(args.config).is_file():
+        parser.error(f"--config needs a YAML file, got {args.config!r}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if "-h" in argv or "--help" in argv:
-        print(__doc__.strip())
-        return 0
-    config_file, overrides = parse_args(argv)
-    config = load_train_config(config_file, overrides)
+    args = parse_args(argv)
+    from llama_jax.train.config import load_train_config
+
+    config = load_train_config(args.config, args.overrides)
+    if args.compile_for is not None:
+        return compile_for(config, args.compile_for)
+    from llama_jax.train import multihost
+    from llama_jax.train.trainer import run
+
     multihost.initialize(config.distributed)  # before anything touches a device
     result = run(config)
     samples = result.pop("samples")
@@ -54,6 +57,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"--- sample {i}: {sample['prompt']!r} ---\n{sample['prompt']}{sample['completion']}\n")
     print(json.dumps(result), flush=True)
     return PREEMPTED_STATUS if result["preempted"] else 0
+
+
+def compile_for(config, slice_name: str) -> int:
+    from llama_jax.aot import report_json, report_table
+    from llama_jax.hardware import tpu_slice
+    from llama_jax.train.compile import compile_training
+
+    tpu = tpu_slice(slice_name)
+    reports = compile_training(config, tpu)
+    print(report_table(tpu, reports))
+    summary = report_json(tpu, reports)
+    print(json.dumps(summary), flush=True)
+    if not summary["fits"]:
+        too_big = ", ".join(r.name for r in reports if not r.fits)
+        print(f"error: {too_big} does not fit in the HBM of a {tpu.name} chip: lower the per-chip batch, add remat, "
+              "or shard more (mesh.fsdp, mesh.tensor)", file=sys.stderr)
+        return DOES_NOT_FIT_STATUS
+    return 0
 
 
 if __name__ == "__main__":

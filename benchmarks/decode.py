@@ -29,12 +29,11 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
+from llama_jax.hardware import chip_spec  # noqa: E402
 from llama_jax.inference.generator import Generator  # noqa: E402
 from llama_jax.inference.sampling import SamplingParams  # noqa: E402
 from llama_jax.inference.settings import GenerationSettings  # noqa: E402
 
-PEAK_GBS = {"H100": 3350, "H200": 4800, "A100": 2039, "TPU v4": 1200, "TPU v5 lite": 819, "TPU v5e": 819,
-            "TPU v5p": 2765, "TPU v6 lite": 1640, "TPU v6e": 1640}
 SMALL = "bench-cpu"  # the preset --small selects
 
 
@@ -106,10 +105,9 @@ def torch_generate_time(config, dtype: str, prompts: np.ndarray, new_tokens: int
 def peak_bandwidth_gbs(requested: float | None) -> tuple[float, str]:
     if requested:
         return requested, "given"
-    kind = jax.devices()[0].device_kind
-    for name, gbs in PEAK_GBS.items():
-        if name.lower() in kind.lower():
-            return gbs, f"{name} spec"
+    spec = chip_spec(jax.devices()[0].device_kind)
+    if spec is not None:
+        return spec.hbm_bandwidth / 1e9, f"{spec.name} data sheet"
     data = jnp.ones((64 * 2**20,), jnp.float32)  # 256 MiB, far beyond the caches
     read = jax.jit(jnp.sum)
     seconds = best_time(lambda: read(data).block_until_ready(), 5)

@@ -4,7 +4,9 @@
 * ``cudnn``  — cuDNN flash attention through `jax.nn.dot_product_attention` (GPU, bf16/fp16).
 * ``splash`` — the Pallas splash-attention kernel (TPU), run per device under `shard_map`.
 
-``auto`` picks splash on TPU, cudnn on GPU in half precision, xla otherwise. The flash kernels serve
+``auto`` picks splash on TPU, cudnn on GPU in half precision, xla otherwise, by the platform of the mesh
+the computation is built for (`sharding.current_platform`), which may be a TPU slice compiled for from a CPU
+host. The flash kernels serve
 causal self-attention (training, scoring), with segment ids for packed documents; attending to a KV
 cache always takes the xla path, which is memory-bound anyway.
 
@@ -20,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
-from llama_jax.sharding import logical_to_spec
+from llama_jax.sharding import current_platform, logical_to_spec
 
 # Large but finite: a fully masked row (a padding query) then gives a uniform softmax instead of NaN.
 _MASKED = -1e30
@@ -28,9 +30,11 @@ _SPLASH_BLOCKS = (512, 256, 128)  # the kernel tiles the sequence in multiples o
 
 
 def choose_implementation(requested: str, dtype, platform: str | None = None) -> str:
+    """The implementation `requested` names; for "auto", the best one for `platform` (default: the current
+    mesh's) and the compute dtype."""
     if requested != "auto":
         return requested
-    platform = platform or jax.default_backend()
+    platform = platform or current_platform()
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     if platform == "tpu":
         return "splash"
@@ -63,7 +67,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, *, 
     if implementation == "xla":
         return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))
     if implementation == "cudnn":
-        kernel = "cudnn" if jax.default_backend() == "gpu" else "xla"
+        kernel = "cudnn" if current_platform() == "gpu" else "xla"
         if segment_ids is None:
             return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=kernel)
         mask = _self_attention_mask(q.shape[0], q.shape[1], segment_ids)
@@ -107,7 +111,7 @@ def _splash_attention(q, k, v, segment_ids):
         q_spec = kv_spec = jax.P(q_spec[0], None, None, None)
     local_heads = heads // (mesh.shape[q_spec[1]] if q_spec[1] else 1)
     segments = segment_ids if segment_ids is not None else jnp.ones((batch, length), jnp.int32)
-    kernel = _splash_kernel(local_heads, length, block, jax.default_backend() != "tpu")
+    kernel = _splash_kernel(local_heads, length, block, current_platform() != "tpu")
 
     def per_device(q, k, v, segments):
         ids = splash.SegmentIds(q=segments, kv=segments)

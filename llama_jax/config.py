@@ -23,6 +23,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
 # converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.
 COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+# Positions whose float32 logits the loss computes at once (`loss.token_nll`). Per device a chunk is
+# rows × 1024 × vocab float32 (0.5 GiB for one row of Llama 3's vocabulary): small beside the activations of
+# such a sequence, large enough to keep the output matmul efficient.
+LOSS_CHUNK = 1024
 
 
 @dataclasses.dataclass(frozen=True)

@@ -54,15 +54,14 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
     from flax import nnx
     from tqdm import tqdm
 
+    from llama_jax.loss import token_nll
     from llama_jax.sharding import named_sharding
 
     graphdef, state = nnx.split(loaded.model)
 
     @jax.jit
     def window_nll(state, inputs, targets, mask):
-        logits, _ = nnx.merge(graphdef, state)(inputs)
-        log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        nll, _ = token_nll(nnx.merge(graphdef, state), inputs, targets)
         return jnp.sum(nll * mask, axis=-1)
 
     chunks = windows(ids, seq_len)

@@ -133,6 +133,15 @@ class Llama(nnx.Module):
                  logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
         last real one; full-length float32 logits of a long batch would not fit in memory)."""
+        x, cache = self.hidden_states(ids, positions, cache, segment_ids)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+        return self.logits(x), cache
+
+    def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
+                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+        """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
+        Training computes the logits from it a chunk at a time (`loss.token_nll`)."""
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -149,19 +158,19 @@ class Llama(nnx.Module):
             mask = causal_mask(q_index, kv_index)
         else:
             mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
+        return self._run_layers(x, positions, mask, segment_ids, cache, starts)
 
-        x, cache = self._run_layers(x, positions, mask, segment_ids, cache, starts)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Float32 logits (batch, n, vocab) of hidden states (batch, n, dim): final norm, output projection."""
         x = self.norm(x)
         with jax.named_scope("lm_head"):
-            if c.tie_embeddings:
+            if self.config.tie_embeddings:
                 logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype),
                                     preferred_element_type=jnp.float32)
             else:
                 logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
                                     preferred_element_type=jnp.float32)
-            return shard(logits, "batch", "length", "vocab"), cache
+            return shard(logits, "batch", "length", "vocab")
 
     def _run_layers(self, x, positions, mask, segment_ids, cache, starts):
         graphdef, stacked = nnx.split(self.layers)

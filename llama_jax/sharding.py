@@ -66,19 +66,32 @@ class MeshConfig:
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices (or the given ones)."""
+    """A (data, fsdp, tensor) mesh over all devices, or the given ones (e.g. a TPU slice's, from
+    `hardware.slice_devices`); `jax.make_mesh` orders them so that neighbours on the mesh are neighbours
+    on the chips' interconnect."""
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
     shape = config.shape(len(devices))
-    if len(devices) == len(jax.devices()):
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+    try:
+        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except (ValueError, NotImplementedError):  # a subset of a host's devices that has no physical layout
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
 
 
 def mesh_platform(mesh: Mesh) -> str:
     """"cpu", "gpu" or "tpu": the platform of the mesh's devices, which may not be this host's (a TPU topology
     compiled for on a CPU host). Platform choices read this, never `jax.default_backend()`."""
     return mesh.devices.flat[0].platform
+
+
+def current_platform() -> str:
+    """The platform of the mesh set with `jax.set_mesh` (inside a traced function too), else of the default
+    devices: where the computation being built will run."""
+    abstract = jax.sharding.get_abstract_mesh()
+    device = getattr(abstract, "abstract_device", None)  # JAX >= 0.8: the mesh's device kind and platform
+    if not abstract.empty and device is not None:
+        return device.platform
+    return jax.default_backend()
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,

@@ -135,7 +135,7 @@ def test_user_errors_are_one_line_without_traceback(workdir):
     (["data=/no/such/corpus.txt"], "no data file matches /no/such/corpus.txt"),
     (["--config", "/no/such.yaml"], "config file not found"),
     (["--config"], "--config needs a YAML file"),
-    (["--resume"], "unknown option '--resume'"),
+    (["--resume"], "unrecognized arguments: --resume"),
     (["steps=-3"], "steps must be at least 1"),
     (["batch_size=lots"], "bad value for batch_size: expected an integer, got 'lots'"),
     (["tokenizer=/no/such/tokenizer.model", "data=EMPTY"], "tokenizer file not found"),

@@ -124,6 +124,24 @@ def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):
     assert int(state.step) == 1
 
 
+def test_chunked_loss_gives_the_full_logits_loss_and_gradients(initial_params):
+    """6-position chunks over 16 positions: two full chunks and a padded third, values and gradients as the
+    loss over the whole (batch, seq, vocab) logits."""
+    graphdef = abstract_state(MODEL)[0]
+    batch = {k: jnp.asarray(v) for k, v in BATCHES[1].items()}
+
+    def chunked(params):
+        nll, log_z = token_losses(graphdef, params, batch, loss_chunk=6)
+        mask = batch["loss_mask"]
+        return (jnp.sum(nll * mask) + 0.1 * jnp.sum(log_z ** 2 * mask)) / jnp.sum(mask)
+
+    value, grads = jax.jit(jax.value_and_grad(chunked))(initial_params)
+    (expected, _), expected_grads = jax.value_and_grad(_reference_loss, has_aux=True)(initial_params, batch, 0.1)
+    np.testing.assert_allclose(value, expected, rtol=1e-6)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7),
+                 grads, expected_grads)
+
+
 def test_packed_documents_never_attend_across(initial_params):
     graphdef = abstract_state(MODEL)[0]
     losses = jax.jit(lambda p, b: token_losses(graphdef, p, b)[0])

@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.sharding import logical_to_spec
+from llama_jax.train.config import TrainConfig
 from llama_jax.train.data import TokenizedCorpus
 
 BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
@@ -131,6 +132,14 @@ def _mix(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
         x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
         return x ^ (x >> np.uint64(31))
+
+
+def check_batch_fits_mesh(config: TrainConfig, mesh: Mesh) -> None:
+    """ValueError unless every device of the batch axes gets the same number of rows."""
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.micro_batch % batch_shards:
+        raise ValueError(f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
+                         f"the data-parallel size (mesh data × fsdp = {batch_shards})")
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, int, int]) -> NamedSharding:

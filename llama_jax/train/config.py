@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.chat import TEMPLATES
-from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.config import DTYPES, LOSS_CHUNK, ModelConfig
 from llama_jax.sharding import MeshConfig
 
 TRAINED_TOKENIZER_PREFIX = "train:"
@@ -92,9 +92,13 @@ class TrainConfig:
     adam_eps: float = 1e-5
     grad_clip: float = 1.0
     z_loss: float = 0.0
+    loss_chunk: int = LOSS_CHUNK  # positions whose logits are computed at once; 0: the whole sequence
     dtype: str = COMPUTE_DTYPE_AUTO  # compute dtype: auto = bfloat16 on accelerators, float32 on CPU
     mesh: MeshConfig = MeshConfig()
     distributed: DistributedConfig = DistributedConfig()
+    # Where the recipe is meant to run: a TPU slice (v5p-128: `train.py --compile-for` checks it fits), or
+    # e.g. "cpu", "8xH100". Documentation only: nothing is chosen by it.
+    hardware: str | None = None
     # Outputs.
     run_dir: str = "runs/default"
     checkpoint_every: int = 200
@@ -123,7 +127,7 @@ class TrainConfig:
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         _check(0 < self.val_fraction < 1, f"val_fraction must be in (0, 1), got {self.val_fraction}")
         _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
-        for name in ("weight_decay", "grad_clip", "z_loss", "samples", "seed", "peak_tflops"):
+        for name in ("weight_decay", "grad_clip", "z_loss", "samples", "seed", "peak_tflops", "loss_chunk"):
             _check(getattr(self, name) >= 0, f"{name} must not be negative, got {getattr(self, name)}")
         _check(self.adam_eps > 0, f"adam_eps must be positive, got {self.adam_eps}")
         dtypes = (COMPUTE_DTYPE_AUTO, *DTYPES)

@@ -1,4 +1,4 @@
-"""Model FLOPs per trained token, and the bf16 peak of the chips we know, for model FLOPs utilisation.
+"""Model FLOPs per trained token, and the peak they are measured against, for model FLOPs utilisation.
 
     training FLOPs per token = 6·N + 12·n_layers·seq_len·n_heads·head_dim
 
@@ -12,34 +12,41 @@ counted: MFU measures useful work.
 from __future__ import annotations
 
 from llama_jax.config import ModelConfig
-
-# Dense bf16 peak FLOP/s per JAX device, from the vendors' data sheets (no sparsity).
-PEAK_BF16_FLOPS = {
-    "H100": 989e12,  # SXM; the PCIe card is listed separately below
-    "H100 PCIe": 756e12,
-    "H200": 989e12,
-    "A100": 312e12,
-    "L4": 121e12,
-    "TPU v4": 275e12,
-    "TPU v5p": 459e12,
-    "TPU v5 lite": 197e12,  # v5e
-    "TPU v6 lite": 918e12,  # v6e (Trillium)
-}
+from llama_jax.hardware import chip_spec
 
 
 def matmul_params(config: ModelConfig) -> int:
     return config.param_count() - (0 if config.tie_embeddings else config.vocab_size * config.dim)
 
 
+def attention_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Forward QKᵀ and AV over the full score matrix: 2 matmuls × 2 FLOPs × seq_len × heads × head_dim."""
+    return 4 * config.n_layers * seq_len * config.n_heads * config.head_dim
+
+
+def forward_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    return 2 * matmul_params(config) + attention_flops_per_token(config, seq_len)
+
+
 def training_flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    attention = 12 * config.n_layers * seq_len * config.n_heads * config.head_dim
-    return 6 * matmul_params(config) + attention
+    """Forward and backward (twice the forward): 6·N + 12·n_layers·seq_len·n_heads·head_dim."""
+    return 3 * forward_flops_per_token(config, seq_len)
+
+
+def remat_flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """What the backward pass recomputes under the remat policy: the whole layer forward ("full"), or
+    attention's score matmuls, whose outputs `save_dots` does not keep (they have batch dimensions)."""
+    if config.remat == "full":
+        return forward_flops_per_token(config, seq_len) - 2 * config.vocab_size * config.dim
+    if config.remat == "save_dots":
+        return attention_flops_per_token(config, seq_len)
+    return 0.0
 
 
 def peak_flops(device_kind: str, override_tflops: float = 0.0) -> float | None:
-    """Peak FLOP/s of one device: the override when given, else the table's entry for the device kind
-    (the longest matching name, so "H100 PCIe" is not read as "H100"), else None (unknown: CPUs)."""
+    """Peak FLOP/s of one device: the override when given, else the data sheet's dense bf16 peak for the
+    device kind (`hardware.CHIPS`), else None (unknown: CPUs)."""
     if override_tflops > 0:
         return override_tflops * 1e12
-    matches = [name for name in PEAK_BF16_FLOPS if name.lower() in device_kind.lower()]
-    return PEAK_BF16_FLOPS[max(matches, key=len)] if matches else None
+    spec = chip_spec(device_kind)
+    return spec.peak_bf16_flops if spec else None

@@ -24,7 +24,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from llama_jax.config import ModelConfig
+from llama_jax.config import LOSS_CHUNK, ModelConfig
+from llama_jax.loss import token_nll
 from llama_jax.model import abstract_state
 from llama_jax.train.batching import FIELDS, batch_sharding
 
@@ -37,14 +38,12 @@ class TrainState:
     opt_state: Any
 
 
-def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-    """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len)."""
+def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array],
+                 loss_chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len), computed
+    without holding the batch's full logits (`loss.token_nll`)."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model(batch["inputs"], positions=batch["positions"], segment_ids=batch["segments"])
-    logits = logits.astype(jnp.float32)
-    log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]
-    return log_z - target_logits, log_z
+    return token_nll(model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +77,14 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
 
 
 def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None):
+                    batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None,
+                    loss_chunk: int = LOSS_CHUNK):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
     scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens."""
     graphdef, shardings = layout.graphdef, layout.shardings
 
     def loss_of(params, micro, total_tokens):
-        nll, log_z = token_losses(graphdef, params, micro)
+        nll, log_z = token_losses(graphdef, params, micro, loss_chunk)
         mask = micro["loss_mask"]
         nll_sum = jnp.sum(nll * mask)
         z_sum = jnp.sum(jnp.square(log_z) * mask)
@@ -123,13 +123,13 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
                    out_shardings=(shardings, replicated), donate_argnums=0)
 
 
-def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int]):
+def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int], loss_chunk: int = LOSS_CHUNK):
     """`eval_step(params, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
     graphdef = layout.graphdef
 
     def eval_step(params, batch):
         def one(carry, micro):
-            nll, _ = token_losses(graphdef, params, micro)
+            nll, _ = token_losses(graphdef, params, micro, loss_chunk)
             return (carry[0] + jnp.sum(nll * micro["loss_mask"]), carry[1] + jnp.sum(micro["loss_mask"])), None
 
         (nll_sum, count), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)

@@ -25,7 +25,7 @@ from llama_jax.model import create_model
 from llama_jax.param_io import restore_params
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train import flops
-from llama_jax.train.batching import PackedRows, global_batch
+from llama_jax.train.batching import PackedRows, check_batch_fits_mesh, global_batch
 from llama_jax.train.checkpoints import TrainingCheckpoints
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.data import PreparedData, prepare_data
@@ -91,6 +91,7 @@ def _prepare(config: TrainConfig) -> _Job:
     template = chat_template(config, source)
     data = prepare_data(config, template)
     mesh = make_mesh(config.mesh)
+    check_batch_fits_mesh(config, mesh)
     model_config = build_model_config(config, mesh_platform(mesh), source.config if source else None,
                                       data.tokenizer.vocab_size)
     fingerprint = run_fingerprint(config, model_config, data.corpus.key)
@@ -101,18 +102,15 @@ def _prepare(config: TrainConfig) -> _Job:
                        config.to_dict(), fingerprint)
     multihost_utils.sync_global_devices("run_dir ready")
 
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.micro_batch % batch_shards:
-        raise ValueError(f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
-                         f"the data-parallel size (mesh data × fsdp = {batch_shards})")
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh)
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
     state, meta = _initial_state(config, model_config, source, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
-    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config))
-    eval_step = make_eval_step(layout, mesh, batch_shape)
+    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
+                                 config.loss_chunk)
+    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
     return _Job(config, run_dir, data, rows, model_config, template, fingerprint, mesh, layout, state,
                 int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints)
 

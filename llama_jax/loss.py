@@ -1,0 +1,48 @@
+"""Next-token negative log-likelihood without ever holding the full logits.
+
+The float32 logits of a whole batch are (tokens × vocab): 4 GiB for one 8192-token sequence of Llama 3's
+128256-token vocabulary, and as much again for their gradient. Here the hidden states are projected to
+logits `chunk` positions at a time, in a scan whose body is rematerialised: the forward keeps only each
+chunk's per-token NLL and log Z, and the backward recomputes one chunk's logits at a time. Sequences of at
+most `chunk` positions take the plain path (one projection), which computes the same values.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.config import LOSS_CHUNK
+from llama_jax.sharding import shard
+
+
+def token_nll(model, ids: jax.Array, targets: jax.Array, positions: jax.Array | None = None,
+              segment_ids: jax.Array | None = None, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
+    `chunk`: positions per logits chunk; 0 projects the whole sequence at once."""
+    hidden, _ = model.hidden_states(ids, positions, segment_ids=segment_ids)
+    length = hidden.shape[1]
+    if chunk == 0 or length <= chunk:
+        return _chunk_nll(model, hidden, targets)
+    n_chunks = -(-length // chunk)
+    pad = n_chunks * chunk - length
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    # (n_chunks, batch, chunk, ...): the scan runs over the leading axis
+    hidden = hidden.reshape(hidden.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
+    targets = targets.reshape(targets.shape[0], n_chunks, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def one_chunk(pair):
+        hidden_chunk, target_chunk = pair
+        return _chunk_nll(model, shard(hidden_chunk, "batch", "length", None), target_chunk)
+
+    nll, log_z = jax.lax.map(one_chunk, (hidden, targets))
+    unchunk = lambda a: a.swapaxes(0, 1).reshape(a.shape[1], -1)[:, :length]  # noqa: E731
+    return unchunk(nll), unchunk(log_z)
+
+
+def _chunk_nll(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model.logits(hidden).astype(jnp.float32)
+    log_z = jax.nn.logsumexp(logits, axis=-1)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return log_z - target_logits, log_z

@@ -1,0 +1,71 @@
+"""`train.py --compile-for SLICE`: compile a recipe's train and eval steps for a TPU slice, on any host.
+
+No data, tokenizer or weights are read: the vocabulary comes from the model config (an init_from directory
+contributes its config.json only), the batch and the train state are `jax.ShapeDtypeStruct`s sharded over
+the slice's devices, and nothing runs on them.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from llama_jax.aot import FunctionReport, Workload, compile_function
+from llama_jax.attention import choose_implementation
+from llama_jax.checkpoint import read_model_dir
+from llama_jax.config import ModelConfig
+from llama_jax.hardware import TpuSlice, slice_devices
+from llama_jax.sharding import make_mesh, mesh_platform
+from llama_jax.train import flops
+from llama_jax.train.batching import FIELDS, batch_sharding, check_batch_fits_mesh
+from llama_jax.train.config import TrainConfig
+from llama_jax.train.init_from import build_model_config
+from llama_jax.train.optimizer import learning_rate, make_optimizer
+from llama_jax.train.step import make_eval_step, make_train_step, state_layout
+
+# Bytes per parameter the optimizer update moves: the float32 parameter read and written, its float32
+# gradient read, AdamW's two float32 moments read and written.
+_UPDATE_BYTES_PER_PARAM = 4 + 4 + 4 + 2 * (4 + 4)
+
+
+def compile_training(config: TrainConfig, tpu: TpuSlice) -> list[FunctionReport]:
+    mesh = make_mesh(config.mesh, slice_devices(tpu))
+    base = read_model_dir(config.init_from).config if config.init_from else None
+    model = build_model_config(config, mesh_platform(mesh), base)
+    check_batch_fits_mesh(config, mesh)
+    optimizer = make_optimizer(config)
+    layout = state_layout(model, optimizer, mesh)
+    batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
+    sharding = batch_sharding(mesh, batch_shape)
+    batch = {name: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if name == "loss_mask" else jnp.int32,
+                                        sharding=sharding) for name in FIELDS}
+    attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
+    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
+                                 config.loss_chunk)
+    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
+    return [compile_function("train_step", lambda: train_step.lower(layout.abstract, batch), mesh,
+                             train_workload(model, config, mesh), attention),
+            compile_function("eval_step", lambda: eval_step.lower(layout.abstract.params, batch), mesh,
+                             eval_workload(model, config, mesh), attention)]
+
+
+def train_workload(model: ModelConfig, config: TrainConfig, mesh) -> Workload:
+    """One optimizer step per chip. Each micro-batch reads the layer weights in the forward and again in the
+    backward (a third time under full remat): all of them, since FSDP gathers the shards it needs; tensor
+    parallelism splits them. Activation traffic is left out, so the time is a lower bound."""
+    tokens = config.batch_size * config.seq_len
+    chips = mesh.devices.size
+    useful = flops.training_flops_per_token(model, config.seq_len) * tokens
+    recomputed = flops.remat_flops_per_token(model, config.seq_len) * tokens
+    passes = 3 if model.remat == "full" else 2
+    params = model.param_count()
+    weights = passes * config.grad_accum * params * jnp.dtype(model.param_dtype).itemsize / mesh.shape["tensor"]
+    update = params * _UPDATE_BYTES_PER_PARAM / (mesh.shape["fsdp"] * mesh.shape["tensor"])
+    return Workload(useful / chips, (useful + recomputed) / chips, weights + update, tokens)
+
+
+def eval_workload(model: ModelConfig, config: TrainConfig, mesh) -> Workload:
+    """One evaluation batch per chip: a forward pass, the weights read once per micro-batch."""
+    tokens = config.batch_size * config.seq_len
+    forward = flops.forward_flops_per_token(model, config.seq_len) * tokens / mesh.devices.size
+    weights = config.grad_accum * model.param_count() * jnp.dtype(model.param_dtype).itemsize / mesh.shape["tensor"]
+    return Workload(forward, forward, weights, tokens)
