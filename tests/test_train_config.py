@@ -6,11 +6,13 @@ from pathlib import Path
 import pytest
 
 from llama_jax.config import PRESETS
+from llama_jax.hardware import tpu_slice
 from llama_jax.sharding import MeshConfig
 from llama_jax.train.config import TrainConfig, load_train_config
 from llama_jax.train.init_from import build_model_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+README = (CONFIGS.parent / "README.md").read_text()
 
 
 def test_default_yaml_is_the_default_job():
@@ -18,10 +20,13 @@ def test_default_yaml_is_the_default_job():
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
-def test_every_bundled_config_loads(name):
+def test_every_bundled_config_loads_and_names_its_hardware(name):
     config = load_train_config(CONFIGS / name)
     if config.model.preset is not None:
         build_model_config(config, "gpu", vocab_size=None)  # the recipes' models resolve
+    assert config.hardware in ("cpu", "8xH100") or tpu_slice(config.hardware).chips >= 1
+    if config.hardware.startswith("v"):  # TPU recipes: benchmarks/tpu_recipes.py compiles them (README)
+        assert f"`{name}`" in README
 
 
 def test_overrides_are_typed_and_nested():

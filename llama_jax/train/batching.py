@@ -25,16 +25,17 @@ from jax.sharding import Mesh, NamedSharding
 from llama_jax.sharding import logical_to_spec
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.data import TokenizedCorpus
+from llama_jax.train.token_store import StoreCorpus
 
 BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
 FIELDS = ("inputs", "targets", "positions", "segments", "loss_mask")
 
 
 class PackedRows:
-    def __init__(self, corpus: TokenizedCorpus, seq_len: int, pad_id: int, whole_documents: bool,
+    def __init__(self, corpus: TokenizedCorpus | StoreCorpus, seq_len: int, pad_id: int, whole_documents: bool,
                  val_fraction: float):
         self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
-        n_tokens = len(corpus.tokens)
+        n_tokens = corpus.n_tokens
         self._doc_spans = _pack_documents(corpus.starts, seq_len + 1) if whole_documents else None
         self.n_rows = len(self._doc_spans) if whole_documents else (n_tokens - 1) // seq_len
         self.n_val = max(1, round(self.n_rows * val_fraction))
@@ -56,14 +57,17 @@ class PackedRows:
     def arrays(self, row_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The model's inputs for rows of any shape (..., ): each field (..., seq_len)."""
         shape = row_ids.shape
-        start, end = (a.reshape(-1, 1) for a in self.spans(row_ids.reshape(-1)))
-        index = start + np.arange(self.seq_len + 1)
-        valid = index < end
-        index = np.where(valid, index, 0)
-        tokens = np.where(valid, self.corpus.tokens[index], self.pad_id).astype(np.int32)
-        doc = np.searchsorted(self.corpus.starts, index, side="right")
-        segments = np.where(valid, doc - doc[:, :1] + 1, 0).astype(np.int32)
-        weights = valid if self.corpus.weights is None else valid & (self.corpus.weights[index] > 0)
+        start, end = self.spans(row_ids.reshape(-1))
+        width = self.seq_len + 1
+        index = start[:, None] + np.arange(width)
+        valid = index < end[:, None]
+        raw = self.corpus.read_rows(start, end, width)
+        tokens = np.where(valid, raw, self.pad_id).astype(np.int32)
+        # Documents are numbered from 1 in each row: 1 + the documents that start after the row's first token.
+        first = self.corpus.document_starts(index, raw)
+        segments = np.where(valid, np.cumsum(first, axis=1) - first[:, :1] + 1, 0).astype(np.int32)
+        target_weights = self.corpus.read_weights(start, end, width)
+        weights = valid if target_weights is None else valid & (target_weights > 0)
         inputs_segments = segments[:, :-1]
         # Positions count from each document's first token in the row, as if the document were alone.
         steps = np.arange(self.seq_len)

@@ -43,6 +43,7 @@ from llama_jax.staging import staged_output_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
 from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import TrainConfig
+from llama_jax.train.token_store import StoreCorpus, store_url, write_store
 
 CACHE_FORMAT = 2
 TRAINED_TOKENIZER_FILE = "tokenizer.model"
@@ -52,23 +53,47 @@ Example = tuple[list[int], list[int] | None]  # token ids (BOS/EOS included), ta
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedCorpus:
+    """A corpus in this host's cache. `batching.PackedRows` reads it through the methods below, which a
+    token store (`token_store.StoreCorpus`) implements too."""
+
     tokens: np.ndarray  # (n_tokens,) uint16/uint32, memory-mapped
     starts: np.ndarray  # (n_docs + 1,) int64
     weights: np.ndarray | None  # (n_tokens,) uint8, or None: every token is a target
     key: str  # content hash of corpus, tokenizer and options
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.tokens)
+
+    def read_rows(self, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:
+        """(rows, width): tokens [start, start + width) of each row; what lies at or beyond `end` is junk."""
+        return self.tokens[np.minimum(start[:, None] + np.arange(width), end[:, None] - 1)]
+
+    def read_weights(self, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray | None:
+        if self.weights is None:
+            return None
+        return self.weights[np.minimum(start[:, None] + np.arange(width), end[:, None] - 1)]
+
+    def document_starts(self, index: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        """True where a document starts, for token positions `index` (their ids `tokens` unused here)."""
+        found = np.minimum(np.searchsorted(self.starts, index), len(self.starts) - 1)
+        return self.starts[found] == index
 
 
 @dataclasses.dataclass(frozen=True)
 class PreparedData:
     tokenizer: Tokenizer
     tokenizer_path: Path
-    corpus: TokenizedCorpus
+    corpus: TokenizedCorpus | StoreCorpus
 
 
 def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData:
     """Tokenize the configured corpus (or find it in the cache) with `config.tokenizer`: a file, or
-    train:VOCAB to train one on the corpus first."""
+    train:VOCAB to train one on the corpus first. A token store (`data=gs://...`) is opened instead."""
     cache_dir = Path(os.path.expanduser(config.data_cache))
+    url = store_url(config.data)
+    if url is not None:
+        return _open_store(url, config, chat_template, cache_dir)
     files = data_files(config.data)
     raw_key = corpus_hash(files)
 
@@ -83,14 +108,48 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
         if not tokenizer_path.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
     tokenizer = load_tokenizer(tokenizer_path)
-    options = {"sft": config.sft, "chat_template": chat_template, "doc_separator": config.doc_separator}
-    key = _corpus_key(raw_key, tokenizer_path, options)
+    key = _corpus_key(raw_key, tokenizer_path, corpus_options(config, chat_template))
     if config.sft:
         examples = sft_examples(tokenizer, files, chat_template)
     else:
         examples = ((tokenizer.encode(text, bos=True, eos=True), None) for text in texts() if text.strip())
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     return PreparedData(tokenizer, tokenizer_path, tokenize_corpus(examples, key, cache_dir, dtype))
+
+
+def corpus_options(config: TrainConfig, chat_template: str | None) -> dict:
+    """The settings that change the tokens of a corpus."""
+    return {"sft": config.sft, "chat_template": chat_template, "doc_separator": config.doc_separator}
+
+
+def build_token_store(config: TrainConfig, chat_template: str | None, url: str) -> dict:
+    """Tokenize the configured files (through this host's cache) into a new token store at `url`."""
+    if store_url(config.data) is not None:
+        raise ValueError(f"data {config.data} is a token store already")
+    data = prepare_data(config, chat_template)
+    corpus = data.corpus
+    write_store(url, corpus.tokens, corpus.starts, corpus.weights, data.tokenizer, corpus.key,
+                corpus_options(config, chat_template))
+    return {"token_store": url, "tokens": corpus.n_tokens, "documents": len(corpus.starts) - 1, "key": corpus.key}
+
+
+def _open_store(url: str, config: TrainConfig, chat_template: str | None, cache_dir: Path) -> PreparedData:
+    """A token store's corpus, and its tokenizer copied into the cache (run directories keep a copy)."""
+    corpus = StoreCorpus.open(url)
+    options = corpus_options(config, chat_template)
+    if corpus.meta["options"] != options:
+        raise ValueError(f"{url} was tokenized with {corpus.meta['options']}, this run asks for {options}")
+    stored = corpus.tokenizer_bytes()
+    if config.trained_vocab_size is not None:
+        raise ValueError(f"{url} holds its own tokenizer: drop tokenizer={config.tokenizer}")
+    if config.tokenizer is not None and Path(config.tokenizer).read_bytes() != stored:
+        raise ValueError(f"{url} was tokenized with another tokenizer than {config.tokenizer}")
+    entry = cache_dir / f"store-tokenizer-{hashlib.sha256(stored).hexdigest()[:24]}"
+    if not entry.is_dir():
+        with staged_output_dir(entry, keep_existing=True) as staging:
+            (staging / corpus.meta["tokenizer"]).write_bytes(stored)
+    path = entry / corpus.meta["tokenizer"]
+    return PreparedData(load_tokenizer(path), path, corpus)
 
 
 def data_files(spec: str) -> list[Path]:

@@ -8,6 +8,7 @@ from typing import Any
 from llama_jax.checkpoint import ModelDir
 from llama_jax.config import COMPUTE_FIELDS, ModelConfig, load_model_config
 from llama_jax.train.config import CHAT_TEMPLATE_AUTO, COMPUTE_DTYPE_AUTO, TRAINED_TOKENIZER_PREFIX, TrainConfig
+from llama_jax.train.token_store import store_url
 
 DEFAULT_PRESET = "small"
 
@@ -49,13 +50,16 @@ def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | N
 
 
 def resolve_tokenizer(config: TrainConfig, source: ModelDir | None) -> TrainConfig:
-    """The config with its tokenizer named: init_from's file, or train:VOCAB with the model's vocab_size."""
+    """The config with its tokenizer named: init_from's file, or train:VOCAB with the model's vocab_size.
+    A token store brings its own (`data.prepare_data`)."""
     if config.tokenizer is not None:
         return config
     if source is not None:
         if source.tokenizer_path is None:
             raise ValueError(f"init_from {config.init_from} has no tokenizer; set tokenizer=FILE")
         return dataclasses.replace(config, tokenizer=str(source.tokenizer_path))
+    if store_url(config.data) is not None:
+        return config
     vocab = config.model.vocab_size or load_model_config(config.model.preset or DEFAULT_PRESET).vocab_size
     return dataclasses.replace(config, tokenizer=f"{TRAINED_TOKENIZER_PREFIX}{vocab}")
 

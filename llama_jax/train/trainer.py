@@ -67,7 +67,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
                          tokens_per_step=config.batch_size * config.seq_len,
                          flops_per_token=flops.training_flops_per_token(job.model_config, config.seq_len),
                          peak_flops_total=_peak_flops_total(config, job.mesh))
-    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters, {len(job.data.corpus.tokens):,} "
+    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters, {job.data.corpus.n_tokens:,} "
                    f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
                    + (f"; resuming at step {job.start}" if job.start else ""))
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
