@@ -76,7 +76,6 @@ def main(argv: list[str] | None = None) -> int:
     from llama_jax.inference.prompts import PromptEncoder, chat_template_for
     from llama_jax.inference.results_file import JsonlOutput
     from llama_jax.sharding import MeshConfig, make_mesh
-    from llama_jax.tokenizers import load_tokenizer
 
     settings = generation_settings(args)
     mesh = make_mesh(MeshConfig.parse(args.mesh))
@@ -85,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     settings.check_model(model_dir.config)
     if model_dir.tokenizer_path is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer file; infer.py needs one to read text prompts")
-    encoder = PromptEncoder(load_tokenizer(model_dir.tokenizer_path),
+    encoder = PromptEncoder(model_dir.tokenizer(),
                             chat_template_for(model_dir.chat_template, settings.chat),
                             model_dir.config.max_seq_len, settings.max_new_tokens)
     prompt_ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
-    output = JsonlOutput(args.output, prompts) if args.output else None
+    output = JsonlOutput(args.output, prompts, run_settings(args, model_dir, settings)) if args.output else None
     first = output.done if output else 0
     if first == len(prompts):
         print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
@@ -110,6 +109,16 @@ def generation_settings(args: argparse.Namespace):
 
     return GenerationSettings(args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p),
                               args.seed, args.batch_size, args.chat, tuple(args.stop_id))
+
+
+def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
+    """What the records of an output depend on: a rerun must match it to add to them. (Not the batch size
+    or the mesh: a prompt's tokens do not depend on them.)"""
+    sampling = settings.sampling
+    return {"checkpoint": str(Path(args.checkpoint).resolve()), "params": str(model_dir.params_path.resolve()),
+            "dtype": args.dtype, "chat": settings.chat, "max_new_tokens": settings.max_new_tokens,
+            "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
+            "seed": settings.seed, "stop_ids": sorted(settings.stop_ids)}
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:

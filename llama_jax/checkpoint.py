@@ -4,14 +4,17 @@
                           "chat_template": "llama3" | "llama2" | null}
     DIR/tokenizer.*      the tokenizer file, copied
     DIR/params/          an orbax checkpoint of the parameter tree (nested dict of arrays)
+    DIR/checksums.json   each parameter's checksum (`integrity.py`), checked when it is read back
 
 A training run directory has the same config.json and tokenizer, and its orbax `CheckpointManager`
-steps under DIR/checkpoints/<step>/params; `load` takes either and uses the newest step.
+steps under DIR/checkpoints/<step>/params (checksums in the step's meta); `load` takes either, and from a
+run the newest step that is intact.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -20,16 +23,20 @@ import jax
 from flax import nnx
 
 from llama_jax.config import ModelConfig
+from llama_jax.integrity import Checksums, damage, host_checksums
 from llama_jax.model import Llama, abstract_state
-from llama_jax.param_io import restore_params, save_params
+from llama_jax.param_io import read_json_item, restore_params, save_params
 from llama_jax.sharding import make_mesh
 from llama_jax.staging import staged_output_dir
-from llama_jax.tokenizers import load_tokenizer
+from llama_jax.tokenizers import Tokenizer, load_tokenizer
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
+CHECKSUMS_FILE = "checksums.json"
 CHECKPOINTS_DIR = "checkpoints"
+META_ITEM = "meta"  # a training step's JSON item: step, data position, checksums, ...
 FORMAT = "llama_jax"
+log = logging.getLogger("llama_jax")
 
 
 def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, tokenizer_file: str | Path | None = None,
@@ -42,6 +49,7 @@ def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, toke
             shutil.copyfile(tokenizer_file, staging / tokenizer_name)
         write_config(staging, config, tokenizer_name, chat_template)
         save_params(staging / PARAMS_DIR, params)
+        (staging / CHECKSUMS_FILE).write_text(json.dumps(host_checksums(params)) + "\n")
     return Path(out_dir).absolute()
 
 
@@ -63,18 +71,62 @@ class ModelDir:
     tokenizer_path: Path | None
     chat_template: str | None
 
-    @property
-    def params_path(self) -> Path:
+    def tokenizer(self) -> Tokenizer | None:
+        """The directory's tokenizer (None if it has none), refused when the model cannot embed its ids."""
+        if self.tokenizer_path is None:
+            return None
+        tokenizer = load_tokenizer(self.tokenizer_path)
+        check_tokenizer_fits(tokenizer, self.config)
+        return tokenizer
+
+    def params_paths(self) -> list[Path]:
+        """Where parameters are, newest first: the directory's params/, or its training steps'."""
         direct = self.path / PARAMS_DIR
         if direct.is_dir():
-            return direct
+            return [direct]
         steps = sorted((int(p.name) for p in (self.path / CHECKPOINTS_DIR).glob("*") if p.name.isdigit()),
                        reverse=True)
-        for step in steps:
-            candidate = self.path / CHECKPOINTS_DIR / str(step) / PARAMS_DIR
-            if candidate.is_dir():
-                return candidate
-        raise ValueError(f"{self.path} holds no parameters (no {PARAMS_DIR}/ and no {CHECKPOINTS_DIR}/<step>/)")
+        found = [self.path / CHECKPOINTS_DIR / str(step) / PARAMS_DIR for step in steps]
+        found = [path for path in found if path.is_dir()]
+        if not found:
+            raise ValueError(f"{self.path} holds no parameters (no {PARAMS_DIR}/ and no {CHECKPOINTS_DIR}/<step>/)")
+        return found
+
+    @property
+    def params_path(self) -> Path:
+        """The newest parameters (what a reader should identify the model by)."""
+        return self.params_paths()[0]
+
+    def checksums(self, params_path: Path) -> Checksums | None:
+        """The checksums written with the parameters at `params_path`; None where none were (older files)."""
+        if params_path.parent == self.path:
+            file = self.path / CHECKSUMS_FILE
+            return json.loads(file.read_text()) if file.is_file() else None
+        meta = params_path.parent / META_ITEM
+        return read_json_item(meta).get("checksums", {}).get("params") if meta.is_dir() else None
+
+    def restore_params(self, target: dict) -> dict:
+        """The newest intact parameters, restored into `target`'s shapes, dtypes and shardings. A damaged
+        step of a training run (bytes changed since they were written, values not finite, files cut short)
+        is skipped with a warning; none intact is an error."""
+        problems = []
+        stored_dtype = self.config.param_dtype
+        paths = self.params_paths()
+        for number, path in enumerate(paths, start=1):
+            try:
+                params = restore_params(path, target)
+                # Restored into another dtype (load(dtype=...)) the bytes differ: only finiteness is checked.
+                same_dtype = all(str(a.dtype) == stored_dtype for a in jax.tree.leaves(target))
+                reason = damage(params, self.checksums(path) if same_dtype else None)
+            except ValueError as e:
+                reason = str(e).removeprefix(f"{path}: ")
+            if reason is None:
+                return params
+            problems.append(f"{path}: {reason}")
+            if number < len(paths):
+                log.warning("%s is damaged (%s); reading the checkpoint before it", path, reason)
+        raise ValueError(f"{self.path} holds no intact parameters: {problems[0]}"
+                         f"{f' (and {len(problems) - 1} older)' if len(problems) > 1 else ''}")
 
 
 def read_model_dir(path: str | Path) -> ModelDir:
@@ -89,7 +141,17 @@ def read_model_dir(path: str | Path) -> ModelDir:
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_file} is corrupt: {e}") from None
     tokenizer = payload.get("tokenizer")
+    if tokenizer is not None and (not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer
+                                  or tokenizer in ("", ".", "..")):
+        raise ValueError(f"{config_file} is corrupt: its tokenizer {tokenizer!r} must be a file name inside {path}")
     return ModelDir(path, config, path / tokenizer if tokenizer else None, payload.get("chat_template"))
+
+
+def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
+    """ValueError when the tokenizer makes ids the model has no embedding for."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+                         f"{config.vocab_size} embeddings: it belongs to another model")
 
 
 @dataclasses.dataclass
@@ -109,13 +171,13 @@ def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | N
     `dtype` sets both the parameter and the compute dtype (e.g. "bfloat16" to serve a float32 checkpoint).
     """
     model_dir = read_model_dir(path)
+    tokenizer = model_dir.tokenizer()
     config = model_dir.config
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
     mesh = mesh or make_mesh()
     graphdef, state = abstract_state(config, mesh)
-    nnx.replace_by_pure_dict(state, restore_params(model_dir.params_path, nnx.to_pure_dict(state)))
-    tokenizer = load_tokenizer(model_dir.tokenizer_path) if model_dir.tokenizer_path else None
+    nnx.replace_by_pure_dict(state, model_dir.restore_params(nnx.to_pure_dict(state)))
     return LoadedModel(nnx.merge(graphdef, state), config, mesh, tokenizer, model_dir.chat_template)
 
 

@@ -1,12 +1,21 @@
-"""What every command line shares: user errors become one line on stderr and a non-zero exit."""
+"""What every command line shares: user errors become one line on stderr and a non-zero exit.
+
+Libraries underneath log through absl (orbax: pages of lines about a failed write); a command line turns
+the failure into its one line, so only their critical messages are let through.
+"""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-EXPECTED_ERRORS = (ValueError, FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError)
+from llama_jax.hardware import quiet_libtpu_without_tpu
+
+USER_ERROR_STATUS = 2
+INTERRUPTED_STATUS = 130
+EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError)
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -17,22 +26,47 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
-    """Run `main(argv)`; expected errors print `error: ...` with no traceback and exit with status 2."""
+    """Run `main(argv)`; expected errors print `error: ...` with no traceback and exit with status 2.
+    llama_jax's own warnings (a damaged checkpoint skipped) print as `warning: ...` lines."""
+    logging.getLogger("absl").setLevel(logging.CRITICAL)
+    _warnings_as_lines()
+    sys.unraisablehook = _quiet_closed_event_loops
+    quiet_libtpu_without_tpu()
     try:
         code = main(argv)
     except EXPECTED_ERRORS as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(USER_ERROR_STATUS)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
-        sys.exit(130)
+        sys.exit(INTERRUPTED_STATUS)
     sys.exit(code or 0)
 
 
-def _one_line(error: BaseException) -> str:
+def _quiet_closed_event_loops(unraisable) -> None:
+    """A failed orbax read or write leaves tensorstore callbacks that fire into event loops orbax has closed:
+    Python reports each as an unraisable RuntimeError. The command's own error line says what failed."""
+    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+        sys.__unraisablehook__(unraisable)
+
+
+def _warnings_as_lines() -> None:
+    logger = logging.getLogger("llama_jax")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("warning: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+
+
+def one_line(error: BaseException) -> str:
+    """An error as one line: `reason: path` for operating-system errors (disk full, a missing file)."""
     if isinstance(error, FileNotFoundError) and error.filename:
         return f"no such file: {error.filename}"
     if isinstance(error, UnicodeDecodeError):
         return f"input is not valid UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{error.strerror}: {where}" if where else error.strerror
     text = str(error).strip() or type(error).__name__
     return " ".join(text.split())

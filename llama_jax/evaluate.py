@@ -97,22 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from llama_jax.checkpoint import load, read_model_dir
     from llama_jax.sharding import MeshConfig, make_mesh
-    from llama_jax.tokenizers import load_tokenizer
 
     model_dir = read_model_dir(args.checkpoint)
-    if model_dir.tokenizer_path is None:
+    tokenizer = model_dir.tokenizer()
+    if tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer: cannot encode the data")
     max_len = model_dir.config.max_seq_len
-    seq_len = args.seq_len or max_len
+    seq_len = max_len if args.seq_len is None else args.seq_len
     if not 2 <= seq_len <= max_len:
         raise ValueError(f"--seq-len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}")
     text = Path(args.data).read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"data file {args.data} is empty")
-    tokenizer = load_tokenizer(model_dir.tokenizer_path)
     ids = tokenizer.encode(text, bos=True)
     mesh = make_mesh(MeshConfig.parse(args.mesh))
-    batch_size = args.batch_size or min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
     loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)

@@ -15,8 +15,6 @@ import math
 import os
 import re
 
-from jax.experimental import topologies
-
 
 @dataclasses.dataclass(frozen=True)
 class ChipSpec:
@@ -106,18 +104,31 @@ def _torus_shape(chips: int) -> str | None:
     return "x".join(str(4 * side) for side in best)
 
 
-def slice_devices(tpu: TpuSlice) -> list:
-    """The slice's devices as compile-only TPU devices: `jax.jit(f).lower(...).compile()` builds the real TPU
-    program for them on a host without a TPU. Needs libtpu (the `tpu` extra: `pip install -e ".[tpu]"`)."""
-    if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(f"compiling for {tpu.name} needs libtpu: pip install -e \".[tpu]\" "
-                         "(or pip install \"jax[tpu]==<your jax version>\")")
-    if not os.path.exists("/dev/accel0") and not os.path.exists("/dev/vfio"):
-        # A host without a TPU only compiles: libtpu's lock on the chips (one process at a time) guards
-        # nothing here, and without a named accelerator libtpu prints lines about what it cannot detect.
+def has_tpu() -> bool:
+    """Whether this host has TPU chips (a TPU VM exposes /dev/accel* or /dev/vfio)."""
+    return os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio")
+
+
+def quiet_libtpu_without_tpu() -> None:
+    """On a host without TPU chips, where libtpu (the `tpu` extra) can only compile: let several processes
+    load it (its lock guards chips that are not there) and name an accelerator, or its start-up prints
+    lines about what it cannot detect. Before JAX starts; nothing changes on a TPU VM."""
+    if not has_tpu():
         os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
         os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
         os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5litepod-4")
+
+
+def slice_devices(tpu: TpuSlice) -> list:
+    """The slice's devices as compile-only TPU devices: `jax.jit(f).lower(...).compile()` builds the real TPU
+    program for them on a host without a TPU. Needs libtpu (the `tpu` extra: `pip install -e ".[tpu]"`)."""
+    # Imported here, not above: command lines read this module before they load JAX (`--help` stays fast).
+    from jax.experimental import topologies
+
+    if importlib.util.find_spec("libtpu") is None:
+        raise ValueError(f"compiling for {tpu.name} needs libtpu: pip install -e \".[tpu]\" "
+                         "(or pip install \"jax[tpu]==<your jax version>\")")
+    quiet_libtpu_without_tpu()
     topology = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
                                             chip_config_name=tpu.chip_config, chips_per_host_bounds=tpu.chips_per_host,
                                             num_slices=1, wrap=tpu.wrap)

@@ -27,8 +27,24 @@ def restore_params(params_path: Path, target: dict) -> dict:
     """Restore the parameter tree straight into the shapes, dtypes and shardings of `target` (a pure dict of
     `jax.ShapeDtypeStruct`s, e.g. `nnx.to_pure_dict` of `model.abstract_state(config, mesh)[1]`)."""
     check_param_shapes(params_path, target)
-    with _without_step_metadata_warning():
-        return ocp.StandardCheckpointer().restore(params_path.absolute(), target)
+    try:
+        with _without_step_metadata_warning():
+            return ocp.StandardCheckpointer().restore(params_path.absolute(), target)
+    except Exception as e:  # orbax and tensorstore raise many types for damaged files
+        raise ValueError(f"cannot read parameters in {params_path}: {first_line(e)}") from None
+
+
+def read_json_item(path: Path) -> dict:
+    """An orbax JSON item (a training step's `meta`)."""
+    try:
+        return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path.absolute())
+    except Exception as e:
+        raise ValueError(f"cannot read {path}: {first_line(e)}") from None
+
+
+def first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 def check_param_shapes(params_path: Path, target: dict) -> None:
@@ -36,7 +52,7 @@ def check_param_shapes(params_path: Path, target: dict) -> None:
     try:
         stored = ocp.StandardCheckpointer().metadata(params_path.absolute()).item_metadata
     except Exception as e:  # orbax raises many types for unreadable directories
-        raise ValueError(f"cannot read parameters in {params_path}: {e}") from None
+        raise ValueError(f"cannot read parameters in {params_path}: {first_line(e)}") from None
     stored_shapes = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
     wanted = {_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
     for key, shape in wanted.items():

@@ -2,11 +2,15 @@
 
 Every directory llama_jax writes (model directories, Hugging Face exports, training run directories, the
 tokenized-corpus cache) is assembled in a hidden staging directory beside its destination and renamed into
-place when complete: a crash leaves no half-written directory that looks finished.
+place when complete: a crash leaves no half-written directory that looks finished. A staging directory
+is named after the process that writes it, and the next writer to the same place removes those whose
+process is gone (killed mid-conversion, they can hold gigabytes).
 """
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -33,7 +37,9 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
     if not (keep_existing and target.exists()):
         ensure_new_output_dir(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-", dir=target.parent))
+    _remove_abandoned_staging(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be like any new directory
     try:
         yield staging
         if target.is_dir() and not any(target.iterdir()):
@@ -47,3 +53,27 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _remove_abandoned_staging(target: Path) -> None:
+    """Remove the staging directories for `target` whose writer (the pid in their name) no longer runs."""
+    for staging in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
+        pid = staging.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -15,9 +15,11 @@ def run_module(module: str, *args: str | Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-def assert_one_error_line(result: subprocess.CompletedProcess) -> str:
-    """A user error: non-zero exit, exactly one stderr line starting with `error:`, no traceback."""
+def assert_one_error_line(result: subprocess.CompletedProcess, expected: str = "") -> str:
+    """A user error: non-zero exit, exactly one stderr line starting with `error:` (and holding `expected`),
+    no traceback."""
     lines = result.stderr.strip().splitlines()
     assert result.returncode != 0, result.stdout
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
+    assert expected in lines[0], lines[0]
     return lines[0]

@@ -4,6 +4,7 @@ from standard input, and every user error as one `error:` line.
 Real command lines run as subprocesses; the error cases call the same `run_cli(main, argv)` in-process
 (each subprocess costs seconds of imports), plus one subprocess to show the real exit status and stderr.
 """
+import errno
 import importlib.util
 import json
 import os
@@ -21,6 +22,7 @@ from llama_jax.cli import run_cli
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
 from llama_jax.inference.generator import Generator
+from llama_jax.inference.results_file import JsonlOutput
 from llama_jax.inference.settings import GenerationSettings
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh
@@ -92,6 +94,7 @@ def test_a_rerun_resumes_after_the_records_already_written(stories, tmp_path):
     kept = dict(full[0], completion="(kept, not regenerated)")
     partial = tmp_path / "partial.jsonl"
     partial.write_text(json.dumps(kept) + "\n" + json.dumps(full[1])[:25])
+    (tmp_path / "partial.jsonl.run.json").write_text((tmp_path / "full.jsonl.run.json").read_text())
     result = run_infer(*args, "--output", partial)
     assert result.returncode == 0, result.stderr
     # Batches now start at prompt 1, yet every prompt keeps its own random stream.
@@ -114,10 +117,55 @@ def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_pat
     assert [r["prompt"] for r in got] == messages
 
 
-def assert_one_error_line(stderr: str, expected: str) -> None:
+def assert_one_error_line(stderr: str, expected: str) -> str:
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert expected in lines[0], lines[0]
+    return lines[0]
+
+
+def test_outputs_are_never_overwritten_mixed_or_shared(stories, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, no newline at the end")
+    base = ["--checkpoint", str(stories), "--max-new-tokens", "4"]
+
+    def refused(*args, prompts=("Tom", "Lily")) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(infer.main, [*base, *args, *(a for p in prompts for a in ("--prompt", p))])
+        assert exit_info.value.code == 2
+        return assert_one_error_line(capsys.readouterr().err, "")
+
+    assert "was not written by infer.py" in refused("--output", str(notes))
+    assert notes.read_text() == "my notes, no newline at the end"
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(SystemExit):
+        run_cli(infer.main, [*base, "--output", str(out), "--seed", "1", "--prompt", "Tom", "--prompt", "Lily"])
+    capsys.readouterr()
+    written = out.read_text()
+    for other in (["--seed", "2"], ["--temperature", "0"], ["--top-p", "0.5"], ["--top-k", "3"],
+                  ["--max-new-tokens", "5"], ["--stop-id", "7"]):
+        message = refused("--output", str(out), "--seed", "1", *other)
+        assert "holds results of other settings" in message, message
+    assert "is not for prompt 1" in refused("--output", str(out), "--seed", "1", prompts=("Sue", "Lily"))
+    # another writer holds the output while this one starts
+    held = JsonlOutput(out, ["Tom", "Lily"], json.loads((tmp_path / "out.jsonl.run.json").read_text())["settings"])
+    try:
+        assert "is being written by another infer.py" in refused("--output", str(out), "--seed", "1")
+    finally:
+        held.close()
+    assert out.read_text() == written
+
+
+def test_a_full_disk_is_one_line(stories, tmp_path, capsys, monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "out.jsonl"))
+
+    monkeypatch.setattr(JsonlOutput, "write", no_space)
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(infer.main, ["--checkpoint", str(stories), "--prompt", "Tom", "--max-new-tokens", "2",
+                             "--output", str(tmp_path / "out.jsonl")])
+    assert exit_info.value.code == 2
+    assert_one_error_line(capsys.readouterr().err, f"No space left on device: {tmp_path / 'out.jsonl'}")
 
 
 def test_the_command_line_reports_a_missing_checkpoint_in_one_line(tmp_path):
@@ -159,7 +207,8 @@ FILE_ERRORS = {
     "prompt file is a folder": (["--prompts", "{bad}"], "Is a directory"),
     "non-UTF-8 prompts": (["--prompts", "{bad}/latin1.txt"], "is not valid UTF-8 text"),
     "JSONL without prompt": (["--prompts", "{bad}/no_prompt.jsonl"], 'needs a string "prompt" field'),
-    "output of other prompts": (["--output", "{bad}/other.jsonl"], "is not for prompt 1 of this input"),
+    "output not written by infer.py": (["--output", "{bad}/other.jsonl"], "was not written by infer.py"),
+    "output under a file": (["--output", "{bad}/latin1.txt/out.jsonl"], "Not a directory"),
 }
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.chat import TEMPLATES
-from llama_jax.checkpoint import write_model_dir
+from llama_jax.checkpoint import check_tokenizer_fits, write_model_dir
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
 
@@ -41,12 +41,6 @@ def find_tokenizer(explicit: str | Path | None, candidates: list[Path], source: 
             return load_tokenizer(candidate)
     looked = ", ".join(str(c) for c in candidates)
     raise ValueError(f"no tokenizer found for {source} (looked for {looked}); pass --tokenizer FILE")
-
-
-def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{config.vocab_size} embeddings: it belongs to another model")
 
 
 def chat_template_choice(requested: str, detected: str | None) -> str | None:

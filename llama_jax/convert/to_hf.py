@@ -21,10 +21,10 @@ from llama_jax.convert.common import dtype_name
 from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
+from llama_jax.integrity import Checksums, host_checksums
 from llama_jax.model import abstract_state
 from llama_jax.param_io import check_param_shapes
 from llama_jax.staging import ensure_new_output_dir, staged_output_dir
-from llama_jax.tokenizers import load_tokenizer
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
@@ -64,11 +64,12 @@ class StoredParams:
     """A saved parameter tree read one parameter at a time (orbax partial restore): only the parameter
     being exported is in memory, so exporting never holds the whole model."""
 
-    def __init__(self, params_path: Path, config: ModelConfig):
+    def __init__(self, params_path: Path, config: ModelConfig, checksums: Checksums | None):
         _, abstract = abstract_state(config)
         self._target = nnx.to_pure_dict(abstract)
         check_param_shapes(params_path, self._target)
         self._path = params_path.absolute()
+        self._checksums = checksums
         self._key: str | None = None
         self._value: np.ndarray | None = None
 
@@ -80,6 +81,8 @@ class StoredParams:
             restored = ocp.PyTreeCheckpointer().restore(self._path, args=ocp.args.PyTreeRestore(item, restore_args))
             for part in key.split("/"):
                 restored = restored[part]
+            if self._checksums is not None and host_checksums({key: restored})[key] != self._checksums.get(key):
+                raise ValueError(f"{self._path}: parameter {key} changed since it was saved: the files are damaged")
             self._value = restored
         return self._value
 
@@ -97,8 +100,8 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
     config = source.config
     name = dtype_name(np.dtype(jnp.dtype(config.param_dtype)), dtype)
     np_dtype = np.dtype(jnp.dtype(name))
-    tokenizer = load_tokenizer(source.tokenizer_path) if source.tokenizer_path else None
-    stored = StoredParams(source.params_path, config)
+    tokenizer = source.tokenizer()
+    stored = StoredParams(source.params_path, config, source.checksums(source.params_path))
 
     def tensor(weight: Weight, layer: int | None) -> TensorSource:
         def values() -> np.ndarray:

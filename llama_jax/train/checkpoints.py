@@ -1,29 +1,43 @@
-"""A training run's checkpoints: orbax `CheckpointManager` steps under RUN_DIR/checkpoints.
+"""A training run's checkpoints: orbax `CheckpointManager` steps under RUN_DIR/checkpoints, checked on restore.
 
     RUN_DIR/checkpoints/<step>/
         params      the pure parameter dict (StandardSave)
         opt_state   the optax state (StandardSave)
-        meta        JSON: step, data position, last train loss, fingerprint
+        meta        JSON: step, data position, last train loss, fingerprint, checksums of params and opt_state
+    RUN_DIR/damaged/<step>/   steps found damaged, moved aside (kept, never deleted)
 
 Saves are asynchronous (training goes on while the arrays are written) and atomic: orbax writes each step
 into a temporary directory and renames it when complete, so a process killed mid-save leaves a step that
 is never read back. Restoring reads every array straight into the shardings of the current mesh, which
-may differ from the mesh that saved it.
+may differ from the mesh that saved it, then checks it against the checksums saved with it and for
+non-finite values: a step that fails (or cannot be read at all) is moved to damaged/ and the next older
+one is tried, so a damaged newest step costs the steps since the one before, never the run.
 """
 from __future__ import annotations
 
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
+import jax
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import CHECKPOINTS_DIR
+from llama_jax.checkpoint import CHECKPOINTS_DIR, META_ITEM
+from llama_jax.integrity import damage, device_checksums
+from llama_jax.param_io import first_line
+
+DAMAGED_DIR = "damaged"
+log = logging.getLogger("llama_jax")
 
 
 class TrainingCheckpoints:
     """Orbax CheckpointManager over RUN_DIR/checkpoints with the items above, keeping the last `keep`."""
 
     def __init__(self, run_dir: Path, keep: int):
+        self.run_dir = run_dir
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
                                                cleanup_tmp_directories=True)
         self._manager = ocp.CheckpointManager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
@@ -31,23 +45,49 @@ class TrainingCheckpoints:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
-    def path(self, step: int) -> Path:
-        return Path(self._manager.directory) / str(step)
-
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
-        """Start saving `state` as `step` (asynchronously: returns once the arrays are copied off device)."""
+        """Start saving `state` as `step` (asynchronously: returns once the arrays are copied off device),
+        with the checksums of what is saved."""
+        checksums = {"params": device_checksums(state.params), "opt_state": device_checksums(state.opt_state)}
         self._manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(state.params),
             opt_state=ocp.args.StandardSave(state.opt_state),
-            meta=ocp.args.JsonSave({"step": step, **meta})), force=True)
+            **{META_ITEM: ocp.args.JsonSave({"step": step, **meta, "checksums": checksums})}), force=True)
 
-    def restore(self, step: int, abstract_state) -> tuple[Any, Any, dict]:
-        """(params, opt_state, meta) of `step`, placed as `abstract_state`'s shardings say."""
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_state.params),
-            opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-            meta=ocp.args.JsonRestore()))
-        return restored.params, restored.opt_state, restored.meta
+    def restore_newest_intact(self, abstract_state) -> tuple[Any, Any, dict] | None:
+        """(params, opt_state, meta) of the newest intact step, placed as `abstract_state`'s shardings say;
+        None when there is none (each damaged step is reported and moved to damaged/)."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            restored, problem = self._restore_checked(step, abstract_state)
+            if problem is None:
+                return restored
+            log.warning("checkpoint step %d of %s is damaged (%s): moved to %s/%d; trying the one before",
+                        step, self.run_dir, problem, DAMAGED_DIR, step)
+            if jax.process_index() == 0:
+                (self.run_dir / DAMAGED_DIR).mkdir(exist_ok=True)
+                shutil.move(str(Path(self._manager.directory) / str(step)), self.run_dir / DAMAGED_DIR / str(step))
+            multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
+            self._manager.reload()
+        return None
+
+    def _restore_checked(self, step: int, abstract_state) -> tuple[tuple[Any, Any, dict] | None, str | None]:
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_state.params),
+                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                **{META_ITEM: ocp.args.JsonRestore()}))
+            meta = restored[META_ITEM]
+            expected = meta.get("checksums", {})
+            problem = (damage(restored.params, expected.get("params"))
+                       or damage(restored.opt_state, expected.get("opt_state")))
+        except Exception as e:  # orbax and tensorstore raise many types for files cut short or missing
+            restored, problem = None, first_line(e)
+        if jax.process_count() > 1:  # a file one host could not read damages the step for all of them
+            problems = multihost_utils.process_allgather(np.int32(problem is not None))
+            problem = problem or ("damaged on another host" if problems.any() else None)
+        if problem is not None:
+            return None, problem
+        return (restored.params, restored.opt_state, restored[META_ITEM]), None
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

@@ -17,9 +17,11 @@ from llama_jax.train.config import TrainConfig
 
 
 def learning_rate(config: TrainConfig) -> optax.Schedule:
-    """0 → lr linearly over `warmup` steps, then a cosine to lr·min_lr_ratio at `steps`."""
+    """0 → lr linearly over `warmup` steps, then a cosine to lr·min_lr_ratio at `steps`. A warmup as long as
+    the run never reaches the cosine (optax needs at least one decay step, so it ends one step later)."""
+    warmup = min(config.warmup, config.steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=config.lr, warmup_steps=min(config.warmup, config.steps), decay_steps=config.steps,
+        init_value=0.0, peak_value=config.lr, warmup_steps=warmup, decay_steps=max(config.steps, warmup + 1),
         end_value=config.lr * config.min_lr_ratio)
 
 

@@ -80,7 +80,8 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
                     batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None,
                     loss_chunk: int = LOSS_CHUNK):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
-    scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens."""
+    scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens, skipped (1
+    when the loss or gradient was not finite and the update was not applied)."""
     graphdef, shardings = layout.graphdef, layout.shardings
 
     def loss_of(params, micro, total_tokens):
@@ -106,14 +107,21 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
         (grads, nll_sum, z_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+        grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        # A step whose loss or gradient is not finite changes nothing: the parameters and the optimizer's
+        # moments stay as they were, so a saved checkpoint never holds a NaN (the trainer stops soon after).
+        finite = jnp.isfinite(nll_sum) & jnp.isfinite(z_sum) & jnp.isfinite(grad_norm)
+        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                         (params, opt_state), (state.params, state.opt_state))
         metrics = {
             "loss": nll_sum / total_tokens,
             "z_loss": z_sum / total_tokens,
-            "grad_norm": optax.tree.norm(grads),
+            "grad_norm": grad_norm,
             "learning_rate": schedule(state.step) if schedule is not None else jnp.float32(0.0),
             "tokens": tokens,
+            "skipped": (~finite).astype(jnp.float32),
         }
         return TrainState(state.step + 1, params, opt_state), metrics
 

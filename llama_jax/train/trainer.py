@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import jax
 import numpy as np
@@ -22,7 +22,6 @@ from llama_jax.checkpoint import LoadedModel, read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.inference.generator import generate
 from llama_jax.model import create_model
-from llama_jax.param_io import restore_params
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train import flops
 from llama_jax.train.batching import PackedRows, check_batch_fits_mesh, global_batch
@@ -33,10 +32,13 @@ from llama_jax.train.init_from import build_model_config, chat_template, resolve
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.multihost import PreemptionNotice
 from llama_jax.train.optimizer import learning_rate, make_optimizer
-from llama_jax.train.run_dir import check_same_run, create_run_dir, read_run, run_fingerprint
+from llama_jax.train.run_dir import RunFiles, check_run_dir, open_run_dir, run_fingerprint
 from llama_jax.train.step import StateLayout, TrainState, init_state, make_eval_step, make_train_step, state_layout
 
 SAMPLE_TEMPERATURE = 0.8
+# Steps in a row whose loss or gradient is not finite (their updates skipped) before the run gives up: one
+# bad batch is weathered, a diverged run stops before it saves again.
+MAX_NONFINITE_STEPS = 3
 
 
 @dataclasses.dataclass
@@ -58,6 +60,7 @@ class _Job:
     train_step: Callable
     eval_step: Callable
     checkpoints: TrainingCheckpoints
+    lock: TextIO | None  # the run directory's lock, held by the process that writes (the first)
 
 
 def run(config: TrainConfig) -> dict[str, Any]:
@@ -71,10 +74,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
                    f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
                    + (f"; resuming at step {job.start}" if job.start else ""))
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
-        train_loss, eval_loss, preempted = _loop(job, logger, preemption)
-        job.checkpoints.wait()
-        job.checkpoints.close()
-        logger.close()
+        try:
+            train_loss, eval_loss, preempted = _loop(job, logger, preemption)
+        finally:  # a diverged run still finishes writing the checkpoints it started
+            job.checkpoints.wait()
+            job.checkpoints.close()
+            logger.close()
+            if job.lock is not None:
+                job.lock.close()
     samples = [] if preempted else _samples(job)
     return {"step": int(jax.device_get(job.state.step)), "train_loss": train_loss, "eval_loss": eval_loss,
             "eval_perplexity": math.exp(min(eval_loss, 700.0)), "vocab_size": job.model_config.vocab_size,
@@ -83,28 +90,28 @@ def run(config: TrainConfig) -> dict[str, Any]:
 
 
 def _prepare(config: TrainConfig) -> _Job:
-    """Check the run directory, tokenize the data, create or resume the state, compile nothing yet."""
+    """Check everything, tokenize the data, then create (or check) and lock the run directory, and create or
+    resume the state; compile nothing yet. Nothing is written before every check has passed."""
     run_dir = Path(config.run_dir)
-    stored = read_run(run_dir)
+    check_run_dir(run_dir)
     source = read_model_dir(config.init_from) if config.init_from else None
     config = resolve_tokenizer(config, source)
     template = chat_template(config, source)
-    data = prepare_data(config, template)
     mesh = make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
+    data = prepare_data(config, template)
     model_config = build_model_config(config, mesh_platform(mesh), source.config if source else None,
                                       data.tokenizer.vocab_size)
-    fingerprint = run_fingerprint(config, model_config, data.corpus.key)
-    if stored is not None:
-        check_same_run(run_dir, stored, fingerprint)
-    elif jax.process_index() == 0:
-        create_run_dir(run_dir, model_config, data.tokenizer_path, data.tokenizer.file_name, template,
-                       config.to_dict(), fingerprint)
-    multihost_utils.sync_global_devices("run_dir ready")
-
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh)
+    fingerprint = run_fingerprint(config, model_config, data.corpus.key)
+    lock = None
+    if jax.process_index() == 0:
+        lock = open_run_dir(run_dir, RunFiles(model_config, data.tokenizer_path, data.tokenizer.file_name, template,
+                                              config.to_dict(), fingerprint))
+    multihost_utils.sync_global_devices("run_dir ready")
+
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
     state, meta = _initial_state(config, model_config, source, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
@@ -112,16 +119,18 @@ def _prepare(config: TrainConfig) -> _Job:
                                  config.loss_chunk)
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
     return _Job(config, run_dir, data, rows, model_config, template, fingerprint, mesh, layout, state,
-                int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints)
+                int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints, lock)
 
 
 def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple[float | None, float, bool]:
     """Train from job.start to config.steps (or a preemption): (last train loss, eval loss, preempted)."""
     config, train_loss, eval_loss, preempted = job.config, job.train_loss, None, False
+    nonfinite = NonFiniteWatch(job.run_dir, MAX_NONFINITE_STEPS)
     for step in range(job.start, config.steps):
         ids = job.rows.train_rows(step, config.batch_size, config.seed).reshape(config.grad_accum, -1)
         job.state, metrics = job.train_step(job.state, global_batch(job.rows, ids, job.mesh))
         done = step + 1
+        nonfinite.observe(done, metrics["skipped"])  # the previous step's flag: the device stays busy
         logger.advance()
         preempted = preemption.reached(done)
         last = done == config.steps
@@ -135,6 +144,7 @@ def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple
             eval_loss = _evaluate(job)
             logger.eval(done, eval_loss)
         if save:
+            nonfinite.settle()  # never save past a diverged step
             position = {"seed": config.seed, "samples_seen": done * config.batch_size}
             job.checkpoints.save(done, job.state, {"train_loss": train_loss, "data_position": position,
                                                    "fingerprint": job.fingerprint})
@@ -144,6 +154,31 @@ def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple
             logger.message(f"preempted: saved step {done}; rerun the same command to continue")
             break
     return train_loss, eval_loss if eval_loss is not None else _evaluate(job), preempted
+
+
+class NonFiniteWatch:
+    """Counts the steps in a row whose update was skipped for a non-finite loss or gradient, and stops the run
+    (a ValueError) when they reach `limit`. Each step's flag is read one step later, when it is ready."""
+
+    def __init__(self, run_dir: Path, limit: int):
+        self.run_dir, self.limit = run_dir, limit
+        self.streak: list[int] = []
+        self.pending: tuple[int, jax.Array] | None = None
+
+    def observe(self, step: int, skipped: jax.Array) -> None:
+        self.settle()
+        self.pending = (step, skipped)
+
+    def settle(self) -> None:
+        if self.pending is None:
+            return
+        step, skipped = self.pending
+        self.pending = None
+        self.streak = self.streak + [step] if float(skipped) else []
+        if len(self.streak) >= self.limit:
+            raise ValueError(f"training diverged: the loss was not finite at steps {self.streak[0]}-{self.streak[-1]}; "
+                             f"their updates were skipped and nothing after them was saved: {self.run_dir} resumes "
+                             "from its last checkpoint (try a lower lr, more warmup or grad_clip)")
 
 
 def _evaluate(job: _Job) -> float:
@@ -158,12 +193,12 @@ def _evaluate(job: _Job) -> float:
 
 def _initial_state(config, model_config, source, mesh, optimizer, layout: StateLayout, checkpoints):
     """(state, meta): from the newest checkpoint, else init_from's parameters, else a random init."""
-    step = checkpoints.latest_step()
-    if step is not None:
-        params, opt_state, meta = checkpoints.restore(step, layout.abstract)
+    restored = checkpoints.restore_newest_intact(layout.abstract)
+    if restored is not None:
+        params, opt_state, meta = restored
         return TrainState(jax.device_put(np.int32(meta["step"]), layout.shardings.step), params, opt_state), meta
     if source is not None:
-        params = restore_params(source.params_path, layout.abstract.params)
+        params = source.restore_params(layout.abstract.params)
     else:
         params = nnx.to_pure_dict(nnx.state(create_model(model_config, mesh, seed=config.seed)))
     return init_state(params, optimizer, layout.shardings), {}

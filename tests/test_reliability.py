@@ -1,0 +1,216 @@
+"""Fault injection: damaged checkpoints are caught and rolled back, a diverging run stops before it saves
+garbage, one process writes a run directory, and nothing a user made is overwritten or left half-written."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from module_runner import REPO, assert_one_error_line, run_module
+
+import llama_jax
+from llama_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE
+from llama_jax.convert import convert_llama2c
+from llama_jax.train.config import load_train_config
+from llama_jax.train.trainer import run
+
+STEPS = 30
+
+
+def tiny(workdir: Path, assets: Path, run_dir: Path, *extra: str):
+    return load_train_config(None, [
+        "model=tiny", f"data={workdir / 'shakespeare.txt'}", f"tokenizer={assets / 'tok512.bin'}",
+        f"data_cache={workdir / 'cache'}", f"run_dir={run_dir}", "seq_len=32", "batch_size=8", f"steps={STEPS}",
+        "warmup=4", "lr=1e-2", "eval_every=30", "checkpoint_every=10", "keep_checkpoints=3", "log_every=1",
+        "eval_batches=1", "samples=0", "mesh.data=2", *extra])
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, assets) -> Path:
+    folder = tmp_path_factory.mktemp("reliability")
+    (folder / "shakespeare.txt").write_text((assets / "tinyshakespeare.txt").read_text()[:30_000])
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finished(workdir, assets):
+    """A finished run with checkpoints at steps 10, 20 and 30, kept as the pristine copy."""
+    result = run(tiny(workdir, assets, workdir / "pristine"))
+    return workdir / "pristine", result
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def data_files(item: Path) -> list[Path]:
+    """An orbax item's data files (OCDBT: the array bytes, and the b-tree that indexes them)."""
+    return sorted(p for p in item.rglob("*") if p.is_file() and p.parent.name == "d")
+
+
+def flip_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "bytes flipped in params": lambda step: [flip_bytes(f) for f in data_files(step / "params")],
+    "params cut short": lambda step: [f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+                                      for f in data_files(step / "params")],
+    "opt_state cut short": lambda step: [f.write_bytes(f.read_bytes()[:100]) for f in data_files(step / "opt_state")],
+    "meta missing": lambda step: shutil.rmtree(step / "meta"),
+    "opt_state missing": lambda step: shutil.rmtree(step / "opt_state"),
+}
+
+
+@pytest.mark.parametrize("newest, older", [("bytes flipped in params", "opt_state cut short"),
+                                           ("meta missing", "params cut short"),
+                                           ("opt_state missing", "bytes flipped in params")])
+def test_damaged_newest_checkpoints_are_set_aside_and_the_run_recomputes_them(
+        finished, workdir, assets, caplog, newest, older):
+    pristine, result = finished
+    run_dir = workdir / f"damaged-{len(list(workdir.iterdir()))}"
+    shutil.copytree(pristine, run_dir)
+    DAMAGE[newest](run_dir / CHECKPOINTS_DIR / "30")
+    DAMAGE[older](run_dir / CHECKPOINTS_DIR / "20")
+    with caplog.at_level(logging.WARNING, logger="llama_jax"):
+        resumed = run(tiny(workdir, assets, run_dir))
+    warnings = [r.getMessage() for r in caplog.records if "is damaged" in r.getMessage()]
+    assert [w.split(" of ")[0] for w in warnings] == ["checkpoint step 30", "checkpoint step 20"], warnings
+    assert sorted(p.name for p in (run_dir / "damaged").iterdir()) == ["20", "30"]  # kept, not deleted
+    # resumed from step 10 and recomputed 11..30 exactly
+    assert (resumed["train_loss"], resumed["eval_loss"]) == (result["train_loss"], result["eval_loss"])
+    assert all(losses(run_dir)[s] == losses(pristine)[s] for s in range(11, STEPS + 1))
+    assert sorted(int(p.name) for p in (run_dir / CHECKPOINTS_DIR).iterdir() if p.name.isdigit()) == [10, 20, 30]
+
+
+def test_a_damaged_model_directory_is_refused_in_one_line(assets, tmp_path):
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    flip_bytes(max(data_files(model_dir / "params"), key=lambda f: f.stat().st_size))  # inside the weights
+    result = run_module("infer", "--checkpoint", model_dir, "--prompt", "Once", "--max-new-tokens", "4")
+    assert result.returncode == 2 and result.stdout == ""
+    assert "changed since it was saved" in assert_one_error_line(result, "holds no intact parameters")
+
+
+def test_a_run_directory_falls_back_to_its_newest_intact_step(finished, workdir):
+    pristine, _ = finished
+    run_dir = workdir / "infer-fallback"
+    shutil.copytree(pristine, run_dir)
+    flip_bytes(data_files(run_dir / CHECKPOINTS_DIR / "30" / "params")[0])
+    expected = llama_jax.load(pristine).model.embed[...]  # step 30
+    loaded = llama_jax.load(run_dir).model.embed[...]
+    older = np.asarray(loaded)
+    assert not np.array_equal(older, np.asarray(expected))  # it is step 20's, not garbage from step 30
+    assert np.isfinite(older).all()
+
+
+def test_a_diverging_run_stops_before_it_saves_anything_not_finite(workdir, assets):
+    run_dir = workdir / "diverged"
+    with pytest.raises(ValueError, match="training diverged: the loss was not finite at steps"):
+        run(tiny(workdir, assets, run_dir, "lr=1e6", "grad_clip=0", "warmup=0", "checkpoint_every=2"))
+    steps = sorted(int(p.name) for p in (run_dir / CHECKPOINTS_DIR).iterdir() if p.name.isdigit())
+    assert steps, "the good steps before the divergence were saved"
+    params = llama_jax.load(run_dir).model  # the newest checkpoint, intact and finite
+    assert np.isfinite(np.asarray(params.embed[...])).all()
+
+
+def test_one_training_process_per_run_directory(workdir, assets):
+    args = ["model=tiny", f"data={workdir / 'shakespeare.txt'}", f"tokenizer={assets / 'tok512.bin'}",
+            f"data_cache={workdir / 'cache'}", f"run_dir={workdir / 'contended'}", "seq_len=32", "batch_size=8",
+            "steps=150", "eval_every=150", "checkpoint_every=150", "samples=0", "mesh.data=1"]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    first, second = (subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2))
+    outcomes = sorted([(p.wait(timeout=300), p.communicate()) for p in (first, second)], key=lambda o: o[0])
+    (won, (won_out, _)), (lost, (lost_out, lost_err)) = outcomes
+    assert (won, lost) == (0, 2) and lost_out == ""
+    errors = lost_err.strip().splitlines()
+    assert len(errors) == 1 and "is in use by another training process" in errors[0], lost_err[-2000:]
+    steps = [json.loads(line)["step"] for line in (workdir / "contended" / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    assert steps == sorted(set(steps))  # one writer: no step logged twice
+
+
+def test_a_refused_command_leaves_nothing_and_the_corrected_one_runs(workdir, assets):
+    run_dir = workdir / "corrected"
+    with pytest.raises(ValueError, match="must be a multiple of the data-parallel size"):
+        run(tiny(workdir, assets, run_dir, "mesh.data=2", "batch_size=7"))
+    assert not run_dir.exists()
+    result = run(tiny(workdir, assets, run_dir, "warmup=1000", "steps=3"))  # a warmup longer than the run
+    assert result["step"] == 3
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR)  # a run that never saved takes the new settings
+    assert run(tiny(workdir, assets, run_dir, "steps=2"))["step"] == 2
+
+
+def test_a_run_directory_missing_its_model_files_gets_them_back(finished, workdir, assets):
+    pristine, _ = finished
+    run_dir = workdir / "repaired"
+    shutil.copytree(pristine, run_dir)
+    (run_dir / CONFIG_FILE).unlink()
+    (run_dir / "tokenizer.bin").unlink()
+    run(tiny(workdir, assets, run_dir))
+    assert llama_jax.load(run_dir).config.vocab_size == 512
+
+
+def test_model_directories_that_lie_about_their_tokenizer_are_refused(assets, tmp_path):
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    config = json.loads((model_dir / CONFIG_FILE).read_text())
+    bigger = tmp_path / "bigger"
+    shutil.copytree(model_dir, bigger)
+    shutil.copyfile(assets / "llama2_tokenizer.model", bigger / "tokenizer.model")
+    (bigger / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer": "tokenizer.model"}))
+    with pytest.raises(ValueError, match="has 32000 tokens, more than the model's 512 embeddings"):
+        llama_jax.load(bigger)
+    escaping = tmp_path / "escaping"
+    shutil.copytree(model_dir, escaping)
+    for name in ("../stories/tokenizer.bin", str(model_dir / "tokenizer.bin")):
+        (escaping / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer": name}))
+        with pytest.raises(ValueError, match="must be a file name inside"):
+            llama_jax.load(escaping)
+
+
+def test_outputs_appear_whole_with_normal_permissions_and_stale_partials_are_cleaned(assets, tmp_path):
+    abandoned = tmp_path / ".stories.partial-999999999-abc"  # a killed conversion's leftovers (no such pid)
+    abandoned.mkdir()
+    (abandoned / "big.bin").write_bytes(b"\0" * 1000)
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    assert not abandoned.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stories"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert model_dir.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_evaluate_refuses_a_zero_window(assets, tmp_path):
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    result = run_module("llama_jax.evaluate", "--checkpoint", model_dir, "--data", assets / "tinystories_sample.txt",
+                        "--seq-len", "0")
+    assert_one_error_line(result, "--seq-len must be between 2 and the model's max_seq_len 512, got 0")
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A 512 KiB filesystem (tmpfs needs root; else the test is skipped)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(mount)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here to fill")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(assets, full_disk):
+    (full_disk / "filler").write_bytes(b"\0" * (400 << 10))  # stories260K needs about 1 MiB
+    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
+                        assets / "tok512.bin", "--out", full_disk / "stories")
+    line = assert_one_error_line(result)
+    assert "No space left on device" in line or "RESOURCE_EXHAUSTED" in line or "space" in line.lower(), line
+    assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]
