@@ -19,7 +19,6 @@ Exit status 1: it does not fit.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -47,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="keep the K most likely tokens; 0 turns it off (default)")
     parser.add_argument("--seed", type=int, default=0, metavar="S",
                         help="a prompt's samples depend only on the seed and its position in the input")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="prompts decoded together (default 8)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
+                        help="decode slots: prompts decoded together, each refilled when its completion ends "
+                             "(default 8; results never depend on it)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message in the checkpoint's chat template")
@@ -135,28 +136,49 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> str:
-    """Run the model over prompts[first:], writing each batch's records as soon as it is done; returns
-    a summary line."""
+    """Run prompts[first:] through the engine (`--batch-size` decode slots, refilled as completions end)
+    and write the records in input order, each as soon as it and those before it are done; returns a
+    summary line."""
     from tqdm import tqdm
 
     from llama_jax.checkpoint import load
-    from llama_jax.inference.generator import Generator
+    from llama_jax.inference.engine import Engine
+    from llama_jax.inference.scheduler import Request
 
-    generator = Generator(load(args.checkpoint, mesh=mesh, dtype=args.dtype), settings)
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    stop_ids = tuple(sorted({*loaded.tokenizer.stop_ids, *settings.stop_ids}))
+    longest = max(len(ids) for ids in prompt_ids[first:])
+    engine = Engine(loaded, slots=settings.batch_size, cache_len=longest + settings.max_new_tokens)
+    requests = [Request(tuple(ids), settings.max_new_tokens, settings.sampling, settings.seed, stream=index,
+                        stop_ids=stop_ids) for index, ids in enumerate(prompt_ids) if index >= first]
+    finished: dict[int, dict] = {}
+    written = first
     progress = tqdm(total=len(prompts), initial=first, unit="prompt", file=sys.stderr,
                     disable=args.prompts is None)
+
+    def on_result(position: int, result) -> None:
+        nonlocal written
+        index = first + position
+        finished[index] = {"prompt": prompts[index], "completion": result.text, "token_ids": result.token_ids,
+                           "finish_reason": result.finish_reason}
+        progress.update(1)
+        ready = []
+        while written in finished:
+            ready.append(finished.pop(written))
+            written += 1
+        if not ready:
+            return
+        if output:
+            output.write(ready)
+        else:
+            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ready))
+            sys.stdout.flush()
+
     with progress:
-        for batch in generator.batches(prompts[first:], first, prompt_ids[first:]):
-            records = [dataclasses.asdict(c) for c in batch]
-            if output:
-                output.write(records)
-            else:
-                sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-                sys.stdout.flush()
-            progress.update(len(batch))
-    buckets = sorted(bucket for _, bucket, _ in generator.compiled_shapes)
+        engine.generate(requests, on_result)
+    buckets = sorted(bucket for kind, bucket in engine.backend.compiled if kind == "insert")
     return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
-            f"{len(buckets)} compiled shape(s): batch {args.batch_size} x prompt lengths {buckets}")
+            f"{settings.batch_size} decode slots; prompt buckets compiled: {buckets}")
 
 
 def compile_for(args: argparse.Namespace) -> int:

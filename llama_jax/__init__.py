@@ -10,6 +10,10 @@ flag) does not pay for importing JAX.
 """
 import importlib
 
+from llama_jax.hardware import quiet_libtpu_without_tpu
+
+quiet_libtpu_without_tpu()  # before JAX starts: a CPU host with the `tpu` extra stays quiet
+
 _EXPORTS = {
     "load": "llama_jax.checkpoint",
     "LoadedModel": "llama_jax.checkpoint",

@@ -16,6 +16,7 @@ everywhere; only the kernels' speed needs the accelerator.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -78,6 +79,58 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, *, 
         # sequences the kernel cannot tile (short prompts, odd lengths) take the reference path
         return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))
     raise ValueError(f"unknown attention implementation {implementation!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LiveCache:
+    """How queries read a KV cache in blocks (`attend_live_cache`): `q_index` (batch, q_len) is the slot of
+    each query, `block` the slots per block. Only blocks some query can see are read."""
+
+    q_index: jax.Array
+    block: int
+
+
+def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array,
+                      live: LiveCache) -> jax.Array:
+    """Attention of q (batch, q_len, heads, head_dim) over layer `layer` of the stacked cache (layers, batch,
+    kv_heads, max_len, head_dim), reading it `live.block` slots at a time, as far as the furthest query
+    reaches and no further: a decode step costs the live part of the cache, not its allocated length.
+
+    An online softmax (float32) runs over the blocks. A block beyond a row's own queries is fully masked and
+    adds exactly nothing to that row, so each row's result is the same however far the other rows reach:
+    continuous batching stays batch-invariant. max_len must be a multiple of `block`.
+    """
+    batch, q_len, heads, head_dim = q.shape
+    kv_heads, max_len = k_all.shape[2], k_all.shape[3]
+    block = live.block
+    qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
+    scale = head_dim ** -0.5
+    n_blocks = jnp.minimum(jnp.max(live.q_index) // block + 1, max_len // block)
+
+    def read(cache, start):
+        return jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, batch, kv_heads, block, head_dim))[0]
+
+    def one_block(i, carry):
+        running_max, total, acc = carry
+        start = i * block
+        k, v = read(k_all, start), read(v_all, start)
+        scores = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+        visible = (start + jnp.arange(block))[None, None, :] <= live.q_index[:, :, None]  # (batch, q_len, block)
+        scores = jnp.where(visible[:, None, None], scores, _MASKED)
+        new_max = jnp.maximum(running_max, jnp.max(scores, axis=-1))
+        probs = jnp.exp(scores - new_max[..., None])
+        correction = jnp.exp(running_max - new_max)
+        total = total * correction + jnp.sum(probs, axis=-1)
+        acc = acc * correction[..., None] + jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v,
+                                                       preferred_element_type=jnp.float32)
+        return new_max, total, acc
+
+    shape = (batch, kv_heads, heads // kv_heads, q_len)
+    start = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
+             jnp.zeros((*shape, head_dim), jnp.float32))
+    _, total, acc = jax.lax.fori_loop(0, n_blocks, one_block, start)
+    out = acc / total[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
 def _self_attention_mask(batch: int, length: int, segment_ids: jax.Array | None) -> jax.Array:

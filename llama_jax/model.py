@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.attention import attention, causal_mask, choose_implementation
+from llama_jax.attention import LiveCache, attend_live_cache, attention, causal_mask, choose_implementation
 from llama_jax.config import REMAT_POLICIES, ModelConfig
 from llama_jax.kv_cache import KVCache, write_slots
 from llama_jax.rope import apply_rope, inverse_frequencies
@@ -71,10 +71,13 @@ class Attention(nnx.Module):
             # its own layer back: copying the layer out and back in would move the whole cache per step.
             k_all, v_all, layer = layer_cache
             k_all, v_all = write_slots(k_all, k, layer, starts), write_slots(v_all, v, layer, starts)
-            k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-            v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
             layer_cache = (k_all, v_all, layer)
-            out = attention(q, k, v, "xla", mask=mask)  # a few queries over a long cache: memory-bound
+            if isinstance(mask, LiveCache):  # read block by block, only the live part
+                out = attend_live_cache(q, k_all, v_all, layer, mask)
+            else:  # a few queries over a long cache: memory-bound, the reference einsums
+                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
+                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
+                out = attention(q, k, v, "xla", mask=mask)
         out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
         return shard(out, "batch", "length", None), layer_cache
 
@@ -129,17 +132,19 @@ class Llama(nnx.Module):
             self.lm_head = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
     def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                 segment_ids: jax.Array | None = None,
-                 logits_at: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                 segment_ids: jax.Array | None = None, logits_at: jax.Array | None = None,
+                 cache_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
-        last real one; full-length float32 logits of a long batch would not fit in memory)."""
-        x, cache = self.hidden_states(ids, positions, cache, segment_ids)
+        last real one; full-length float32 logits of a long batch would not fit in memory). `cache_block`:
+        read the cache that many slots at a time, only its live part (`attention.attend_live_cache`)."""
+        x, cache = self.hidden_states(ids, positions, cache, segment_ids, cache_block)
         if logits_at is not None:
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         return self.logits(x), cache
 
     def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                      segment_ids: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+                      segment_ids: jax.Array | None = None,
+                      cache_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
         Training computes the logits from it a chunk at a time (`loss.token_nll`)."""
         c = self.config
@@ -154,8 +159,11 @@ class Llama(nnx.Module):
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training batches; they cannot be used with a KV cache")
             q_index = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
-            kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
-            mask = causal_mask(q_index, kv_index)
+            if cache_block is not None:
+                mask = LiveCache(q_index, cache_block)
+            else:
+                kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
+                mask = causal_mask(q_index, kv_index)
         else:
             mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
         return self._run_layers(x, positions, mask, segment_ids, cache, starts)

@@ -9,6 +9,7 @@ process is gone (killed mid-conversion, they can hold gigabytes).
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import os
 import shutil
@@ -36,6 +37,9 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
     target = Path(target).absolute()
     if not (keep_existing and target.exists()):
         ensure_new_output_dir(target)
+    existing = next(parent for parent in target.parents if parent.exists())
+    if not existing.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_staging(target)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))

@@ -64,6 +64,14 @@ def test_cli_never_writes_into_a_non_empty_out(tmp_path, assets):
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
+def test_cli_out_under_a_file_is_one_line(tmp_path, assets):
+    (tmp_path / "file").write_text("mine")
+    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
+                        assets / "tok512.bin", "--out", tmp_path / "file" / "sub")
+    assert "Not a directory" in assert_one_error_line(result)
+    assert (tmp_path / "file").read_text() == "mine"
+
+
 def test_cli_unknown_argument(tmp_path, assets):
     result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
                         assets / "tok512.bin", "--out", tmp_path / "out", "--bogus")

@@ -99,6 +99,15 @@ def test_a_damaged_model_directory_is_refused_in_one_line(assets, tmp_path):
     assert "changed since it was saved" in assert_one_error_line(result, "holds no intact parameters")
 
 
+def test_fine_tuning_from_a_damaged_model_directory_is_refused(workdir, assets, tmp_path):
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    for data in data_files(model_dir / "params"):
+        data.write_bytes(data.read_bytes()[:50])
+    with pytest.raises(ValueError, match="holds no intact parameters"):
+        run(tiny(workdir, assets, tmp_path / "tuned", f"init_from={model_dir}", "model=null", "seq_len=32"))
+    assert not (tmp_path / "tuned").exists()
+
+
 def test_a_run_directory_falls_back_to_its_newest_intact_step(finished, workdir):
     pristine, _ = finished
     run_dir = workdir / "infer-fallback"

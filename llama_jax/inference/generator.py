@@ -26,7 +26,7 @@ from llama_jax.inference.decode import (
     prefill_jit,
     step_jit,
 )
-from llama_jax.inference.prompts import PromptEncoder, chat_template_for, check_fits
+from llama_jax.inference.prompts import PromptEncoder, chat_template_for, check_fits, completion_text
 from llama_jax.inference.sampling import SamplingParams, row_keys
 from llama_jax.inference.settings import GenerationSettings
 from llama_jax.sharding import named_sharding
@@ -140,11 +140,7 @@ class Generator:
         return StreamPiece(generated[shown:], self.completion_text(prompt_ids, generated)[len(before):])
 
     def completion_text(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
-        """The text the generated ids add after the prompt. Decoding them together with the prompt keeps
-        the spaces that tokenizers drop at the start of a decoded sequence."""
-        prompt_text = self.tokenizer.decode(prompt_ids)
-        full = self.tokenizer.decode(list(prompt_ids) + list(generated))
-        return full[len(prompt_text):] if full.startswith(prompt_text) else self.tokenizer.decode(generated)
+        return completion_text(self.tokenizer, prompt_ids, generated)
 
     def _finish(self, row: np.ndarray) -> tuple[list[int], str]:
         stops = np.flatnonzero(np.isin(row, self.stop_ids))

@@ -3,6 +3,7 @@ that a prompt leaves room for the tokens to generate."""
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 from llama_jax.chat import encode_dialog
 from llama_jax.tokenizers import Tokenizer
@@ -41,3 +42,11 @@ def chat_template_for(checkpoint_template: str | None, chat: bool) -> str | None
         raise ValueError("this checkpoint has no chat template (its config.json chat_template is null); "
                          "generate without chat")
     return checkpoint_template if chat else None
+
+
+def completion_text(tokenizer: Tokenizer, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
+    """The text the generated ids add after the prompt. Decoding them together with the prompt keeps the
+    spaces that tokenizers drop at the start of a decoded sequence."""
+    prompt_text = tokenizer.decode(prompt_ids)
+    full = tokenizer.decode(list(prompt_ids) + list(generated))
+    return full[len(prompt_text):] if full.startswith(prompt_text) else tokenizer.decode(generated)

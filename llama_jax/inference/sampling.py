@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,3 +79,40 @@ def nucleus_mask(sorted_logits: jax.Array, top_p: float) -> jax.Array:
 
 def _nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(nucleus_mask(sorted_logits, top_p), sorted_logits, -jnp.inf)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class RowSampling:
+    """Sampling settings per row (a serving engine's slots each hold a request of its own), (rows,) each."""
+
+    temperature: jax.Array  # float32; 0 is greedy
+    top_k: jax.Array  # int32; 0 keeps every token
+    top_p: jax.Array  # float32; 1 keeps every token
+
+    @classmethod
+    def of(cls, params: list[SamplingParams]) -> RowSampling:
+        return cls(np.asarray([p.temperature for p in params], np.float32),
+                   np.asarray([p.top_k for p in params], np.int32), np.asarray([p.top_p for p in params], np.float32))
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowSampling) -> jax.Array:
+    """Token ids (rows,) int32 from logits (rows, vocab), each row with its own settings, key and step: a row's
+    token depends on nothing else in the batch. Rows that sample draw from their logits sorted in decreasing
+    order, cut by top-k then top-p; when every row is greedy the sort is skipped."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sampled(_):
+        step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+        scaled = logits.astype(jnp.float32) / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
+        candidates, candidate_ids = jax.lax.top_k(scaled, scaled.shape[-1])
+        rank = jnp.arange(scaled.shape[-1])[None, :]
+        keep = (rank < jnp.where(rows.top_k > 0, rows.top_k, scaled.shape[-1])[:, None])
+        candidates = jnp.where(keep, candidates, -jnp.inf)
+        probs = jax.nn.softmax(candidates, axis=-1)
+        keep &= (jnp.cumsum(probs, axis=-1) - probs) < rows.top_p[:, None]
+        choice = jax.vmap(jax.random.categorical)(step_keys, jnp.where(keep, candidates, -jnp.inf))
+        drawn = jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        return jnp.where(rows.temperature > 0, drawn, greedy)
+
+    return jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda _: greedy, None)

@@ -73,7 +73,7 @@ def open_run_dir(run_dir: Path, files: RunFiles) -> TextIO:
             # another process created it since the check above: the lock below decides who trains
     lock = _lock(run_dir)
     stored = _read_run(run_dir)
-    if stored["fingerprint"] != files.fingerprint and _has_checkpoints(run_dir):
+    if stored["fingerprint"] != files.fingerprint and has_checkpoints(run_dir):
         lock.close()
         raise ValueError(_different_run(run_dir, stored["fingerprint"], files.fingerprint))
     if stored["fingerprint"] != files.fingerprint or not (run_dir / CONFIG_FILE).is_file() \
@@ -122,7 +122,7 @@ def _lock(run_dir: Path) -> TextIO:
     return lock
 
 
-def _has_checkpoints(run_dir: Path) -> bool:
+def has_checkpoints(run_dir: Path) -> bool:
     return any(p.name.isdigit() for p in (run_dir / CHECKPOINTS_DIR).glob("*"))
 
 

@@ -32,7 +32,7 @@ from llama_jax.train.init_from import build_model_config, chat_template, resolve
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.multihost import PreemptionNotice
 from llama_jax.train.optimizer import learning_rate, make_optimizer
-from llama_jax.train.run_dir import RunFiles, check_run_dir, open_run_dir, run_fingerprint
+from llama_jax.train.run_dir import RunFiles, check_run_dir, has_checkpoints, open_run_dir, run_fingerprint
 from llama_jax.train.step import StateLayout, TrainState, init_state, make_eval_step, make_train_step, state_layout
 
 SAMPLE_TEMPERATURE = 0.8
@@ -106,6 +106,9 @@ def _prepare(config: TrainConfig) -> _Job:
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh)
     fingerprint = run_fingerprint(config, model_config, data.corpus.key)
+    # init_from's parameters are read (and checked) before the run directory exists, unless it will resume.
+    start_params = (source.restore_params(layout.abstract.params)
+                    if source is not None and not has_checkpoints(run_dir) else None)
     lock = None
     if jax.process_index() == 0:
         lock = open_run_dir(run_dir, RunFiles(model_config, data.tokenizer_path, data.tokenizer.file_name, template,
@@ -113,7 +116,7 @@ def _prepare(config: TrainConfig) -> _Job:
     multihost_utils.sync_global_devices("run_dir ready")
 
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
-    state, meta = _initial_state(config, model_config, source, mesh, optimizer, layout, checkpoints)
+    state, meta = _initial_state(config, model_config, start_params, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
                                  config.loss_chunk)
@@ -191,14 +194,16 @@ def _evaluate(job: _Job) -> float:
     return float(total) / max(float(count), 1.0)
 
 
-def _initial_state(config, model_config, source, mesh, optimizer, layout: StateLayout, checkpoints):
-    """(state, meta): from the newest checkpoint, else init_from's parameters, else a random init."""
+def _initial_state(config, model_config, start_params, mesh, optimizer, layout: StateLayout, checkpoints):
+    """(state, meta): from the newest intact checkpoint, else init_from's parameters, else a random init."""
     restored = checkpoints.restore_newest_intact(layout.abstract)
     if restored is not None:
         params, opt_state, meta = restored
         return TrainState(jax.device_put(np.int32(meta["step"]), layout.shardings.step), params, opt_state), meta
-    if source is not None:
-        params = source.restore_params(layout.abstract.params)
+    if start_params is not None:
+        params = start_params
+    elif config.init_from is not None:  # every checkpoint of this run was damaged: start again from init_from
+        params = read_model_dir(config.init_from).restore_params(layout.abstract.params)
     else:
         params = nnx.to_pure_dict(nnx.state(create_model(model_config, mesh, seed=config.seed)))
     return init_state(params, optimizer, layout.shardings), {}
