@@ -176,7 +176,7 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
 
     with progress:
         engine.generate(requests, on_result)
-    buckets = sorted(bucket for kind, bucket in engine.backend.compiled if kind == "insert")
+    buckets = sorted({key[2] for key in engine.backend.compiled if key[0] == "insert"})
     return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
             f"{settings.batch_size} decode slots; prompt buckets compiled: {buckets}")
 

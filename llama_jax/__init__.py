@@ -34,13 +34,15 @@ _EXPORTS = {
     "Completion": "llama_jax.inference.generator",
     "StreamPiece": "llama_jax.inference.generator",
     "GenerationSettings": "llama_jax.inference.settings",
+    "Engine": "llama_jax.inference.engine",
+    "Request": "llama_jax.inference.scheduler",
     "SamplingParams": "llama_jax.inference.sampling",
     "perplexity": "llama_jax.evaluate",
     "TrainConfig": "llama_jax.train.config",
     "load_train_config": "llama_jax.train.config",
 }
 # Subpackages reachable as attributes: `llama_jax.train.run(config)`.
-_SUBPACKAGES = ("convert", "inference", "tokenizers", "train")
+_SUBPACKAGES = ("convert", "inference", "serve", "tokenizers", "train")
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 

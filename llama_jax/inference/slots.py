@@ -5,8 +5,8 @@
     tokens, logprobs = backend.decode(8)                                            # 8 steps of every slot
 
 The cache is (layers, slots, kv_heads, cache_len, head_dim) with each slot's length; prompts are prefilled on
-a small cache of their own bucket (several at once, always `prefill_rows` rows, so a prompt's prefill is the
-same program whoever shares it) and copied into their slots. Each slot samples with its own settings, key
+a small cache of their own bucket (several at once: 1, 2, 4, ... up to `prefill_rows` rows, the power of two
+that holds them) and copied into their slots. Each slot samples with its own settings, key
 and step, and decoding reads the cache in blocks, only as far as the longest live slot
 (`attention.attend_live_cache`): every slot's tokens are those it would get alone. The cache is donated to
 every call, so it is updated in place; calls are plain `jax.jit` over the model's split state.
@@ -48,8 +48,8 @@ def _chosen_logprob(logits, token):
 
 def _insert(graphdef, state, cache: KVCache, slots: SlotState, ids, lengths, rows, keys, sampling: RowSampling,
             *, chunk: int):
-    """Prefill `ids` (prefill_rows, bucket) and copy each row into slot rows[i] (rows equal to the slot count
-    are padding, dropped); sample each one's first token."""
+    """Prefill `ids` (rows, bucket) and copy each row into slot rows[i] (rows equal to the slot count are
+    padding, dropped); sample each one's first token."""
     logits, small = prefill(graphdef, state, ids, lengths, ids.shape[1], chunk)
     bucket = ids.shape[1]
     k = cache.k.at[:, rows, :, :bucket].set(small.k.astype(cache.k.dtype), mode="drop")
@@ -106,13 +106,13 @@ class SlotBackend:
         zeros = np.zeros((slots,), np.int32)
         self.slot_state = SlotState(zeros, zeros, jax.random.split(jax.random.key(0), slots),
                                     RowSampling(np.zeros(slots, np.float32), zeros, np.ones(slots, np.float32)))
-        self.compiled: set[tuple[str, int]] = set()  # ("insert", bucket), ("decode", steps)
+        self.compiled: set[tuple] = set()  # ("insert", rows, bucket), ("decode", steps)
 
     def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
         firsts, logprobs = [], []
         for start in range(0, len(requests), self.prefill_rows):
             group, group_slots = requests[start:start + self.prefill_rows], slots[start:start + self.prefill_rows]
-            n = self.prefill_rows
+            n = 1 << (len(group) - 1).bit_length()  # few compiled shapes, little padding
             ids = np.full((n, bucket), self.pad_id, np.int32)
             lengths = np.ones((n,), np.int32)
             rows = np.full((n,), self.slots, np.int32)  # out of range: padding rows are dropped
@@ -122,7 +122,7 @@ class SlotBackend:
             padded = list(group) + [group[0]] * (n - len(group))
             keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
                 np.asarray([r.seed for r in padded], np.uint32), np.asarray([r.stream for r in padded], np.int32))
-            self.compiled.add(("insert", bucket))
+            self.compiled.add(("insert", n, bucket))
             with jax.set_mesh(self.mesh):
                 self.cache, self.slot_state, token, logprob = _insert_jit(
                     self.graphdef, self.state, self.cache, self.slot_state, ids, lengths, rows, keys,

@@ -1,0 +1,145 @@
+"""The continuous-batching rules without a model: a deterministic fake backend (JetStream's mock-engine idea)
+whose slot tokens are a function of the request alone, driven through admission, refill, stop conditions,
+cancellation and fairness."""
+import pytest
+
+from llama_jax.inference.scheduler import QueueFull, Request, Scheduler
+
+STOP = 0
+
+
+class FakeBackend:
+    """Token t of a request is 10 + (sum(prompt) + t) % 50, except that a prompt starting with 99 emits the
+    stop id at step prompt[1]. Records what it was asked to do."""
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.requests = {}
+        self.steps = {}
+        self.inserts = []  # (slots, bucket)
+        self.decodes = []  # active slots per decode
+
+    def token(self, request, step):
+        if request.prompt_ids[0] == 99 and step == request.prompt_ids[1]:
+            return STOP
+        return 10 + (sum(request.prompt_ids) + step) % 50
+
+    def insert(self, slots, requests, bucket):
+        self.inserts.append((list(slots), bucket))
+        for slot, request in zip(slots, requests):
+            self.requests[slot], self.steps[slot] = request, 1
+        return [self.token(r, 0) for r in requests], [-0.5] * len(requests)
+
+    def decode(self, steps, active):
+        self.decodes.append([s for s in range(self.slots) if active[s]])
+        tokens = []
+        for slot in range(self.slots):
+            request, first = self.requests.get(slot), self.steps.get(slot, 0)
+            tokens.append([self.token(request, first + i) if request else 1 for i in range(steps)])
+            self.steps[slot] = first + steps
+        return tokens, [[-1.0] * steps for _ in range(self.slots)]
+
+
+def text(prompt_ids, generated):
+    return "".join(chr(ord("a") + t % 26) for t in generated)
+
+
+def scheduler(slots=2, max_queue=8, steps=3):
+    return Scheduler(FakeBackend(slots), max_queue=max_queue, steps_per_dispatch=steps, bucket_limit=512, text=text)
+
+
+def submit(s, prompt, max_tokens=5, **kw):
+    events = []
+    s.submit(Request(tuple(prompt), max_tokens, stop_ids=(STOP,), **kw), events.append)
+    return events
+
+
+def run(s):
+    while s.busy:
+        s.step()
+
+
+def expected_tokens(prompt, n):
+    return [10 + (sum(prompt) + t) % 50 for t in range(n)]
+
+
+def test_every_request_gets_its_own_tokens_whatever_shares_the_slots():
+    alone = scheduler(slots=1)
+    solo = [submit(alone, [i, 3, 4], max_tokens=4 + i) for i in range(5)]
+    run(alone)
+    crowded = scheduler(slots=3)
+    shared = [submit(crowded, [i, 3, 4], max_tokens=4 + i) for i in range(5)]
+    run(crowded)
+    for i, (a, b) in enumerate(zip(solo, shared)):
+        tokens = [t for e in b for t in e.token_ids]
+        assert tokens == [t for e in a for t in e.token_ids] == expected_tokens([i, 3, 4], 4 + i)
+        assert b[-1].finish_reason == "length" and all(e.finish_reason is None for e in b[:-1])
+        assert "".join(e.text for e in b) == text(None, tokens)
+
+
+def test_admission_is_first_come_first_served_and_slots_refill_at_once():
+    s = scheduler(slots=2, steps=2)
+    events = [submit(s, [n, 1], max_tokens=m) for n, m in ((1, 2), (2, 6), (3, 2), (4, 2))]
+    s.step()  # admits 1 and 2; request 1 ends within this step's decode
+    assert s.backend.inserts == [([0, 1], 16)]
+    assert events[0][-1].finish_reason == "length" and not events[2]
+    s.step()  # request 3 takes the freed slot 0 before decoding
+    assert s.backend.inserts[1] == ([0], 16) and s.backend.decodes[1] == [0, 1]
+    run(s)
+    assert all(e[-1].finish_reason == "length" for e in events)
+    assert [slots for slots, _ in s.backend.inserts] == [[0, 1], [0], [0]]
+
+
+def test_same_bucket_prompts_share_a_prefill_without_passing_the_head_of_the_queue():
+    s = scheduler(slots=4)
+    submit(s, [1] * 40)  # bucket 64
+    submit(s, [2] * 3)  # bucket 16
+    submit(s, [3] * 50)  # bucket 64: joins the head's prefill
+    submit(s, [4] * 5)  # bucket 16
+    s.step()
+    assert s.backend.inserts == [([0, 1], 64), ([2, 3], 16)]
+
+
+def test_a_stop_id_ends_a_request_and_is_not_returned():
+    s = scheduler()
+    events = submit(s, [99, 4, 7], max_tokens=20)
+    run(s)
+    tokens = [t for e in events for t in e.token_ids]
+    assert tokens == expected_tokens([99, 4, 7], 4) and events[-1].finish_reason == "stop"
+
+
+def test_stop_strings_end_the_text_and_are_never_shown_in_part():
+    s = scheduler(steps=1)
+    full = text(None, expected_tokens([5, 5], 12))
+    stop = full[6:9]
+    events = submit(s, [5, 5], max_tokens=12, stop_strings=(stop,))
+    run(s)
+    assert events[-1].finish_reason == "stop" and "".join(e.text for e in events) == full[:full.index(stop)]
+    assert all(stop[:2] not in e.text for e in events[:-1])  # held back until it could not be a stop string
+
+
+def test_cancelled_requests_free_their_slot_for_the_next():
+    s = scheduler(slots=1)
+    running = []
+    handle = s.submit(Request((1, 2), 50, stop_ids=(STOP,)), running.append)
+    waiting = submit(s, [3, 4], max_tokens=3)
+    queued_events = []
+    queued = s.submit(Request((5, 6), 3), queued_events.append)
+    s.step()
+    queued.cancel()
+    handle.cancel()
+    s.step()
+    assert running[-1].finish_reason == "cancelled" and queued_events[-1].finish_reason == "cancelled"
+    assert s.backend.inserts[-1] == ([0], 16)  # the waiting request took the freed slot in the same step
+    run(s)
+    assert waiting[-1].finish_reason == "length"
+
+
+def test_the_queue_is_bounded():
+    s = scheduler(slots=1, max_queue=2)
+    submit(s, [1])
+    submit(s, [2])
+    with pytest.raises(QueueFull):
+        submit(s, [3])
+    s.step()  # one admitted: room again
+    submit(s, [3])
