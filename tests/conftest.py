@@ -1,4 +1,4 @@
-"""Shared test setup: two fake CPU devices for mesh tests, float32 matmuls, the shared real assets."""
+"""Shared test setup: two fake CPU devices for mesh tests, float32 matmuls, and the real files tests read."""
 import os
 from pathlib import Path
 
@@ -12,29 +12,50 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+REPO = Path(__file__).resolve().parents[1]
+# Meta's tokenizers are not bundled (their license): tests that need them skip unless they are here.
+META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", REPO.parent / "shared" / "assets"))
+META_FILES = ("llama2_tokenizer.model", "llama3_tokenizer.model")
 
 
 @pytest.fixture(scope="session")
-def assets() -> Path:
-    if not ASSETS.is_dir():
-        pytest.skip(f"shared assets not found at {ASSETS}")
-    return ASSETS
+def assets(tmp_path_factory) -> Path:
+    """One directory of every real file: the bundled assets/, data/'s TinyShakespeare, and Meta's tokenizers
+    where they are provided (assets/README.md says how)."""
+    folder = tmp_path_factory.mktemp("assets")
+    sources = [*(REPO / "assets").iterdir(), REPO / "data" / "tinyshakespeare.txt"]
+    sources += [META_TOKENIZERS / name for name in META_FILES if (META_TOKENIZERS / name).is_file()]
+    for source in sources:
+        (folder / source.name).symlink_to(source)
+    return folder
 
 
-@pytest.fixture(scope="session")
-def llama2_tok(assets):
-    from llama_jax.tokenizers import load_tokenizer
-
-    return load_tokenizer(assets / "llama2_tokenizer.model")
-
-
-@pytest.fixture(scope="session")
-def llama3_tok(assets):
-    """The Llama 3 tokenizer is Meta-licensed: read from the shared assets, never committed."""
-    from llama_jax.tokenizers import load_tokenizer
-
-    path = assets / "llama3_tokenizer.model"
+def meta_tokenizer_file(assets: Path, name: str) -> Path:
+    path = assets / name
     if not path.is_file():
-        pytest.skip("Llama 3 tokenizer (Meta Llama 3 license) not in the shared assets")
-    return load_tokenizer(path)
+        pytest.skip(f"{name} (Meta license, not bundled) not found in {META_TOKENIZERS}: see assets/README.md")
+    return path
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_file(assets) -> Path:
+    return meta_tokenizer_file(assets, "llama2_tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama3_tokenizer_file(assets) -> Path:
+    return meta_tokenizer_file(assets, "llama3_tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def llama2_tok(llama2_tokenizer_file):
+    from llama_jax.tokenizers import load_tokenizer
+
+    return load_tokenizer(llama2_tokenizer_file)
+
+
+@pytest.fixture(scope="session")
+def llama3_tok(llama3_tokenizer_file):
+    from llama_jax.tokenizers import load_tokenizer
+
+    return load_tokenizer(llama3_tokenizer_file)

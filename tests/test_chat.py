@@ -98,12 +98,12 @@ def test_llama2_published_chat_ids(llama2_tok, name):
 
 
 @pytest.fixture(scope="module")
-def hf_llama2(assets):
+def hf_llama2(llama2_tokenizer_file):
     transformers = pytest.importorskip("transformers")
     # transformers' SentencePiece-backed tokenizer: its converted `LlamaTokenizer` splits runs of spaces
     # differently from SentencePiece (and so from Meta's encode).
     hf = transformers.SentencePieceBackend(
-        vocab_file=str(assets / "llama2_tokenizer.model"), legacy=True, bos_token="<s>", eos_token="</s>",
+        vocab_file=str(llama2_tokenizer_file), legacy=True, bos_token="<s>", eos_token="</s>",
         unk_token="<unk>",
     )
     hf.chat_template = HF_LLAMA2_CHAT_TEMPLATE

@@ -15,6 +15,7 @@ from module_runner import REPO, assert_one_error_line, run_module
 import llama_jax
 from llama_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE
 from llama_jax.convert import convert_llama2c
+from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import load_train_config
 from llama_jax.train.trainer import run
 
@@ -168,14 +169,14 @@ def test_a_run_directory_missing_its_model_files_gets_them_back(finished, workdi
     assert llama_jax.load(run_dir).config.vocab_size == 512
 
 
-def test_model_directories_that_lie_about_their_tokenizer_are_refused(assets, tmp_path):
+def test_model_directories_that_lie_about_their_tokenizer_are_refused(assets, workdir, tmp_path):
     model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     bigger = tmp_path / "bigger"
     shutil.copytree(model_dir, bigger)
-    shutil.copyfile(assets / "llama2_tokenizer.model", bigger / "tokenizer.model")
+    train_sentencepiece([workdir / "shakespeare.txt"], 600, bigger / "tokenizer.model")
     (bigger / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer": "tokenizer.model"}))
-    with pytest.raises(ValueError, match="has 32000 tokens, more than the model's 512 embeddings"):
+    with pytest.raises(ValueError, match="has 600 tokens, more than the model's 512 embeddings"):
         llama_jax.load(bigger)
     escaping = tmp_path / "escaping"
     shutil.copytree(model_dir, escaping)

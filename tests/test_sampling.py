@@ -1,10 +1,12 @@
-"""The sampler against independent references: numpy nuclei and top-k sets, softmax frequencies, argmax."""
+"""The samplers against independent references: numpy nuclei and top-k sets, softmax frequencies, argmax. Both
+the static-batch sampler (`sample`, one setting for all rows) and the engine's (`sample_rows`, a setting per
+row, cutting by bisection instead of sorting) must meet each."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.inference.sampling import SamplingParams, nucleus_mask, row_keys, sample
+from llama_jax.inference.sampling import RowSampling, SamplingParams, nucleus_mask, row_keys, sample, sample_rows
 
 VOCAB, ROWS, DRAWS = 12, 4, 8000
 TEMPERATURE = 0.7  # one temperature for every sampling test: each setting costs a compile
@@ -21,10 +23,20 @@ def _draws(logits, keys, params, steps):
     return jax.vmap(lambda step: sample(logits, keys, step, params))(jnp.arange(steps))
 
 
-def draws(logits, params, seed=0, indices=None, steps=DRAWS):
+@jax.jit(static_argnames=("steps",))
+def _row_draws(logits, keys, rows, steps):
+    return jax.vmap(lambda step: sample_rows(logits, keys, jnp.full(logits.shape[0], step), rows))(jnp.arange(steps))
+
+
+def draws(logits, params, seed=0, indices=None, steps=DRAWS, sampler="static"):
     """(steps, rows) tokens: step t of every row (one compile per params and shape)."""
     keys = row_keys(seed, jnp.arange(logits.shape[0]) if indices is None else jnp.asarray(indices))
+    if sampler == "rows":
+        return np.asarray(_row_draws(logits, keys, RowSampling.of([params] * logits.shape[0]), steps))
     return np.asarray(_draws(logits, keys, params, steps))
+
+
+SAMPLERS = pytest.mark.parametrize("sampler", ["static", "rows"])
 
 
 def softmax64(x):
@@ -41,27 +53,31 @@ def reference_nucleus(logits_row, top_p, temperature=TEMPERATURE):
     return set(order[:size].tolist())
 
 
-def test_temperature_zero_is_argmax(logits):
-    tokens = draws(logits, SamplingParams(temperature=0.0), steps=DRAWS)
+@SAMPLERS
+def test_temperature_zero_is_argmax(logits, sampler):
+    tokens = draws(logits, SamplingParams(temperature=0.0), steps=DRAWS, sampler=sampler)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-def test_low_temperature_converges_to_greedy(logits):
-    tokens = draws(logits, SamplingParams(temperature=1e-3), steps=DRAWS)
+@SAMPLERS
+def test_low_temperature_converges_to_greedy(logits, sampler):
+    tokens = draws(logits, SamplingParams(temperature=1e-3), steps=DRAWS, sampler=sampler)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-def test_top_k_support_is_exactly_the_k_largest(logits):
+@SAMPLERS
+def test_top_k_support_is_exactly_the_k_largest(logits, sampler):
     k = 3
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k))
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k), sampler=sampler)
     for row in range(ROWS):
         largest = set(np.argsort(-np.asarray(logits[row]))[:k].tolist())
         assert set(tokens[:, row].tolist()) == largest
 
 
-def test_top_p_samples_only_the_minimal_nucleus(logits):
+@SAMPLERS
+def test_top_p_samples_only_the_minimal_nucleus(logits, sampler):
     top_p = 0.8
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=top_p))
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=top_p), sampler=sampler)
     for row in range(ROWS):
         nucleus = reference_nucleus(logits[row], top_p)
         # ⊆: nothing outside the nucleus; ⊇: nothing of it dropped (so the kept set is the minimal one).
@@ -77,14 +93,16 @@ def test_nucleus_mask_matches_the_reference_on_many_rows():
             assert set(np.flatnonzero(kept).tolist()) == reference_nucleus(row, top_p, temperature=1.0)
 
 
-def test_tiny_top_p_still_keeps_the_most_likely_token(logits):
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=1e-6), steps=DRAWS)
+@SAMPLERS
+def test_tiny_top_p_still_keeps_the_most_likely_token(logits, sampler):
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=1e-6), steps=DRAWS, sampler=sampler)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-def test_top_k_then_top_p_renormalises_over_the_k(logits):
+@SAMPLERS
+def test_top_k_then_top_p_renormalises_over_the_k(logits, sampler):
     k, top_p = 5, 0.7
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k, top_p=top_p))
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k, top_p=top_p), sampler=sampler)
     for row in range(ROWS):
         values = np.asarray(logits[row], np.float64)
         top = np.argsort(-values)[:k]
@@ -92,8 +110,9 @@ def test_top_k_then_top_p_renormalises_over_the_k(logits):
         assert set(tokens[:, row].tolist()) == {int(top[i]) for i in within}
 
 
-def test_temperature_sampling_frequencies_match_the_softmax(logits):
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE))
+@SAMPLERS
+def test_temperature_sampling_frequencies_match_the_softmax(logits, sampler):
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE), sampler=sampler)
     for row in range(ROWS):
         probs = softmax64(np.asarray(logits[row]) / TEMPERATURE)
         freqs = np.bincount(tokens[:, row], minlength=VOCAB) / tokens.shape[0]

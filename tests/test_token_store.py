@@ -67,6 +67,10 @@ def test_hosts_read_only_their_rows_and_nothing_at_start(tmp_path, stories, asse
 
 
 def test_a_store_is_never_written_over_and_must_match_the_run(tmp_path, stories, assets):
+    other_tokenizer = tmp_path / "other.bin"
+    data = bytearray((assets / "tok512.bin").read_bytes())
+    data[-1] ^= 1  # another tokenizer file (its last piece's last byte differs)
+    other_tokenizer.write_bytes(bytes(data))
     tokenizer = f"tokenizer={assets / 'tok512.bin'}"
     config = settings(tmp_path, stories / "stories.txt", tokenizer)
     url = (tmp_path / "store").as_uri()
@@ -82,7 +86,7 @@ def test_a_store_is_never_written_over_and_must_match_the_run(tmp_path, stories,
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == before
     store = str(tmp_path / "store")  # a local directory holding a store is one too
     with pytest.raises(ValueError, match="was tokenized with another tokenizer"):
-        prepare_data(settings(tmp_path, store, f"tokenizer={assets / 'llama2_tokenizer.model'}"), None)
+        prepare_data(settings(tmp_path, store, f"tokenizer={other_tokenizer}"), None)
     with pytest.raises(ValueError, match="was tokenized with"):
         prepare_data(settings(tmp_path, store, "sft=true"), None)
     with pytest.raises(ValueError, match="holds no finished token store"):

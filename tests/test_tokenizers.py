@@ -212,9 +212,9 @@ def test_tiktoken_long_input_cut_like_meta(llama3_tok):
 # --- format detection and errors -----------------------------------------------------------------------------
 
 
-def test_detects_format_from_content_not_name(tmp_path, assets):
+def test_detects_format_from_content_not_name(tmp_path, assets, llama2_tokenizer_file):
     (tmp_path / "tokenizer.model").write_bytes((assets / "tok512.bin").read_bytes())
-    (tmp_path / "odd.bin").write_bytes((assets / "llama2_tokenizer.model").read_bytes())
+    (tmp_path / "odd.bin").write_bytes(llama2_tokenizer_file.read_bytes())
     assert load_tokenizer(tmp_path / "tokenizer.model").kind == "llama2c"
     assert load_tokenizer(tmp_path / "odd.bin").kind == "sentencepiece"
 
@@ -237,7 +237,7 @@ def test_unreadable_files_raise_value_error_naming_the_file(tmp_path, content):
         load_tokenizer(path)
 
 
-def test_truncated_files_raise_value_error(tmp_path, assets):
+def test_truncated_files_raise_value_error(tmp_path, assets, llama2_tokenizer_file):
     for name, cut in [("tok512.bin", 3), ("tok512.bin", 3000), ("llama2_tokenizer.model", 1000)]:
         data = (assets / name).read_bytes()
         path = tmp_path / f"cut_{name}"

@@ -124,13 +124,13 @@ def test_tokenized_corpus_is_cached_by_content(tmp_path, assets, monkeypatch):
     assert prepare_data(_config(tmp_path, path, f"tokenizer={tokenizer}"), None).corpus.key != first.corpus.key
 
 
-def test_sft_loss_mask_covers_exactly_the_response(tmp_path, assets):
-    tokenizer = load_tokenizer(assets / "llama2_tokenizer.model")
+def test_sft_loss_mask_covers_exactly_the_response(tmp_path, llama2_tokenizer_file):
+    tokenizer = load_tokenizer(llama2_tokenizer_file)
     path = tmp_path / "sft.jsonl"
     records = [("What is two plus two?", "Four."), ("Name a colour.", "Blue, like the sea."),
                ("Say hi.", "Hi!"), ("Count to three.", "One, two, three.")]
     path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in records))
-    config = _config(tmp_path, path, "sft=true", f"tokenizer={assets / 'llama2_tokenizer.model'}")
+    config = _config(tmp_path, path, "sft=true", f"tokenizer={llama2_tokenizer_file}")
     for template in (None, "llama2"):
         rows = PackedRows(prepare_data(config, template).corpus, 30, tokenizer.pad_id, whole_documents=True,
                           val_fraction=0.3)
@@ -151,11 +151,8 @@ def test_sft_loss_mask_covers_exactly_the_response(tmp_path, assets):
             assert inputs[: len(prompt_ids)] == prompt_ids and first_learned == len(prompt_ids) - 1
 
 
-def test_llama3_sft_responses_end_with_end_of_turn(assets):
-    path = assets / "llama3_tokenizer.model"
-    if not path.is_file():
-        pytest.skip("Llama 3 tokenizer (Meta Llama 3 license) not in the shared assets")
-    tokenizer = load_tokenizer(path)
+def test_llama3_sft_responses_end_with_end_of_turn(llama3_tok):
+    tokenizer = llama3_tok
     ids, weights = encode_example(tokenizer, "Hi", "Hello there.", "llama3")
     prompt = encode_dialog(tokenizer, "llama3", [{"role": "user", "content": "Hi"}])
     assert ids[: len(prompt)] == prompt and weights == [0] * len(prompt) + [1] * (len(ids) - len(prompt))

@@ -10,6 +10,7 @@ import pytest
 
 import llama_jax
 from llama_jax.checkpoint import CHECKPOINTS_DIR
+from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import load_train_config
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.trainer import run
@@ -120,16 +121,21 @@ def test_incompatible_run_dir_is_refused_and_untouched(trained, workdir, assets,
     assert (other / "notes.txt").read_text() == "mine" and len(list(other.iterdir())) == 1
 
 
+@pytest.fixture(scope="module")
+def bigger_tokenizer(workdir, excerpt) -> Path:
+    """A 600-piece SentencePiece tokenizer: more ids than the 512 of the trained model."""
+    return train_sentencepiece([excerpt], 600, workdir / "bigger.model")
+
+
 @pytest.mark.parametrize("extra, message", [
     (["init_from=RUN", "model=small"], "holds a different model: dim=48 there but 192 here"),
     (["init_from=MISSING"], "is not a llama_jax model directory"),
-    (["init_from=RUN", "model=null", "tokenizer=LLAMA2"], "the tokenizer has 32000 tokens but the model only 512"),
+    (["init_from=RUN", "model=null", "tokenizer=BIGGER"], "the tokenizer has 600 tokens but the model only 512"),
     (["init_from=RUN", "model=null", "sft=true", "chat_template=auto"], "has no chat template"),
 ])
-def test_incompatible_init_from_is_refused(trained, workdir, assets, excerpt, extra, message):
+def test_incompatible_init_from_is_refused(trained, workdir, assets, excerpt, bigger_tokenizer, extra, message):
     config, _ = trained
-    replace = {"RUN": config.run_dir, "MISSING": str(workdir / "missing"),
-               "LLAMA2": str(assets / "llama2_tokenizer.model")}
+    replace = {"RUN": config.run_dir, "MISSING": str(workdir / "missing"), "BIGGER": str(bigger_tokenizer)}
     extra = [e.split("=")[0] + "=" + replace.get(e.split("=")[1], e.split("=")[1]) for e in extra]
     with pytest.raises(ValueError, match=message):
         run(tiny_config(workdir, assets, excerpt, workdir / "refused", *extra))

@@ -98,21 +98,49 @@ class RowSampling:
 
 def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowSampling) -> jax.Array:
     """Token ids (rows,) int32 from logits (rows, vocab), each row with its own settings, key and step: a row's
-    token depends on nothing else in the batch. Rows that sample draw from their logits sorted in decreasing
-    order, cut by top-k then top-p; when every row is greedy the sort is skipped."""
+    token depends on nothing else in the batch.
+
+    Top-k and top-p cut the logits at a threshold found by bisection (`_largest_threshold`) rather than by
+    sorting the vocabulary: XLA's sort of (rows, 32000) takes over 100 ms on a CPU, the bisection a few. A
+    token tied with the threshold is kept with it; otherwise the kept sets are those of `sample`.
+    """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def sampled(_):
         step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
         scaled = logits.astype(jnp.float32) / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
-        candidates, candidate_ids = jax.lax.top_k(scaled, scaled.shape[-1])
-        rank = jnp.arange(scaled.shape[-1])[None, :]
-        keep = (rank < jnp.where(rows.top_k > 0, rows.top_k, scaled.shape[-1])[:, None])
-        candidates = jnp.where(keep, candidates, -jnp.inf)
-        probs = jax.nn.softmax(candidates, axis=-1)
-        keep &= (jnp.cumsum(probs, axis=-1) - probs) < rows.top_p[:, None]
-        choice = jax.vmap(jax.random.categorical)(step_keys, jnp.where(keep, candidates, -jnp.inf))
-        drawn = jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
+        scaled = jax.lax.cond(jnp.any(rows.top_k > 0), _cut_top_k, lambda s, k: s, scaled, rows.top_k)
+        scaled = jax.lax.cond(jnp.any(rows.top_p < 1), _cut_top_p, lambda s, p: s, scaled, rows.top_p)
+        drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
         return jnp.where(rows.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda _: greedy, None)
+
+
+def _cut_top_k(scaled: jax.Array, top_k: jax.Array) -> jax.Array:
+    """-inf below each row's k-th largest logit (top_k 0: nothing cut)."""
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, scaled.shape[-1]), scaled.shape[-1])
+    kth = _largest_threshold(lambda t: jnp.sum(scaled >= t[:, None], axis=-1) >= k,
+                             jnp.min(scaled, axis=-1), jnp.max(scaled, axis=-1))
+    return jnp.where(scaled >= kth[:, None], scaled, -jnp.inf)
+
+
+def _cut_top_p(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
+    """-inf outside each row's nucleus: the most likely tokens whose probability mass reaches top_p."""
+    probs = jax.nn.softmax(scaled, axis=-1)
+    mass = lambda t: jnp.sum(jnp.where(probs >= t[:, None], probs, 0), axis=-1)  # noqa: E731
+    cut = _largest_threshold(lambda t: mass(t) >= top_p, jnp.zeros(probs.shape[0]), jnp.max(probs, axis=-1))
+    return jnp.where(probs >= cut[:, None], scaled, -jnp.inf)
+
+
+def _largest_threshold(holds, low: jax.Array, high: jax.Array, iterations: int = 32) -> jax.Array:
+    """Per row, the largest t in [low, high] for which holds(t) (true at low; once false, false above), to
+    within (high - low) / 2**32: a bisection."""
+    def halve(_, bounds):
+        low, high = bounds
+        middle = (low + high) / 2
+        ok = holds(middle)
+        return jnp.where(ok, middle, low), jnp.where(ok, high, middle)
+
+    low, high = jax.lax.fori_loop(0, iterations, halve, (low, high))
+    return jnp.where(holds(high), high, low)
