@@ -25,7 +25,7 @@ _EXPORTS = {
     "KVCache": "llama_jax.kv_cache",
     "Llama": "llama_jax.model",
     "create_model": "llama_jax.model",
-    "MeshConfig": "llama_jax.sharding",
+    "MeshConfig": "llama_jax.config",
     "make_mesh": "llama_jax.sharding",
     "load_tokenizer": "llama_jax.tokenizers",
     "generate": "llama_jax.inference.generator",
@@ -37,12 +37,12 @@ _EXPORTS = {
     "Engine": "llama_jax.inference.engine",
     "Request": "llama_jax.inference.scheduler",
     "SamplingParams": "llama_jax.inference.sampling",
-    "perplexity": "llama_jax.evaluate",
+    "perplexity": "llama_jax.evaluate.perplexity",
     "TrainConfig": "llama_jax.train.config",
     "load_train_config": "llama_jax.train.config",
 }
 # Subpackages reachable as attributes: `llama_jax.train.run(config)`.
-_SUBPACKAGES = ("convert", "inference", "serve", "tokenizers", "train")
+_SUBPACKAGES = ("commands", "convert", "evaluate", "inference", "serve", "tokenizers", "train")
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
 

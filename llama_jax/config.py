@@ -1,12 +1,14 @@
 """Model configuration: one frozen dataclass, the published presets, YAML loading.
 
 A `ModelConfig` is hashable so it can be a static argument of `jax.jit`. It describes the network only;
-the device mesh lives in `sharding.MeshConfig` and training settings in `train/config.py`.
+the shape of the device mesh is `MeshConfig` (sharding.py builds the mesh) and training settings are in
+`train/config.py`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +107,43 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         return cls(**_checked(values))
+
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Sizes of the mesh axes; -1 on one axis takes all remaining devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    def shape(self, n_devices: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
+            raise ValueError(f"mesh sizes must be positive, with at most one -1; got {self}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ValueError(f"mesh {self} does not divide the {n_devices} devices")
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ValueError(f"mesh {self} needs {math.prod(sizes)} devices, but {n_devices} are available")
+        return tuple(sizes)
+
+
+    @classmethod
+    def parse(cls, spec: str) -> MeshConfig:
+        """`"fsdp=2,tensor=4"` → MeshConfig(data=-1, fsdp=2, tensor=4): unnamed axes keep their defaults."""
+        sizes = {}
+        for part in filter(None, (p.strip() for p in spec.split(","))):
+            name, _, value = part.partition("=")
+            if name not in MESH_AXES or not value.lstrip("-").isdigit():
+                raise ValueError(f"bad mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}")
+            sizes[name] = int(value)
+        return cls(**sizes)
 
 
 def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:

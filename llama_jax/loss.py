@@ -20,9 +20,21 @@ def token_nll(model, ids: jax.Array, targets: jax.Array, positions: jax.Array | 
     """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
     `chunk`: positions per logits chunk; 0 projects the whole sequence at once."""
     hidden, _ = model.hidden_states(ids, positions, segment_ids=segment_ids)
+    return _by_chunks(lambda h, t: _chunk_nll(model, h, t), hidden, targets, chunk)
+
+
+def token_logprobs(model, ids: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probability of `targets` (float32) and whether each is the argmax token, (batch, length):
+    what a continuation's score and an evaluation harness's `is_greedy` are made of."""
+    hidden, _ = model.hidden_states(ids, None)
+    return _by_chunks(lambda h, t: _chunk_logprobs(model, h, t), hidden, targets, chunk)
+
+
+def _by_chunks(score, hidden: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """`score(hidden, targets)` -> two (batch, positions) arrays, applied `chunk` positions at a time."""
     length = hidden.shape[1]
     if chunk == 0 or length <= chunk:
-        return _chunk_nll(model, hidden, targets)
+        return score(hidden, targets)
     n_chunks = -(-length // chunk)
     pad = n_chunks * chunk - length
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -34,11 +46,11 @@ def token_nll(model, ids: jax.Array, targets: jax.Array, positions: jax.Array | 
     @jax.checkpoint
     def one_chunk(pair):
         hidden_chunk, target_chunk = pair
-        return _chunk_nll(model, shard(hidden_chunk, "batch", "length", None), target_chunk)
+        return score(shard(hidden_chunk, "batch", "length", None), target_chunk)
 
-    nll, log_z = jax.lax.map(one_chunk, (hidden, targets))
+    first, second = jax.lax.map(one_chunk, (hidden, targets))
     unchunk = lambda a: a.swapaxes(0, 1).reshape(a.shape[1], -1)[:, :length]  # noqa: E731
-    return unchunk(nll), unchunk(log_z)
+    return unchunk(first), unchunk(second)
 
 
 def _chunk_nll(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -46,3 +58,9 @@ def _chunk_nll(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array,
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return log_z - target_logits, log_z
+
+
+def _chunk_logprobs(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model.logits(hidden).astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets

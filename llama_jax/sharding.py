@@ -6,7 +6,6 @@ switching between data, FSDP and tensor parallelism is a change of mesh shape, n
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -15,7 +14,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
+from llama_jax.config import MESH_AXES, MeshConfig
 
 # logical axis -> mesh axes (a tuple shards over their product; None replicates).
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
@@ -29,40 +28,6 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "mlp": ("tensor",),
     "layers": None,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Sizes of the mesh axes; -1 on one axis takes all remaining devices."""
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
-        if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
-            raise ValueError(f"mesh sizes must be positive, with at most one -1; got {self}")
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            if n_devices % known:
-                raise ValueError(f"mesh {self} does not divide the {n_devices} devices")
-            sizes[sizes.index(-1)] = n_devices // known
-        if math.prod(sizes) != n_devices:
-            raise ValueError(f"mesh {self} needs {math.prod(sizes)} devices, but {n_devices} are available")
-        return tuple(sizes)
-
-
-    @classmethod
-    def parse(cls, spec: str) -> MeshConfig:
-        """`"fsdp=2,tensor=4"` → MeshConfig(data=-1, fsdp=2, tensor=4): unnamed axes keep their defaults."""
-        sizes = {}
-        for part in filter(None, (p.strip() for p in spec.split(","))):
-            name, _, value = part.partition("=")
-            if name not in MESH_AXES or not value.lstrip("-").isdigit():
-                raise ValueError(f"bad mesh {spec!r}: expected comma-separated AXIS=SIZE with AXIS in {MESH_AXES}")
-            sizes[name] = int(value)
-        return cls(**sizes)
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -23,7 +23,7 @@ def assets(tmp_path_factory) -> Path:
     """One directory of every real file: the bundled assets/, data/'s TinyShakespeare, and Meta's tokenizers
     where they are provided (assets/README.md says how)."""
     folder = tmp_path_factory.mktemp("assets")
-    sources = [*(REPO / "assets").iterdir(), REPO / "data" / "tinyshakespeare.txt"]
+    sources = [*(REPO / "assets").iterdir(), REPO / "llama_jax" / "data" / "tinyshakespeare.txt"]
     sources += [META_TOKENIZERS / name for name in META_FILES if (META_TOKENIZERS / name).is_file()]
     for source in sources:
         (folder / source.name).symlink_to(source)
@@ -59,3 +59,13 @@ def llama3_tok(llama3_tokenizer_file):
     from llama_jax.tokenizers import load_tokenizer
 
     return load_tokenizer(llama3_tokenizer_file)
+
+
+@pytest.fixture(scope="session")
+def stories_model(assets, tmp_path_factory) -> Path:
+    """The real stories260K weights, converted once: a model directory with its llama2.c tokenizer."""
+    from llama_jax.convert import convert_llama2c
+
+    out = tmp_path_factory.mktemp("stories_model") / "stories260K"
+    convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", out)
+    return out

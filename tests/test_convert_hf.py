@@ -4,6 +4,7 @@ import copy
 import json
 import shutil
 
+import huggingface_hub
 import numpy as np
 import pytest
 from hf_reference import (
@@ -17,10 +18,11 @@ from hf_reference import (
     torch,
     transformers,
 )
-from module_runner import run_module
+from module_runner import assert_one_error_line, run_module
 
 from llama_jax.convert import convert_hf, export_hf, load_hf
 from llama_jax.convert.hf import INDEX_FILE
+from llama_jax.tokenizers import load_tokenizer
 
 LLAMA3_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
                         "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
@@ -97,6 +99,34 @@ def test_to_hf_round_trip_loads_in_transformers(variant, converted, tmp_path):
         assert torch.equal(exported[name], tensor), name
     ids = sample_ids()
     assert relative_error(hf_logits(model, ids), hf_logits(hf_model(variant), ids)) <= 1e-5
+    # The tokenizer comes along: transformers encodes as we do (BOS included), and the export imports
+    # again without naming a tokenizer.
+    text = "Once upon a time, a  girl named Lily"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == load_tokenizer(
+        converted[variant] / "tokenizer.bin").encode(text)
+    if variant == "llama3.2":
+        convert_hf(out, tmp_path / "again")
+        assert json.loads((tmp_path / "again" / "config.json").read_text())["tokenizer"] == "tokenizer.model"
+        assert relative_error(our_logits(tmp_path / "again", ids), our_logits(converted[variant], ids)) == 0
+
+
+def test_convert_hf_takes_a_repo_id_from_the_local_cache(hf_dirs, tmp_path, monkeypatch, assets):
+    """A repo id resolves in the Hugging Face cache layout (models--OWNER--NAME/snapshots/REV, refs/main),
+    offline; one that is not cached gets one line saying how to get it."""
+    repo = tmp_path / "cache" / "models--someone--tiny-llama"
+    shutil.copytree(hf_dirs["llama3.2"], repo / "snapshots" / "0123abc")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # read at call time
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    convert_hf("someone/tiny-llama", tmp_path / "ours", tokenizer=assets / "tok512.bin")
+    assert relative_error(our_logits(tmp_path / "ours", sample_ids()), hf_logits(hf_model("llama3.2"),
+                                                                                 sample_ids())) <= 1e-5
+    result = run_module("llama_jax.convert", "hf", "someone/not-downloaded", "--out", tmp_path / "x",
+                        env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
+    assert_one_error_line(result, "someone/not-downloaded is neither a directory nor a model in the Hugging Face "
+                                  "cache; download it first: hf download someone/not-downloaded")
+    assert not (tmp_path / "x").exists()
 
 
 def test_bf16_checkpoint_stays_bf16_unless_asked(tmp_path, assets):

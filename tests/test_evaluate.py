@@ -10,8 +10,9 @@ from module_runner import assert_one_error_line, run_module
 
 from llama_jax.checkpoint import load
 from llama_jax.cli import run_cli
+from llama_jax.commands.evaluate import main
 from llama_jax.convert import convert_hf
-from llama_jax.evaluate import main, perplexity
+from llama_jax.evaluate.perplexity import perplexity
 from llama_jax.tokenizers import load_tokenizer
 
 SEQ_LEN = 32
@@ -99,7 +100,7 @@ def test_cli_error_exit(tmp_path):
 
 
 def test_windows_cover_every_token_once():
-    from llama_jax.evaluate import windows
+    from llama_jax.evaluate.perplexity import windows
 
     chunks = windows(np.arange(70), SEQ_LEN)
     assert [len(c) for c in chunks] == [32, 32, 6]

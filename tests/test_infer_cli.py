@@ -5,7 +5,6 @@ Real command lines run as subprocesses; the error cases call the same `run_cli(m
 (each subprocess costs seconds of imports), plus one subprocess to show the real exit status and stderr.
 """
 import errno
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from flax import nnx
 from llama_jax.chat import encode_dialog
 from llama_jax.checkpoint import load, write_model_dir
 from llama_jax.cli import run_cli
+from llama_jax.commands import infer
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
 from llama_jax.inference.generator import Generator
@@ -29,9 +29,6 @@ from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.tokenizers import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC = importlib.util.spec_from_file_location("infer", REPO / "infer.py")
-infer = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(infer)
 
 
 def run_infer(*args, stdin: str | None = None) -> subprocess.CompletedProcess:

@@ -191,7 +191,9 @@ def test_a_disconnect_frees_the_slot_and_a_full_queue_answers_429(model_dir):
                 return await asyncio.gather(*calls)
 
         statuses = sorted(r.status_code for r in asyncio.run(burst()))
-        assert statuses.count(200) >= 2 and 429 in statuses, statuses
+        # One slot and one queue place: at most two of the six are taken (one when all arrive before the
+        # engine admits the first), the rest answered 429 at once.
+        assert 1 <= statuses.count(200) <= 2 and statuses.count(429) == 6 - statuses.count(200), statuses
     finally:
         process.terminate()
         process.wait(timeout=30)

@@ -1,6 +1,5 @@
 """`python train.py` as users and schedulers run it: exact resume after SIGKILL, a checkpoint on SIGTERM,
 two processes computing what one does, and user errors as one line on stderr."""
-import importlib.util
 import json
 import os
 import signal
@@ -11,6 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from llama_jax.cli import run_cli
+from llama_jax.commands import train as train_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
@@ -142,12 +144,6 @@ def test_user_errors_are_one_line_without_traceback(workdir):
     (["data=EMPTY"], "cannot train a tokenizer on an empty corpus"),
 ])
 def test_errors_through_the_cli_entry_point(workdir, capsys, argv, message):
-    from llama_jax.cli import run_cli
-
-    spec = importlib.util.spec_from_file_location("train_cli", REPO / "train.py")
-    train_cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train_cli)
-
     empty = workdir / "empty.txt"
     empty.write_text("")
     argv = [a.replace("EMPTY", str(empty)) for a in argv]
@@ -157,3 +153,14 @@ def test_errors_through_the_cli_entry_point(workdir, capsys, argv, message):
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], lines
     assert not (workdir / "never").exists()
+
+
+def test_evaluate_held_out_scores_the_runs_own_validation_rows(uninterrupted, capsys):
+    """`evaluate --held-out RUN_DIR` reproduces the eval loss the run reported (the same rows, masked the same way)."""
+    from llama_jax.commands import evaluate
+
+    run_dir, reference = uninterrupted
+    assert evaluate.main(["--held-out", str(run_dir)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["nll_per_token"] == pytest.approx(reference["eval_loss"], rel=1e-5)
+    assert result["rows"] == 8

@@ -55,7 +55,13 @@ def test_loss_falls_on_real_text(trained):
     assert [r["step"] for r in evals] == [20, 40] and evals[1]["loss"] < evals[0]["loss"]
     assert len(train_losses) == STEPS and train_losses[-1] < train_losses[0] - 1.5
     assert result["vocab_size"] == 512 and len(result["samples"]) == 1
-    assert list((Path(config.run_dir) / "tensorboard").glob("events.out.tfevents.*"))
+    # What `tensorboard --logdir` shows (its own reader), and the loss curve the run saves as a picture.
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(Path(config.run_dir) / "tensorboard")).Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train/loss", "eval/loss"} <= set(tags), tags
+    assert [e.value for e in events.Scalars("eval/loss")] == pytest.approx([r["loss"] for r in evals], rel=1e-6)
+    assert (Path(config.run_dir) / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_run_dir_loads_as_a_model(trained):

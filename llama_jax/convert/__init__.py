@@ -3,6 +3,7 @@ model directories → Hugging Face.
 
     python -m llama_jax.convert llama2c MODEL.bin --tokenizer TOKENIZER.bin --out DIR
     python -m llama_jax.convert hf HF_DIR [--tokenizer tokenizer.model] --out DIR
+    python -m llama_jax.convert hf OWNER/NAME --out DIR      (a repo already in the Hugging Face cache)
     python -m llama_jax.convert meta META_DIR --out DIR
     python -m llama_jax.convert to-hf DIR --out HF_DIR
 

@@ -4,6 +4,7 @@ its own from its byte range (see `safetensors_io`)."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,8 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exports carry that the model recomputes.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+# "owner/name" or "owner/name@revision", as on the Hugging Face Hub.
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 
 
 def _read_json(path: Path) -> Any:
@@ -132,10 +135,27 @@ def hf_chat_template(hf_dir: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def resolve_hf_source(source: str | Path) -> Path:
+    """A local directory as is; otherwise a Hugging Face repo id ("owner/name", optionally "@revision")
+    looked up in the local Hugging Face cache, never downloaded (`hf download` fetches it)."""
+    path = Path(source)
+    if path.exists() or not _REPO_ID.fullmatch(str(source)):
+        return path
+    repo_id, _, revision = str(source).partition("@")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise ValueError(f"{source} is neither a directory nor a model in the Hugging Face cache; "
+                         f"download it first: hf download {repo_id}") from None
+
+
 def convert_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | Path | None = None,
                chat_template: str = "auto", dtype: str | None = None) -> Path:
     ensure_new_output_dir(out)
-    hf_dir = Path(hf_dir)
+    hf_dir = resolve_hf_source(hf_dir)
     tok = find_tokenizer(tokenizer, [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], hf_dir)
     template = chat_template_choice(chat_template, detect_chat_template(tok, hf_chat_template(hf_dir)))
     config, params = load_hf(hf_dir, dtype)

@@ -1,12 +1,12 @@
 """Export a model directory to the Hugging Face layout `transformers.LlamaForCausalLM` loads:
-config.json, model.safetensors (or shards plus model.safetensors.index.json above a size limit), and
-the tokenizer file. Our weights already use the half-split RoPE layout, so only transposes are needed.
+config.json, model.safetensors (or shards plus model.safetensors.index.json above a size limit), and the
+tokenizer and generation files `AutoTokenizer` and `generate` read (hf_tokenizer.py). Our weights already
+use the half-split RoPE layout, so only transposes are needed.
 The output is assembled in a staging directory and renamed into place, like every model directory."""
 from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import jax
@@ -19,6 +19,7 @@ from llama_jax.checkpoint import read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.convert.common import dtype_name
 from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
+from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
 from llama_jax.integrity import Checksums, host_checksums
@@ -28,9 +29,6 @@ from llama_jax.staging import ensure_new_output_dir, staged_output_dir
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-# Where transformers-format repositories keep each kind of tokenizer file.
-_TOKENIZER_FILES = {"sentencepiece": "tokenizer.model", "tiktoken": "original/tokenizer.model",
-                    "llama2c": "tokenizer.bin"}
 
 
 def parse_size(text: str) -> int:
@@ -118,9 +116,7 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
         bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (None, None)
         (staging / "config.json").write_text(json.dumps(hf_config(config, name, bos, eos), indent=2) + "\n")
         if tokenizer is not None:
-            destination = staging / _TOKENIZER_FILES[tokenizer.kind]
-            destination.parent.mkdir(exist_ok=True)
-            shutil.copyfile(tokenizer.path, destination)
+            write_hf_tokenizer(tokenizer, source.chat_template, staging)
     return Path(out).absolute()
 
 

@@ -5,9 +5,9 @@ continues after the last complete record.
     OUT.jsonl           the records
     OUT.jsonl.run.json  what made them (checkpoint, sampling settings, ...), held locked by the writer
 
-The second file is what makes a file ours: an existing output without it was not written by infer.py and is
-never touched, one whose settings differ is never mixed with other results, and while one process writes
-to an output another is refused.
+The second file is what makes a file ours: an existing output without it was not written by infer.py (or
+`evaluate generate`) and is never touched, one whose settings differ is never mixed with other results, and
+while one process writes to an output another is refused.
 """
 from __future__ import annotations
 
@@ -30,11 +30,12 @@ class JsonlOutput:
     dropped; everything before it is kept.
     """
 
-    def __init__(self, path: str | Path, prompts: Sequence[str], settings: dict[str, Any]):
-        self.path = Path(path)
+    def __init__(self, path: str | Path, prompts: Sequence[str], settings: dict[str, Any], writer: str = "infer.py"):
+        """`writer`: the command that writes such files, as error messages name it."""
+        self.path, self.writer = Path(path), writer
         self.run_path = self.path.with_name(self.path.name + RUN_SUFFIX)
         if self.path.exists() and not self.run_path.is_file():
-            raise ValueError(f"{self.path} exists and was not written by infer.py (no {self.run_path.name} beside "
+            raise ValueError(f"{self.path} exists and was not written by {writer} (no {self.run_path.name} beside "
                              "it); choose another output file")
         self._lock = self._take_lock()
         try:
@@ -63,7 +64,7 @@ class JsonlOutput:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise ValueError(f"{self.path} is being written by another infer.py; wait for it or choose another "
+            raise ValueError(f"{self.path} is being written by another {self.writer}; wait for it or choose another "
                              "output file") from None
         lock.seek(0)
         return lock

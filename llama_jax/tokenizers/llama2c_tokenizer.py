@@ -144,6 +144,10 @@ class Llama2cTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._pieces[token_id].decode("utf-8", errors="replace")
 
+    def score(self, token_id: int) -> float:
+        """The merge score of a piece (the SentencePiece score llama2.c's export copied)."""
+        return self._scores[token_id]
+
     def special_id(self, name: str) -> int:
         specials = {"<unk>": _UNK, "<s>": _BOS, "</s>": _EOS}
         if name not in specials:

@@ -97,6 +97,7 @@ class TiktokenTokenizer(Tokenizer):
         )
         self._specials = {name: self._num_ranks + i for i, name in enumerate(names)}
         self._special_names = {token_id: name for name, token_id in self._specials.items()}
+        self.ranks = ranks  # token bytes -> rank (exports rebuild the BPE merges from them)
         self._encoding = tiktoken.Encoding(
             name=path.name, pat_str=PAT_STR, mergeable_ranks=ranks, special_tokens=self._specials
         )
@@ -121,6 +122,10 @@ class TiktokenTokenizer(Tokenizer):
         if token_id in self._special_names:
             return self._special_names[token_id]
         return self._encoding.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    @property
+    def special_ids(self) -> dict[str, int]:
+        return dict(self._specials)
 
     def special_id(self, name: str) -> int:
         if name not in self._specials:

@@ -25,10 +25,10 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.chat import TEMPLATES
-from llama_jax.config import DTYPES, LOSS_CHUNK, ModelConfig
-from llama_jax.sharding import MeshConfig
+from llama_jax.config import DTYPES, LOSS_CHUNK, MeshConfig, ModelConfig
 
 TRAINED_TOKENIZER_PREFIX = "train:"
+BUNDLED_CORPUS = "tinyshakespeare.txt"  # llama_jax/data/: the default job's corpus, found from any directory
 CHAT_TEMPLATE_AUTO = "auto"  # SFT prompts in init_from's own chat template
 COMPUTE_DTYPE_AUTO = "auto"  # bfloat16 on accelerators, float32 on CPU
 
@@ -63,53 +63,59 @@ def _model_settings_class() -> type:
 ModelSettings = _model_settings_class()
 
 
+def setting(default: Any, help: str) -> Any:
+    """A TrainConfig field with its meaning, which `train.py --help` lists."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # What to train, on what.
-    model: ModelSettings = ModelSettings()  # preset None: "small", or init_from's own model
-    init_from: str | None = None  # a model directory (converted or trained) to start from
-    data: str = "data/tinyshakespeare.txt"  # files, globs, comma-separated; .jsonl: one record per line
-    doc_separator: str | None = None  # split text files into documents at this string
-    # A tokenizer file, or train:VOCAB to train a SentencePiece tokenizer on the corpus. Unset: init_from's
-    # tokenizer, or from scratch train:VOCAB with the model's vocab_size.
-    tokenizer: str | None = None
-    sft: bool = False  # JSONL prompt/response records; the loss is on response tokens only
-    chat_template: str | None = None  # SFT prompts in a chat template's form; "auto": init_from's
-    val_fraction: float = 0.05
-    data_cache: str = "~/.cache/llama_jax"
+    model: ModelSettings = setting(ModelSettings(), "model.preset: a preset (config.py PRESETS) or a model YAML; "
+                                   "default small, or init_from's model. model.FIELD: any ModelConfig field")
+    init_from: str | None = setting(None, "a model directory (converted or trained) to start from: fine-tuning")
+    data: str = setting(BUNDLED_CORPUS, "text files, globs, comma-separated; .jsonl: {\"text\": ...} per line "
+                        "(SFT: prompt/response); a token store (gs://..., a directory); or a bundled file's name")
+    doc_separator: str | None = setting(None, "split text files into documents at this string")
+    tokenizer: str | None = setting(None, "a tokenizer file, or train:VOCAB to train one on the corpus; default: "
+                                    "init_from's, else train:<the model's vocab_size>")
+    sft: bool = setting(False, "JSONL prompt/response records; the loss is on response tokens only")
+    chat_template: str | None = setting(None, "SFT prompts as a chat: llama2, llama3, or auto (init_from's)")
+    val_fraction: float = setting(0.05, "the last rows of the packed corpus held out for validation")
+    data_cache: str = setting("~/.cache/llama_jax", "tokenized corpora and trained tokenizers, by content")
     # How.
-    steps: int = 600
-    batch_size: int = 16  # sequences per step, over all devices and micro-batches
-    seq_len: int = 128
-    grad_accum: int = 1  # micro-batches per step (batch_size must divide)
-    seed: int = 0
-    lr: float = 1e-3  # peak learning rate
-    warmup: int = 50  # linear warmup steps (at most `steps`)
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio (LLaMA: 10%)
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    adam_eps: float = 1e-5
-    grad_clip: float = 1.0
-    z_loss: float = 0.0
-    loss_chunk: int = LOSS_CHUNK  # positions whose logits are computed at once; 0: the whole sequence
-    dtype: str = COMPUTE_DTYPE_AUTO  # compute dtype: auto = bfloat16 on accelerators, float32 on CPU
-    mesh: MeshConfig = MeshConfig()
-    distributed: DistributedConfig = DistributedConfig()
-    # Where the recipe is meant to run: a TPU slice (v5p-128: `train.py --compile-for` checks it fits), or
-    # e.g. "cpu", "8xH100". Documentation only: nothing is chosen by it.
-    hardware: str | None = None
+    steps: int = setting(600, "optimizer steps")
+    batch_size: int = setting(16, "sequences per step, over all devices and micro-batches")
+    seq_len: int = setting(128, "tokens per sequence")
+    grad_accum: int = setting(1, "micro-batches per step (they divide batch_size)")
+    seed: int = setting(0, "initialisation and data order")
+    lr: float = setting(1e-3, "peak learning rate")
+    warmup: int = setting(50, "linear warmup steps")
+    min_lr_ratio: float = setting(0.1, "the cosine decay ends at lr * min_lr_ratio (LLaMA: 10%)")
+    weight_decay: float = setting(0.1, "AdamW weight decay, on matrices only (not norm gains)")
+    beta1: float = setting(0.9, "AdamW beta1")
+    beta2: float = setting(0.95, "AdamW beta2")
+    adam_eps: float = setting(1e-5, "AdamW epsilon")
+    grad_clip: float = setting(1.0, "clip the global gradient norm to this; 0 turns clipping off")
+    z_loss: float = setting(0.0, "PaLM's z-loss weight (1e-4 is usual for bf16 runs)")
+    loss_chunk: int = setting(LOSS_CHUNK, "positions whose float32 logits exist at once in the loss; 0: all")
+    dtype: str = setting(COMPUTE_DTYPE_AUTO, "compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")
+    mesh: MeshConfig = setting(MeshConfig(), "mesh.data, mesh.fsdp, mesh.tensor: the device mesh (-1: the rest)")
+    distributed: DistributedConfig = setting(DistributedConfig(), "distributed.coordinator, .num_processes, "
+                                             ".process_id: multi-host on GPU clusters (TPU VMs find each other)")
+    hardware: str | None = setting(None, "where the recipe is meant to run: a TPU slice (v5p-128; check it with "
+                                   "--compile-for) or e.g. cpu, 8xH100; nothing is chosen by it")
     # Outputs.
-    run_dir: str = "runs/default"
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 3
-    eval_every: int = 100
-    eval_batches: int = 8
-    log_every: int = 10
-    samples: int = 3  # sample generations printed at the end
-    sample_tokens: int = 100
-    sample_prompts: tuple[str, ...] = ()  # default: BOS only
-    peak_tflops: float = 0.0  # per device, for MFU; 0: known accelerators' bf16 peak
+    run_dir: str = setting("runs/default", "outputs; rerunning with the same run_dir resumes it")
+    checkpoint_every: int = setting(200, "steps between checkpoints")
+    keep_checkpoints: int = setting(3, "checkpoints kept")
+    eval_every: int = setting(100, "steps between evaluations")
+    eval_batches: int = setting(8, "validation batches per evaluation")
+    log_every: int = setting(10, "steps between logged metrics")
+    samples: int = setting(3, "sample generations printed at the end")
+    sample_tokens: int = setting(100, "tokens per sample")
+    sample_prompts: tuple[str, ...] = setting((), "the samples' prompts (default: BOS only)")
+    peak_tflops: float = setting(0.0, "per-device peak TFLOP/s for MFU; 0: the data sheet's for known chips")
 
     def __post_init__(self):
         self.validate()
@@ -159,6 +165,16 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+def describe_settings() -> str:
+    """Every key with its default and meaning: `train.py --help`."""
+    lines = []
+    for field in dataclasses.fields(TrainConfig):
+        default = field.default
+        shown = "" if dataclasses.is_dataclass(default) else f" (default {default!r})"
+        lines.append(f"  {field.name}{shown}\n      {field.metadata['help']}")
+    return "\n".join(lines)
+
+
 def _trained_vocab(tokenizer: str) -> int | None:
     if not tokenizer.startswith(TRAINED_TOKENIZER_PREFIX):
         return None
@@ -198,6 +214,14 @@ def load_train_config(config_file: str | Path | None = None, overrides: Sequence
     layers.append(OmegaConf.create(_parse_overrides(overrides)))
     try:
         return OmegaConf.to_object(OmegaConf.merge(*layers))
+    except OmegaConfBaseException as e:
+        raise ValueError(_explain(e)) from None
+
+
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from its `to_dict()` form (what a run directory records)."""
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(values)))
     except OmegaConfBaseException as e:
         raise ValueError(_explain(e)) from None
 

@@ -46,6 +46,7 @@ from llama_jax.train.config import TrainConfig
 from llama_jax.train.token_store import StoreCorpus, store_url, write_store
 
 CACHE_FORMAT = 2
+BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 TRAINED_TOKENIZER_FILE = "tokenizer.model"
 
 Example = tuple[list[int], list[int] | None]  # token ids (BOS/EOS included), target weights or None
@@ -153,10 +154,13 @@ def _open_store(url: str, config: TrainConfig, chat_template: str | None, cache_
 
 
 def data_files(spec: str) -> list[Path]:
-    """The files of a comma-separated list of paths and globs, each glob sorted, duplicates dropped."""
+    """The files of a comma-separated list of paths and globs, each glob sorted, duplicates dropped. A name that
+    matches nothing here but a file of llama_jax/data/ is that bundled file (the default corpus)."""
     files: list[Path] = []
     for part in filter(None, (p.strip() for p in spec.split(","))):
         matches = sorted(glob.glob(os.path.expanduser(part), recursive=True))
+        if not matches and (BUNDLED_DATA / part).is_file():
+            matches = [str(BUNDLED_DATA / part)]
         if not matches:
             raise FileNotFoundError(f"no data file matches {part}")
         for match in map(Path, matches):

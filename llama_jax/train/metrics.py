@@ -1,7 +1,8 @@
-"""Where training reports go: a progress bar on stderr, TensorBoard event files, and JSON lines.
+"""Where training reports go: a progress bar on stderr, TensorBoard event files, JSON lines, a loss curve.
 
     RUN_DIR/metrics.jsonl    one object per log point: {"step", "loss", "tokens_per_s", "mfu", ...}
-    RUN_DIR/tensorboard/     event files for `tensorboard --logdir RUN_DIR`
+    RUN_DIR/tensorboard/     event files for `tensorboard --logdir RUN_DIR` (the `tensorboard` extra)
+    RUN_DIR/loss.png         train and eval loss over the whole run, drawn when the run stops
 
 Only the first process of a multi-host job writes anything. Stdout stays free for the final JSON line.
 """
@@ -13,17 +14,22 @@ import sys
 import time
 from pathlib import Path
 
+import matplotlib
 from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+matplotlib.use("Agg")  # files only: training runs on machines without a display
+from matplotlib import pyplot  # noqa: E402
+
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+LOSS_PLOT = "loss.png"
 
 
 class TrainLogger:
     def __init__(self, run_dir: Path, *, enabled: bool, steps: int, start_step: int, tokens_per_step: int,
                  flops_per_token: float, peak_flops_total: float | None):
-        self.enabled = enabled
+        self.enabled, self.run_dir = enabled, run_dir
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
@@ -84,6 +90,25 @@ class TrainLogger:
         if self.enabled:
             self._writer.close()
             self._jsonl.close()
+            plot_losses(self.run_dir)
+
+
+def plot_losses(run_dir: Path) -> None:
+    """RUN_DIR/loss.png from metrics.jsonl: every run of the directory, resumed ones included."""
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
+    figure, axes = pyplot.subplots(figsize=(7, 4))
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = sorted({r["step"]: r["loss"] for r in records if r["split"] == split}.items())
+        if points:
+            axes.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
+    axes.set_xlabel("step")
+    axes.set_ylabel("next-token loss (nats)")
+    axes.set_title(run_dir.name)
+    axes.legend()
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(run_dir / LOSS_PLOT, dpi=100)
+    pyplot.close(figure)
 
 
 def _drop_partial_last_line(path: Path) -> None:

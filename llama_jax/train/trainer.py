@@ -223,6 +223,8 @@ def _samples(job: _Job) -> list[dict[str, str]]:
     loaded = LoadedModel(model, job.model_config, job.mesh, job.data.tokenizer, job.chat_template)
     prompts = list(config.sample_prompts or [""])
     prompts = (prompts * config.samples)[: config.samples]
+    # A model fine-tuned on chat-formatted records is asked in the same format (as `infer.py --chat`).
+    chat = config.sft and job.chat_template is not None
     completions = generate(loaded, prompts, max_new_tokens=config.sample_tokens, temperature=SAMPLE_TEMPERATURE,
-                           seed=config.seed, batch_size=len(prompts))
+                           seed=config.seed, batch_size=len(prompts), chat=chat)
     return [{"prompt": c.prompt, "completion": c.completion} for c in completions]

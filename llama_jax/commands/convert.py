@@ -1,0 +1,58 @@
+"""`python -m llama_jax.convert {llama2c,hf,meta,to-hf} ...`: see `llama_jax.convert`."""
+from __future__ import annotations
+
+import argparse
+
+from llama_jax import convert
+from llama_jax.cli import ArgumentParser, run_cli
+from llama_jax.config import DTYPES
+from llama_jax.convert.common import CHAT_TEMPLATE_CHOICES
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m llama_jax.convert", description=convert.__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{llama2c,hf,meta,to-hf}")
+
+    def command(name: str, help_text: str, source: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("source", metavar=source)
+        sub.add_argument("--out", required=True, help="new output directory (must not exist or be empty)")
+        sub.add_argument("--dtype", choices=DTYPES, help="store the weights in this dtype (default: the source's)")
+        return sub
+
+    llama2c = command("llama2c", "import a llama2.c model file (v0, v1 or v2)", "MODEL.bin")
+    llama2c.add_argument("--tokenizer", required=True, help="its llama2.c tokenizer.bin")
+    hf_help = "import a Hugging Face Llama directory, or a repo id (owner/name) already in the local Hugging Face cache"
+    for name, help_text, source in (("hf", hf_help, "HF_DIR_OR_REPO"),
+                                    ("meta", "import a Meta checkpoint directory", "META_DIR")):
+        sub = command(name, help_text, source)
+        sub.add_argument("--tokenizer", help="tokenizer file (default: tokenizer.model found with the weights)")
+        sub.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
+                         help="chat template to record (default: detected from the tokenizer and its config)")
+        if name == "meta":
+            sub.add_argument("--max-seq-len", type=int, help="context length (params.json does not record it)")
+            sub.add_argument("--rope-scaling-factor", type=float,
+                             help="Llama 3.1 RoPE factor when use_scaled_rope (default: 32 if tied, else 8)")
+    to_hf = command("to-hf", "export a model directory to the Hugging Face layout", "DIR")
+    to_hf.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "llama2c":
+        out = convert.convert_llama2c(args.source, args.tokenizer, args.out, dtype=args.dtype)
+    elif args.command == "hf":
+        out = convert.convert_hf(args.source, args.out, args.tokenizer, args.chat_template, args.dtype)
+    elif args.command == "meta":
+        out = convert.convert_meta(args.source, args.out, args.tokenizer, args.chat_template, args.dtype,
+                                   args.max_seq_len, args.rope_scaling_factor)
+    else:
+        out = convert.export_hf(args.source, args.out, args.dtype, args.max_shard_size)
+    print(f"wrote {out}")
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)

@@ -1,0 +1,186 @@
+"""`python -m llama_jax.evaluate`: scoring a model (installed as `llama-jax-eval`).
+
+    python -m llama_jax.evaluate --checkpoint DIR --data FILE [--seq-len N] [--dtype float32]
+                                 [--batch-size B] [--mesh data=..,fsdp=..,tensor=..]
+    python -m llama_jax.evaluate --held-out RUN_DIR [--dtype float32] [--mesh ...]
+    python -m llama_jax.evaluate generate --checkpoint DIR --data TASK.jsonl [--output OUT.jsonl]
+                                 [--metrics bleu,rouge,exact_match] [--chat] [--stop TEXT] [sampling flags]
+    python -m llama_jax.evaluate harness --checkpoint DIR --tasks hellaswag,arc_easy [--num-fewshot N]
+                                 [--limit N] [--include-path DIR] [--output FILE] [--batch-size B]
+
+Perplexity of FILE as one document (llama_jax/evaluate/perplexity.py says how), or of the validation rows a
+training run held out, exactly as its evaluation scored them (llama_jax/evaluate/held_out.py); the last
+stdout line is JSON with `perplexity`, `nll_per_token` and `tokens`.
+
+`generate` completes each record's prompt (greedy unless told otherwise) and scores the completions against
+the references: corpus BLEU (sacrebleu), ROUGE-1/2/L/Lsum F1 (rouge-score, stemmed) and exact match, 0-100
+(llama_jax/evaluate/text_metrics.py). The last stdout line is JSON with `examples` and one key per metric.
+
+`harness` runs lm-evaluation-harness tasks with llama_jax as the model (llama_jax/evaluate/harness.py; needs
+`pip install -e ".[eval]"`): the harness's table, then as the last stdout line JSON {"results": {TASK:
+{METRIC: value}}} in the harness's own metric names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from llama_jax.cli import ArgumentParser, run_cli
+from llama_jax.commands.infer import add_generation_arguments
+from llama_jax.config import DTYPES
+
+PROG = "python -m llama_jax.evaluate"
+MESH_HELP = "device mesh, e.g. data=2,tensor=4 (default: all data-parallel)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == "generate":
+        return generate(argv[1:])
+    if argv and argv[0] == "harness":
+        return harness(argv[1:])
+    return perplexity(argv[1:] if argv and argv[0] == "perplexity" else argv)
+
+
+def perplexity(argv: list[str]) -> int:
+    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="model directory (converted or trained)")
+    parser.add_argument("--data", help="UTF-8 text file, scored as one document")
+    parser.add_argument("--held-out", metavar="RUN_DIR",
+                        help="instead: the training run's own validation rows, scored by its newest checkpoint")
+    parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
+    parser.add_argument("--mesh", default="", help=MESH_HELP)
+    args = parser.parse_args(argv)
+    if args.held_out is not None:
+        if args.checkpoint or args.data or args.seq_len or args.batch_size:
+            raise ValueError("--held-out scores the run's own rows: drop --checkpoint, --data, --seq-len, --batch-size")
+    elif not (args.checkpoint and args.data):
+        raise ValueError("give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, "
+                         "harness)")
+    from llama_jax.sharding import MeshConfig, make_mesh
+
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    if args.held_out is not None:
+        from llama_jax.evaluate.held_out import held_out_loss
+
+        print(json.dumps(held_out_loss(args.held_out, mesh, args.dtype)))
+        return 0
+    print(json.dumps(_perplexity_of_file(args, mesh)))
+    return 0
+
+
+def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
+    from llama_jax.checkpoint import load, read_model_dir
+    from llama_jax.evaluate.perplexity import perplexity, windows
+
+    model_dir = read_model_dir(args.checkpoint)
+    tokenizer = model_dir.tokenizer()
+    if tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer: cannot encode the data")
+    max_len = model_dir.config.max_seq_len
+    seq_len = max_len if args.seq_len is None else args.seq_len
+    if not 2 <= seq_len <= max_len:
+        raise ValueError(f"--seq-len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}")
+    text = Path(args.data).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"data file {args.data} is empty")
+    ids = tokenizer.encode(text, bos=True)
+    batch_size = args.batch_size
+    if batch_size is None:
+        batch_size = min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {batch_size}")
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    return perplexity(loaded, ids, seq_len, batch_size, progress=True)
+
+
+def generate(argv: list[str]) -> int:
+    parser = ArgumentParser(prog=f"{PROG} generate",
+                            description="Complete a task's prompts and score them against its references.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
+    parser.add_argument("--data", required=True, metavar="TASK.jsonl",
+                        help='records {"prompt": ..., "reference": ...} or {"prompt": ..., "references": [...]}')
+    parser.add_argument("--output", metavar="OUT.jsonl",
+                        help="per-example records and scores; an existing file of the same settings is resumed")
+    parser.add_argument("--metrics", default="bleu,rouge,exact_match",
+                        help="comma-separated: bleu, rouge, exact_match (default: all)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="a string that ends a completion (not included); repeat for several")
+    add_generation_arguments(parser, temperature=0.0, max_new_tokens=64)
+    parser.add_argument("--mesh", default="", help=MESH_HELP)
+    args = parser.parse_args(argv)
+    # Everything a user can get wrong is checked before the parameters load.
+    from llama_jax.checkpoint import load, read_model_dir
+    from llama_jax.commands.infer import generation_settings
+    from llama_jax.evaluate.generation_task import read_task, run_task
+    from llama_jax.evaluate.text_metrics import TextScorer, parse_metrics
+    from llama_jax.inference.prompts import PromptEncoder, chat_template_for
+    from llama_jax.inference.results_file import JsonlOutput
+    from llama_jax.sharding import MeshConfig, make_mesh
+
+    metrics = parse_metrics(args.metrics)
+    if any(not stop for stop in args.stop):
+        raise ValueError("--stop needs a non-empty string")
+    settings = generation_settings(args)
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    records = read_task(args.data)
+    model_dir = read_model_dir(args.checkpoint)
+    settings.check_model(model_dir.config)
+    if model_dir.tokenizer_path is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer file: cannot encode the prompts")
+    encoder = PromptEncoder(model_dir.tokenizer(), chat_template_for(model_dir.chat_template, settings.chat),
+                            model_dir.config.max_seq_len, settings.max_new_tokens)
+    prompt_ids = [encoder.encode(record.prompt, i) for i, record in enumerate(records)]
+    scorer = TextScorer(metrics)
+    output = None
+    if args.output:
+        sampling = settings.sampling
+        run_settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
+                        "params": str(model_dir.params_path.resolve()), "dtype": args.dtype, "chat": settings.chat,
+                        "max_new_tokens": settings.max_new_tokens, "temperature": sampling.temperature,
+                        "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": settings.seed,
+                        "stop_ids": sorted(settings.stop_ids), "stop": args.stop, "metrics": list(metrics)}
+        output = JsonlOutput(args.output, [r.prompt for r in records], run_settings, writer="evaluate generate")
+    try:
+        finished = output is not None and output.done == len(records)
+        loaded = None if finished else load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        summary = run_task(loaded, records, prompt_ids, settings, scorer, tuple(args.stop), output)
+    finally:
+        if output:
+            output.close()
+    if "bleu_signature" in summary:
+        print(f"sacrebleu signature: {summary['bleu_signature']}", file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def harness(argv: list[str]) -> int:
+    parser = ArgumentParser(prog=f"{PROG} harness",
+                            description="Run lm-evaluation-harness tasks with a llama_jax model.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
+    parser.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy")
+    parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each task's own)")
+    parser.add_argument("--limit", type=float, metavar="N",
+                        help="only the first N documents of each task (a fraction below 1: that share)")
+    parser.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAMLs")
+    parser.add_argument("--output", metavar="FILE.json", help="the harness's full results (and per-sample logs)")
+    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
+                        help="requests scored per forward pass (default 16)")
+    parser.add_argument("--max-length", type=int, metavar="N", help="context length (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="the harness's seeds (few-shot sampling)")
+    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    parser.add_argument("--mesh", default="", help=MESH_HELP)
+    args = parser.parse_args(argv)
+    from llama_jax.evaluate.harness import run_harness
+
+    results = run_harness(args)
+    print(json.dumps({"results": results}))
+    return 0
+
+
+def cli() -> None:
+    run_cli(main)

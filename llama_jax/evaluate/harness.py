@@ -1,0 +1,211 @@
+"""lm-evaluation-harness tasks with a llama_jax model: the harness's `LM` interface on our forward pass and
+our batch engine (`python -m llama_jax.evaluate harness`).
+
+The harness asks three kinds of question; each is answered in batches, never one request per compile:
+
+* `loglikelihood(context, continuation)`: the harness's own `TemplateLM` tokenizes the pair (BOS, then the
+  context; trailing spaces of the context move to the continuation) exactly as its `hf` backend does.
+  Requests are sorted longest first and scored `batch_size` rows at a time, padded to a power-of-two
+  length (one program per length bucket): the continuation's summed log-probability and whether every
+  one of its tokens is the argmax (`is_greedy`).
+* `loglikelihood_rolling(text)`: the text's tokens after BOS, in disjoint windows of the model's length,
+  each scored with as much preceding context as fits (the harness's own window function), summed. The
+  text is encoded without a BOS of its own: the `hf` backend also scores BOS itself after a BOS prefix,
+  which is no part of the text.
+* `generate_until(context, {until, max_gen_toks, ...})`: all requests go through the continuous-batching
+  engine at once, greedy unless `do_sample` with a temperature; a completion is decoded from its token ids
+  and cut at the first `until` string, as the `hf` backend does.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llama_jax.inference.decode import bucket_length
+from llama_jax.inference.sampling import SamplingParams
+from llama_jax.loss import token_logprobs
+from llama_jax.sharding import named_sharding
+
+try:
+    from lm_eval import utils as lm_utils
+    from lm_eval.api.model import TemplateLM
+except ImportError:  # the `eval` extra is not installed: run_harness says how to get it
+    lm_utils, TemplateLM = None, object
+
+EXTRA_MISSING = 'lm-evaluation-harness is not installed: pip install -e ".[eval]" (or pip install lm-eval)'
+DEFAULT_MAX_GEN_TOKS = 256
+
+
+class LlamaJaxLM(TemplateLM):
+    """The harness's model interface over a loaded llama_jax model (`llama_jax.load`), on its mesh."""
+
+    def __init__(self, loaded, batch_size: int = 16, max_length: int | None = None):
+        super().__init__()
+        self.loaded, self.batch_size = loaded, batch_size
+        self.tokenizer = loaded.tokenizer
+        self._max_length = min(max_length or loaded.config.max_seq_len, loaded.config.max_seq_len)
+        graphdef, state = nnx.split(loaded.model)
+        self._state = state
+
+        @jax.jit
+        def score(state, inputs, targets):
+            return token_logprobs(nnx.merge(graphdef, state), inputs, targets)
+
+        self._score = score
+
+    # What TemplateLM needs.
+    @property
+    def eot_token_id(self) -> int:
+        return self.tokenizer.eos_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self.tokenizer.bos_id
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tokenizer.encode(string, bos=add_special_tokens is not False)
+
+    def tok_decode(self, ids) -> str:
+        return self.tokenizer.decode(list(ids))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation) or None, context ids, continuation ids) -> (logprob, is_greedy)."""
+        rows = []
+        for _, context_ids, continuation_ids in requests:
+            whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1):]
+            rows.append((whole, len(continuation_ids)))
+        scores = self._score_rows(rows, disable_tqdm)
+        for (key, _, _), answer in zip(requests, scores):
+            if key is not None:
+                self.cache_hook.add_partial("loglikelihood", key, answer)
+        return scores
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        windows, owners = [], []
+        for index, (text,) in enumerate(request.args for request in requests):
+            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length, context_len=1)):
+                windows.append((None, context, continuation))
+                owners.append(index)
+        totals = [0.0] * len(requests)
+        for owner, (logprob, _) in zip(owners, self._loglikelihood_tokens(windows, disable_tqdm)):
+            totals[owner] += logprob
+        for request, total in zip(requests, totals):
+            self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+        return totals
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        from llama_jax.inference.engine import Engine
+        from llama_jax.inference.scheduler import Request
+
+        engine_requests, untils = [], []
+        for index, (context, gen_kwargs) in enumerate(request.args for request in requests):
+            kwargs = dict(gen_kwargs)
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_tokens = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
+            if max_tokens >= self.max_length:
+                raise ValueError(f"max_gen_toks {max_tokens} leaves no room for a prompt in {self.max_length} "
+                                 "positions")
+            sampled = kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0
+            sampling = (SamplingParams(float(kwargs.get("temperature", 1.0)), int(kwargs.get("top_k") or 0),
+                                       float(kwargs.get("top_p") or 1.0)) if sampled else SamplingParams(0.0))
+            # As the hf backend: the prompt keeps its last tokens, leaving room for max_gen_toks.
+            prompt = self.tok_encode(context)[-(self.max_length - max_tokens):]
+            engine_requests.append(Request(tuple(prompt), max_tokens, sampling, seed=0, stream=index,
+                                           stop_ids=tuple(self.tokenizer.stop_ids),
+                                           stop_strings=tuple(u for u in until if u)))
+            untils.append(until)
+        engine = Engine(self.loaded, slots=self.batch_size, cache_len=self.max_length)
+        results = engine.generate(engine_requests)
+        texts = []
+        for request, result, until in zip(requests, results, untils):
+            text = self.tok_decode(result.token_ids)
+            for stop in until:
+                if stop:
+                    text = text.split(stop)[0]
+            self.cache_hook.add_partial("generate_until", request.args, text)
+            texts.append(text)
+        return texts
+
+    def _score_rows(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """rows: (ids, n): score ids[-n:] given everything before them. Longest first, batch_size rows per
+        call, each batch padded to the power-of-two bucket of its longest row."""
+        from tqdm import tqdm
+
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        answers: list[tuple[float, bool] | None] = [None] * len(rows)
+        pad_id = self.tokenizer.pad_id
+        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        with jax.set_mesh(self.loaded.mesh):
+            for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
+                length = bucket_length(len(rows[batch[0]][0]) - 1, self.max_length)
+                inputs = np.full((self.batch_size, length), pad_id, np.int32)
+                targets = np.full((self.batch_size, length), pad_id, np.int32)
+                for row, index in enumerate(batch):
+                    ids = rows[index][0]
+                    inputs[row, :len(ids) - 1] = ids[:-1]
+                    targets[row, :len(ids) - 1] = ids[1:]
+                sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
+                logprobs, greedy = self._score(self._state, jax.device_put(inputs, sharding),
+                                               jax.device_put(targets, sharding))
+                logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
+                for row, index in enumerate(batch):
+                    ids, n = rows[index]
+                    span = slice(len(ids) - 1 - n, len(ids) - 1)
+                    answers[index] = (float(logprobs[row, span].sum()), bool(greedy[row, span].all()))
+        return answers
+
+
+def run_harness(args) -> dict[str, dict[str, Any]]:
+    """`evaluate harness`: the tasks' results {task: {metric: value}} in the harness's metric names; prints the
+    harness's table and writes its full results to --output."""
+    if lm_utils is None:
+        raise ValueError(EXTRA_MISSING)
+    import json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from llama_jax.checkpoint import load, read_model_dir
+    from llama_jax.sharding import MeshConfig, make_mesh
+
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.output and Path(args.output).exists():
+        raise ValueError(f"{args.output} exists; choose another output file")
+    if args.include_path and not Path(args.include_path).is_dir():
+        raise ValueError(f"--include-path {args.include_path} is not a directory")
+    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
+    task_manager = TaskManager(include_path=args.include_path)
+    unknown = [name for name in tasks if name not in task_manager.all_tasks]
+    if unknown or not tasks:
+        raise ValueError(f"unknown harness task {', '.join(unknown) or repr(args.tasks)} (`lm-eval ls tasks` lists "
+                         "them; --include-path adds a folder of task YAMLs)")
+    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    model_dir = read_model_dir(args.checkpoint)
+    if model_dir.tokenizer_path is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer file; the harness works on text")
+    lm = LlamaJaxLM(load(args.checkpoint, mesh=mesh, dtype=args.dtype), args.batch_size, args.max_length)
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                              task_manager=task_manager, log_samples=bool(args.output), random_seed=args.seed,
+                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
+                              fewshot_random_seed=args.seed)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(results))
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
+    # The harness's metric keys are "NAME,FILTER" (acc,none); the rest (alias, sample_len) describe the run.
+    return {task: {metric: value for metric, value in scores.items() if "," in metric}
+            for task, scores in results["results"].items()}

@@ -1,0 +1,52 @@
+"""Many prompts through the continuous-batching engine, their results handed on in input order: what
+infer.py and `evaluate generate` run. A result is released as soon as it and every one before it are done,
+so a file written from them is always a complete prefix of the input (and can be resumed)."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from llama_jax.checkpoint import LoadedModel
+from llama_jax.inference.engine import Engine, Result
+from llama_jax.inference.scheduler import Request
+from llama_jax.inference.settings import GenerationSettings
+
+
+def generate_in_order(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings,
+                      on_ready: Callable[[list[tuple[int, Result]]], None], first: int = 0,
+                      stop_strings: tuple[str, ...] = (), progress: bool = True) -> Engine:
+    """Generate prompts[first:] with `settings.batch_size` decode slots, each refilled as its completion ends;
+    `on_ready([(index, result), ...])` gets the results in input order. Returns the engine (its compiled
+    programs say which prompt buckets ran)."""
+    from tqdm import tqdm
+
+    stop_ids = tuple(sorted({*loaded.tokenizer.stop_ids, *settings.stop_ids}))
+    longest = max(len(ids) for ids in prompt_ids[first:])
+    engine = Engine(loaded, slots=settings.batch_size, cache_len=longest + settings.max_new_tokens)
+    # A prompt's random stream is its index in the whole input: resuming after `first` changes no sample.
+    requests = [Request(tuple(ids), settings.max_new_tokens, settings.sampling, settings.seed, stream=index,
+                        stop_ids=stop_ids, stop_strings=stop_strings)
+                for index, ids in enumerate(prompt_ids) if index >= first]
+    finished: dict[int, Result] = {}
+    next_index = first
+    bar = tqdm(total=len(prompt_ids), initial=first, unit="prompt", file=sys.stderr, disable=not progress)
+
+    def on_result(position: int, result: Result) -> None:
+        nonlocal next_index
+        finished[first + position] = result
+        bar.update(1)
+        ready = []
+        while next_index in finished:
+            ready.append((next_index, finished.pop(next_index)))
+            next_index += 1
+        if ready:
+            on_ready(ready)
+
+    with bar:
+        engine.generate(requests, on_result)
+    return engine
+
+
+def compiled_buckets(engine: Engine) -> list[int]:
+    """The prompt-length buckets the engine compiled a prefill program for."""
+    return sorted({key[2] for key in engine.backend.compiled if key[0] == "insert"})
