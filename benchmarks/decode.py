@@ -27,12 +27,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
 from llama_jax.hardware import chip_spec  # noqa: E402
 from llama_jax.inference.generator import Generator  # noqa: E402
 from llama_jax.inference.sampling import SamplingParams  # noqa: E402
 from llama_jax.inference.settings import GenerationSettings  # noqa: E402
+from llama_jax.model import abstract_state  # noqa: E402
+from llama_jax.quantize import quantize_params  # noqa: E402
 
 SMALL = "bench-cpu"  # the preset --small selects
 
@@ -48,6 +51,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: per device kind)")
+    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
+                        help="llama_jax with int8 projection weights (transformers stays in --dtype)")
     return parser.parse_args()
 
 
@@ -130,9 +135,16 @@ def main() -> None:
     config = config.replace(dtype=args.dtype, param_dtype=args.dtype)
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
+    if args.quantize == "int8":
+        params = jax.jit(quantize_params)(nnx.to_pure_dict(nnx.state(loaded.model)))
+        config = config.replace(quantize="int8")
+        graphdef, state = abstract_state(config, mesh)
+        nnx.replace_by_pure_dict(state, params)
+        loaded = LoadedModel(nnx.merge(graphdef, state), config, mesh)
     rng = np.random.default_rng(0)
     name = SMALL if args.small else args.preset
-    print(f"model {name} ({config.param_count() / 1e6:.1f}M params, {args.dtype}), prompt {args.prompt_len}, "
+    weights = f"{args.dtype}, int8 projections" if args.quantize == "int8" else args.dtype
+    print(f"model {name} ({config.param_count() / 1e6:.1f}M params, {weights}), prompt {args.prompt_len}, "
           f"{args.new_tokens} new tokens, device {jax.devices()[0].device_kind} x{len(jax.devices())}")
     header = "| batch | llama_jax tok/s | HF dynamic tok/s | HF static tok/s | llama_jax / HF static |"
     print(header + "\n|" + "---|" * 5)
@@ -154,6 +166,9 @@ def main() -> None:
     prefill = jax_generate_time(loaded, one, 1, args.repeats)
     step = (full - prefill) / (args.new_tokens - 1)
     peak, source = peak_bandwidth_gbs(args.peak_gbs)
+    if args.quantize == "int8":  # the bandwidth model below counts weights of one dtype
+        print(f"batch 1 decode step {step * 1e3:.3f} ms")
+        return
     achieved = step_bytes(config, args.prompt_len, args.new_tokens) / step / 1e9
     print(f"batch 1 decode step {step * 1e3:.3f} ms: {achieved:,.0f} GB/s of {peak:,.0f} GB/s peak ({source}) "
           f"= {achieved / peak:.0%} of the bandwidth roofline")

@@ -24,8 +24,10 @@ from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.integrity import Checksums, damage, host_checksums
+from llama_jax.lora import join, merged, split_adapters
 from llama_jax.model import Llama, abstract_state
 from llama_jax.param_io import read_json_item, restore_params, save_params
+from llama_jax.quantize import dequantize_params, quantize_params
 from llama_jax.sharding import make_mesh
 from llama_jax.staging import staged_output_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
@@ -53,8 +55,12 @@ def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, toke
     return Path(out_dir).absolute()
 
 
-def write_config(directory: Path, config: ModelConfig, tokenizer_name: str | None, chat_template: str | None) -> None:
+def write_config(directory: Path, config: ModelConfig, tokenizer_name: str | None, chat_template: str | None,
+                 lora_base: Path | None = None) -> None:
+    """config.json. A LoRA run's (config.lora enabled) names the model directory its adapters sit on."""
     payload = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer_name, "chat_template": chat_template}
+    if lora_base is not None:
+        payload["lora_base"] = str(Path(lora_base).absolute())
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -70,6 +76,7 @@ class ModelDir:
     config: ModelConfig
     tokenizer_path: Path | None
     chat_template: str | None
+    lora_base: Path | None = None  # a LoRA run: the model directory its adapters were trained on
 
     def tokenizer(self) -> Tokenizer | None:
         """The directory's tokenizer (None if it has none), refused when the model cannot embed its ids."""
@@ -144,7 +151,11 @@ def read_model_dir(path: str | Path) -> ModelDir:
     if tokenizer is not None and (not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer
                                   or tokenizer in ("", ".", "..")):
         raise ValueError(f"{config_file} is corrupt: its tokenizer {tokenizer!r} must be a file name inside {path}")
-    return ModelDir(path, config, path / tokenizer if tokenizer else None, payload.get("chat_template"))
+    lora_base = payload.get("lora_base")
+    if config.lora.enabled and not isinstance(lora_base, str):
+        raise ValueError(f"{config_file} is corrupt: a LoRA run must name its base model directory (lora_base)")
+    return ModelDir(path, config, path / tokenizer if tokenizer else None, payload.get("chat_template"),
+                    Path(lora_base) if config.lora.enabled else None)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
@@ -165,19 +176,51 @@ class LoadedModel:
     chat_template: str | None = None
 
 
-def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> LoadedModel:
+def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
+         quantize: str | None = None) -> LoadedModel:
     """Load a model directory (converted or trained) onto `mesh` (default: all devices, data-parallel).
 
     `dtype` sets both the parameter and the compute dtype (e.g. "bfloat16" to serve a float32 checkpoint).
+    `quantize="int8"` stores the projection weights int8 with per-channel scales (quantize.py).
     """
     model_dir = read_model_dir(path)
     tokenizer = model_dir.tokenizer()
-    config = model_dir.config
+    mesh = mesh or make_mesh()
+    if model_dir.config.lora.enabled:
+        config, params = _merged_lora_run(model_dir, mesh)
+    else:
+        config, params = model_dir.config, None
     if dtype is not None:
         config = config.replace(dtype=dtype, param_dtype=dtype)
-    mesh = mesh or make_mesh()
     graphdef, state = abstract_state(config, mesh)
-    nnx.replace_by_pure_dict(state, model_dir.restore_params(nnx.to_pure_dict(state)))
+    if params is None:
+        params = model_dir.restore_params(nnx.to_pure_dict(state))
+    else:
+        params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, nnx.to_pure_dict(state))
+    if quantize not in (None, "none"):
+        config = config.replace(quantize=quantize)
+        params = jax.jit(quantize_params)(params)
+        graphdef, state = abstract_state(config, mesh)
+    nnx.replace_by_pure_dict(state, params)
     return LoadedModel(nnx.merge(graphdef, state), config, mesh, tokenizer, model_dir.chat_template)
+
+
+def _merged_lora_run(model_dir: ModelDir, mesh) -> tuple[ModelConfig, dict]:
+    """A LoRA run's model as a plain one: its base directory's weights with the run's newest intact adapters
+    merged in (W + alpha/rank · A·B)."""
+    if not (model_dir.lora_base / CONFIG_FILE).is_file():
+        raise ValueError(f"{model_dir.path} holds LoRA adapters of {model_dir.lora_base}, which is no longer a model "
+                         "directory")
+    base_dir = read_model_dir(model_dir.lora_base)
+    run_config = model_dir.config.replace(quantize="none")
+    _, abstract = abstract_state(run_config, mesh)
+    adapters_target, base_target = split_adapters(nnx.to_pure_dict(abstract))
+    base = base_dir.restore_params(base_target)
+    if model_dir.config.quantize == "int8":  # QLoRA trained on the int8 base: merge into what it saw
+        seen = jax.jit(lambda p: dequantize_params(quantize_params(p)))(base)
+        base = jax.tree.map(lambda w, t: w.astype(t.dtype), seen, base)
+    params = join(base, model_dir.restore_params(adapters_target))
+    plain = run_config.replace(lora_rank=0, lora_targets=())
+    return plain, merged(params, model_dir.config.lora)
 
 

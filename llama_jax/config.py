@@ -24,7 +24,9 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
 # converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention")
+COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "lora_rank", "lora_alpha",
+                  "lora_targets", "quantize")
+QUANTIZE_MODES = ("none", "int8")
 # Positions whose float32 logits the loss computes at once (`loss.token_nll`). Per device a chunk is
 # rows × 1024 × vocab float32 (0.5 GiB for one row of Llama 3's vocabulary): small beside the activations of
 # such a sequence, large enough to keep the output matmul efficient.
@@ -40,6 +42,51 @@ class RopeScaling:
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+
+
+# target name -> (module attribute path inside a DecoderLayer, number of leading input axes of the weight)
+LORA_TARGETS: dict[str, tuple[str, str, int]] = {
+    "q": ("attention", "wq", 1),
+    "k": ("attention", "wk", 1),
+    "v": ("attention", "wv", 1),
+    "o": ("attention", "wo", 2),
+    "gate": ("mlp", "w_gate", 1),
+    "up": ("mlp", "w_up", 1),
+    "down": ("mlp", "w_down", 1),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (lora.py). rank 0: none. targets: any of q, k, v, o, gate, up, down."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q", "k", "v", "o")
+
+    def __post_init__(self):
+        object.__setattr__(self, "targets", tuple(self.targets))
+        if not isinstance(self.rank, int) or self.rank < 0:
+            raise ValueError(f"lora.rank must be a non-negative integer, got {self.rank!r}")
+        if self.rank and not self.targets:
+            raise ValueError("lora.targets is empty: name some of " + ", ".join(LORA_TARGETS))
+        unknown = [t for t in self.targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown lora target {', '.join(unknown)}: choose from {', '.join(LORA_TARGETS)}")
+        if not self.alpha > 0:
+            raise ValueError(f"lora.alpha must be positive, got {self.alpha!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def weights(self, module: str) -> list[tuple[str, int]]:
+        """(weight attribute, input axes) of the targets inside `module` ("attention" or "mlp")."""
+        return [(LORA_TARGETS[t][1], LORA_TARGETS[t][2]) for t in self.targets if LORA_TARGETS[t][0] == module]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +109,19 @@ class ModelConfig:
     scan_layers: bool = True
     remat: str = "none"
     attention: str = "auto"
+    # LoRA adapters on the targeted projections (lora.py): a fine-tuning setup, not part of the model.
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ()
+    # "int8": the projection weights are stored int8 with a float32 scale per output channel (quantize.py).
+    quantize: str = "none"
 
     def __post_init__(self):
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.dim // max(self.n_heads, 1))
         if isinstance(self.rope_scaling, dict):
             object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         self.validate()
 
     def validate(self) -> None:
@@ -88,6 +142,13 @@ class ModelConfig:
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model config: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        self.lora  # noqa: B018  (validates the LoRA fields)
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"model config: quantize must be one of {QUANTIZE_MODES}, got {self.quantize!r}")
+
+    @property
+    def lora(self) -> LoraConfig:
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

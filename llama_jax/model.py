@@ -21,10 +21,21 @@ from flax import nnx
 from llama_jax.attention import LiveCache, attend_live_cache, attention, causal_mask, choose_implementation
 from llama_jax.config import REMAT_POLICIES, ModelConfig
 from llama_jax.kv_cache import KVCache, write_slots
+from llama_jax.lora import add_adapters, project, split_adapters
+from llama_jax.quantize import SCALE_SUFFIX, quantize_weight
 from llama_jax.rope import apply_rope, inverse_frequencies
 from llama_jax.sharding import make_mesh, param_shardings, shard
 
 _INIT_STD = 0.02  # GPT-2 / LLaMA-style initialisation for every matrix
+
+
+def _quantize_in_place(module: nnx.Module, names: dict[str, tuple[str, ...]], n_in: dict[str, int]) -> None:
+    """Replace each named weight by int8 values and a float32 per-output-channel scale (quantize.py)."""
+    for weight, axes in names.items():
+        q, scale = quantize_weight(getattr(module, weight)[...], tuple(range(n_in[weight])))
+        setattr(module, weight, nnx.Param(q, out_sharding=axes, eager_sharding=False))
+        setattr(module, weight + SCALE_SUFFIX, nnx.Param(scale, out_sharding=axes[n_in[weight]:],
+                                                         eager_sharding=False))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -50,17 +61,24 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c, dt = config, config.param_dtype
         self.config = config
+        self.lora_scale = c.lora.scale if c.lora.enabled else 0.0
         self.wq = _param(rngs, (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), dt)
         self.wk = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wv = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wo = _param(rngs, (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), dt)
+        names = {"wq": ("embed", "q_heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
+                 "wv": ("embed", "kv_heads", "head_dim"), "wo": ("q_heads", "head_dim", "embed")}
+        if c.lora.enabled:
+            add_adapters(self, c.lora, "attention", rngs, names)
+        if c.quantize == "int8":
+            _quantize_in_place(self, names, {"wq": 1, "wk": 1, "wv": 1, "wo": 2})
 
     def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
-        c, dtype = self.config, x.dtype
+        c = self.config
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dtype))
-        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dtype))
-        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dtype))
+        q = project(self, "wq", "btd,dhk->bthk", x, self.lora_scale)
+        k = project(self, "wk", "btd,dhk->bthk", x, self.lora_scale)
+        v = project(self, "wv", "btd,dhk->bthk", x, self.lora_scale)
         q = shard(apply_rope(q, positions, inv_freq), "batch", "length", "q_heads", None)
         k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
         v = shard(v, "batch", "length", "kv_heads", None)
@@ -78,7 +96,7 @@ class Attention(nnx.Module):
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
                 out = attention(q, k, v, "xla", mask=mask)
-        out = jnp.einsum("bthk,hkd->btd", out, self.wo[...].astype(dtype))
+        out = project(self, "wo", "bthk,hkd->btd", out, self.lora_scale)
         return shard(out, "batch", "length", None), layer_cache
 
 
@@ -90,13 +108,18 @@ class MLP(nnx.Module):
         self.w_gate = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
         self.w_up = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
         self.w_down = _param(rngs, (c.ffn_dim, c.dim), ("mlp", "embed"), dt)
+        self.lora_scale = c.lora.scale if c.lora.enabled else 0.0
+        names = {"w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed")}
+        if c.lora.enabled:
+            add_adapters(self, c.lora, "mlp", rngs, names)
+        if c.quantize == "int8":
+            _quantize_in_place(self, names, {"w_gate": 1, "w_up": 1, "w_down": 1})
 
     def __call__(self, x):
-        dtype = x.dtype
-        gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dtype))
-        up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dtype))
+        gate = project(self, "w_gate", "btd,df->btf", x, self.lora_scale)
+        up = project(self, "w_up", "btd,df->btf", x, self.lora_scale)
         hidden = shard(jax.nn.silu(gate) * up, "batch", "length", "mlp")
-        return shard(jnp.einsum("btf,fd->btd", hidden, self.w_down[...].astype(dtype)), "batch", "length", None)
+        return shard(project(self, "w_down", "btf,fd->btd", hidden, self.lora_scale), "batch", "length", None)
 
 
 class DecoderLayer(nnx.Module):
@@ -249,3 +272,15 @@ def _sharded_init(config: ModelConfig, mesh):
         return nnx.split(Llama(config, rngs=nnx.Rngs(params=key)))[1]
 
     return graphdef, jax.jit(init, out_shardings=param_shardings(abstract, mesh))
+
+
+def init_adapters(config: ModelConfig, mesh, seed: int = 0) -> dict:
+    """Fresh LoRA adapters of `config` (A random, B zero) as a pure dict, created in their sharded layout. The
+    same init's base weights are never computed: the jitted function does not return them."""
+    _, abstract = abstract_state(config)
+    shardings = split_adapters(nnx.to_pure_dict(param_shardings(abstract, mesh)))[0]
+
+    def init(key):
+        return split_adapters(nnx.to_pure_dict(nnx.split(Llama(config, rngs=nnx.Rngs(params=key)))[1]))[0]
+
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))

@@ -27,6 +27,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "head_dim": None,
     "mlp": ("tensor",),
     "layers": None,
+    "lora_rank": None,  # LoRA adapters' rank axis: small, never sharded
 }
 
 

@@ -12,7 +12,7 @@ from llama_jax.convert.common import CHAT_TEMPLATE_CHOICES
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="python -m llama_jax.convert", description=convert.__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{llama2c,hf,meta,to-hf}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{llama2c,hf,meta,to-hf,merge-lora}")
 
     def command(name: str, help_text: str, source: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
@@ -34,8 +34,10 @@ def _parser() -> argparse.ArgumentParser:
             sub.add_argument("--max-seq-len", type=int, help="context length (params.json does not record it)")
             sub.add_argument("--rope-scaling-factor", type=float,
                              help="Llama 3.1 RoPE factor when use_scaled_rope (default: 32 if tied, else 8)")
-    to_hf = command("to-hf", "export a model directory to the Hugging Face layout", "DIR")
+    to_hf = command("to-hf", "export a model directory to the Hugging Face layout (a LoRA run: its adapters, as a "
+                             "PEFT adapter directory)", "DIR")
     to_hf.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
+    command("merge-lora", "merge a LoRA run's adapters into its base model: a plain model directory", "RUN_DIR")
     return parser
 
 
@@ -48,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "meta":
         out = convert.convert_meta(args.source, args.out, args.tokenizer, args.chat_template, args.dtype,
                                    args.max_seq_len, args.rope_scaling_factor)
+    elif args.command == "merge-lora":
+        out = convert.merge_lora(args.source, args.out, args.dtype)
     else:
         out = convert.export_hf(args.source, args.out, args.dtype, args.max_shard_size)
     print(f"wrote {out}")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from llama_jax.cli import ArgumentParser, run_cli
 from llama_jax.commands.infer import add_generation_arguments
-from llama_jax.config import DTYPES
+from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 PROG = "python -m llama_jax.evaluate"
 MESH_HELP = "device mesh, e.g. data=2,tensor=4 (default: all data-parallel)"
@@ -53,6 +53,8 @@ def perplexity(argv: list[str]) -> int:
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
     parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
     if args.held_out is not None:
@@ -94,7 +96,7 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
         batch_size = min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     return perplexity(loaded, ids, seq_len, batch_size, progress=True)
 
 
@@ -140,14 +142,15 @@ def generate(argv: list[str]) -> int:
     if args.output:
         sampling = settings.sampling
         run_settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
-                        "params": str(model_dir.params_path.resolve()), "dtype": args.dtype, "chat": settings.chat,
+                        "params": str(model_dir.params_path.resolve()), "dtype": args.dtype,
+                        "quantize": args.quantize, "chat": settings.chat,
                         "max_new_tokens": settings.max_new_tokens, "temperature": sampling.temperature,
                         "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": settings.seed,
                         "stop_ids": sorted(settings.stop_ids), "stop": args.stop, "metrics": list(metrics)}
         output = JsonlOutput(args.output, [r.prompt for r in records], run_settings, writer="evaluate generate")
     try:
         finished = output is not None and output.done == len(records)
-        loaded = None if finished else load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+        loaded = None if finished else load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
         summary = run_task(loaded, records, prompt_ids, settings, scorer, tuple(args.stop), output)
     finally:
         if output:

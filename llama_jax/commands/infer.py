@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from llama_jax.cli import ArgumentParser, run_cli
-from llama_jax.config import DTYPES
+from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -68,6 +68,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float
                         help="decode slots: prompts decoded together, each refilled when its completion ends "
                              "(default 8; results never depend on it)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
     parser.add_argument("--chat", action="store_true",
                         help="wrap each prompt as a user message in the checkpoint's chat template")
     parser.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
@@ -123,7 +125,8 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
     or the mesh: a prompt's tokens do not depend on them.)"""
     sampling = settings.sampling
     return {"checkpoint": str(Path(args.checkpoint).resolve()), "params": str(model_dir.params_path.resolve()),
-            "dtype": args.dtype, "chat": settings.chat, "max_new_tokens": settings.max_new_tokens,
+            "dtype": args.dtype, "quantize": args.quantize, "chat": settings.chat,
+            "max_new_tokens": settings.max_new_tokens,
             "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
             "seed": settings.seed, "stop_ids": sorted(settings.stop_ids)}
 
@@ -155,7 +158,7 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             sys.stdout.flush()
 
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     engine = generate_in_order(loaded, prompt_ids, settings, write, first, progress=args.prompts is not None)
     return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
             f"{settings.batch_size} decode slots; prompt buckets compiled: {compiled_buckets(engine)}")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from llama_jax.cli import ArgumentParser, run_cli
-from llama_jax.config import DTYPES
+from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1/")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
     parser.add_argument("--mesh", default="", metavar="data=..,tensor=..",
                         help="device mesh, e.g. tensor=4 (default: data-parallel over all devices)")
     args = parser.parse_args(argv)
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
               file=sys.stderr)
     mesh = make_mesh(MeshConfig.parse(args.mesh))
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype)
+    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     engine = Engine(loaded, slots=args.slots, cache_len=args.max_len, max_queue=args.max_queue)
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine.start()

@@ -95,6 +95,10 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
     ensure_new_output_dir(out)  # before any work: refuse early
     max_bytes = parse_size(max_shard_size)
     source = read_model_dir(model_dir)
+    if source.config.lora.enabled:  # a LoRA run: its adapters, for PEFT on the base model's export
+        from llama_jax.convert.lora_outputs import export_peft
+
+        return export_peft(source, out)
     config = source.config
     name = dtype_name(np.dtype(jnp.dtype(config.param_dtype)), dtype)
     np_dtype = np.dtype(jnp.dtype(name))

@@ -44,7 +44,7 @@ def compile_training(config: TrainConfig, tpu: TpuSlice) -> list[FunctionReport]
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
     return [compile_function("train_step", lambda: train_step.lower(layout.abstract, batch), mesh,
                              train_workload(model, config, mesh), attention),
-            compile_function("eval_step", lambda: eval_step.lower(layout.abstract.params, batch), mesh,
+            compile_function("eval_step", lambda: eval_step.lower(layout.abstract, batch), mesh,
                              eval_workload(model, config, mesh), attention)]
 
 

@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.chat import TEMPLATES
-from llama_jax.config import DTYPES, LOSS_CHUNK, MeshConfig, ModelConfig
+from llama_jax.config import DTYPES, LOSS_CHUNK, LoraConfig, MeshConfig, ModelConfig
 
 TRAINED_TOKENIZER_PREFIX = "train:"
 BUNDLED_CORPUS = "tinyshakespeare.txt"  # llama_jax/data/: the default job's corpus, found from any directory
@@ -43,14 +43,29 @@ class DistributedConfig:
     process_id: int | None = None
 
 
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """LoRA fine-tuning (llama_jax/lora.py): rank 0 trains every parameter."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down
+    int8_base: bool = False  # QLoRA: the frozen projections held int8 (quantize.py) while the adapters train
+
+    def config(self) -> LoraConfig:
+        return LoraConfig(self.rank, self.alpha, tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+
+
 def _model_settings_class() -> type:
     """`model.*`: a preset (or model YAML) plus an optional override of every ModelConfig field. Built from
     ModelConfig's own fields, so a field added there is a settable key here with nothing else to change.
-    (`rope_scaling` is a nested config of its own; it comes with a preset, a model YAML or init_from.)"""
+    (`rope_scaling` is a nested config of its own; it comes with a preset, a model YAML or init_from. The
+    lora_* fields are set by the `lora.*` settings.)"""
     hints = typing.get_type_hints(ModelConfig)
     fields = [("preset", str | None, dataclasses.field(default=None))]
     fields += [(f.name, hints[f.name] | None, dataclasses.field(default=None))
-               for f in dataclasses.fields(ModelConfig) if f.name != "rope_scaling"]
+               for f in dataclasses.fields(ModelConfig)
+               if f.name not in ("rope_scaling", "quantize") and not f.name.startswith("lora_")]
 
     def overrides(self) -> dict[str, Any]:
         """The ModelConfig fields this run sets."""
@@ -101,6 +116,9 @@ class TrainConfig:
     loss_chunk: int = setting(LOSS_CHUNK, "positions whose float32 logits exist at once in the loss; 0: all")
     dtype: str = setting(COMPUTE_DTYPE_AUTO, "compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")
     mesh: MeshConfig = setting(MeshConfig(), "mesh.data, mesh.fsdp, mesh.tensor: the device mesh (-1: the rest)")
+    lora: LoraSettings = setting(LoraSettings(), "lora.rank (0: train every parameter; else LoRA adapters of that "
+                                 "rank on a frozen init_from), lora.alpha (default 16), lora.targets (q,k,v,o; also "
+                                 "gate, up, down), lora.int8_base (QLoRA: the frozen weights held int8)")
     distributed: DistributedConfig = setting(DistributedConfig(), "distributed.coordinator, .num_processes, "
                                              ".process_id: multi-host on GPU clusters (TPU VMs find each other)")
     hardware: str | None = setting(None, "where the recipe is meant to run: a TPU slice (v5p-128; check it with "
@@ -148,6 +166,11 @@ class TrainConfig:
             _check(self.tokenizer != "", "tokenizer must be a tokenizer file or train:VOCAB")
             _trained_vocab(self.tokenizer)
         _check(bool(self.data.strip()), "data must name at least one file")
+        lora = self.lora.config()  # validates rank, alpha and targets
+        _check(not lora.enabled or self.init_from is not None,
+               "LoRA adapts a trained model: set init_from to a model directory (or lora.rank=0)")
+        _check(lora.enabled or not self.lora.int8_base,
+               "lora.int8_base freezes an int8 base under adapters: set lora.rank")
         sizes = dataclasses.astuple(self.mesh)
         _check(all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
                f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}")

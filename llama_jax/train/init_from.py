@@ -46,6 +46,10 @@ def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | N
     if config.seq_len > model.max_seq_len:
         raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "
                          f"lower seq_len or set model.max_seq_len")
+    lora = config.lora.config()
+    if lora.enabled:
+        model = model.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=lora.targets,
+                              quantize="int8" if config.lora.int8_base else "none")
     return model
 
 

@@ -40,10 +40,11 @@ class RunFiles:
     chat_template: str | None
     settings: dict[str, Any]
     fingerprint: dict[str, Any]
+    lora_base: Path | None = None  # LoRA: the init_from directory the adapters sit on
 
     def write(self, directory: Path) -> None:
         shutil.copyfile(self.tokenizer_path, directory / self.tokenizer_name)
-        write_config(directory, self.model, self.tokenizer_name, self.chat_template)
+        write_config(directory, self.model, self.tokenizer_name, self.chat_template, self.lora_base)
         payload = {"format": RUN_FORMAT, "settings": self.settings, "fingerprint": self.fingerprint}
         (directory / RUN_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 

@@ -12,6 +12,9 @@ The state is a registered dataclass of plain pytrees (the parameter dict as `nnx
 optax state, step counter) so it goes straight into `jax.jit` and orbax; the model module is rebuilt
 inside the trace by `nnx.merge`. The state is donated: parameters and optimizer moments are updated in
 place, never held twice.
+
+With LoRA (`config.lora`), `params` are the adapters alone, the only values with gradients and optimizer
+moments; the frozen base weights ride along in `frozen`, read but never differentiated, updated or saved.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LOSS_CHUNK, ModelConfig
+from llama_jax.lora import join, split_adapters
 from llama_jax.loss import token_nll
 from llama_jax.model import abstract_state
 from llama_jax.train.batching import FIELDS, batch_sharding
@@ -34,8 +38,13 @@ from llama_jax.train.batching import FIELDS, batch_sharding
 @dataclasses.dataclass
 class TrainState:
     step: jax.Array  # int32 scalar: optimizer steps taken
-    params: dict  # pure parameter dict (nnx.to_pure_dict layout)
+    params: dict  # the trained parameters, a pure dict (nnx.to_pure_dict layout): all, or LoRA's adapters
     opt_state: Any
+    frozen: dict = dataclasses.field(default_factory=dict)  # LoRA's base weights: never updated or saved
+
+    def model_params(self) -> dict:
+        """Every parameter of the model (the trained ones joined with the frozen ones)."""
+        return join(self.frozen, self.params)
 
 
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array],
@@ -62,6 +71,7 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
     devices of a TPU topology that this host does not have."""
     graphdef, abstract = abstract_state(config, mesh)
     params = nnx.to_pure_dict(abstract)
+    params, frozen = split_adapters(params) if config.lora.enabled else (params, {})
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Shapes without shardings: eval_shape would otherwise look for the shardings' devices on this host.
@@ -69,10 +79,10 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
                                                                params))
     opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, param_shardings,
                                           transform_non_params=lambda _: replicated)
-    shardings = TrainState(replicated, param_shardings, opt_shardings)
+    shardings = TrainState(replicated, param_shardings, opt_shardings, jax.tree.map(lambda a: a.sharding, frozen))
     abstract_train = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
                                 jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                             opt_abstract, opt_shardings))
+                                             opt_abstract, opt_shardings), frozen)
     return StateLayout(graphdef, abstract_train, shardings)
 
 
@@ -84,8 +94,8 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
     when the loss or gradient was not finite and the update was not applied)."""
     graphdef, shardings = layout.graphdef, layout.shardings
 
-    def loss_of(params, micro, total_tokens):
-        nll, log_z = token_losses(graphdef, params, micro, loss_chunk)
+    def loss_of(params, frozen, micro, total_tokens):
+        nll, log_z = token_losses(graphdef, join(frozen, params), micro, loss_chunk)
         mask = micro["loss_mask"]
         nll_sum = jnp.sum(nll * mask)
         z_sum = jnp.sum(jnp.square(log_z) * mask)
@@ -99,7 +109,7 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
 
         def accumulate(carry, micro):
             grads, nll_sum, z_sum = carry
-            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, micro, total_tokens)
+            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, state.frozen, micro, total_tokens)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (grads, nll_sum + micro_nll, z_sum + micro_z), None
 
@@ -123,7 +133,7 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
             "tokens": tokens,
             "skipped": (~finite).astype(jnp.float32),
         }
-        return TrainState(state.step + 1, params, opt_state), metrics
+        return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
@@ -132,10 +142,12 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
 
 
 def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int], loss_chunk: int = LOSS_CHUNK):
-    """`eval_step(params, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
+    """`eval_step(state, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
     graphdef = layout.graphdef
 
-    def eval_step(params, batch):
+    def eval_step(state: TrainState, batch):
+        params = state.model_params()
+
         def one(carry, micro):
             nll, _ = token_losses(graphdef, params, micro, loss_chunk)
             return (carry[0] + jnp.sum(nll * micro["loss_mask"]), carry[1] + jnp.sum(micro["loss_mask"])), None
@@ -145,11 +157,12 @@ def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int,
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
-    return jax.jit(eval_step, in_shardings=(layout.shardings.params, batch_shardings), out_shardings=replicated)
+    return jax.jit(eval_step, in_shardings=(layout.shardings, batch_shardings), out_shardings=replicated)
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, shardings: TrainState) -> TrainState:
+def init_state(params: dict, optimizer: optax.GradientTransformation, shardings: TrainState,
+               frozen: dict | None = None) -> TrainState:
     """A fresh TrainState around `params` (already placed), the optimizer state created in place."""
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.int32(0), shardings.step)
-    return TrainState(step, params, opt_state)
+    return TrainState(step, params, opt_state, frozen or {})

@@ -21,7 +21,9 @@ from jax.experimental import multihost_utils
 from llama_jax.checkpoint import LoadedModel, read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.inference.generator import generate
-from llama_jax.model import create_model
+from llama_jax.lora import split_adapters
+from llama_jax.model import abstract_state, create_model, init_adapters
+from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train import flops
 from llama_jax.train.batching import PackedRows, check_batch_fits_mesh, global_batch
@@ -70,7 +72,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
                          tokens_per_step=config.batch_size * config.seq_len,
                          flops_per_token=flops.training_flops_per_token(job.model_config, config.seq_len),
                          peak_flops_total=_peak_flops_total(config, job.mesh))
-    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters, {job.data.corpus.n_tokens:,} "
+    trained = ""
+    if job.model_config.lora.enabled:
+        adapters = sum(a.size for a in jax.tree.leaves(job.state.params))
+        trained = f" (LoRA rank {job.model_config.lora_rank}: {adapters:,} trained, the rest frozen)"
+    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters{trained}, "
+                   f"{job.data.corpus.n_tokens:,} "
                    f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
                    + (f"; resuming at step {job.start}" if job.start else ""))
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
@@ -107,16 +114,20 @@ def _prepare(config: TrainConfig) -> _Job:
     layout = state_layout(model_config, optimizer, mesh)
     fingerprint = run_fingerprint(config, model_config, data.corpus.key)
     # init_from's parameters are read (and checked) before the run directory exists, unless it will resume.
+    # LoRA freezes them (all of them, every run); full fine-tuning starts from them.
+    frozen = _frozen_base(source, model_config, mesh, layout) if model_config.lora.enabled else {}
     start_params = (source.restore_params(layout.abstract.params)
-                    if source is not None and not has_checkpoints(run_dir) else None)
+                    if source is not None and not model_config.lora.enabled and not has_checkpoints(run_dir)
+                    else None)
     lock = None
     if jax.process_index() == 0:
+        lora_base = Path(config.init_from) if model_config.lora.enabled else None
         lock = open_run_dir(run_dir, RunFiles(model_config, data.tokenizer_path, data.tokenizer.file_name, template,
-                                              config.to_dict(), fingerprint))
+                                              config.to_dict(), fingerprint, lora_base))
     multihost_utils.sync_global_devices("run_dir ready")
 
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
-    state, meta = _initial_state(config, model_config, start_params, mesh, optimizer, layout, checkpoints)
+    state, meta = _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
                                  config.loss_chunk)
@@ -189,24 +200,37 @@ def _evaluate(job: _Job) -> float:
     total = count = 0.0
     for ids in job.rows.val_rows(job.config.batch_size, job.config.eval_batches):
         batch = global_batch(job.rows, ids.reshape(job.config.grad_accum, -1), job.mesh)
-        nll, tokens = job.eval_step(job.state.params, batch)
+        nll, tokens = job.eval_step(job.state, batch)
         total, count = total + nll, count + tokens
     return float(total) / max(float(count), 1.0)
 
 
-def _initial_state(config, model_config, start_params, mesh, optimizer, layout: StateLayout, checkpoints):
-    """(state, meta): from the newest intact checkpoint, else init_from's parameters, else a random init."""
+def _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout: StateLayout, checkpoints):
+    """(state, meta): from the newest intact checkpoint, else init_from's parameters (LoRA: fresh adapters
+    on init_from's frozen ones), else a random init."""
     restored = checkpoints.restore_newest_intact(layout.abstract)
     if restored is not None:
         params, opt_state, meta = restored
-        return TrainState(jax.device_put(np.int32(meta["step"]), layout.shardings.step), params, opt_state), meta
-    if start_params is not None:
+        step = jax.device_put(np.int32(meta["step"]), layout.shardings.step)
+        return TrainState(step, params, opt_state, frozen), meta
+    if model_config.lora.enabled:
+        params = init_adapters(model_config, mesh, config.seed)
+    elif start_params is not None:
         params = start_params
     elif config.init_from is not None:  # every checkpoint of this run was damaged: start again from init_from
         params = read_model_dir(config.init_from).restore_params(layout.abstract.params)
     else:
         params = nnx.to_pure_dict(nnx.state(create_model(model_config, mesh, seed=config.seed)))
-    return init_state(params, optimizer, layout.shardings), {}
+    return init_state(params, optimizer, layout.shardings, frozen), {}
+
+
+def _frozen_base(source, model_config: ModelConfig, mesh, layout: StateLayout) -> dict:
+    """LoRA's frozen weights: init_from's, placed as the layout says; int8 with per-channel scales for QLoRA."""
+    if model_config.quantize == "none":
+        return source.restore_params(layout.abstract.frozen)
+    _, abstract = abstract_state(model_config.replace(quantize="none"), mesh)
+    full_precision = source.restore_params(split_adapters(nnx.to_pure_dict(abstract))[1])
+    return jax.jit(quantize_params, out_shardings=layout.shardings.frozen)(full_precision)
 
 
 def _peak_flops_total(config: TrainConfig, mesh) -> float | None:
@@ -219,7 +243,7 @@ def _samples(job: _Job) -> list[dict[str, str]]:
     config = job.config
     if config.samples == 0 or jax.process_count() > 1:
         return []
-    model = nnx.merge(job.layout.graphdef, job.state.params)
+    model = nnx.merge(job.layout.graphdef, job.state.model_params())
     loaded = LoadedModel(model, job.model_config, job.mesh, job.data.tokenizer, job.chat_template)
     prompts = list(config.sample_prompts or [""])
     prompts = (prompts * config.samples)[: config.samples]

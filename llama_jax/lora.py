@@ -1,0 +1,111 @@
+"""LoRA: low-rank adapters on the attention and MLP projections (Hu et al. 2021).
+
+A targeted weight W (in → out) gets two small matrices, A (in × rank) and B (rank × out); the layer computes
+
+    y = x·W + (alpha / rank) · (x·A)·B
+
+with W frozen and A, B trained. B starts at zero, so a fresh adapter changes nothing; A starts as PEFT's
+(Kaiming-uniform, a = √5), so an adapter trained here and one trained by PEFT are the same kind of thing.
+The adapters live in the decoder layers beside the weights they adapt (`wq_lora_a`, `wq_lora_b`, ... with
+the stacked `layers` axis), so the scanned stack, remat and the mesh work on them as on any parameter; A is
+sharded like W's input axes, B like its output axes, and the rank axis is never sharded.
+
+Why not qwix (Google's LoRA/QLoRA library for NNX): `qwix.apply_lora_to_model` creates the adapters by
+intercepting each einsum during one traced call and attaching parameters to the module that made it. Our
+layers are one `nnx.vmap`-created DecoderLayer whose state is split and merged inside `jax.lax.scan`, so
+the module it would attach to is a per-step clone; with qwix 0.1.8 the call fails inside the scan
+(`IndexError: tuple index out of range`, qwix having replaced the parameters it intercepts). A hand-written
+adapter is two einsums per target.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama_jax.config import LoraConfig
+
+RANK_AXIS = "lora_rank"  # a logical axis the rules table never shards
+SUFFIXES = ("_lora_a", "_lora_b")
+
+
+def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: nnx.Rngs, names: dict) -> None:
+    """Give `module` an A and a B for each of its targeted weights. `names[weight]` are the weight's logical
+    axis names (the adapters take their sharding from them)."""
+    for weight, n_in in lora.weights(module_name):
+        shape = getattr(module, weight).shape
+        in_shape, out_shape = shape[:n_in], shape[n_in:]
+        fan_in = math.prod(in_shape)
+        # PEFT's A: kaiming_uniform(a=sqrt(5)) over fan_in, i.e. uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        bound = 1.0 / math.sqrt(fan_in)
+        a = jax.random.uniform(rngs.params(), (*in_shape, lora.rank), jnp.float32, -bound, bound)
+        b = jnp.zeros((lora.rank, *out_shape), jnp.float32)
+        in_names, out_names = names[weight][:n_in], names[weight][n_in:]
+        setattr(module, weight + "_lora_a", nnx.Param(a, out_sharding=(*in_names, RANK_AXIS), eager_sharding=False))
+        setattr(module, weight + "_lora_b", nnx.Param(b, out_sharding=(RANK_AXIS, *out_names), eager_sharding=False))
+
+
+def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, scale: float) -> jax.Array:
+    """`einsum(equation, x, W)` plus, when `module` has adapters for W, scale · (x·A)·B. An int8 W (quantize.py)
+    has a per-output-channel scale, applied to the product."""
+    out = jnp.einsum(equation, x, getattr(module, weight)[...].astype(x.dtype))
+    channel_scale = getattr(module, weight + "_scale", None)
+    if channel_scale is not None:
+        out = out * channel_scale[...].astype(out.dtype)
+    adapter_a = getattr(module, weight + "_lora_a", None)
+    if adapter_a is None:
+        return out
+    inputs, result = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n_in = adapter_a.ndim - 1
+    in_axes, out_axes = w_axes[:n_in], w_axes[n_in:]
+    kept = "".join(c for c in x_axes if c not in in_axes)
+    low = jnp.einsum(f"{x_axes},{in_axes}r->{kept}r", x, adapter_a[...].astype(x.dtype))
+    delta = jnp.einsum(f"{kept}r,r{out_axes}->{result}", low, getattr(module, weight + "_lora_b")[...].astype(x.dtype))
+    return out + (scale * delta).astype(out.dtype)
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+    """(adapters, everything else) of a nested parameter dict (`nnx.to_pure_dict` layout)."""
+    adapters, base = {}, {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            sub_adapters, sub_base = split_adapters(value)
+            if sub_adapters:
+                adapters[key] = sub_adapters
+            if sub_base:
+                base[key] = sub_base
+        elif str(key).endswith(SUFFIXES):
+            adapters[key] = value
+        else:
+            base[key] = value
+    return adapters, base
+
+
+def join(base: dict, adapters: dict) -> dict:
+    """The nested union of two disjoint parameter dicts (the inverse of `split_adapters`)."""
+    joined = dict(base)
+    for key, value in adapters.items():
+        joined[key] = join(base.get(key, {}), value) if isinstance(value, dict) else value
+    return joined
+
+
+def merged(params: dict, lora: LoraConfig) -> dict:
+    """The plain model's parameters: each targeted W replaced by W + scale·A·B (all layers), adapters dropped.
+    W keeps its dtype; the product is computed in float32."""
+    adapters, base = split_adapters(params)
+    out = join(base, {})
+    for module in ("attention", "mlp"):
+        for weight, _ in lora.weights(module):
+            layer_adapters = adapters["layers"][module]
+            a, b = layer_adapters[weight + "_lora_a"], layer_adapters[weight + "_lora_b"]
+            w = base["layers"][module][weight]
+            layers, rank = a.shape[0], a.shape[-1]
+            delta = jnp.einsum("lir,lro->lio", jnp.asarray(a, jnp.float32).reshape(layers, -1, rank),
+                               jnp.asarray(b, jnp.float32).reshape(layers, rank, -1)).reshape(w.shape)
+            out["layers"] = dict(out["layers"])
+            out["layers"][module] = dict(out["layers"][module])
+            out["layers"][module][weight] = (jnp.asarray(w, jnp.float32) + lora.scale * delta).astype(w.dtype)
+    return out
