@@ -1,0 +1,49 @@
+"""Fine-tuning Llama 3 8B on one chip: full fine-tuning vs LoRA vs QLoRA, memory per chip from the TPU compiler.
+
+    python benchmarks/finetune_memory.py            # needs the tpu extra (libtpu); no TPU, no weights
+
+For each single-chip slice (v5e-1: 16 GiB HBM, v6e-1: 32 GiB) and each mode, the real train step of
+`train.py` is compiled for the chip (`--compile-for`'s code) and XLA's peak memory per chip is printed:
+  * full:  every parameter trained (float32 master weights, AdamW moments);
+  * lora:  rank-16 adapters on q, k, v, o, gate, up, down; the base frozen in bf16;
+  * qlora: the same adapters on an int8 base (per-channel scales).
+One 2048-token sequence per step, full remat, bf16 compute, the splash attention kernel. The model directory
+is a config.json alone (compiling reads no weights).
+"""
+from __future__ import annotations
+
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from llama_jax.checkpoint import write_config  # noqa: E402
+from llama_jax.config import preset  # noqa: E402
+from llama_jax.hardware import tpu_slice  # noqa: E402
+from llama_jax.train.compile import compile_training  # noqa: E402
+from llama_jax.train.config import load_train_config  # noqa: E402
+
+GiB = 1 << 30
+MODES = {"full": [], "lora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down"],
+         "qlora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down", "lora.int8_base=true"]}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        write_config(base, preset("llama3-8b").replace(max_seq_len=2048), None, None)
+        print("| slice | mode | arguments GiB | temporaries GiB | peak GiB per chip | HBM GiB | fits |")
+        print("|---|---|---|---|---|---|---|")
+        for slice_name in ("v5e-1", "v6e-1"):
+            for mode, extra in MODES.items():
+                config = load_train_config(None, [f"init_from={base}", "seq_len=2048", "batch_size=1", "dtype=bfloat16",
+                                                  "model.remat=full", "data=unused.txt", *extra])
+                train = compile_training(config, tpu_slice(slice_name))[0]
+                print(f"| {slice_name} | {mode} | {train.argument_bytes / GiB:.1f} | {train.temp_bytes / GiB:.1f} | "
+                      f"{train.peak_bytes / GiB:.1f} | {train.hbm_bytes / GiB:.2f} | {'yes' if train.fits else 'no'} |",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
