@@ -31,20 +31,19 @@ RANK_AXIS = "lora_rank"  # a logical axis the rules table never shards
 SUFFIXES = ("_lora_a", "_lora_b")
 
 
-def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: nnx.Rngs, names: dict) -> None:
-    """Give `module` an A and a B for each of its targeted weights. `names[weight]` are the weight's logical
-    axis names (the adapters take their sharding from them)."""
+def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: nnx.Rngs) -> None:
+    """Give `module` an A and a B for each of its targeted weights, sharded by the weight's own logical axes."""
     for weight, n_in in lora.weights(module_name):
-        shape = getattr(module, weight).shape
-        in_shape, out_shape = shape[:n_in], shape[n_in:]
+        param = getattr(module, weight)
+        names = param.get_metadata()["out_sharding"]
+        in_shape, out_shape = param.shape[:n_in], param.shape[n_in:]
         fan_in = math.prod(in_shape)
         # PEFT's A: kaiming_uniform(a=sqrt(5)) over fan_in, i.e. uniform(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         bound = 1.0 / math.sqrt(fan_in)
         a = jax.random.uniform(rngs.params(), (*in_shape, lora.rank), jnp.float32, -bound, bound)
         b = jnp.zeros((lora.rank, *out_shape), jnp.float32)
-        in_names, out_names = names[weight][:n_in], names[weight][n_in:]
-        setattr(module, weight + "_lora_a", nnx.Param(a, out_sharding=(*in_names, RANK_AXIS), eager_sharding=False))
-        setattr(module, weight + "_lora_b", nnx.Param(b, out_sharding=(RANK_AXIS, *out_names), eager_sharding=False))
+        setattr(module, weight + "_lora_a", nnx.Param(a, out_sharding=(*names[:n_in], RANK_AXIS), eager_sharding=False))
+        setattr(module, weight + "_lora_b", nnx.Param(b, out_sharding=(RANK_AXIS, *names[n_in:]), eager_sharding=False))
 
 
 def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, scale: float) -> jax.Array:

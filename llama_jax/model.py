@@ -23,19 +23,24 @@ from llama_jax.config import REMAT_POLICIES, ModelConfig
 from llama_jax.kv_cache import KVCache, write_slots
 from llama_jax.lora import add_adapters, project, split_adapters
 from llama_jax.quantize import SCALE_SUFFIX, quantize_weight
+from llama_jax.quantize import WEIGHTS as QUANTIZED_WEIGHTS
 from llama_jax.rope import apply_rope, inverse_frequencies
 from llama_jax.sharding import make_mesh, param_shardings, shard
 
 _INIT_STD = 0.02  # GPT-2 / LLaMA-style initialisation for every matrix
 
 
-def _quantize_in_place(module: nnx.Module, names: dict[str, tuple[str, ...]], n_in: dict[str, int]) -> None:
-    """Replace each named weight by int8 values and a float32 per-output-channel scale (quantize.py)."""
-    for weight, axes in names.items():
-        q, scale = quantize_weight(getattr(module, weight)[...], tuple(range(n_in[weight])))
-        setattr(module, weight, nnx.Param(q, out_sharding=axes, eager_sharding=False))
-        setattr(module, weight + SCALE_SUFFIX, nnx.Param(scale, out_sharding=axes[n_in[weight]:],
-                                                         eager_sharding=False))
+def _quantize_in_place(module: nnx.Module, module_name: str) -> None:
+    """Replace the module's projection weights by int8 values and a float32 per-output-channel scale
+    (quantize.py), each keeping the weight's logical axes."""
+    for weight, (owner, n_in) in QUANTIZED_WEIGHTS.items():
+        if owner != module_name:
+            continue
+        param = getattr(module, weight)
+        names = param.get_metadata()["out_sharding"]
+        q, scale = quantize_weight(param[...], tuple(range(n_in)))
+        setattr(module, weight, nnx.Param(q, out_sharding=names, eager_sharding=False))
+        setattr(module, weight + SCALE_SUFFIX, nnx.Param(scale, out_sharding=names[n_in:], eager_sharding=False))
 
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
@@ -66,12 +71,10 @@ class Attention(nnx.Module):
         self.wk = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wv = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wo = _param(rngs, (c.n_heads, c.head_dim, c.dim), ("q_heads", "head_dim", "embed"), dt)
-        names = {"wq": ("embed", "q_heads", "head_dim"), "wk": ("embed", "kv_heads", "head_dim"),
-                 "wv": ("embed", "kv_heads", "head_dim"), "wo": ("q_heads", "head_dim", "embed")}
         if c.lora.enabled:
-            add_adapters(self, c.lora, "attention", rngs, names)
+            add_adapters(self, c.lora, "attention", rngs)
         if c.quantize == "int8":
-            _quantize_in_place(self, names, {"wq": 1, "wk": 1, "wv": 1, "wo": 2})
+            _quantize_in_place(self, "attention")
 
     def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
         c = self.config
@@ -109,11 +112,10 @@ class MLP(nnx.Module):
         self.w_up = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
         self.w_down = _param(rngs, (c.ffn_dim, c.dim), ("mlp", "embed"), dt)
         self.lora_scale = c.lora.scale if c.lora.enabled else 0.0
-        names = {"w_gate": ("embed", "mlp"), "w_up": ("embed", "mlp"), "w_down": ("mlp", "embed")}
         if c.lora.enabled:
-            add_adapters(self, c.lora, "mlp", rngs, names)
+            add_adapters(self, c.lora, "mlp", rngs)
         if c.quantize == "int8":
-            _quantize_in_place(self, names, {"w_gate": 1, "w_up": 1, "w_down": 1})
+            _quantize_in_place(self, "mlp")
 
     def __call__(self, x):
         gate = project(self, "w_gate", "btd,df->btf", x, self.lora_scale)

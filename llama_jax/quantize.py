@@ -11,9 +11,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax.config import LORA_TARGETS
+
 # weight -> (module, number of leading input axes): the same projections LoRA can adapt
-WEIGHTS = {"wq": ("attention", 1), "wk": ("attention", 1), "wv": ("attention", 1), "wo": ("attention", 2),
-           "w_gate": ("mlp", 1), "w_up": ("mlp", 1), "w_down": ("mlp", 1)}
+WEIGHTS = {weight: (module, n_in) for module, weight, n_in in LORA_TARGETS.values()}
 SCALE_SUFFIX = "_scale"
 
 

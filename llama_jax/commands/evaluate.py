@@ -117,7 +117,7 @@ def generate(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     # Everything a user can get wrong is checked before the parameters load.
     from llama_jax.checkpoint import load, read_model_dir
-    from llama_jax.commands.infer import generation_settings
+    from llama_jax.commands.infer import generation_settings, run_settings
     from llama_jax.evaluate.generation_task import read_task, run_task
     from llama_jax.evaluate.text_metrics import TextScorer, parse_metrics
     from llama_jax.inference.prompts import PromptEncoder, chat_template_for
@@ -140,14 +140,8 @@ def generate(argv: list[str]) -> int:
     scorer = TextScorer(metrics)
     output = None
     if args.output:
-        sampling = settings.sampling
-        run_settings = {"checkpoint": str(Path(args.checkpoint).resolve()),
-                        "params": str(model_dir.params_path.resolve()), "dtype": args.dtype,
-                        "quantize": args.quantize, "chat": settings.chat,
-                        "max_new_tokens": settings.max_new_tokens, "temperature": sampling.temperature,
-                        "top_k": sampling.top_k, "top_p": sampling.top_p, "seed": settings.seed,
-                        "stop_ids": sorted(settings.stop_ids), "stop": args.stop, "metrics": list(metrics)}
-        output = JsonlOutput(args.output, [r.prompt for r in records], run_settings, writer="evaluate generate")
+        stored = {**run_settings(args, model_dir, settings), "stop": args.stop, "metrics": list(metrics)}
+        output = JsonlOutput(args.output, [r.prompt for r in records], stored, writer="evaluate generate")
     try:
         finished = output is not None and output.done == len(records)
         loaded = None if finished else load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
