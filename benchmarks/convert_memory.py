@@ -3,9 +3,10 @@
     python benchmarks/convert_memory.py [--workdir DIR] [--keep]
 
 Writes a Hugging Face directory (config.json + sharded bf16 safetensors, with numpy: no torch), runs
-`python -m llama_jax.convert hf` on it, then `to-hf` on the result, each in a subprocess, and prints
-each one's peak resident memory (the child's own ru_maxrss from wait4) against the model's size. A
-converter that held two copies of the model would show a ratio above 2.
+`python -m llama_jax.convert hf` on it, then `to-hf` on the result, then `merge-lora` of a LoRA run on it
+(rank-16 random adapters on all seven projections, written as train.py writes a run), each in a
+subprocess, and prints each one's peak resident memory (the child's own ru_maxrss from wait4) against the
+model's size. A command that held two copies of the model would show a ratio above 2.
 """
 from __future__ import annotations
 
@@ -19,16 +20,23 @@ import tempfile
 import time
 from pathlib import Path
 
+import jax
 import ml_dtypes
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from llama_jax.config import PRESETS  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from llama_jax.checkpoint import CHECKPOINTS_DIR, PARAMS_DIR, read_model_dir, write_config  # noqa: E402
+from llama_jax.config import LORA_TARGETS, PRESETS  # noqa: E402
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file  # noqa: E402
 from llama_jax.convert.to_hf import hf_config  # noqa: E402
 from llama_jax.convert.weights import hf_name, weights_for  # noqa: E402
+from llama_jax.lora import split_adapters  # noqa: E402
+from llama_jax.model import abstract_state  # noqa: E402
+from llama_jax.param_io import save_params  # noqa: E402
 
 SHARD_BYTES = 10**9
 ASSETS = REPO.parent / "shared" / "assets"
@@ -60,6 +68,20 @@ def write_random_hf(directory: Path, tokenizer: Path) -> int:
     return total
 
 
+def write_random_lora_run(base: Path, run_dir: Path, rank: int = 16) -> None:
+    """A LoRA run directory on `base` as train.py leaves one: config.json naming the base, the tokenizer, and
+    one step's adapters (random A and B, so the merge does real work)."""
+    source = read_model_dir(base)
+    config = source.config.replace(lora_rank=rank, lora_alpha=2.0 * rank, lora_targets=tuple(LORA_TARGETS))
+    adapters, _ = split_adapters(nnx.to_pure_dict(abstract_state(config)[1]))
+    rng = np.random.default_rng(0)
+    adapters = jax.tree.map(lambda a: 0.01 * rng.standard_normal(a.shape, dtype=np.float32), adapters)
+    run_dir.mkdir(parents=True)
+    shutil.copyfile(source.tokenizer_path, run_dir / source.tokenizer_path.name)
+    write_config(run_dir, config, source.tokenizer_path.name, source.chat_template, lora_base=base)
+    save_params(run_dir / CHECKPOINTS_DIR / "1" / PARAMS_DIR, adapters)
+
+
 def peak_rss(*args: str | Path) -> tuple[int, float]:
     """Run `python -m llama_jax.convert ARGS`; its peak RSS in bytes and its wall time."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -85,6 +107,9 @@ def main() -> None:
                  *peak_rss("hf", workdir / "hf", "--out", workdir / "converted")),
                 ("to-hf (model dir -> bf16 safetensors)",
                  *peak_rss("to-hf", workdir / "converted", "--out", workdir / "exported"))]
+        write_random_lora_run(workdir / "converted", workdir / "lora_run")
+        rows.append(("merge-lora (base + rank-16 adapters on q,k,v,o,gate,up,down -> model dir)",
+                     *peak_rss("merge-lora", workdir / "lora_run", "--out", workdir / "merged")))
         print(f"\nmodel: {PRESETS['tinyllama-1.1b'].param_count() / 1e9:.2f}B parameters, bf16, "
               f"{model_bytes / 2**30:.2f} GiB of weights\n")
         print("| command | model GiB | peak RSS GiB | peak / model | wall s |")

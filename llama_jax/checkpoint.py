@@ -208,10 +208,7 @@ def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | N
 def _merged_lora_run(model_dir: ModelDir, mesh) -> tuple[ModelConfig, dict]:
     """A LoRA run's model as a plain one: its base directory's weights with the run's newest intact adapters
     merged in (W + alpha/rank · A·B)."""
-    if not (model_dir.lora_base / CONFIG_FILE).is_file():
-        raise ValueError(f"{model_dir.path} holds LoRA adapters of {model_dir.lora_base}, which is no longer a model "
-                         "directory")
-    base_dir = read_model_dir(model_dir.lora_base)
+    base_dir = lora_base_dir(model_dir)
     run_config = model_dir.config.replace(quantize="none")
     _, abstract = abstract_state(run_config, mesh)
     adapters_target, base_target = split_adapters(nnx.to_pure_dict(abstract))
@@ -220,7 +217,16 @@ def _merged_lora_run(model_dir: ModelDir, mesh) -> tuple[ModelConfig, dict]:
         seen = jax.jit(lambda p: dequantize_params(quantize_params(p)))(base)
         base = jax.tree.map(lambda w, t: w.astype(t.dtype), seen, base)
     params = join(base, model_dir.restore_params(adapters_target))
-    plain = run_config.replace(lora_rank=0, lora_targets=())
+    plain = run_config.without_adapters()
     return plain, merged(params, model_dir.config.lora)
 
 
+
+
+def lora_base_dir(run: ModelDir) -> ModelDir:
+    """The model directory a LoRA run's adapters sit on (its config.json's lora_base)."""
+    if run.lora_base is None:
+        raise ValueError(f"{run.path} is not a LoRA run (its config.json names no lora_base)")
+    if not (run.lora_base / CONFIG_FILE).is_file():
+        raise ValueError(f"{run.path} holds LoRA adapters of {run.lora_base}, which is no longer a model directory")
+    return read_model_dir(run.lora_base)

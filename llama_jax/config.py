@@ -25,7 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
 # converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.
 COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "lora_rank", "lora_alpha",
-                  "lora_targets", "quantize")
+                  "lora_targets", "lora_dropout", "quantize")
 QUANTIZE_MODES = ("none", "int8")
 # Positions whose float32 logits the loss computes at once (`loss.token_nll`). Per device a chunk is
 # rows × 1024 × vocab float32 (0.5 GiB for one row of Llama 3's vocabulary): small beside the activations of
@@ -58,11 +58,13 @@ LORA_TARGETS: dict[str, tuple[str, str, int]] = {
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
-    """LoRA adapters (lora.py). rank 0: none. targets: any of q, k, v, o, gate, up, down."""
+    """LoRA adapters (lora.py). rank 0: none. targets: any of q, k, v, o, gate, up, down. dropout: the
+    probability of dropping each input of an adapter while training (PEFT's lora_dropout)."""
 
     rank: int = 0
     alpha: float = 16.0
     targets: tuple[str, ...] = ("q", "k", "v", "o")
+    dropout: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "targets", tuple(self.targets))
@@ -75,6 +77,8 @@ class LoraConfig:
             raise ValueError(f"unknown lora target {', '.join(unknown)}: choose from {', '.join(LORA_TARGETS)}")
         if not self.alpha > 0:
             raise ValueError(f"lora.alpha must be positive, got {self.alpha!r}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def enabled(self) -> bool:
@@ -113,6 +117,7 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ()
+    lora_dropout: float = 0.0  # applied only when the forward pass is given a dropout key (training)
     # "int8": the projection weights are stored int8 with a float32 scale per output channel (quantize.py).
     quantize: str = "none"
 
@@ -148,10 +153,14 @@ class ModelConfig:
 
     @property
     def lora(self) -> LoraConfig:
-        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets)
+        return LoraConfig(self.lora_rank, self.lora_alpha, self.lora_targets, self.lora_dropout)
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+    def without_adapters(self) -> ModelConfig:
+        """The plain network a LoRA run's adapters merge into: no adapters, the base unquantized."""
+        return self.replace(lora_rank=0, lora_targets=(), lora_dropout=0.0, quantize="none")
 
     def param_count(self) -> int:
         """Number of parameters, from the shapes alone (what Meta and Hugging Face publish)."""

@@ -25,10 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.config import LoraConfig
+from llama_jax.config import LORA_TARGETS, LoraConfig
 
 RANK_AXIS = "lora_rank"  # a logical axis the rules table never shards
 SUFFIXES = ("_lora_a", "_lora_b")
+_DROPOUT_STREAM = {weight: i for i, (_, weight, _) in enumerate(LORA_TARGETS.values())}  # one mask per weight
 
 
 def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: nnx.Rngs) -> None:
@@ -46,9 +47,11 @@ def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: n
         setattr(module, weight + "_lora_b", nnx.Param(b, out_sharding=(RANK_AXIS, *names[n_in:]), eager_sharding=False))
 
 
-def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, scale: float) -> jax.Array:
-    """`einsum(equation, x, W)` plus, when `module` has adapters for W, scale · (x·A)·B. An int8 W (quantize.py)
-    has a per-output-channel scale, applied to the product."""
+def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, lora: LoraConfig,
+            dropout_key: jax.Array | None = None) -> jax.Array:
+    """`einsum(equation, x, W)` plus, when `module` has adapters for W, scale · (dropout(x)·A)·B. An int8 W
+    (quantize.py) has a per-output-channel scale, applied to the product. Dropout (PEFT's: inverted, on the
+    adapter's input only, a mask of its own per weight) acts only when a `dropout_key` is given: training."""
     out = jnp.einsum(equation, x, getattr(module, weight)[...].astype(x.dtype))
     channel_scale = getattr(module, weight + "_scale", None)
     if channel_scale is not None:
@@ -56,6 +59,10 @@ def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, scale:
     adapter_a = getattr(module, weight + "_lora_a", None)
     if adapter_a is None:
         return out
+    if dropout_key is not None and lora.dropout > 0:
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, _DROPOUT_STREAM[weight]), 1 - lora.dropout,
+                                    x.shape)
+        x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
     inputs, result = equation.split("->")
     x_axes, w_axes = inputs.split(",")
     n_in = adapter_a.ndim - 1
@@ -63,7 +70,7 @@ def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, scale:
     kept = "".join(c for c in x_axes if c not in in_axes)
     low = jnp.einsum(f"{x_axes},{in_axes}r->{kept}r", x, adapter_a[...].astype(x.dtype))
     delta = jnp.einsum(f"{kept}r,r{out_axes}->{result}", low, getattr(module, weight + "_lora_b")[...].astype(x.dtype))
-    return out + (scale * delta).astype(out.dtype)
+    return out + (lora.scale * delta).astype(out.dtype)
 
 
 def split_adapters(params: dict) -> tuple[dict, dict]:
@@ -91,20 +98,26 @@ def join(base: dict, adapters: dict) -> dict:
     return joined
 
 
+def merged_weight(w: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax.Array:
+    """W + scale·A·B, computed in float32 and returned in W's dtype. W is (*lead, *in, *out), A (*lead, *in, r)
+    and B (*lead, r, *out): `lead` is the stacked layers axis, or nothing for one layer's weight."""
+    lead = a.ndim + b.ndim - w.ndim - 2
+    rank = a.shape[-1]
+    a = jnp.asarray(a, jnp.float32).reshape(*w.shape[:lead], -1, rank)
+    b = jnp.asarray(b, jnp.float32).reshape(*w.shape[:lead], rank, -1)
+    return (jnp.asarray(w, jnp.float32) + scale * jnp.matmul(a, b).reshape(w.shape)).astype(w.dtype)
+
+
 def merged(params: dict, lora: LoraConfig) -> dict:
-    """The plain model's parameters: each targeted W replaced by W + scale·A·B (all layers), adapters dropped.
-    W keeps its dtype; the product is computed in float32."""
+    """The plain model's parameters: each targeted W replaced by W + scale·A·B (all layers), adapters dropped."""
     adapters, base = split_adapters(params)
     out = join(base, {})
     for module in ("attention", "mlp"):
         for weight, _ in lora.weights(module):
             layer_adapters = adapters["layers"][module]
-            a, b = layer_adapters[weight + "_lora_a"], layer_adapters[weight + "_lora_b"]
-            w = base["layers"][module][weight]
-            layers, rank = a.shape[0], a.shape[-1]
-            delta = jnp.einsum("lir,lro->lio", jnp.asarray(a, jnp.float32).reshape(layers, -1, rank),
-                               jnp.asarray(b, jnp.float32).reshape(layers, rank, -1)).reshape(w.shape)
             out["layers"] = dict(out["layers"])
             out["layers"][module] = dict(out["layers"][module])
-            out["layers"][module][weight] = (jnp.asarray(w, jnp.float32) + lora.scale * delta).astype(w.dtype)
+            out["layers"][module][weight] = merged_weight(base["layers"][module][weight],
+                                                          layer_adapters[weight + "_lora_a"],
+                                                          layer_adapters[weight + "_lora_b"], lora.scale)
     return out

@@ -16,10 +16,12 @@ from llama_jax.sharding import shard
 
 
 def token_nll(model, ids: jax.Array, targets: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+              segment_ids: jax.Array | None = None, chunk: int = LOSS_CHUNK,
+              dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
-    `chunk`: positions per logits chunk; 0 projects the whole sequence at once."""
-    hidden, _ = model.hidden_states(ids, positions, segment_ids=segment_ids)
+    `chunk`: positions per logits chunk; 0 projects the whole sequence at once. `dropout_key`: training's
+    (LoRA dropout)."""
+    hidden, _ = model.hidden_states(ids, positions, segment_ids=segment_ids, dropout_key=dropout_key)
     return _by_chunks(lambda h, t: _chunk_nll(model, h, t), hidden, targets, chunk)
 
 

@@ -66,7 +66,7 @@ class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         c, dt = config, config.param_dtype
         self.config = config
-        self.lora_scale = c.lora.scale if c.lora.enabled else 0.0
+        self.lora = c.lora
         self.wq = _param(rngs, (c.dim, c.n_heads, c.head_dim), ("embed", "q_heads", "head_dim"), dt)
         self.wk = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
         self.wv = _param(rngs, (c.dim, c.n_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), dt)
@@ -76,12 +76,12 @@ class Attention(nnx.Module):
         if c.quantize == "int8":
             _quantize_in_place(self, "attention")
 
-    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
+    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None, dropout_key=None):
         c = self.config
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        q = project(self, "wq", "btd,dhk->bthk", x, self.lora_scale)
-        k = project(self, "wk", "btd,dhk->bthk", x, self.lora_scale)
-        v = project(self, "wv", "btd,dhk->bthk", x, self.lora_scale)
+        q = project(self, "wq", "btd,dhk->bthk", x, self.lora, dropout_key)
+        k = project(self, "wk", "btd,dhk->bthk", x, self.lora, dropout_key)
+        v = project(self, "wv", "btd,dhk->bthk", x, self.lora, dropout_key)
         q = shard(apply_rope(q, positions, inv_freq), "batch", "length", "q_heads", None)
         k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
         v = shard(v, "batch", "length", "kv_heads", None)
@@ -99,7 +99,7 @@ class Attention(nnx.Module):
                 k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
                 v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
                 out = attention(q, k, v, "xla", mask=mask)
-        out = project(self, "wo", "bthk,hkd->btd", out, self.lora_scale)
+        out = project(self, "wo", "bthk,hkd->btd", out, self.lora, dropout_key)
         return shard(out, "batch", "length", None), layer_cache
 
 
@@ -111,17 +111,17 @@ class MLP(nnx.Module):
         self.w_gate = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
         self.w_up = _param(rngs, (c.dim, c.ffn_dim), ("embed", "mlp"), dt)
         self.w_down = _param(rngs, (c.ffn_dim, c.dim), ("mlp", "embed"), dt)
-        self.lora_scale = c.lora.scale if c.lora.enabled else 0.0
+        self.lora = c.lora
         if c.lora.enabled:
             add_adapters(self, c.lora, "mlp", rngs)
         if c.quantize == "int8":
             _quantize_in_place(self, "mlp")
 
-    def __call__(self, x):
-        gate = project(self, "w_gate", "btd,df->btf", x, self.lora_scale)
-        up = project(self, "w_up", "btd,df->btf", x, self.lora_scale)
+    def __call__(self, x, dropout_key=None):
+        gate = project(self, "w_gate", "btd,df->btf", x, self.lora, dropout_key)
+        up = project(self, "w_up", "btd,df->btf", x, self.lora, dropout_key)
         hidden = shard(jax.nn.silu(gate) * up, "batch", "length", "mlp")
-        return shard(project(self, "w_down", "btf,fd->btd", hidden, self.lora_scale), "batch", "length", None)
+        return shard(project(self, "w_down", "btf,fd->btd", hidden, self.lora, dropout_key), "batch", "length", None)
 
 
 class DecoderLayer(nnx.Module):
@@ -131,12 +131,13 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None):
+    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None, dropout_key=None):
         with jax.named_scope("attention"):
-            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts)
+            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts,
+                                            dropout_key)
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x))
+            x = x + self.mlp(self.mlp_norm(x), dropout_key)
         return x, layer_cache
 
 
@@ -168,10 +169,11 @@ class Llama(nnx.Module):
         return self.logits(x), cache
 
     def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                      segment_ids: jax.Array | None = None,
-                      cache_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
+                      segment_ids: jax.Array | None = None, cache_block: int | None = None,
+                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
-        Training computes the logits from it a chunk at a time (`loss.token_nll`)."""
+        Training computes the logits from it a chunk at a time (`loss.token_nll`) and passes `dropout_key`
+        when LoRA dropout is on (each layer draws its masks from its own fold of the key)."""
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -191,7 +193,7 @@ class Llama(nnx.Module):
                 mask = causal_mask(q_index, kv_index)
         else:
             mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
-        return self._run_layers(x, positions, mask, segment_ids, cache, starts)
+        return self._run_layers(x, positions, mask, segment_ids, cache, starts, dropout_key)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Float32 logits (batch, n, vocab) of hidden states (batch, n, dim): final norm, output projection."""
@@ -205,11 +207,12 @@ class Llama(nnx.Module):
                                     preferred_element_type=jnp.float32)
             return shard(logits, "batch", "length", "vocab")
 
-    def _run_layers(self, x, positions, mask, segment_ids, cache, starts):
+    def _run_layers(self, x, positions, mask, segment_ids, cache, starts, dropout_key):
         graphdef, stacked = nnx.split(self.layers)
 
-        def layer(x, layer_params, layer_cache):
-            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids, layer_cache, starts)
+        def layer(x, layer_params, layer_cache, layer_key):
+            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids, layer_cache, starts,
+                                                               layer_key)
             return x, layer_cache
 
         policy = REMAT_POLICIES[self.config.remat]
@@ -221,7 +224,8 @@ class Llama(nnx.Module):
             x, k_all, v_all = carry
             layer_params, i = xs
             layer_cache = None if k_all is None else (k_all, v_all, i)
-            x, layer_cache = layer(x, layer_params, layer_cache)
+            layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            x, layer_cache = layer(x, layer_params, layer_cache, layer_key)
             if layer_cache is not None:
                 k_all, v_all, _ = layer_cache
             return (x, k_all, v_all), None

@@ -11,6 +11,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax.integrity import Checksums, host_checksums
+
 
 def save_params(path: Path, params: dict) -> None:
     """Save a parameter tree (numpy or jax arrays) synchronously, holding no second copy of it: host arrays
@@ -32,6 +34,46 @@ def restore_params(params_path: Path, target: dict) -> dict:
             return ocp.StandardCheckpointer().restore(params_path.absolute(), target)
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
         raise ValueError(f"cannot read parameters in {params_path}: {first_line(e)}") from None
+
+
+class StoredParams:
+    """A saved parameter tree read one parameter at a time (orbax partial restore): only the parameter
+    being exported is in memory, so exporting never holds the whole model."""
+
+    def __init__(self, params_path: Path, target: dict, checksums: Checksums | None):
+        """`target`: the tree's shapes (`nnx.to_pure_dict` of `model.abstract_state(config)[1]`)."""
+        self._target = target
+        check_param_shapes(params_path, self._target)
+        self._path = params_path.absolute()
+        self._checksums = checksums
+        self._key: str | None = None
+        self._value: np.ndarray | None = None
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        """The parameter at `key` ("layers/attention/wq"), kept until another is read (exports read a stacked
+        parameter once per layer)."""
+        if key != self._key:
+            self._key, self._value = key, None  # drop the previous parameter before reading the next
+            item = self._only(key, lambda a: a)
+            restore_args = self._only(key, lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
+            restored = ocp.PyTreeCheckpointer().restore(self._path, args=ocp.args.PyTreeRestore(item, restore_args))
+            for part in key.split("/"):
+                restored = restored[part]
+            if self._checksums is not None and host_checksums({key: restored})[key] != self._checksums.get(key):
+                raise ValueError(f"{self._path}: parameter {key} changed since it was saved: the files are damaged")
+            self._value = restored
+        return self._value
+
+    def take(self, key: str) -> np.ndarray:
+        """The parameter at `key`, forgotten here: the caller may change it in place."""
+        value = self[key]
+        self._key, self._value = None, None
+        return value
+
+    def _only(self, key: str, leaf):
+        """The tree with `leaf(a)` at `key` and orbax's skip marker everywhere else."""
+        return jax.tree_util.tree_map_with_path(
+            lambda path, a: leaf(a) if "/".join(str(k.key) for k in path) == key else ocp.PLACEHOLDER, self._target)
 
 
 def read_json_item(path: Path) -> dict:

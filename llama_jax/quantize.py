@@ -28,6 +28,13 @@ def quantize_weight(w: jax.Array, in_axes: tuple[int, ...]) -> tuple[jax.Array, 
     return q, jnp.squeeze(scale, axis=axes)
 
 
+def round_trip(w: jax.Array, in_axes: tuple[int, ...]) -> jax.Array:
+    """The float32 weight that int8 quantization of `w` stands for (q · scale): what a QLoRA run's adapters
+    were trained on."""
+    q, scale = quantize_weight(w, in_axes)
+    return q.astype(jnp.float32) * jnp.expand_dims(scale, in_axes)
+
+
 def quantize_params(params: dict) -> dict:
     """A float parameter dict (nnx.to_pure_dict layout) with every projection replaced by int8 + scale."""
     layers = {name: dict(module) for name, module in params["layers"].items()}

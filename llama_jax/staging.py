@@ -14,6 +14,7 @@ import glob
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,8 +56,19 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
                 raise
             shutil.rmtree(staging, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        _remove_failed_staging(staging)
         raise
+
+
+def _remove_failed_staging(staging: Path, rounds: int = 20) -> None:
+    """Remove a failed writer's staging directory. orbax's tensorstore threads can still be finishing writes
+    after the first error reaches us (and they create missing parent directories), so the removal is
+    repeated until the directory stays gone for a moment (at most `rounds` × 50 ms)."""
+    for _ in range(rounds):
+        shutil.rmtree(staging, ignore_errors=True)
+        time.sleep(0.05)
+        if not staging.exists():
+            return
 
 
 def _remove_abandoned_staging(target: Path) -> None:

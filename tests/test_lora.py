@@ -1,11 +1,13 @@
-"""LoRA fine-tuning (`lora.rank` > 0): only the adapters train, the run resumes exactly, the merged model is the
-base plus the adapters, and the exported adapters load in Hugging Face PEFT with the same logits."""
+"""LoRA fine-tuning (`lora.rank` > 0): only the adapters train, the run (with adapter dropout) resumes exactly,
+the merged model is the base plus the adapters, and the exported adapters load in Hugging Face PEFT with the
+same logits."""
 import ast
 import hashlib
 import json
 import shutil
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -13,8 +15,9 @@ from flax import nnx
 
 import llama_jax
 from llama_jax.checkpoint import read_model_dir
+from llama_jax.config import LoraConfig
 from llama_jax.convert import export_hf, merge_lora
-from llama_jax.lora import join, split_adapters
+from llama_jax.lora import join, project, split_adapters
 from llama_jax.model import abstract_state
 from llama_jax.train import run
 from llama_jax.train.config import load_train_config
@@ -27,7 +30,7 @@ def lora_config(stories_model: Path, run_dir: Path, *extra: str):
     return load_train_config(None, [
         f"init_from={stories_model}", "sft=true", "chat_template=llama2", "data=sft_example.jsonl", "seq_len=128",
         "batch_size=8", f"steps={STEPS}", "lr=5e-3", "warmup=2", "eval_every=8", "checkpoint_every=8", "samples=0",
-        "lora.rank=4", "lora.alpha=8", "lora.targets=q,v,o,down", f"run_dir={run_dir}", *extra])
+        "lora.rank=4", "lora.alpha=8", "lora.targets=q,v,o,down", "lora.dropout=0.1", f"run_dir={run_dir}", *extra])
 
 
 def tree_digest(path: Path) -> str:
@@ -130,3 +133,32 @@ def test_qlora_trains_adapters_on_an_int8_base(stories_model, tmp_path):
     expected = np.asarray(trained(jnp.asarray(IDS))[0])
     merged = np.asarray(llama_jax.load(run_dir).model(jnp.asarray(IDS))[0])  # dequantized base + A·B, merged
     assert np.abs(merged - expected).max() / np.abs(expected).max() < 1e-5
+    # merge-lora merges into the same dequantized base
+    out = merge_lora(run_dir, tmp_path / "merged")
+    assert np.array_equal(np.asarray(llama_jax.load(out).model(jnp.asarray(IDS))[0]), merged)
+
+
+def test_adapter_dropout_is_peft_s_and_acts_only_in_training():
+    """PEFT's lora_dropout: y = x·W + scale·(dropout(x)·A)·B, inverted (kept inputs scaled by 1/(1-p)), on the
+    adapter's input only, a mask of its own per weight, and nothing without a training key."""
+    p, rank = 0.5, 4
+    lora = LoraConfig(rank, 8.0, ("q", "v"), p)
+    keys = iter(jax.random.split(jax.random.key(0), 4))
+    x = jax.random.normal(next(keys), (2, 64, 16))
+    a = jax.random.normal(next(keys), (16, rank))
+    b = jax.random.normal(next(keys), (rank, 16))
+    w = jax.random.normal(next(keys), (16, 16))
+    module = type("Layer", (), dict(wq=w, wq_lora_a=a, wq_lora_b=b, wv=w, wv_lora_a=a, wv_lora_b=b))
+    plain = x @ w + lora.scale * (x @ a) @ b
+    assert np.allclose(project(module, "wq", "btd,df->btf", x, lora), plain, atol=1e-4)  # no key: no dropout
+    key = jax.random.key(1)
+    dropped = project(module, "wq", "btd,df->btf", x, lora, key)
+    assert not np.allclose(dropped, plain, atol=1e-2)
+    assert np.array_equal(dropped, project(module, "wq", "btd,df->btf", x, lora, key))  # a key is one mask
+    assert not np.allclose(dropped, project(module, "wv", "btd,df->btf", x, lora, key), atol=1e-2)  # per weight
+    # The base path is untouched and the adapter path unbiased: averaged over masks it is the plain output.
+    unbiased = jnp.mean(jax.vmap(lambda k: project(module, "wq", "btd,df->btf", x, lora, k))(
+        jax.random.split(key, 400)), axis=0)
+    adapter_only = lora.scale * (x @ a) @ b
+    assert np.abs(unbiased - plain).max() < 0.15 * np.abs(adapter_only).max(), (
+        np.abs(unbiased - plain).max(), np.abs(adapter_only).max())

@@ -13,15 +13,20 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import ModelDir, load, write_model_dir
+from llama_jax.checkpoint import ModelDir, lora_base_dir, read_model_dir, write_model_dir
 from llama_jax.config import LORA_TARGETS
 from llama_jax.convert.safetensors_io import TensorSource, write_file
 from llama_jax.convert.weights import WEIGHTS
-from llama_jax.lora import split_adapters
+from llama_jax.lora import merged_weight, split_adapters
 from llama_jax.model import abstract_state
+from llama_jax.param_io import StoredParams
+from llama_jax.quantize import WEIGHTS as QUANTIZED_WEIGHTS
+from llama_jax.quantize import round_trip
 from llama_jax.staging import ensure_new_output_dir, staged_output_dir
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -49,7 +54,7 @@ def export_peft(source: ModelDir, out: str | Path) -> Path:
                                             lambda value=value: value))
     adapter_config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
         "target_modules": sorted(_HF_MODULE[LORA_TARGETS[t][1]].split(".")[-1] for t in lora.targets),
         "base_model_name_or_path": str(source.lora_base), "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None,
@@ -61,9 +66,51 @@ def export_peft(source: ModelDir, out: str | Path) -> Path:
 
 
 def merge_lora(run_dir: str | Path, out: str | Path, dtype: str | None = None) -> Path:
-    """A plain model directory: the run's base weights with its newest intact adapters merged in."""
+    """A plain model directory: the run's base weights with its newest intact adapters merged in.
+
+    Streamed: the base is read one parameter at a time (`StoredParams`) and each adapted weight merged one
+    layer at a time, on the host, so memory holds the output model once plus one stored parameter, never the
+    base and the merged model together (peft #1514 runs out of memory that way) and no accelerator memory.
+    Each weight is merged into what training saw: the base in the run's compute dtype (int8-rounded for
+    QLoRA), plus alpha/rank · A·B in float32; `dtype` sets the output's dtype (default: that compute dtype)."""
     ensure_new_output_dir(out)
-    loaded = load(run_dir, dtype=dtype)
-    source_tokenizer = loaded.tokenizer.path if loaded.tokenizer is not None else None
-    params = nnx.to_pure_dict(nnx.state(loaded.model))
-    return write_model_dir(out, loaded.config, params, source_tokenizer, loaded.chat_template)
+    run = read_model_dir(run_dir)
+    base_dir = lora_base_dir(run)
+    lora = run.config.lora
+    plain = run.config.without_adapters()
+    seen_dtype = np.dtype(jnp.dtype(plain.param_dtype))
+    if dtype is not None:
+        plain = plain.replace(dtype=dtype, param_dtype=dtype)
+    out_dtype = np.dtype(jnp.dtype(plain.param_dtype))
+    _, run_abstract = abstract_state(run.config.replace(quantize="none"))
+    adapters_target, base_target = split_adapters(nnx.to_pure_dict(run_abstract))
+    adapters = jax.tree.map(np.asarray, run.restore_params(adapters_target))
+    stored = StoredParams(base_dir.params_path, nnx.to_pure_dict(abstract_state(base_dir.config)[1]),
+                          base_dir.checksums(base_dir.params_path))
+    targeted = {f"layers/{module}/{weight}" for module, weight, _ in (LORA_TARGETS[t] for t in lora.targets)}
+    projections = {f"layers/{module}/{weight}": (module, weight, n_in)
+                   for weight, (module, n_in) in QUANTIZED_WEIGHTS.items()}
+    int8_base = run.config.quantize == "int8"
+
+    def merged_param(key: str) -> np.ndarray:
+        value = stored.take(key).astype(seen_dtype, copy=False)
+        if key not in targeted and not (int8_base and key in projections):
+            return value.astype(out_dtype, copy=False)
+        module, weight, n_in = projections[key]
+        # In place where the dtypes allow: no second copy of the largest stacked weight either.
+        in_place = value.dtype == out_dtype and value.flags.writeable
+        result = value if in_place else np.empty(value.shape, out_dtype)
+        for layer in range(value.shape[0]):
+            w = value[layer]
+            if int8_base:  # QLoRA trained on every projection int8-rounded, adapted or not
+                w = np.asarray(round_trip(w, tuple(range(n_in)))).astype(seen_dtype)
+            if key in targeted:
+                adapters_of = adapters["layers"][module]
+                w = np.asarray(merged_weight(w.astype(np.float32), adapters_of[weight + "_lora_a"][layer],
+                                             adapters_of[weight + "_lora_b"][layer], lora.scale))
+            result[layer] = w
+        return result
+
+    params = jax.tree_util.tree_map_with_path(lambda path, _: merged_param("/".join(str(k.key) for k in path)),
+                                              base_target)
+    return write_model_dir(out, plain, params, run.tokenizer_path, run.chat_template)

@@ -9,10 +9,8 @@ import json
 import re
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from llama_jax.checkpoint import read_model_dir
@@ -22,9 +20,8 @@ from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
-from llama_jax.integrity import Checksums, host_checksums
 from llama_jax.model import abstract_state
-from llama_jax.param_io import check_param_shapes
+from llama_jax.param_io import StoredParams
 from llama_jax.staging import ensure_new_output_dir, staged_output_dir
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -58,38 +55,6 @@ def hf_config(config: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
     }
 
 
-class StoredParams:
-    """A saved parameter tree read one parameter at a time (orbax partial restore): only the parameter
-    being exported is in memory, so exporting never holds the whole model."""
-
-    def __init__(self, params_path: Path, config: ModelConfig, checksums: Checksums | None):
-        _, abstract = abstract_state(config)
-        self._target = nnx.to_pure_dict(abstract)
-        check_param_shapes(params_path, self._target)
-        self._path = params_path.absolute()
-        self._checksums = checksums
-        self._key: str | None = None
-        self._value: np.ndarray | None = None
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        if key != self._key:
-            self._key, self._value = key, None  # drop the previous parameter before reading the next
-            item = self._only(key, lambda a: a)
-            restore_args = self._only(key, lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
-            restored = ocp.PyTreeCheckpointer().restore(self._path, args=ocp.args.PyTreeRestore(item, restore_args))
-            for part in key.split("/"):
-                restored = restored[part]
-            if self._checksums is not None and host_checksums({key: restored})[key] != self._checksums.get(key):
-                raise ValueError(f"{self._path}: parameter {key} changed since it was saved: the files are damaged")
-            self._value = restored
-        return self._value
-
-    def _only(self, key: str, leaf):
-        """The tree with `leaf(a)` at `key` and orbax's skip marker everywhere else."""
-        return jax.tree_util.tree_map_with_path(
-            lambda path, a: leaf(a) if "/".join(str(k.key) for k in path) == key else ocp.PLACEHOLDER, self._target)
-
-
 def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
               max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> Path:
     ensure_new_output_dir(out)  # before any work: refuse early
@@ -103,7 +68,8 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
     name = dtype_name(np.dtype(jnp.dtype(config.param_dtype)), dtype)
     np_dtype = np.dtype(jnp.dtype(name))
     tokenizer = source.tokenizer()
-    stored = StoredParams(source.params_path, config, source.checksums(source.params_path))
+    stored = StoredParams(source.params_path, nnx.to_pure_dict(abstract_state(config)[1]),
+                          source.checksums(source.params_path))
 
     def tensor(weight: Weight, layer: int | None) -> TensorSource:
         def values() -> np.ndarray:

@@ -40,7 +40,7 @@ def compile_training(config: TrainConfig, tpu: TpuSlice) -> list[FunctionReport]
                                         sharding=sharding) for name in FIELDS}
     attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
     train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
-                                 config.loss_chunk)
+                                 config.loss_chunk, config.seed if model.lora.dropout else None)
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
     return [compile_function("train_step", lambda: train_step.lower(layout.abstract, batch), mesh,
                              train_workload(model, config, mesh), attention),

@@ -50,10 +50,12 @@ class LoraSettings:
     rank: int = 0
     alpha: float = 16.0
     targets: str = "q,k,v,o"  # comma-separated: q, k, v, o, gate, up, down
+    dropout: float = 0.0  # dropping each adapter input with this probability while training (PEFT's lora_dropout)
     int8_base: bool = False  # QLoRA: the frozen projections held int8 (quantize.py) while the adapters train
 
     def config(self) -> LoraConfig:
-        return LoraConfig(self.rank, self.alpha, tuple(t.strip() for t in self.targets.split(",") if t.strip()))
+        return LoraConfig(self.rank, self.alpha, tuple(t.strip() for t in self.targets.split(",") if t.strip()),
+                          self.dropout)
 
 
 def _model_settings_class() -> type:
@@ -118,7 +120,8 @@ class TrainConfig:
     mesh: MeshConfig = setting(MeshConfig(), "mesh.data, mesh.fsdp, mesh.tensor: the device mesh (-1: the rest)")
     lora: LoraSettings = setting(LoraSettings(), "lora.rank (0: train every parameter; else LoRA adapters of that "
                                  "rank on a frozen init_from), lora.alpha (default 16), lora.targets (q,k,v,o; also "
-                                 "gate, up, down), lora.int8_base (QLoRA: the frozen weights held int8)")
+                                 "gate, up, down), lora.dropout (default 0), lora.int8_base (QLoRA: the frozen "
+                                 "weights held int8)")
     distributed: DistributedConfig = setting(DistributedConfig(), "distributed.coordinator, .num_processes, "
                                              ".process_id: multi-host on GPU clusters (TPU VMs find each other)")
     hardware: str | None = setting(None, "where the recipe is meant to run: a TPU slice (v5p-128; check it with "

@@ -51,6 +51,7 @@ def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | N
         # The frozen base needs no float32 master copy: it is held in the compute dtype (int8 for QLoRA);
         # the adapters, the only trained values, are float32.
         model = model.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=lora.targets,
+                              lora_dropout=lora.dropout,
                               param_dtype=model.dtype, quantize="int8" if config.lora.int8_base else "none")
     return model
 

@@ -48,11 +48,12 @@ class TrainState:
 
 
 def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array],
-                 loss_chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+                 loss_chunk: int = LOSS_CHUNK, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len), computed
     without holding the batch's full logits (`loss.token_nll`)."""
     model = nnx.merge(graphdef, params)
-    return token_nll(model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk)
+    return token_nll(model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk,
+                     dropout_key)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +89,17 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
 
 def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation, mesh: Mesh,
                     batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None,
-                    loss_chunk: int = LOSS_CHUNK):
+                    loss_chunk: int = LOSS_CHUNK, dropout_seed: int | None = None):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
     scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens, skipped (1
-    when the loss or gradient was not finite and the update was not applied)."""
+    when the loss or gradient was not finite and the update was not applied).
+
+    `dropout_seed` (LoRA dropout): each micro-batch's masks come from the seed, the step number and the
+    micro-batch's index, so a resumed run draws the masks the uninterrupted one would have."""
     graphdef, shardings = layout.graphdef, layout.shardings
 
-    def loss_of(params, frozen, micro, total_tokens):
-        nll, log_z = token_losses(graphdef, join(frozen, params), micro, loss_chunk)
+    def loss_of(params, frozen, micro, total_tokens, dropout_key):
+        nll, log_z = token_losses(graphdef, join(frozen, params), micro, loss_chunk, dropout_key)
         mask = micro["loss_mask"]
         nll_sum = jnp.sum(nll * mask)
         z_sum = jnp.sum(jnp.square(log_z) * mask)
@@ -107,15 +111,21 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
         tokens = jnp.sum(batch["loss_mask"])
         total_tokens = jnp.maximum(tokens, 1.0)
 
-        def accumulate(carry, micro):
+        def accumulate(carry, micro_and_index):
             grads, nll_sum, z_sum = carry
-            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, state.frozen, micro, total_tokens)
+            micro, index = micro_and_index
+            dropout_key = None
+            if dropout_seed is not None:
+                dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), index)
+            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, state.frozen, micro, total_tokens, dropout_key)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (grads, nll_sum + micro_nll, z_sum + micro_z), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
-        (grads, nll_sum, z_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)), batch)
+        micro_indices = jnp.arange(batch_shape[0])
+        (grads, nll_sum, z_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                  (batch, micro_indices))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

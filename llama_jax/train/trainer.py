@@ -130,7 +130,7 @@ def _prepare(config: TrainConfig) -> _Job:
     state, meta = _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
-                                 config.loss_chunk)
+                                 config.loss_chunk, config.seed if model_config.lora.dropout else None)
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
     return _Job(config, run_dir, data, rows, model_config, template, fingerprint, mesh, layout, state,
                 int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints, lock)
