@@ -8,6 +8,7 @@ Writes a Hugging Face directory (config.json + sharded bf16 safetensors, with nu
 subprocess, and prints each one's peak resident memory (the child's own ru_maxrss from wait4) against the
 model's size. A command that held two copies of the model would show a ratio above 2.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,11 @@ def write_random_hf(directory: Path, tokenizer: Path) -> int:
     def random_tensor(shape):
         return lambda: (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(bf16)
 
-    tensors = [TensorSource(hf_name(w, layer), w.torch_shape(config), bf16, random_tensor(w.torch_shape(config)))
-               for w in weights_for(config) for layer in (range(config.n_layers) if w.per_layer else [None])]
+    tensors = [
+        TensorSource(hf_name(w, layer), w.torch_shape(config), bf16, random_tensor(w.torch_shape(config)))
+        for w in weights_for(config)
+        for layer in (range(config.n_layers) if w.per_layer else [None])
+    ]
     directory.mkdir(parents=True)
     shards = shard_plan(tensors, SHARD_BYTES)
     weight_map = {}
@@ -103,20 +107,33 @@ def main() -> None:
     try:
         print(f"writing a random TinyLlama-1.1B checkpoint under {workdir} ...", file=sys.stderr)
         model_bytes = write_random_hf(workdir / "hf", args.tokenizer)
-        rows = [("convert hf (bf16 safetensors -> model dir)",
-                 *peak_rss("hf", workdir / "hf", "--out", workdir / "converted")),
-                ("to-hf (model dir -> bf16 safetensors)",
-                 *peak_rss("to-hf", workdir / "converted", "--out", workdir / "exported"))]
+        rows = [
+            (
+                "convert hf (bf16 safetensors -> model dir)",
+                *peak_rss("hf", workdir / "hf", "--out", workdir / "converted"),
+            ),
+            (
+                "to-hf (model dir -> bf16 safetensors)",
+                *peak_rss("to-hf", workdir / "converted", "--out", workdir / "exported"),
+            ),
+        ]
         write_random_lora_run(workdir / "converted", workdir / "lora_run")
-        rows.append(("merge-lora (base + rank-16 adapters on q,k,v,o,gate,up,down -> model dir)",
-                     *peak_rss("merge-lora", workdir / "lora_run", "--out", workdir / "merged")))
-        print(f"\nmodel: {PRESETS['tinyllama-1.1b'].param_count() / 1e9:.2f}B parameters, bf16, "
-              f"{model_bytes / 2**30:.2f} GiB of weights\n")
+        rows.append(
+            (
+                "merge-lora (base + rank-16 adapters on q,k,v,o,gate,up,down -> model dir)",
+                *peak_rss("merge-lora", workdir / "lora_run", "--out", workdir / "merged"),
+            )
+        )
+        print(
+            f"\nmodel: {PRESETS['tinyllama-1.1b'].param_count() / 1e9:.2f}B parameters, bf16, "
+            f"{model_bytes / 2**30:.2f} GiB of weights\n"
+        )
         print("| command | model GiB | peak RSS GiB | peak / model | wall s |")
         print("|---|---|---|---|---|")
         for name, rss, seconds in rows:
-            print(f"| {name} | {model_bytes / 2**30:.2f} | {rss / 2**30:.2f} | {rss / model_bytes:.2f} "
-                  f"| {seconds:.1f} |")
+            print(
+                f"| {name} | {model_bytes / 2**30:.2f} | {rss / 2**30:.2f} | {rss / model_bytes:.2f} | {seconds:.1f} |"
+            )
     finally:
         if not args.keep:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -12,6 +12,7 @@ is the bytes one decode step must read — every weight except the embedding row
 live KV cache (prompt + half the new tokens on average) — divided by the decode step time, as a fraction
 of the peak memory bandwidth (--peak-gbs, else a per-device default; on CPU, a measured array read).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,8 +52,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: per device kind)")
-    parser.add_argument("--quantize", choices=["none", "int8"], default="none",
-                        help="llama_jax with int8 projection weights (transformers stays in --dtype)")
+    parser.add_argument(
+        "--quantize",
+        choices=["none", "int8"],
+        default="none",
+        help="llama_jax with int8 projection weights (transformers stays in --dtype)",
+    )
     return parser.parse_args()
 
 
@@ -67,8 +72,9 @@ def best_time(fn, repeats: int) -> float:
 
 
 def jax_generate_time(loaded: LoadedModel, prompts: list[list[int]], new_tokens: int, repeats: int) -> float:
-    settings = GenerationSettings(max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0),
-                                  batch_size=len(prompts))
+    settings = GenerationSettings(
+        max_new_tokens=new_tokens, sampling=SamplingParams(temperature=0.0), batch_size=len(prompts)
+    )
     generator = Generator(loaded, settings)
     indices = list(range(len(prompts)))
 
@@ -85,15 +91,27 @@ def torch_generate_time(config, dtype: str, prompts: np.ndarray, new_tokens: int
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads, max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, tie_word_embeddings=config.tie_embeddings)
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_embeddings,
+    )
     torch_dtype = getattr(torch, dtype)
     model = transformers.LlamaForCausalLM(hf_config).to(device=device, dtype=torch_dtype).eval()
     ids = torch.as_tensor(prompts, device=device)
-    options = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                   attention_mask=torch.ones_like(ids))
+    options = dict(
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+        attention_mask=torch.ones_like(ids),
+    )
     if cache == "static":
         options["cache_implementation"] = "static"
 
@@ -144,8 +162,10 @@ def main() -> None:
     rng = np.random.default_rng(0)
     name = SMALL if args.small else args.preset
     weights = f"{args.dtype}, int8 projections" if args.quantize == "int8" else args.dtype
-    print(f"model {name} ({config.param_count() / 1e6:.1f}M params, {weights}), prompt {args.prompt_len}, "
-          f"{args.new_tokens} new tokens, device {jax.devices()[0].device_kind} x{len(jax.devices())}")
+    print(
+        f"model {name} ({config.param_count() / 1e6:.1f}M params, {weights}), prompt {args.prompt_len}, "
+        f"{args.new_tokens} new tokens, device {jax.devices()[0].device_kind} x{len(jax.devices())}"
+    )
     header = "| batch | llama_jax tok/s | HF dynamic tok/s | HF static tok/s | llama_jax / HF static |"
     print(header + "\n|" + "---|" * 5)
     for batch in args.batches:
@@ -155,9 +175,12 @@ def main() -> None:
         if args.no_torch:
             row += ["-", "-", "-"]
         else:
-            hf = {cache: batch * args.new_tokens / torch_generate_time(config, args.dtype, prompts, args.new_tokens,
-                                                                       cache, args.repeats)
-                  for cache in ("dynamic", "static")}
+            hf = {
+                cache: batch
+                * args.new_tokens
+                / torch_generate_time(config, args.dtype, prompts, args.new_tokens, cache, args.repeats)
+                for cache in ("dynamic", "static")
+            }
             row += [f"{hf['dynamic']:,.0f}", f"{hf['static']:,.0f}", f"{ours / hf['static']:.2f}x"]
         print(f"| {batch} | " + " | ".join(row) + " |", flush=True)
 
@@ -170,8 +193,10 @@ def main() -> None:
         print(f"batch 1 decode step {step * 1e3:.3f} ms")
         return
     achieved = step_bytes(config, args.prompt_len, args.new_tokens) / step / 1e9
-    print(f"batch 1 decode step {step * 1e3:.3f} ms: {achieved:,.0f} GB/s of {peak:,.0f} GB/s peak ({source}) "
-          f"= {achieved / peak:.0%} of the bandwidth roofline")
+    print(
+        f"batch 1 decode step {step * 1e3:.3f} ms: {achieved:,.0f} GB/s of {peak:,.0f} GB/s peak ({source}) "
+        f"= {achieved / peak:.0%} of the bandwidth roofline"
+    )
 
 
 if __name__ == "__main__":

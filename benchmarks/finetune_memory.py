@@ -10,6 +10,7 @@ For each single-chip slice (v5e-1: 16 GiB HBM, v6e-1: 32 GiB) and each mode, the
 One 2048-token sequence per step, full remat, bf16 compute, the splash attention kernel. The model directory
 is a config.json alone (compiling reads no weights).
 """
+
 from __future__ import annotations
 
 import sys
@@ -25,8 +26,11 @@ from llama_jax.train.compile import compile_training  # noqa: E402
 from llama_jax.train.config import load_train_config  # noqa: E402
 
 GiB = 1 << 30
-MODES = {"full": [], "lora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down"],
-         "qlora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down", "lora.int8_base=true"]}
+MODES = {
+    "full": [],
+    "lora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down"],
+    "qlora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down", "lora.int8_base=true"],
+}
 
 
 def main() -> None:
@@ -37,12 +41,24 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for slice_name in ("v5e-1", "v6e-1"):
             for mode, extra in MODES.items():
-                config = load_train_config(None, [f"init_from={base}", "seq_len=2048", "batch_size=1", "dtype=bfloat16",
-                                                  "model.remat=full", "data=unused.txt", *extra])
+                config = load_train_config(
+                    None,
+                    [
+                        f"init_from={base}",
+                        "seq_len=2048",
+                        "batch_size=1",
+                        "dtype=bfloat16",
+                        "model.remat=full",
+                        "data=unused.txt",
+                        *extra,
+                    ],
+                )
                 train = compile_training(config, tpu_slice(slice_name))[0]
-                print(f"| {slice_name} | {mode} | {train.argument_bytes / GiB:.1f} | {train.temp_bytes / GiB:.1f} | "
-                      f"{train.peak_bytes / GiB:.1f} | {train.hbm_bytes / GiB:.2f} | {'yes' if train.fits else 'no'} |",
-                      flush=True)
+                print(
+                    f"| {slice_name} | {mode} | {train.argument_bytes / GiB:.1f} | {train.temp_bytes / GiB:.1f} | "
+                    f"{train.peak_bytes / GiB:.1f} | {train.hbm_bytes / GiB:.2f} | {'yes' if train.fits else 'no'} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

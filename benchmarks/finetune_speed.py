@@ -12,6 +12,7 @@ Reported per run: the trained parameters, the median tokens/s of train.py's log 
 size of its final checkpoint. On an accelerator the memory that matters is HBM per chip:
 benchmarks/finetune_memory.py compiles Llama 3 8B for TPU chips for that.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,12 +50,24 @@ def trained_parameters(config, mode: str) -> int:
 
 
 def run_mode(base: Path, run_dir: Path, mode: str, args) -> dict:
-    settings = [f"init_from={base}", "data=tinyshakespeare.txt", f"steps={args.steps}", f"seq_len={args.seq_len}",
-                f"batch_size={args.batch_size}", "log_every=5", "eval_every=100000", "checkpoint_every=100000",
-                "samples=0", "warmup=2", f"run_dir={run_dir}", *MODES[mode]]
+    settings = [
+        f"init_from={base}",
+        "data=tinyshakespeare.txt",
+        f"steps={args.steps}",
+        f"seq_len={args.seq_len}",
+        f"batch_size={args.batch_size}",
+        "log_every=5",
+        "eval_every=100000",
+        "checkpoint_every=100000",
+        "samples=0",
+        "warmup=2",
+        f"run_dir={run_dir}",
+        *MODES[mode],
+    ]
     start = time.perf_counter()
-    child = subprocess.Popen([sys.executable, "train.py", *settings], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "train.py", *settings], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     stderr = child.stderr.read()
     _, status, usage = os.wait4(child.pid, 0)
     if os.waitstatus_to_exitcode(status):
@@ -62,9 +75,13 @@ def run_mode(base: Path, run_dir: Path, mode: str, args) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     speeds = [r["tokens_per_s"] for r in records if r.get("split") == "train" and "tokens_per_s" in r][1:]
     checkpoint = sum(f.stat().st_size for f in (run_dir / "checkpoints").rglob("*") if f.is_file())
-    return {"tokens_per_s": statistics.median(speeds), "peak_rss": usage.ru_maxrss * 1024,
-            "checkpoint": checkpoint, "wall_s": time.perf_counter() - start,
-            "loss": [r["loss"] for r in records if r.get("split") == "train"][-1]}
+    return {
+        "tokens_per_s": statistics.median(speeds),
+        "peak_rss": usage.ru_maxrss * 1024,
+        "checkpoint": checkpoint,
+        "wall_s": time.perf_counter() - start,
+        "loss": [r["loss"] for r in records if r.get("split") == "train"][-1],
+    }
 
 
 def main() -> None:
@@ -79,17 +96,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="finetune_speed-") as tmp:
         base = Path(tmp) / "base"
         write_model_dir(base, config, nnx.to_pure_dict(nnx.state(create_model(config))), args.tokenizer)
-        print(f"{args.preset}: {config.param_count() / 1e6:.1f}M parameters, float32; batch {args.batch_size} x "
-              f"{args.seq_len} tokens, {args.steps} steps\n")
+        print(
+            f"{args.preset}: {config.param_count() / 1e6:.1f}M parameters, float32; batch {args.batch_size} x "
+            f"{args.seq_len} tokens, {args.steps} steps\n"
+        )
         print("| mode | trained parameters | tokens/s | vs full | peak RSS GiB | checkpoint MB | last loss |")
         print("|---|---|---|---|---|---|---|")
         full_speed = None
         for mode in MODES:
             result = run_mode(base, Path(tmp) / mode, mode, args)
             full_speed = full_speed or result["tokens_per_s"]
-            print(f"| {mode} | {trained_parameters(config, mode):,} | {result['tokens_per_s']:,.0f} | "
-                  f"{result['tokens_per_s'] / full_speed:.2f}x | {result['peak_rss'] / 2**30:.2f} | "
-                  f"{result['checkpoint'] / 1e6:.1f} | {result['loss']:.3f} |", flush=True)
+            print(
+                f"| {mode} | {trained_parameters(config, mode):,} | {result['tokens_per_s']:,.0f} | "
+                f"{result['tokens_per_s'] / full_speed:.2f}x | {result['peak_rss'] / 2**30:.2f} | "
+                f"{result['checkpoint'] / 1e6:.1f} | {result['loss']:.3f} |",
+                flush=True,
+            )
             shutil.rmtree(Path(tmp) / mode)
 
 

@@ -10,6 +10,7 @@ tokenizer (dim 512, 8 layers, 8 heads over 4 KV heads), each exported with `conv
 backend. Both backends score in float32 with the same batch size; llama_jax is timed cold (its compiles
 included) and warm (the same requests again), transformers once (it does not compile).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def models(workdir: Path) -> dict[str, Path]:
     from llama_jax.checkpoint import write_model_dir
     from llama_jax.convert import convert_llama2c
 
-    stories = convert_llama2c(REPO / "assets" / "stories260K.bin", REPO / "assets" / "tok512.bin",
-                              workdir / "stories260K")
+    stories = convert_llama2c(
+        REPO / "assets" / "stories260K.bin", REPO / "assets" / "tok512.bin", workdir / "stories260K"
+    )
     config = preset("bench-cpu").replace(vocab_size=512, dim=512, n_layers=8, ffn_dim=1408, max_seq_len=512)
     params = nnx.to_pure_dict(nnx.state(create_model(config, make_mesh())))
     random13m = write_model_dir(workdir / "random", config, params, REPO / "assets" / "tok512.bin")
@@ -83,15 +85,21 @@ def main() -> None:
     import torch
     import transformers
 
-    print(f"{len(work)} loglikelihood requests, batch {args.batch_size}, float32; lm-eval {lm_eval.__version__}, "
-          f"transformers {transformers.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores")
-    print("| model | llama_jax cold req/s | llama_jax warm req/s | hf backend req/s | warm / hf | cold / hf "
-          "| max rel. diff |")
+    print(
+        f"{len(work)} loglikelihood requests, batch {args.batch_size}, float32; lm-eval {lm_eval.__version__}, "
+        f"transformers {transformers.__version__}, torch {torch.__version__}, {os.cpu_count()} CPU cores"
+    )
+    print(
+        "| model | llama_jax cold req/s | llama_jax warm req/s | hf backend req/s | warm / hf | cold / hf "
+        "| max rel. diff |"
+    )
     print("|---|---|---|---|---|---|---|")
     n = len(work)
     for name, cold, warm, hf_s, worst in rows:
-        print(f"| {name} | {n / cold:,.0f} | {n / warm:,.0f} | {n / hf_s:,.0f} | {hf_s / warm:.2f}x | "
-              f"{hf_s / cold:.2f}x | {worst:.1e} |")
+        print(
+            f"| {name} | {n / cold:,.0f} | {n / warm:,.0f} | {n / hf_s:,.0f} | {hf_s / warm:.2f}x | "
+            f"{hf_s / cold:.2f}x | {worst:.1e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ compile, runs once).
 A second table: one decode step of --batch rows at several cache fills, attention reading the live blocks
 of the cache (the engine's) against reading the whole cache.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,13 +82,13 @@ def static_batches(loaded: LoadedModel, prompts, wanted, batch: int) -> None:
     graphdef, state = nnx.split(loaded.model)
     max_new = 256
     for start in range(0, len(prompts), batch):
-        rows = prompts[start:start + batch]
+        rows = prompts[start : start + batch]
         bucket = bucket_length(max(map(len, rows)), loaded.config.max_seq_len - max_new)
         ids = np.zeros((batch, bucket), np.int32)
         lengths = np.ones(batch, np.int32)
         limits = np.zeros(batch, np.int32)
         for i, row in enumerate(rows):
-            ids[i, :len(row)], lengths[i], limits[i] = row, len(row), wanted[start + i]
+            ids[i, : len(row)], lengths[i], limits[i] = row, len(row), wanted[start + i]
         with jax.set_mesh(loaded.mesh):
             _static_batch(graphdef, state, ids, lengths, limits, cache_len=bucket + max_new).block_until_ready()
 
@@ -102,22 +103,30 @@ def torch_job(config, dtype: str, prompts, wanted, batch: int) -> None:
     import transformers
 
     hf_config = transformers.LlamaConfig(
-        vocab_size=config.vocab_size, hidden_size=config.dim, intermediate_size=config.ffn_dim,
-        num_hidden_layers=config.n_layers, num_attention_heads=config.n_heads, num_key_value_heads=config.n_kv_heads,
-        max_position_embeddings=config.max_seq_len, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta)
+        vocab_size=config.vocab_size,
+        hidden_size=config.dim,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_theta=config.rope_theta,
+    )
     model = transformers.LlamaForCausalLM(hf_config).to(getattr(torch, dtype)).eval()
     for start in range(0, len(prompts), batch):
-        rows = prompts[start:start + batch]
+        rows = prompts[start : start + batch]
         width = max(map(len, rows))
         ids = torch.zeros((len(rows), width), dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, row in enumerate(rows):  # left padding
-            ids[i, width - len(row):] = torch.tensor(row)
-            mask[i, width - len(row):] = 1
-        new = max(wanted[start:start + batch])
+            ids[i, width - len(row) :] = torch.tensor(row)
+            mask[i, width - len(row) :] = 1
+        new = max(wanted[start : start + batch])
         with torch.inference_mode():
-            model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                           pad_token_id=0)
+            model.generate(
+                ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0
+            )
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "block"))
@@ -136,13 +145,20 @@ def cache_reads(loaded: LoadedModel, batch: int, cache_len: int = 2048) -> None:
     graphdef, state = nnx.split(loaded.model)
     shape = (config.n_layers, batch, config.n_kv_heads, cache_len, config.head_dim)
     tokens = jnp.zeros((batch,), jnp.int32)
-    print(f"\n| cache filled (of {cache_len}) | live blocks of {CACHE_BLOCK} ms/step | whole cache ms/step |"
-          "\n|---|---|---|")
+    print(
+        f"\n| cache filled (of {cache_len}) | live blocks of {CACHE_BLOCK} ms/step | whole cache ms/step |"
+        "\n|---|---|---|"
+    )
     for filled in (128, 512, 1024, 1920):
-        cache = KVCache(jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype),
-                        jnp.full((batch,), filled, jnp.int32))
-        times = [timed(lambda b=block, c=cache: _decode_steps(graphdef, state, c, tokens, block=b).block_until_ready())
-                 / 8 * 1e3 for block in (CACHE_BLOCK, None)]
+        cache = KVCache(
+            jnp.zeros(shape, config.dtype), jnp.zeros(shape, config.dtype), jnp.full((batch,), filled, jnp.int32)
+        )
+        times = [
+            timed(lambda b=block, c=cache: _decode_steps(graphdef, state, c, tokens, block=b).block_until_ready())
+            / 8
+            * 1e3
+            for block in (CACHE_BLOCK, None)
+        ]
         print(f"| {filled} | {times[0]:.1f} | {times[1]:.1f} |")
 
 
@@ -161,17 +177,25 @@ def main() -> None:
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
     prompts, wanted = job(config, args.prompts)
     useful = sum(wanted)
-    print(f"{args.preset} ({config.param_count() / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts of "
-          f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, completions of {min(wanted)}-{max(wanted)} "
-          f"({useful:,} tokens), batch/slots {args.batch}, device {jax.devices()[0].device_kind}")
+    print(
+        f"{args.preset} ({config.param_count() / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts of "
+        f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens, completions of {min(wanted)}-{max(wanted)} "
+        f"({useful:,} tokens), batch/slots {args.batch}, device {jax.devices()[0].device_kind}"
+    )
     engine = Engine(loaded, slots=args.batch, cache_len=512 + 256)
-    rows = [("llama_jax engine (continuous batching)", timed(lambda: engine_job(engine, prompts, wanted))),
-            ("llama_jax static batches", timed(lambda: static_batches(loaded, prompts, wanted, args.batch)))]
+    rows = [
+        ("llama_jax engine (continuous batching)", timed(lambda: engine_job(engine, prompts, wanted))),
+        ("llama_jax static batches", timed(lambda: static_batches(loaded, prompts, wanted, args.batch))),
+    ]
     if not args.no_torch:
         import transformers
 
-        rows.append((f"transformers {transformers.__version__} generate (static batches)",
-                     timed(lambda: torch_job(config, args.dtype, prompts, wanted, args.batch), warm_up=False)))
+        rows.append(
+            (
+                f"transformers {transformers.__version__} generate (static batches)",
+                timed(lambda: torch_job(config, args.dtype, prompts, wanted, args.batch), warm_up=False),
+            )
+        )
     print("| path | seconds | useful tokens/s | engine speed-up |\n|---|---|---|---|")
     for name, seconds in rows:
         print(f"| {name} | {seconds:.1f} | {useful / seconds:,.0f} | {seconds / rows[0][1]:.2f}x |")

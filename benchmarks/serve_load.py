@@ -10,6 +10,7 @@ of --prompt-words random words, --max-tokens new tokens, temperature 0.8). Repor
 generated tokens/s, and p50/p99 of the time to first token and of the time between tokens (the gap between
 stream chunks divided by the tokens in the chunk: the engine hands out 8 tokens per device call).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,9 +60,23 @@ def start_server(model_dir: Path, slots: int) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    process = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(model_dir), "--port",
-                                str(port), "--slots", str(slots), "--max-queue", "1024"], cwd=REPO,
-                               stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "llama_jax.serve",
+            "--checkpoint",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--slots",
+            str(slots),
+            "--max-queue",
+            "1024",
+        ],
+        cwd=REPO,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     while True:
         try:
@@ -77,8 +92,9 @@ async def client(api, model: str, prompts: list[str], max_tokens: int, stats: di
     for prompt in prompts:
         start = last = time.perf_counter()
         first = None
-        stream = await api.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8,
-                                              stream=True, logprobs=0)  # logprobs: each chunk lists its tokens
+        stream = await api.completions.create(
+            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8, stream=True, logprobs=0
+        )  # logprobs: each chunk lists its tokens
         async for chunk in stream:
             now = time.perf_counter()
             tokens = len(chunk.choices[0].logprobs.tokens) if chunk.choices and chunk.choices[0].logprobs else 0
@@ -102,9 +118,18 @@ async def load(url: str, model: str, clients: int, args) -> dict:
     stats = {"first": [], "between": [], "done": 0, "tokens": 0}
     async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as api:
         start = time.perf_counter()
-        await asyncio.gather(*(client(api, model, [" ".join(rng.choice(words, args.prompt_words))
-                                                   for _ in range(args.requests)], args.max_tokens, stats)
-                               for _ in range(clients)))
+        await asyncio.gather(
+            *(
+                client(
+                    api,
+                    model,
+                    [" ".join(rng.choice(words, args.prompt_words)) for _ in range(args.requests)],
+                    args.max_tokens,
+                    stats,
+                )
+                for _ in range(clients)
+            )
+        )
         stats["seconds"] = time.perf_counter() - start
     return stats
 
@@ -113,21 +138,31 @@ def main() -> None:
     args = parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = Path(args.checkpoint) if args.checkpoint else random_model(args.preset, args.tokenizer,
-                                                                             Path(scratch) / "model")
+        model_dir = (
+            Path(args.checkpoint)
+            if args.checkpoint
+            else random_model(args.preset, args.tokenizer, Path(scratch) / "model")
+        )
         process, url = start_server(model_dir, args.slots)
         try:
             asyncio.run(load(url, model_dir.name, 1, argparse.Namespace(**{**vars(args), "requests": 1})))  # compile
-            print(f"{model_dir.name}: {args.slots} slots, prompts of {args.prompt_words} words, "
-                  f"{args.max_tokens} new tokens, {args.requests} requests per client")
-            print("| clients | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | between tokens p50 ms "
-                  "| between tokens p99 ms |\n|---|---|---|---|---|---|---|")
+            print(
+                f"{model_dir.name}: {args.slots} slots, prompts of {args.prompt_words} words, "
+                f"{args.max_tokens} new tokens, {args.requests} requests per client"
+            )
+            print(
+                "| clients | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | between tokens p50 ms "
+                "| between tokens p99 ms |\n|---|---|---|---|---|---|---|"
+            )
             for clients in args.clients:
                 s = asyncio.run(load(url, model_dir.name, clients, args))
                 first, between = np.asarray(s["first"]) * 1e3, np.asarray(s["between"]) * 1e3
-                print(f"| {clients} | {s['done'] / s['seconds']:.2f} | {s['tokens'] / s['seconds']:,.0f} "
-                      f"| {np.percentile(first, 50):.0f} | {np.percentile(first, 99):.0f} "
-                      f"| {np.percentile(between, 50):.1f} | {np.percentile(between, 99):.1f} |", flush=True)
+                print(
+                    f"| {clients} | {s['done'] / s['seconds']:.2f} | {s['tokens'] / s['seconds']:,.0f} "
+                    f"| {np.percentile(first, 50):.0f} | {np.percentile(first, 99):.0f} "
+                    f"| {np.percentile(between, 50):.1f} | {np.percentile(between, 99):.1f} |",
+                    flush=True,
+                )
         finally:
             process.terminate()
             process.wait()

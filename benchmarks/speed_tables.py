@@ -6,6 +6,7 @@ It runs, one after the other (so no two share the machine), the decode benchmark
 training benchmark in float32 and bfloat16, each against transformers in the same run (bf16 training only
 where the CPU has bf16 instructions), and prints their tables.
 """
+
 import argparse
 import subprocess
 import sys

@@ -6,6 +6,7 @@
 
 Each compile runs `train.py --compile-for` / `infer.py --compile-for` in its own process, as a user would.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,10 +20,38 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 # Serving settings: llama3-8b in bf16, 8-way tensor parallel over one host's chips.
 SERVING = [
-    ("llama3-8b serving", "v5e-8", ["--model", "llama3-8b", "--mesh", "tensor=8", "--batch-size", "32",
-                                    "--prompt-len", "2048", "--max-new-tokens", "512"]),
-    ("llama3-8b serving", "v6e-8", ["--model", "llama3-8b", "--mesh", "tensor=8", "--batch-size", "64",
-                                    "--prompt-len", "4096", "--max-new-tokens", "1024"]),
+    (
+        "llama3-8b serving",
+        "v5e-8",
+        [
+            "--model",
+            "llama3-8b",
+            "--mesh",
+            "tensor=8",
+            "--batch-size",
+            "32",
+            "--prompt-len",
+            "2048",
+            "--max-new-tokens",
+            "512",
+        ],
+    ),
+    (
+        "llama3-8b serving",
+        "v6e-8",
+        [
+            "--model",
+            "llama3-8b",
+            "--mesh",
+            "tensor=8",
+            "--batch-size",
+            "64",
+            "--prompt-len",
+            "4096",
+            "--max-new-tokens",
+            "1024",
+        ],
+    ),
 ]
 # The chunked loss against whole-sequence float32 logits, on the recipe whose logits are largest.
 EXTRA = [("llama3_8b_v5p.yaml", ["loss_chunk=0"], "loss over the whole 8192 x 128256 logits")]
@@ -30,8 +59,13 @@ EXTRA = [("llama3_8b_v5p.yaml", ["loss_chunk=0"], "loss over the whole 8192 x 12
 
 def compile_once(command: list[str]) -> tuple[dict, float]:
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, *command], cwd=REPO, capture_output=True, text=True,
-                            env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(Path.home())})
+    result = subprocess.run(
+        [sys.executable, *command],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(Path.home())},
+    )
     seconds = time.perf_counter() - start
     lines = result.stdout.strip().splitlines()
     if result.returncode not in (0, 1) or not lines:
@@ -42,17 +76,21 @@ def compile_once(command: list[str]) -> tuple[dict, float]:
 def rows(name: str, report: dict, seconds: float) -> list[str]:
     out = []
     for function, r in report["functions"].items():
-        out.append(f"| {name} | {report['slice']} | {function} | {r['temporaries_gib']:.1f} | {r['per_chip_gib']:.1f} "
-                   f"| {r['hbm_gib']:.2f} "
-                   f"| {'yes' if r['fits'] else '**no**'} | {r['attention']} | {r['mfu_bound']:.0%} "
-                   f"| {r['tokens_per_second_bound']:,.0f} | {seconds:.0f} |")
+        out.append(
+            f"| {name} | {report['slice']} | {function} | {r['temporaries_gib']:.1f} | {r['per_chip_gib']:.1f} "
+            f"| {r['hbm_gib']:.2f} "
+            f"| {'yes' if r['fits'] else '**no**'} | {r['attention']} | {r['mfu_bound']:.0%} "
+            f"| {r['tokens_per_second_bound']:,.0f} | {seconds:.0f} |"
+        )
     return out
 
 
 def main() -> None:
     wanted = sys.argv[1] if len(sys.argv) > 1 else ""
-    print("| recipe | slice | function | temporaries GiB | peak GiB per chip | usable HBM GiB | fits | attention "
-          "| MFU bound | tokens/s bound | compile s |")
+    print(
+        "| recipe | slice | function | temporaries GiB | peak GiB per chip | usable HBM GiB | fits | attention "
+        "| MFU bound | tokens/s bound | compile s |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     jobs = []
     for path in sorted((REPO / "configs").glob("*.yaml")):

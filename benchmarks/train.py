@@ -19,6 +19,7 @@ Peak: --peak-tflops, else the device's dense bf16 peak (H100 SXM: 989 TFLOP/s). 
 peak, and its float32 and bf16 peaks differ: it is measured, as the best FLOP/s of a 2048 x 2048 matmul in
 the compute dtype by either framework in the same run; say so when reporting.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="per-device peak (default: by device kind)")
-    parser.add_argument("--torch-checkpointing", action="store_true",
-                        help="gradient checkpointing for transformers (when its activations do not fit)")
+    parser.add_argument(
+        "--torch-checkpointing",
+        action="store_true",
+        help="gradient checkpointing for transformers (when its activations do not fit)",
+    )
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--framework", choices=["jax", "torch"], help=argparse.SUPPRESS)  # the subprocesses
     parser.add_argument("--weights-dir", help=argparse.SUPPRESS)  # where the jax side leaves the initial weights
@@ -106,9 +110,13 @@ def measure_jax(args) -> dict:
     shape = (1, args.batch_size, args.seq_len)
     step = make_train_step(layout, optimizer, mesh, shape)
     ids = token_batch(args, config.vocab_size)[None]
-    host = {"inputs": ids[..., :-1], "targets": ids[..., 1:],
-            "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape),
-            "segments": np.ones(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+    host = {
+        "inputs": ids[..., :-1],
+        "targets": ids[..., 1:],
+        "positions": np.broadcast_to(np.arange(args.seq_len, dtype=np.int32), shape),
+        "segments": np.ones(shape, np.int32),
+        "loss_mask": np.ones(shape, np.float32),
+    }
     batch = {name: jax.device_put(host[name], batch_sharding(mesh, shape)) for name in FIELDS}
     times, losses = [], []
     with jax.set_mesh(mesh):
@@ -124,10 +132,17 @@ def measure_jax(args) -> dict:
     jax.block_until_ready(matmul(a))
     matmul_s = min(timed(lambda: jax.block_until_ready(matmul(a))) for _ in range(5))
     attention = choose_implementation(config.attention, config.dtype)
-    return {"framework": "llama_jax", "step_s": statistics.median(times[args.warmup:]), "first_loss": losses[0],
-            "loss": losses[-1], "devices": jax.device_count(), "device_kind": device.device_kind,
-            "platform": device.platform, "matmul_flops": 2 * MATMUL**3 / matmul_s,
-            "detail": f"{args.dtype} compute, remat={args.remat}, {attention} attention"}
+    return {
+        "framework": "llama_jax",
+        "step_s": statistics.median(times[args.warmup :]),
+        "first_loss": losses[0],
+        "loss": losses[-1],
+        "devices": jax.device_count(),
+        "device_kind": device.device_kind,
+        "platform": device.platform,
+        "matmul_flops": 2 * MATMUL**3 / matmul_s,
+        "detail": f"{args.dtype} compute, remat={args.remat}, {attention} attention",
+    }
 
 
 def timed(fn) -> float:
@@ -143,13 +158,15 @@ def measure_torch(args) -> dict:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    model = LlamaForCausalLM.from_pretrained(Path(args.weights_dir) / "hf", dtype=torch.float32,
-                                             attn_implementation="sdpa").to(device)
+    model = LlamaForCausalLM.from_pretrained(
+        Path(args.weights_dir) / "hf", dtype=torch.float32, attn_implementation="sdpa"
+    ).to(device)
     if args.torch_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
-                                  fused=cuda)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=3e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1, fused=cuda
+    )
     ids = torch.from_numpy(token_batch(args, model.config.vocab_size)).long().to(device)
     inputs, targets = ids[:, :-1], ids[:, 1:]
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
@@ -182,15 +199,26 @@ def measure_torch(args) -> dict:
     kind = torch.cuda.get_device_name() if cuda else "cpu"
     precision = f"{args.dtype} autocast" if dtype != torch.float32 else "float32"
     checkpointing = ", grad checkpointing" if args.torch_checkpointing else ""
-    return {"framework": f"transformers {transformers.__version__}", "first_loss": losses[0], "loss": losses[-1],
-            "step_s": statistics.median(times[args.warmup:]), "devices": 1, "device_kind": kind,
-            "platform": device.type, "matmul_flops": 2 * MATMUL**3 / matmul_s,
-            "detail": f"{precision}, sdpa attention{checkpointing}"}
+    return {
+        "framework": f"transformers {transformers.__version__}",
+        "first_loss": losses[0],
+        "loss": losses[-1],
+        "step_s": statistics.median(times[args.warmup :]),
+        "devices": 1,
+        "device_kind": kind,
+        "platform": device.type,
+        "matmul_flops": 2 * MATMUL**3 / matmul_s,
+        "detail": f"{precision}, sdpa attention{checkpointing}",
+    }
 
 
 def run_subprocess(framework: str, argv: list[str], weights_dir: str) -> dict:
-    result = subprocess.run([sys.executable, __file__, *argv, "--framework", framework, "--weights-dir", weights_dir],
-                            cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, __file__, *argv, "--framework", framework, "--weights-dir", weights_dir],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode:
         raise SystemExit(f"{framework} run failed:\n{result.stderr[-3000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -217,21 +245,30 @@ def main() -> None:
     if peak is None:
         peak = max(r["matmul_flops"] for r in results)
         peak_note = f"measured: the best {MATMUL}x{MATMUL} {args.dtype} matmul, " + ", ".join(
-            f"{r['framework'].split()[0]} {r['matmul_flops'] / 1e9:.0f} GFLOP/s" for r in results)
+            f"{r['framework'].split()[0]} {r['matmul_flops'] / 1e9:.0f} GFLOP/s" for r in results
+        )
     shape = SMALL if args.small else args.preset
-    print(f"model {shape}: {config.param_count() / 1e6:.1f}M params, {flops.matmul_params(config) / 1e6:.1f}M in "
-          f"matmuls; batch {args.batch_size} x seq {args.seq_len}; "
-          f"{per_token / 1e9:.3f} GFLOP/token (6N + 12*L*T*H*Dh)")
-    print(f"peak {peak / 1e12:.3f} TFLOP/s per device ({peak_note}); device: {kind}; "
-          f"median of {args.steps} steps after {args.warmup} warm-up; same initial weights and batch")
-    print(f"| {'framework':<22} | {'setup':<46} | {'step (s)':>8} | {'tokens/s':>10} | {'MFU':>6} "
-          f"| {'step-1 loss':>11} | {'last loss':>9} |")
+    print(
+        f"model {shape}: {config.param_count() / 1e6:.1f}M params, {flops.matmul_params(config) / 1e6:.1f}M in "
+        f"matmuls; batch {args.batch_size} x seq {args.seq_len}; "
+        f"{per_token / 1e9:.3f} GFLOP/token (6N + 12*L*T*H*Dh)"
+    )
+    print(
+        f"peak {peak / 1e12:.3f} TFLOP/s per device ({peak_note}); device: {kind}; "
+        f"median of {args.steps} steps after {args.warmup} warm-up; same initial weights and batch"
+    )
+    print(
+        f"| {'framework':<22} | {'setup':<46} | {'step (s)':>8} | {'tokens/s':>10} | {'MFU':>6} "
+        f"| {'step-1 loss':>11} | {'last loss':>9} |"
+    )
     print(f"|{'-' * 24}|{'-' * 48}|{'-' * 10}|{'-' * 12}|{'-' * 8}|{'-' * 13}|{'-' * 11}|")
     for r in results:
         tokens_per_s = args.batch_size * args.seq_len / r["step_s"]
         mfu = tokens_per_s * per_token / (r["devices"] * peak)
-        print(f"| {r['framework']:<22} | {r['detail']:<46} | {r['step_s']:>8.3f} | {tokens_per_s:>10,.0f} | "
-              f"{100 * mfu:>5.1f}% | {r['first_loss']:>11.4f} | {r['loss']:>9.4f} |")
+        print(
+            f"| {r['framework']:<22} | {r['detail']:<46} | {r['step_s']:>8.3f} | {tokens_per_s:>10,.0f} | "
+            f"{100 * mfu:>5.1f}% | {r['first_loss']:>11.4f} | {r['loss']:>9.4f} |"
+        )
 
 
 if __name__ == "__main__":

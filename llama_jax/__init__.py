@@ -8,6 +8,7 @@
 Names are imported on first use, so `import llama_jax.tokenizers` (or a command line that fails on a bad
 flag) does not pay for importing JAX.
 """
+
 import importlib
 
 from llama_jax.hardware import quiet_libtpu_without_tpu

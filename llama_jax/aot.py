@@ -14,6 +14,7 @@ Speed is bounded from the model's own arithmetic, never from `cost_analysis()` (
 layer body once): the time of one call is at least the larger of its FLOPs over the chip's peak and its HBM
 traffic over the chip's bandwidth (the roofline), and MFU at most the model FLOPs done in that time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -60,14 +61,22 @@ class FunctionReport:
     error: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"per_chip_gib": round(self.peak_bytes / GiB, 3), "hbm_gib": round(self.hbm_bytes / GiB, 2),
-                "fits": self.fits, "attention": self.attention, "arguments_gib": round(self.argument_bytes / GiB, 3),
-                "temporaries_gib": round(self.temp_bytes / GiB, 3), "step_seconds_bound": self.step_seconds,
-                "mfu_bound": round(self.mfu_bound, 4), "tokens_per_second_bound": round(self.tokens_per_second, 1)}
+        return {
+            "per_chip_gib": round(self.peak_bytes / GiB, 3),
+            "hbm_gib": round(self.hbm_bytes / GiB, 2),
+            "fits": self.fits,
+            "attention": self.attention,
+            "arguments_gib": round(self.argument_bytes / GiB, 3),
+            "temporaries_gib": round(self.temp_bytes / GiB, 3),
+            "step_seconds_bound": self.step_seconds,
+            "mfu_bound": round(self.mfu_bound, 4),
+            "tokens_per_second_bound": round(self.tokens_per_second, 1),
+        }
 
 
-def compile_function(name: str, lower: Callable[[], jax.stages.Lowered], mesh: jax.sharding.Mesh,
-                     workload: Workload, attention: str) -> FunctionReport:
+def compile_function(
+    name: str, lower: Callable[[], jax.stages.Lowered], mesh: jax.sharding.Mesh, workload: Workload, attention: str
+) -> FunctionReport:
     """Compile what `lower()` lowers (a jitted function over arguments sharded on `mesh`, a TPU slice's) and
     read what it needs. `attention`: the implementation the model was configured with, confirmed from the
     compiled program for "splash"."""
@@ -77,9 +86,11 @@ def compile_function(name: str, lower: Callable[[], jax.stages.Lowered], mesh: j
         raise ValueError(f"no data sheet for device kind {device.device_kind!r}")
     hbm = usable_hbm_bytes(device)
     step_seconds = max(workload.hardware_flops / spec.peak_bf16_flops, workload.hbm_bytes / spec.hbm_bandwidth)
-    bounds = dict(step_seconds=step_seconds,
-                  mfu_bound=workload.model_flops / spec.peak_bf16_flops / step_seconds,
-                  tokens_per_second=workload.tokens / step_seconds)
+    bounds = dict(
+        step_seconds=step_seconds,
+        mfu_bound=workload.model_flops / spec.peak_bf16_flops / step_seconds,
+        tokens_per_second=workload.tokens / step_seconds,
+    )
     with jax.set_mesh(mesh):
         lowered = lower()
     try:
@@ -91,12 +102,16 @@ def compile_function(name: str, lower: Callable[[], jax.stages.Lowered], mesh: j
         return FunctionReport(name, attention, 0, 0, needed, hbm, False, **bounds, error="does not fit in HBM")
     memory = compiled.memory_analysis()
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (
-        memory.argument_size_in_bytes + memory.output_size_in_bytes + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes)
+        memory.argument_size_in_bytes
+        + memory.output_size_in_bytes
+        + memory.temp_size_in_bytes
+        - memory.alias_size_in_bytes
+    )
     if attention == "splash" and MOSAIC_CALL not in compiled.as_text():
         attention = "xla"  # sequences the kernel cannot tile take the reference path
-    return FunctionReport(name, attention, memory.argument_size_in_bytes, memory.temp_size_in_bytes, peak, hbm,
-                          peak <= hbm, **bounds)
+    return FunctionReport(
+        name, attention, memory.argument_size_in_bytes, memory.temp_size_in_bytes, peak, hbm, peak <= hbm, **bounds
+    )
 
 
 @functools.cache
@@ -123,17 +138,25 @@ def _size(pattern: re.Pattern, message: str) -> int | None:
 
 def report_table(tpu: TpuSlice, reports: list[FunctionReport]) -> str:
     """A table of the reports, for people; `report_json` is for programs."""
-    lines = [f"{tpu.name}: {tpu.chips} chips ({tpu.topology}); per chip:",
-             "| function | arguments GiB | temporaries GiB | peak GiB | usable HBM GiB | fits | attention "
-             "| step ≥ s | MFU ≤ | tokens/s ≤ |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"{tpu.name}: {tpu.chips} chips ({tpu.topology}); per chip:",
+        "| function | arguments GiB | temporaries GiB | peak GiB | usable HBM GiB | fits | attention "
+        "| step ≥ s | MFU ≤ | tokens/s ≤ |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in reports:
-        lines.append(f"| {r.name} | {r.argument_bytes / GiB:.2f} | {r.temp_bytes / GiB:.2f} | {r.peak_bytes / GiB:.2f} "
-                     f"| {r.hbm_bytes / GiB:.1f} | {'yes' if r.fits else 'NO'} | {r.attention} "
-                     f"| {r.step_seconds:.4g} | {r.mfu_bound:.0%} | {r.tokens_per_second:,.0f} |")
+        lines.append(
+            f"| {r.name} | {r.argument_bytes / GiB:.2f} | {r.temp_bytes / GiB:.2f} | {r.peak_bytes / GiB:.2f} "
+            f"| {r.hbm_bytes / GiB:.1f} | {'yes' if r.fits else 'NO'} | {r.attention} "
+            f"| {r.step_seconds:.4g} | {r.mfu_bound:.0%} | {r.tokens_per_second:,.0f} |"
+        )
     return "\n".join(lines)
 
 
 def report_json(tpu: TpuSlice, reports: list[FunctionReport]) -> dict[str, Any]:
-    return {"slice": tpu.name, "chips": tpu.chips, "fits": all(r.fits for r in reports),
-            "functions": {r.name: r.to_json() for r in reports}}
+    return {
+        "slice": tpu.name,
+        "chips": tpu.chips,
+        "fits": all(r.fits for r in reports),
+        "functions": {r.name: r.to_json() for r in reports},
+    }

@@ -14,6 +14,7 @@ Off their hardware both kernels still run in the CPU tests: cudnn's call falls b
 and splash runs in Pallas interpret mode, so layout, head grouping, masking and sharding are tested
 everywhere; only the kernels' speed needs the accelerator.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -42,8 +43,9 @@ def choose_implementation(requested: str, dtype, platform: str | None = None) ->
     return "cudnn" if platform == "gpu" and half else "xla"
 
 
-def causal_mask(q_index: jax.Array, kv_index: jax.Array, q_segments: jax.Array | None = None,
-                kv_segments: jax.Array | None = None) -> jax.Array:
+def causal_mask(
+    q_index: jax.Array, kv_index: jax.Array, q_segments: jax.Array | None = None, kv_segments: jax.Array | None = None
+) -> jax.Array:
     """Boolean (batch, q_len, kv_len): key j is visible to query i when j <= i in the same segment.
 
     Indices are slots in the key sequence (the KV cache slot when decoding), not RoPE positions, so
@@ -55,8 +57,15 @@ def causal_mask(q_index: jax.Array, kv_index: jax.Array, q_segments: jax.Array |
     return mask
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, *, mask: jax.Array | None = None,
-              segment_ids: jax.Array | None = None) -> jax.Array:
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    implementation: str,
+    *,
+    mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """q (batch, q_len, heads, head_dim); k, v (batch, kv_len, kv_heads, head_dim). Returns q's shape.
 
     Either `mask` (batch, q_len, kv_len) says exactly which keys each query sees (decoding with a
@@ -90,8 +99,7 @@ class LiveCache:
     block: int
 
 
-def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array,
-                      live: LiveCache) -> jax.Array:
+def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, live: LiveCache) -> jax.Array:
     """Attention of q (batch, q_len, heads, head_dim) over layer `layer` of the stacked cache (layers, batch,
     kv_heads, max_len, head_dim), reading it `live.block` slots at a time, as far as the furthest query
     reaches and no further: a decode step costs the live part of the cache, not its allocated length.
@@ -104,7 +112,7 @@ def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: j
     kv_heads, max_len = k_all.shape[2], k_all.shape[3]
     block = live.block
     qg = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     n_blocks = jnp.minimum(jnp.max(live.q_index) // block + 1, max_len // block)
 
     def read(cache, start):
@@ -121,13 +129,17 @@ def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: j
         probs = jnp.exp(scores - new_max[..., None])
         correction = jnp.exp(running_max - new_max)
         total = total * correction + jnp.sum(probs, axis=-1)
-        acc = acc * correction[..., None] + jnp.einsum("bkgts,bksd->bkgtd", probs.astype(v.dtype), v,
-                                                       preferred_element_type=jnp.float32)
+        acc = acc * correction[..., None] + jnp.einsum(
+            "bkgts,bksd->bkgtd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32
+        )
         return new_max, total, acc
 
     shape = (batch, kv_heads, heads // kv_heads, q_len)
-    start = (jnp.full(shape, _MASKED, jnp.float32), jnp.zeros(shape, jnp.float32),
-             jnp.zeros((*shape, head_dim), jnp.float32))
+    start = (
+        jnp.full(shape, _MASKED, jnp.float32),
+        jnp.zeros(shape, jnp.float32),
+        jnp.zeros((*shape, head_dim), jnp.float32),
+    )
     _, total, acc = jax.lax.fori_loop(0, n_blocks, one_block, start)
     out = acc / total[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
@@ -145,7 +157,7 @@ def _grouped_attention(q, k, v, mask, kv_layout: str = "bskd"):
     # Query heads that share a KV head are grouped instead of repeating K and V in memory.
     q = q.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum(f"btkgd,{kv_layout}->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None, None], scores * (head_dim ** -0.5), _MASKED)
+    scores = jnp.where(mask[:, None, None], scores * (head_dim**-0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
     # Heads-major output keeps (batch, kv_heads) as the dot's leading batch axes; XLA CPU ran the
     # query-major version 3-20x slower. One transpose of the (small) result follows.
@@ -171,19 +183,32 @@ def _splash_attention(q, k, v, segment_ids):
         return jax.vmap(kernel)(q, k, v, segment_ids=ids)
 
     # The kernel takes (heads, length, head_dim) per example, and queries already scaled.
-    q = (q * head_dim ** -0.5).astype(q.dtype).transpose(0, 2, 1, 3)
+    q = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if mesh.empty:
         out = per_device(q, k, v, segments)
     else:
-        out = jax.shard_map(per_device, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None)),
-                            out_specs=q_spec, check_vma=False)(q, k, v, segments)
+        out = jax.shard_map(
+            per_device,
+            mesh=mesh,
+            in_specs=(q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None)),
+            out_specs=q_spec,
+            check_vma=False,
+        )(q, k, v, segments)
     return out.transpose(0, 2, 1, 3)
 
 
 @functools.cache
 def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
-    blocks = splash.BlockSizes(block_q=block, block_kv_compute=block, block_kv=block, block_q_dkv=block,
-                               block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block, block_kv_dq=block)
+    blocks = splash.BlockSizes(
+        block_q=block,
+        block_kv_compute=block,
+        block_kv=block,
+        block_q_dkv=block,
+        block_kv_dkv=block,
+        block_kv_dkv_compute=block,
+        block_q_dq=block,
+        block_kv_dq=block,
+    )
     mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
     return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)

@@ -6,6 +6,7 @@ reach of user text: "<|eot_id|>" typed by a user stays plain text.
   llama2: meta-llama/llama llama/generation.py `chat_completion`
   llama3: meta-llama/llama3 llama/tokenizer.py `ChatFormat.encode_dialog_prompt`
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence

@@ -10,6 +10,7 @@ A training run directory has the same config.json and tokenizer, and its orbax `
 steps under DIR/checkpoints/<step>/params (checksums in the step's meta); `load` takes either, and from a
 run the newest step that is intact.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -41,8 +42,13 @@ FORMAT = "llama_jax"
 log = logging.getLogger("llama_jax")
 
 
-def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, tokenizer_file: str | Path | None = None,
-                    chat_template: str | None = None) -> Path:
+def write_model_dir(
+    out_dir: str | Path,
+    config: ModelConfig,
+    params: dict,
+    tokenizer_file: str | Path | None = None,
+    chat_template: str | None = None,
+) -> Path:
     """Write a model directory (config.json, tokenizer file, params/) atomically."""
     with staged_output_dir(out_dir) as staging:
         tokenizer_name = None
@@ -55,8 +61,13 @@ def write_model_dir(out_dir: str | Path, config: ModelConfig, params: dict, toke
     return Path(out_dir).absolute()
 
 
-def write_config(directory: Path, config: ModelConfig, tokenizer_name: str | None, chat_template: str | None,
-                 lora_base: Path | None = None) -> None:
+def write_config(
+    directory: Path,
+    config: ModelConfig,
+    tokenizer_name: str | None,
+    chat_template: str | None,
+    lora_base: Path | None = None,
+) -> None:
     """config.json. A LoRA run's (config.lora enabled) names the model directory its adapters sit on."""
     payload = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer_name, "chat_template": chat_template}
     if lora_base is not None:
@@ -91,8 +102,7 @@ class ModelDir:
         direct = self.path / PARAMS_DIR
         if direct.is_dir():
             return [direct]
-        steps = sorted((int(p.name) for p in (self.path / CHECKPOINTS_DIR).glob("*") if p.name.isdigit()),
-                       reverse=True)
+        steps = sorted((int(p.name) for p in (self.path / CHECKPOINTS_DIR).glob("*") if p.name.isdigit()), reverse=True)
         found = [self.path / CHECKPOINTS_DIR / str(step) / PARAMS_DIR for step in steps]
         found = [path for path in found if path.is_dir()]
         if not found:
@@ -132,37 +142,49 @@ class ModelDir:
             problems.append(f"{path}: {reason}")
             if number < len(paths):
                 log.warning("%s is damaged (%s); reading the checkpoint before it", path, reason)
-        raise ValueError(f"{self.path} holds no intact parameters: {problems[0]}"
-                         f"{f' (and {len(problems) - 1} older)' if len(problems) > 1 else ''}")
+        raise ValueError(
+            f"{self.path} holds no intact parameters: {problems[0]}"
+            f"{f' (and {len(problems) - 1} older)' if len(problems) > 1 else ''}"
+        )
 
 
 def read_model_dir(path: str | Path) -> ModelDir:
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
-        raise ValueError(f"{path} is not a llama_jax model directory (no {CONFIG_FILE}); "
-                         "convert weights with `python -m llama_jax.convert`")
+        raise ValueError(
+            f"{path} is not a llama_jax model directory (no {CONFIG_FILE}); "
+            "convert weights with `python -m llama_jax.convert`"
+        )
     try:
         payload = json.loads(config_file.read_text())
         config = ModelConfig.from_dict(payload["model"])
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(f"{config_file} is corrupt: {e}") from None
     tokenizer = payload.get("tokenizer")
-    if tokenizer is not None and (not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer
-                                  or tokenizer in ("", ".", "..")):
+    if tokenizer is not None and (
+        not isinstance(tokenizer, str) or Path(tokenizer).name != tokenizer or tokenizer in ("", ".", "..")
+    ):
         raise ValueError(f"{config_file} is corrupt: its tokenizer {tokenizer!r} must be a file name inside {path}")
     lora_base = payload.get("lora_base")
     if config.lora.enabled and not isinstance(lora_base, str):
         raise ValueError(f"{config_file} is corrupt: a LoRA run must name its base model directory (lora_base)")
-    return ModelDir(path, config, path / tokenizer if tokenizer else None, payload.get("chat_template"),
-                    Path(lora_base) if config.lora.enabled else None)
+    return ModelDir(
+        path,
+        config,
+        path / tokenizer if tokenizer else None,
+        payload.get("chat_template"),
+        Path(lora_base) if config.lora.enabled else None,
+    )
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
     """ValueError when the tokenizer makes ids the model has no embedding for."""
     if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
-                         f"{config.vocab_size} embeddings: it belongs to another model")
+        raise ValueError(
+            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
+            f"{config.vocab_size} embeddings: it belongs to another model"
+        )
 
 
 @dataclasses.dataclass
@@ -176,8 +198,9 @@ class LoadedModel:
     chat_template: str | None = None
 
 
-def load(path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None,
-         quantize: str | None = None) -> LoadedModel:
+def load(
+    path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None, quantize: str | None = None
+) -> LoadedModel:
     """Load a model directory (converted or trained) onto `mesh` (default: all devices, data-parallel).
 
     `dtype` sets both the parameter and the compute dtype (e.g. "bfloat16" to serve a float32 checkpoint).
@@ -219,8 +242,6 @@ def _merged_lora_run(model_dir: ModelDir, mesh) -> tuple[ModelConfig, dict]:
     params = join(base, model_dir.restore_params(adapters_target))
     plain = run_config.without_adapters()
     return plain, merged(params, model_dir.config.lora)
-
-
 
 
 def lora_base_dir(run: ModelDir) -> ModelDir:

@@ -3,6 +3,7 @@
 Libraries underneath log through absl (orbax: pages of lines about a failed write); a command line turns
 the failure into its one line, so only their critical messages are let through.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ A `ModelConfig` is hashable so it can be a static argument of `jax.jit`. It desc
 the shape of the device mesh is `MeshConfig` (sharding.py builds the mesh) and training settings are in
 `train/config.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,8 +25,18 @@ ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
 # converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.
-COMPUTE_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention", "lora_rank", "lora_alpha",
-                  "lora_targets", "lora_dropout", "quantize")
+COMPUTE_FIELDS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "remat",
+    "attention",
+    "lora_rank",
+    "lora_alpha",
+    "lora_targets",
+    "lora_dropout",
+    "quantize",
+)
 QUANTIZE_MODES = ("none", "int8")
 # Positions whose float32 logits the loss computes at once (`loss.token_nll`). Per device a chunk is
 # rows × 1024 × vocab float32 (0.5 GiB for one row of Llama 3's vocabulary): small beside the activations of
@@ -135,15 +146,17 @@ class ModelConfig:
             if not isinstance(getattr(self, name), int) or getattr(self, name) <= 0:
                 raise ValueError(f"model config: {name} must be a positive integer, got {getattr(self, name)!r}")
         if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"model config: n_heads ({self.n_heads}) must be a multiple of "
-                             f"n_kv_heads ({self.n_kv_heads})")
+            raise ValueError(
+                f"model config: n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
+            )
         if self.head_dim % 2:
             raise ValueError(f"model config: head_dim must be even for RoPE, got {self.head_dim}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"model config: remat must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(f"model config: attention must be one of {ATTENTION_IMPLEMENTATIONS}, "
-                             f"got {self.attention!r}")
+            raise ValueError(
+                f"model config: attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}"
+            )
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"model config: {name} must be one of {DTYPES}, got {getattr(self, name)!r}")
@@ -203,7 +216,6 @@ class MeshConfig:
             raise ValueError(f"mesh {self} needs {math.prod(sizes)} devices, but {n_devices} are available")
         return tuple(sizes)
 
-
     @classmethod
     def parse(cls, spec: str) -> MeshConfig:
         """`"fsdp=2,tensor=4"` → MeshConfig(data=-1, fsdp=2, tensor=4): unnamed axes keep their defaults."""
@@ -224,11 +236,27 @@ def ffn_dim_for(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = N
     return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
 
 
-def _llama(dim, n_layers, n_heads, vocab_size=32000, max_seq_len=2048, n_kv_heads=None, multiple_of=256,
-           ffn_dim_multiplier=None, **rest) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads,
-                       n_kv_heads=n_kv_heads or n_heads, max_seq_len=max_seq_len,
-                       ffn_dim=ffn_dim_for(dim, multiple_of, ffn_dim_multiplier), **rest)
+def _llama(
+    dim,
+    n_layers,
+    n_heads,
+    vocab_size=32000,
+    max_seq_len=2048,
+    n_kv_heads=None,
+    multiple_of=256,
+    ffn_dim_multiplier=None,
+    **rest,
+) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=vocab_size,
+        dim=dim,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv_heads or n_heads,
+        max_seq_len=max_seq_len,
+        ffn_dim=ffn_dim_for(dim, multiple_of, ffn_dim_multiplier),
+        **rest,
+    )
 
 
 _LLAMA2 = dict(max_seq_len=4096, norm_eps=1e-5)
@@ -253,20 +281,21 @@ PRESETS: dict[str, ModelConfig] = {
     "llama3.2-1b": _llama(2048, 16, 32, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.5, **_LLAMA32),
     "llama3.2-3b": _llama(3072, 28, 24, n_kv_heads=8, multiple_of=256, ffn_dim_multiplier=1.0, **_LLAMA32),
     # TinyLlama-1.1B's shape: the benchmark model.
-    "tinyllama-1.1b": ModelConfig(vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4,
-                                  ffn_dim=5632, max_seq_len=2048),
+    "tinyllama-1.1b": ModelConfig(
+        vocab_size=32000, dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, ffn_dim=5632, max_seq_len=2048
+    ),
     # The CPU-sized shape of the benchmarks (`--small`): TinyLlama's vocabulary around a 20M model.
-    "bench-cpu": ModelConfig(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704,
-                             max_seq_len=2048),
+    "bench-cpu": ModelConfig(
+        vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, max_seq_len=2048
+    ),
     # karpathy's stories260K (llama2.c tinyllamas), the real weights the tests decode with.
-    "stories260k": ModelConfig(vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_dim=172,
-                               max_seq_len=512, tie_embeddings=True),
+    "stories260k": ModelConfig(
+        vocab_size=512, dim=64, n_layers=5, n_heads=8, n_kv_heads=4, ffn_dim=172, max_seq_len=512, tie_embeddings=True
+    ),
     # The default model of `python train.py`: trains on 2 CPU cores in minutes.
-    "small": ModelConfig(vocab_size=1024, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512,
-                         max_seq_len=256),
+    "small": ModelConfig(vocab_size=1024, dim=192, n_layers=4, n_heads=6, n_kv_heads=2, ffn_dim=512, max_seq_len=256),
     # Test model: odd sizes so transposed axes cannot line up by accident.
-    "tiny": ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80,
-                        max_seq_len=64),
+    "tiny": ModelConfig(vocab_size=97, dim=48, n_layers=2, n_heads=6, n_kv_heads=2, ffn_dim=80, max_seq_len=64),
 }
 
 
@@ -286,8 +315,9 @@ def load_model_config(spec: str | Path | dict) -> ModelConfig:
     else:
         path = Path(spec)
         if not path.is_file():
-            raise ValueError(f"unknown model preset or missing config file {str(spec)!r}; "
-                             f"presets: {', '.join(PRESETS)}")
+            raise ValueError(
+                f"unknown model preset or missing config file {str(spec)!r}; presets: {', '.join(PRESETS)}"
+            )
         text = path.read_text()
         try:
             values = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)

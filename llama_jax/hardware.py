@@ -7,6 +7,7 @@ Slice names are Google Cloud's: v4-N and v5p-N count TensorCores (two per chip, 
 v5e-N and v6e-N count chips. `slice_devices` asks libtpu for the slice's topology, so programs compile for
 it on any host (`jax.experimental.topologies`; MaxText's train_compile.py does the same).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -64,9 +65,16 @@ class TpuSlice:
 
 
 # v5e and v6e (2-D): chips -> (topology, wraparound links), as Google Cloud defines the pod slices.
-_2D_SHAPES = {1: ("1x1", (False,) * 3), 4: ("2x2", (False,) * 3), 8: ("2x4", (False,) * 3),
-              16: ("4x4", (False,) * 3), 32: ("4x8", (False,) * 3), 64: ("8x8", (False,) * 3),
-              128: ("8x16", (False, True, False)), 256: ("16x16", (True, True, False))}
+_2D_SHAPES = {
+    1: ("1x1", (False,) * 3),
+    4: ("2x2", (False,) * 3),
+    8: ("2x4", (False,) * 3),
+    16: ("4x4", (False,) * 3),
+    32: ("4x8", (False,) * 3),
+    64: ("8x8", (False,) * 3),
+    128: ("8x16", (False, True, False)),
+    256: ("16x16", (True, True, False)),
+}
 # v4 and v5p (3-D) below a full 4x4x4 cube.
 _3D_SMALL = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4"}
 _SLICE_NAME = re.compile(r"(v4|v5p|v5e|v6e)-(\d+)")
@@ -76,8 +84,10 @@ def tpu_slice(name: str) -> TpuSlice:
     """The slice called `name` ("v5p-128"); ValueError naming the accepted forms otherwise."""
     match = _SLICE_NAME.fullmatch(name.strip().lower())
     if match is None:
-        raise ValueError(f"unknown TPU slice {name!r}: expected v4-N, v5p-N (N TensorCores), v5e-N or v6e-N "
-                         "(N chips), e.g. v5p-128, v5e-16")
+        raise ValueError(
+            f"unknown TPU slice {name!r}: expected v4-N, v5p-N (N TensorCores), v5e-N or v6e-N "
+            "(N chips), e.g. v5p-128, v5e-16"
+        )
     generation, count = match.group(1), int(match.group(2))
     if generation in ("v5e", "v6e"):
         if count not in _2D_SHAPES:
@@ -87,8 +97,9 @@ def tpu_slice(name: str) -> TpuSlice:
     chips, odd = divmod(count, 2)
     shape = _3D_SMALL.get(chips) or (_torus_shape(chips) if not odd else None)
     if shape is None:
-        raise ValueError(f"no {generation} slice of {count} TensorCores: sizes are 8, 16, 32, 64, then multiples "
-                         "of 128")
+        raise ValueError(
+            f"no {generation} slice of {count} TensorCores: sizes are 8, 16, 32, 64, then multiples of 128"
+        )
     wrap = (chips >= 64,) * 3
     return TpuSlice(name, f"{generation}:{shape}", "megacore", (2, 2, 1), wrap)
 
@@ -99,8 +110,15 @@ def _torus_shape(chips: int) -> str | None:
     if chips % 64:
         return None
     cubes = chips // 64
-    best = min(((a, b, cubes // (a * b)) for a in range(1, cubes + 1) for b in range(a, cubes + 1)
-                if cubes % (a * b) == 0 and cubes // (a * b) >= b), key=lambda s: (s[2], s[1]))
+    best = min(
+        (
+            (a, b, cubes // (a * b))
+            for a in range(1, cubes + 1)
+            for b in range(a, cubes + 1)
+            if cubes % (a * b) == 0 and cubes // (a * b) >= b
+        ),
+        key=lambda s: (s[2], s[1]),
+    )
     return "x".join(str(4 * side) for side in best)
 
 
@@ -126,10 +144,17 @@ def slice_devices(tpu: TpuSlice) -> list:
     from jax.experimental import topologies
 
     if importlib.util.find_spec("libtpu") is None:
-        raise ValueError(f"compiling for {tpu.name} needs libtpu: pip install -e \".[tpu]\" "
-                         "(or pip install \"jax[tpu]==<your jax version>\")")
+        raise ValueError(
+            f'compiling for {tpu.name} needs libtpu: pip install -e ".[tpu]" '
+            '(or pip install "jax[tpu]==<your jax version>")'
+        )
     quiet_libtpu_without_tpu()
-    topology = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
-                                            chip_config_name=tpu.chip_config, chips_per_host_bounds=tpu.chips_per_host,
-                                            num_slices=1, wrap=tpu.wrap)
+    topology = topologies.get_topology_desc(
+        platform="tpu",
+        topology_name=tpu.topology,
+        chip_config_name=tpu.chip_config,
+        chips_per_host_bounds=tpu.chips_per_host,
+        num_slices=1,
+        wrap=tpu.wrap,
+    )
     return list(topology.devices)

@@ -7,6 +7,7 @@ two sums over its bytes read as unsigned words w_i (flat, row-major): Σ w_i and
 The same numbers come from numpy on host arrays (the converters) and from one jitted pass over sharded
 device arrays (training), so any host of a pod can check any checkpoint.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,15 +27,16 @@ def leaf_key(path) -> str:
 
 def host_checksums(tree: Any) -> Checksums:
     """Checksums of a tree of numpy arrays."""
-    return {leaf_key(path): _host_checksum(np.asarray(leaf))
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    return {
+        leaf_key(path): _host_checksum(np.asarray(leaf)) for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+    }
 
 
 def _host_checksum(array: np.ndarray) -> list[int]:
     words = np.ascontiguousarray(array).reshape(-1).view(f"uint{8 * array.dtype.itemsize}")
     plain = weighted = 0
     for start in range(0, words.size, _HOST_CHUNK):
-        chunk = words[start:start + _HOST_CHUNK].astype(np.uint32)
+        chunk = words[start : start + _HOST_CHUNK].astype(np.uint32)
         index = np.arange(start, start + chunk.size, dtype=np.uint64).astype(np.uint32)
         plain += int(chunk.sum(dtype=np.uint32))
         weighted += int((chunk * (2 * index + 1)).sum(dtype=np.uint32))
@@ -64,8 +66,7 @@ def device_checksums(tree: Any) -> Checksums:
 
 @jax.jit
 def _all_finite(tree) -> jax.Array:
-    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype,
-                                                                                                jnp.inexact)]
+    checks = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.inexact)]
     return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 

@@ -7,6 +7,7 @@ layer's cache at every decoding step. `lengths[b]` counts the slots of row b tha
 the next tokens of row b are written at slots lengths[b], lengths[b] + 1, ... which is what lets a
 batch of prompts of different lengths decode exactly as each prompt would alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,9 +48,20 @@ def write_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, starts: jax.
     """
     batch = new.shape[0]
     indices = jnp.stack([jnp.broadcast_to(layer, (batch,)).astype(jnp.int32), starts.astype(jnp.int32)], axis=1)
-    numbers = jax.lax.ScatterDimensionNumbers(update_window_dims=(1, 2, 3), inserted_window_dims=(0,),
-                                              scatter_dims_to_operand_dims=(0, 3), operand_batching_dims=(1,),
-                                              scatter_indices_batching_dims=(0,))
+    numbers = jax.lax.ScatterDimensionNumbers(
+        update_window_dims=(1, 2, 3),
+        inserted_window_dims=(0,),
+        scatter_dims_to_operand_dims=(0, 3),
+        operand_batching_dims=(1,),
+        scatter_indices_batching_dims=(0,),
+    )
     updates = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # (batch, kv_heads, n, head_dim)
-    return jax.lax.scatter(cache, indices, updates, numbers, indices_are_sorted=True, unique_indices=True,
-                           mode=jax.lax.GatherScatterMode.CLIP)
+    return jax.lax.scatter(
+        cache,
+        indices,
+        updates,
+        numbers,
+        indices_are_sorted=True,
+        unique_indices=True,
+        mode=jax.lax.GatherScatterMode.CLIP,
+    )

@@ -17,6 +17,7 @@ the module it would attach to is a per-step clone; with qwix 0.1.8 the call fail
 (`IndexError: tuple index out of range`, qwix having replaced the parameters it intercepts). A hand-written
 adapter is two einsums per target.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,8 +48,9 @@ def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: n
         setattr(module, weight + "_lora_b", nnx.Param(b, out_sharding=(RANK_AXIS, *names[n_in:]), eager_sharding=False))
 
 
-def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, lora: LoraConfig,
-            dropout_key: jax.Array | None = None) -> jax.Array:
+def project(
+    module: nnx.Module, weight: str, equation: str, x: jax.Array, lora: LoraConfig, dropout_key: jax.Array | None = None
+) -> jax.Array:
     """`einsum(equation, x, W)` plus, when `module` has adapters for W, scale · (dropout(x)·A)·B. An int8 W
     (quantize.py) has a per-output-channel scale, applied to the product. Dropout (PEFT's: inverted, on the
     adapter's input only, a mask of its own per weight) acts only when a `dropout_key` is given: training."""
@@ -60,8 +62,7 @@ def project(module: nnx.Module, weight: str, equation: str, x: jax.Array, lora: 
     if adapter_a is None:
         return out
     if dropout_key is not None and lora.dropout > 0:
-        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, _DROPOUT_STREAM[weight]), 1 - lora.dropout,
-                                    x.shape)
+        keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, _DROPOUT_STREAM[weight]), 1 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1 - lora.dropout), 0).astype(x.dtype)
     inputs, result = equation.split("->")
     x_axes, w_axes = inputs.split(",")
@@ -117,7 +118,10 @@ def merged(params: dict, lora: LoraConfig) -> dict:
             layer_adapters = adapters["layers"][module]
             out["layers"] = dict(out["layers"])
             out["layers"][module] = dict(out["layers"][module])
-            out["layers"][module][weight] = merged_weight(base["layers"][module][weight],
-                                                          layer_adapters[weight + "_lora_a"],
-                                                          layer_adapters[weight + "_lora_b"], lora.scale)
+            out["layers"][module][weight] = merged_weight(
+                base["layers"][module][weight],
+                layer_adapters[weight + "_lora_a"],
+                layer_adapters[weight + "_lora_b"],
+                lora.scale,
+            )
     return out

@@ -6,6 +6,7 @@ logits `chunk` positions at a time, in a scan whose body is rematerialised: the 
 chunk's per-token NLL and log Z, and the backward recomputes one chunk's logits at a time. Sequences of at
 most `chunk` positions take the plain path (one projection), which computes the same values.
 """
+
 from __future__ import annotations
 
 import jax
@@ -15,9 +16,15 @@ from llama_jax.config import LOSS_CHUNK
 from llama_jax.sharding import shard
 
 
-def token_nll(model, ids: jax.Array, targets: jax.Array, positions: jax.Array | None = None,
-              segment_ids: jax.Array | None = None, chunk: int = LOSS_CHUNK,
-              dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def token_nll(
+    model,
+    ids: jax.Array,
+    targets: jax.Array,
+    positions: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    chunk: int = LOSS_CHUNK,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
     `chunk`: positions per logits chunk; 0 projects the whole sequence at once. `dropout_key`: training's
     (LoRA dropout)."""

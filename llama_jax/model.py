@@ -10,6 +10,7 @@ activations with `shard`, and `sharding.LOGICAL_AXIS_RULES` alone decides what l
 `KVCache` the new keys and values are written at each row's `cache.lengths` and the queries attend to
 everything cached so far (prefill, then decoding).
 """
+
 from __future__ import annotations
 
 import functools
@@ -133,8 +134,9 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None, dropout_key=None):
         with jax.named_scope("attention"):
-            h, layer_cache = self.attention(self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts,
-                                            dropout_key)
+            h, layer_cache = self.attention(
+                self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts, dropout_key
+            )
         x = x + h
         with jax.named_scope("mlp"):
             x = x + self.mlp(self.mlp_norm(x), dropout_key)
@@ -157,9 +159,15 @@ class Llama(nnx.Module):
         if not c.tie_embeddings:
             self.lm_head = _param(rngs, (c.dim, c.vocab_size), ("embed", "vocab"), c.param_dtype)
 
-    def __call__(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                 segment_ids: jax.Array | None = None, logits_at: jax.Array | None = None,
-                 cache_block: int | None = None) -> tuple[jax.Array, KVCache | None]:
+    def __call__(
+        self,
+        ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
+        cache_block: int | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
         last real one; full-length float32 logits of a long batch would not fit in memory). `cache_block`:
         read the cache that many slots at a time, only its live part (`attention.attend_live_cache`)."""
@@ -168,9 +176,15 @@ class Llama(nnx.Module):
             x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
         return self.logits(x), cache
 
-    def hidden_states(self, ids: jax.Array, positions: jax.Array | None = None, cache: KVCache | None = None,
-                      segment_ids: jax.Array | None = None, cache_block: int | None = None,
-                      dropout_key: jax.Array | None = None) -> tuple[jax.Array, KVCache | None]:
+    def hidden_states(
+        self,
+        ids: jax.Array,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        segment_ids: jax.Array | None = None,
+        cache_block: int | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
         Training computes the logits from it a chunk at a time (`loss.token_nll`) and passes `dropout_key`
         when LoRA dropout is on (each layer draws its masks from its own fold of the key)."""
@@ -200,25 +214,29 @@ class Llama(nnx.Module):
         x = self.norm(x)
         with jax.named_scope("lm_head"):
             if self.config.tie_embeddings:
-                logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(x.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = jnp.einsum(
+                    "btd,vd->btv", x, self.embed[...].astype(x.dtype), preferred_element_type=jnp.float32
+                )
             else:
-                logits = jnp.einsum("btd,dv->btv", x, self.lm_head[...].astype(x.dtype),
-                                    preferred_element_type=jnp.float32)
+                logits = jnp.einsum(
+                    "btd,dv->btv", x, self.lm_head[...].astype(x.dtype), preferred_element_type=jnp.float32
+                )
             return shard(logits, "batch", "length", "vocab")
 
     def _run_layers(self, x, positions, mask, segment_ids, cache, starts, dropout_key):
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache, layer_key):
-            x, layer_cache = nnx.merge(graphdef, layer_params)(x, positions, mask, segment_ids, layer_cache, starts,
-                                                               layer_key)
+            x, layer_cache = nnx.merge(graphdef, layer_params)(
+                x, positions, mask, segment_ids, layer_cache, starts, layer_key
+            )
             return x, layer_cache
 
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
-            layer = jax.checkpoint(layer, policy=getattr(jax.checkpoint_policies, policy),
-                                   prevent_cse=not self.config.scan_layers)
+            layer = jax.checkpoint(
+                layer, policy=getattr(jax.checkpoint_policies, policy), prevent_cse=not self.config.scan_layers
+            )
 
         def step(carry, xs):
             x, k_all, v_all = carry

@@ -1,5 +1,6 @@
 """Parameter trees on disk, through orbax: saved without extra copies, restored straight into their shardings,
 checked against the model config first so that a mismatch is one clear error instead of orbax's pages."""
+
 from __future__ import annotations
 
 import contextlib
@@ -20,7 +21,8 @@ def save_params(path: Path, params: dict) -> None:
     a compressed copy of the whole tree). benchmarks/convert_memory.py measures this."""
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
     handler = ocp.PyTreeCheckpointHandler(use_compression=False, type_handler_registry=registry)
     ocp.Checkpointer(handler).save(path.absolute(), args=ocp.args.PyTreeSave(params))
 
@@ -73,7 +75,8 @@ class StoredParams:
     def _only(self, key: str, leaf):
         """The tree with `leaf(a)` at `key` and orbax's skip marker everywhere else."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, a: leaf(a) if "/".join(str(k.key) for k in path) == key else ocp.PLACEHOLDER, self._target)
+            lambda path, a: leaf(a) if "/".join(str(k.key) for k in path) == key else ocp.PLACEHOLDER, self._target
+        )
 
 
 def read_json_item(path: Path) -> dict:
@@ -101,8 +104,9 @@ def check_param_shapes(params_path: Path, target: dict) -> None:
         if key not in stored_shapes:
             raise ValueError(f"{params_path}: parameter {key} is missing")
         if stored_shapes[key] != shape:
-            raise ValueError(f"{params_path}: parameter {key} has shape {stored_shapes[key]}, "
-                             f"but the config needs {shape}")
+            raise ValueError(
+                f"{params_path}: parameter {key} has shape {stored_shapes[key]}, but the config needs {shape}"
+            )
     extra = sorted(set(stored_shapes) - set(wanted))
     if extra:
         raise ValueError(f"{params_path}: parameters {extra} are not part of this config")

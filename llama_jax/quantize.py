@@ -6,6 +6,7 @@ The matmul reads the int8 weights (half of bf16's bytes, a quarter of float32's:
 reading them) and applies the scale to its output, `x·q·scale = (x·q)·scale`, which is exact. Embeddings,
 norms and the output layer stay as they are.
 """
+
 from __future__ import annotations
 
 import jax

@@ -4,6 +4,7 @@ Dimension i of a head is rotated together with dimension i + head_dim/2. Meta's 
 checkpoints rotate interleaved pairs (2i, 2i+1) instead; their importers permute the rows of wq and wk
 so that both layouts compute the same attention scores.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,10 +27,14 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None
     high_freq_wavelen = scaling.original_max_position / scaling.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
     smooth = (scaling.original_max_position / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+        scaling.high_freq_factor - scaling.low_freq_factor
+    )
     interpolated = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
-    return np.where(wavelen > low_freq_wavelen, inv_freq / scaling.factor,
-                    np.where(wavelen < high_freq_wavelen, inv_freq, interpolated))
+    return np.where(
+        wavelen > low_freq_wavelen,
+        inv_freq / scaling.factor,
+        np.where(wavelen < high_freq_wavelen, inv_freq, interpolated),
+    )
 
 
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:

@@ -4,6 +4,7 @@ Modules name the axes of every parameter and activation logically (`embed`, `q_h
 `LOGICAL_AXIS_RULES` below is the only place that decides which mesh axis shards which logical axis, so
 switching between data, FSDP and tensor parallelism is a change of mesh shape, never of model code.
 """
+
 from __future__ import annotations
 
 import math
@@ -45,7 +46,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
 
 
 def mesh_platform(mesh: Mesh) -> str:
-    """"cpu", "gpu" or "tpu": the platform of the mesh's devices, which may not be this host's (a TPU topology
+    """ "cpu", "gpu" or "tpu": the platform of the mesh's devices, which may not be this host's (a TPU topology
     compiled for on a CPU host). Platform choices read this, never `jax.default_backend()`."""
     return mesh.devices.flat[0].platform
 
@@ -60,8 +61,9 @@ def current_platform() -> str:
     return jax.default_backend()
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = None,
-                    mesh: Mesh | None = None) -> PartitionSpec:
+def logical_to_spec(
+    names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
+) -> PartitionSpec:
     """PartitionSpec for an array whose axes carry these logical names.
 
     With a shape and mesh, a mesh axis that does not divide its dimension is dropped (that dimension is
@@ -78,8 +80,9 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None = N
         axes = []
         for axis in LOGICAL_AXIS_RULES[name] or ():
             if axis in used:
-                raise ValueError(f"logical axes {used[axis]!r} and {name!r} of {tuple(names)} both map to "
-                                 f"mesh axis {axis!r}")
+                raise ValueError(
+                    f"logical axes {used[axis]!r} and {name!r} of {tuple(names)} both map to mesh axis {axis!r}"
+                )
             used[axis] = name
             size = mesh.shape[axis] if mesh is not None else 1
             if size > 1 and (shape is None or shape[i] % (size * math.prod(mesh.shape[a] for a in axes)) == 0):
@@ -109,6 +112,7 @@ def shard(x: jax.Array, *names: str | None) -> jax.Array:
 
 def param_shardings(abstract_state, mesh: Mesh):
     """NamedShardings for an `nnx.State` whose Variables carry logical names in `out_sharding`."""
+
     def one(variable):
         names = variable.get_metadata().get("out_sharding") or (None,) * len(variable.shape)
         return variable.replace(named_sharding(mesh, names, variable.shape))

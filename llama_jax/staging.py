@@ -6,6 +6,7 @@ place when complete: a crash leaves no half-written directory that looks finishe
 is named after the process that writes it, and the next writer to the same place removes those whose
 process is gone (killed mid-conversion, they can hold gigabytes).
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Shared test setup: two fake CPU devices for mesh tests, float32 matmuls, and the real files tests read."""
+
 import os
 from pathlib import Path
 

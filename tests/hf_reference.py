@@ -4,6 +4,7 @@ in float32, one per LLaMA generation, and our logits for a converted model direc
 Models are cached per process so several test files share them, and our forward is one jitted function
 with the graphdef static, so models with equal configs share one compilation.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,17 +22,34 @@ transformers = pytest.importorskip("transformers")
 VOCAB = 515  # odd, and above the 512 ids of tok512.bin, the tokenizer these models are paired with
 SEQ_LEN = 32
 _LLAMA3_ROPE = dict(rope_type="llama3", low_freq_factor=1.0, high_freq_factor=4.0)
-COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=120, num_hidden_layers=2, num_attention_heads=4,
-              max_position_embeddings=64, initializer_range=0.2)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=120,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+)
 VARIANTS = {
     "llama1": dict(num_key_value_heads=4, rms_norm_eps=1e-6, rope_theta=10000.0),
     "llama2": dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0),
     # original_max_position_embeddings=16 makes the scaling change every position of a 32-token test.
-    "llama3.1": dict(num_key_value_heads=1, head_dim=24, rms_norm_eps=1e-5, rope_theta=500000.0,
-                     rope_scaling=dict(_LLAMA3_ROPE, factor=8.0, original_max_position_embeddings=16)),
+    "llama3.1": dict(
+        num_key_value_heads=1,
+        head_dim=24,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=8.0, original_max_position_embeddings=16),
+    ),
     # As Llama 3.2 1B/3B ship: tied embeddings, factor 32 over Meta's 8192 positions.
-    "llama3.2": dict(num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=True,
-                     rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=8192)),
+    "llama3.2": dict(
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+        rope_scaling=dict(_LLAMA3_ROPE, factor=32.0, original_max_position_embeddings=8192),
+    ),
 }
 
 

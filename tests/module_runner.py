@@ -1,4 +1,5 @@
 """Run a `python -m` command line the way a user does, with the test suite's two fake CPU devices."""
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_module(module: str, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
-           **(env or {})}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_error_line(result: subprocess.CompletedProcess, expected: str = "") -> str:

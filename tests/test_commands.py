@@ -1,4 +1,5 @@
 """The installed commands: on the path after `pip install`, and train's --help listing every setting, fast."""
+
 import dataclasses
 import os
 import subprocess
@@ -22,15 +23,22 @@ def test_every_command_is_installed_and_answers_help(tmp_path):
         if not script.exists():
             pytest.skip(f"{script} is not there: the package is not installed into this interpreter's environment")
         # From another directory: nothing may need the repository as the working directory.
-        result = subprocess.run([str(script), "--help"], cwd=tmp_path, capture_output=True, text=True,
-                                env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        result = subprocess.run(
+            [str(script), "--help"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        )
         assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr)
 
 
 def test_train_help_lists_every_setting_with_its_default_without_importing_jax(tmp_path):
-    probe = ("import sys\nfrom llama_jax.commands import train\n"
-             "try:\n    train.main(['--help'])\nexcept SystemExit:\n    pass\n"
-             "print('imported jax' if 'jax' in sys.modules else 'no jax')")
+    probe = (
+        "import sys\nfrom llama_jax.commands import train\n"
+        "try:\n    train.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('imported jax' if 'jax' in sys.modules else 'no jax')"
+    )
     result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().endswith("no jax")  # --help costs a fraction of a second, not JAX's start-up

@@ -1,4 +1,5 @@
 """Presets build the published models: parameter counts, FFN widths, YAML loading, validation."""
+
 import math
 
 import jax
@@ -29,9 +30,17 @@ PUBLISHED_PARAMS = {
 }
 
 # FFN widths from the published params.json / config.json intermediate_size.
-PUBLISHED_FFN = {"llama1-7b": 11008, "llama1-13b": 13824, "llama1-33b": 17920, "llama1-65b": 22016,
-                 "llama2-70b": 28672, "llama3-8b": 14336, "llama3.1-405b": 53248, "llama3.2-1b": 8192,
-                 "llama3.2-3b": 8192}
+PUBLISHED_FFN = {
+    "llama1-7b": 11008,
+    "llama1-13b": 13824,
+    "llama1-33b": 17920,
+    "llama1-65b": 22016,
+    "llama2-70b": 28672,
+    "llama3-8b": 14336,
+    "llama3.1-405b": 53248,
+    "llama3.2-1b": 8192,
+    "llama3.2-3b": 8192,
+}
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED_PARAMS))
@@ -84,12 +93,15 @@ def test_yaml_full_config_and_unknown_keys(tmp_path):
         load_model_config(bad)
 
 
-@pytest.mark.parametrize("changes, message", [
-    (dict(n_kv_heads=4), "multiple of n_kv_heads"),
-    (dict(remat="some"), "remat must be one of"),
-    (dict(dim=0), "dim must be a positive integer"),
-    (dict(dtype="float8"), "dtype must be one of"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (dict(n_kv_heads=4), "multiple of n_kv_heads"),
+        (dict(remat="some"), "remat must be one of"),
+        (dict(dim=0), "dim must be a positive integer"),
+        (dict(dtype="float8"), "dtype must be one of"),
+    ],
+)
 def test_invalid_configs_are_rejected(changes, message):
     with pytest.raises(ValueError, match=message):
         preset("tiny").replace(**changes)

@@ -1,6 +1,7 @@
 """Converters refuse bad input with one clear message: corrupt or truncated files, shapes that do not fit
 the config, missing files, unsupported settings, an output directory that is not new. Through the command
 line: exit code ≠ 0, one `error:` line, no traceback, nothing overwritten."""
+
 import json
 import shutil
 import struct
@@ -12,19 +13,36 @@ from safetensors.numpy import save_file
 
 from llama_jax.convert import convert_hf, load_hf, load_llama2c, load_meta
 
-HF_CONFIG = {"model_type": "llama", "vocab_size": 515, "hidden_size": 16, "intermediate_size": 24,
-             "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-             "max_position_embeddings": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+HF_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 515,
+    "hidden_size": 16,
+    "intermediate_size": 24,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "max_position_embeddings": 32,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
 
 
 def hf_tensors():
     rng = np.random.default_rng(0)
-    shapes = {"model.embed_tokens.weight": (515, 16), "model.norm.weight": (16,), "lm_head.weight": (515, 16),
-              "model.layers.0.input_layernorm.weight": (16,), "model.layers.0.post_attention_layernorm.weight": (16,),
-              "model.layers.0.self_attn.q_proj.weight": (16, 16), "model.layers.0.self_attn.k_proj.weight": (8, 16),
-              "model.layers.0.self_attn.v_proj.weight": (8, 16), "model.layers.0.self_attn.o_proj.weight": (16, 16),
-              "model.layers.0.mlp.gate_proj.weight": (24, 16), "model.layers.0.mlp.up_proj.weight": (24, 16),
-              "model.layers.0.mlp.down_proj.weight": (16, 24)}
+    shapes = {
+        "model.embed_tokens.weight": (515, 16),
+        "model.norm.weight": (16,),
+        "lm_head.weight": (515, 16),
+        "model.layers.0.input_layernorm.weight": (16,),
+        "model.layers.0.post_attention_layernorm.weight": (16,),
+        "model.layers.0.self_attn.q_proj.weight": (16, 16),
+        "model.layers.0.self_attn.k_proj.weight": (8, 16),
+        "model.layers.0.self_attn.v_proj.weight": (8, 16),
+        "model.layers.0.self_attn.o_proj.weight": (16, 16),
+        "model.layers.0.mlp.gate_proj.weight": (24, 16),
+        "model.layers.0.mlp.up_proj.weight": (24, 16),
+        "model.layers.0.mlp.down_proj.weight": (16, 24),
+    }
     return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
 
 
@@ -44,6 +62,7 @@ def stories_copy(assets, tmp_path):
 
 # --- through the command line ---------------------------------------------------------------------------
 
+
 def test_cli_truncated_safetensors(tmp_path, assets):
     hf = write_hf(tmp_path / "hf")
     data = (hf / "model.safetensors").read_bytes()
@@ -58,28 +77,45 @@ def test_cli_never_writes_into_a_non_empty_out(tmp_path, assets):
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
-                        assets / "tok512.bin", "--out", out)
+    result = run_module(
+        "llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer", assets / "tok512.bin", "--out", out
+    )
     assert "not empty" in assert_one_error_line(result)
     assert [p.name for p in out.iterdir()] == ["notes.txt"] and (out / "notes.txt").read_text() == "mine"
 
 
 def test_cli_out_under_a_file_is_one_line(tmp_path, assets):
     (tmp_path / "file").write_text("mine")
-    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
-                        assets / "tok512.bin", "--out", tmp_path / "file" / "sub")
+    result = run_module(
+        "llama_jax.convert",
+        "llama2c",
+        assets / "stories260K.bin",
+        "--tokenizer",
+        assets / "tok512.bin",
+        "--out",
+        tmp_path / "file" / "sub",
+    )
     assert "Not a directory" in assert_one_error_line(result)
     assert (tmp_path / "file").read_text() == "mine"
 
 
 def test_cli_unknown_argument(tmp_path, assets):
-    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
-                        assets / "tok512.bin", "--out", tmp_path / "out", "--bogus")
+    result = run_module(
+        "llama_jax.convert",
+        "llama2c",
+        assets / "stories260K.bin",
+        "--tokenizer",
+        assets / "tok512.bin",
+        "--out",
+        tmp_path / "out",
+        "--bogus",
+    )
     assert "unrecognized arguments: --bogus" in assert_one_error_line(result)
     assert not (tmp_path / "out").exists()
 
 
 # --- llama2.c files -------------------------------------------------------------------------------------
+
 
 def test_llama2c_truncated(stories_copy):
     stories_copy.write_bytes(stories_copy.read_bytes()[:-1000])
@@ -110,6 +146,7 @@ def test_llama2c_unsupported_version(tmp_path):
 
 
 # --- Hugging Face directories ---------------------------------------------------------------------------
+
 
 def test_hf_valid_directory_loads(tmp_path):
     """The fixture itself is a valid checkpoint, so the failures below come from what each case breaks."""
@@ -170,12 +207,15 @@ def test_hf_missing_files(tmp_path):
         load_hf(hf)
 
 
-@pytest.mark.parametrize("changes, message", [
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
-    ({"model_type": "mistral"}, "not a Llama model"),
-    ({"attention_bias": True}, "no biases"),
-    ({"num_key_value_heads": 3}, r"multiple of n_kv_heads \(3\)"),
-])
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "unsupported rope scaling type 'yarn'"),
+        ({"model_type": "mistral"}, "not a Llama model"),
+        ({"attention_bias": True}, "no biases"),
+        ({"num_key_value_heads": 3}, r"multiple of n_kv_heads \(3\)"),
+    ],
+)
 def test_hf_unsupported_configs(tmp_path, changes, message):
     with pytest.raises(ValueError, match=message):
         load_hf(write_hf(tmp_path / "hf", changes))
@@ -198,11 +238,13 @@ def test_hf_without_a_tokenizer(tmp_path):
 
 # --- Meta checkpoints -----------------------------------------------------------------------------------
 
+
 def write_meta(directory, params=None):
     torch = pytest.importorskip("torch")
     directory.mkdir()
-    (directory / "params.json").write_text(json.dumps(params or {"dim": 16, "n_layers": 1, "n_heads": 2,
-                                                                 "vocab_size": -1, "multiple_of": 8}))
+    (directory / "params.json").write_text(
+        json.dumps(params or {"dim": 16, "n_layers": 1, "n_heads": 2, "vocab_size": -1, "multiple_of": 8})
+    )
     return torch
 
 

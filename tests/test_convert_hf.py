@@ -1,5 +1,6 @@
 """`convert hf` and `to-hf` against transformers: LLaMA 1 (MHA), LLaMA 2 (GQA, sharded safetensors),
 Llama 3.1 (rope scaling, one KV head, head_dim ≠ dim/heads) and Llama 3.2 (tied embeddings)."""
+
 import copy
 import json
 import shutil
@@ -24,8 +25,10 @@ from llama_jax.convert import convert_hf, export_hf, load_hf
 from llama_jax.convert.hf import INDEX_FILE
 from llama_jax.tokenizers import load_tokenizer
 
-LLAMA3_CHAT_TEMPLATE = ("{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-                        "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}")
+LLAMA3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
+    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,8 @@ def test_to_hf_round_trip_loads_in_transformers(variant, converted, tmp_path):
     # again without naming a tokenizer.
     text = "Once upon a time, a  girl named Lily"
     assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == load_tokenizer(
-        converted[variant] / "tokenizer.bin").encode(text)
+        converted[variant] / "tokenizer.bin"
+    ).encode(text)
     if variant == "llama3.2":
         convert_hf(out, tmp_path / "again")
         assert json.loads((tmp_path / "again" / "config.json").read_text())["tokenizer"] == "tokenizer.model"
@@ -120,12 +124,23 @@ def test_convert_hf_takes_a_repo_id_from_the_local_cache(hf_dirs, tmp_path, monk
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # read at call time
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     convert_hf("someone/tiny-llama", tmp_path / "ours", tokenizer=assets / "tok512.bin")
-    assert relative_error(our_logits(tmp_path / "ours", sample_ids()), hf_logits(hf_model("llama3.2"),
-                                                                                 sample_ids())) <= 1e-5
-    result = run_module("llama_jax.convert", "hf", "someone/not-downloaded", "--out", tmp_path / "x",
-                        env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"})
-    assert_one_error_line(result, "someone/not-downloaded is neither a directory nor a model in the Hugging Face "
-                                  "cache; download it first: hf download someone/not-downloaded")
+    assert (
+        relative_error(our_logits(tmp_path / "ours", sample_ids()), hf_logits(hf_model("llama3.2"), sample_ids()))
+        <= 1e-5
+    )
+    result = run_module(
+        "llama_jax.convert",
+        "hf",
+        "someone/not-downloaded",
+        "--out",
+        tmp_path / "x",
+        env={"HF_HUB_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"},
+    )
+    assert_one_error_line(
+        result,
+        "someone/not-downloaded is neither a directory nor a model in the Hugging Face "
+        "cache; download it first: hf download someone/not-downloaded",
+    )
     assert not (tmp_path / "x").exists()
 
 

@@ -1,6 +1,7 @@
 """`convert llama2c`: the real stories260K weights reproduce llama2.c's published greedy outputs, and the
 v1, v2 and unshared-classifier layouts (written here by an independent writer that follows llama2.c's
 export.py) import to the same parameters as the v0 file."""
+
 import functools
 import json
 import struct
@@ -18,8 +19,21 @@ from llama_jax.sharding import make_mesh
 
 GENERATION_LENGTH = 256  # the longest published case: 256 steps, one generated token per position
 MAGIC = 0x616B3432
-V0_ORDER = ("tok_emb", "rms_att", "wq", "wk", "wv", "wo", "rms_ffn", "w1", "w2", "w3", "rms_final",
-            "freq_cis_real", "freq_cis_imag")
+V0_ORDER = (
+    "tok_emb",
+    "rms_att",
+    "wq",
+    "wk",
+    "wv",
+    "wo",
+    "rms_ffn",
+    "w1",
+    "w2",
+    "w3",
+    "rms_final",
+    "freq_cis_real",
+    "freq_cis_imag",
+)
 V1_ORDER = ("rms_att", "rms_ffn", "rms_final", "tok_emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
 QUANTIZED = ("tok_emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
@@ -28,11 +42,21 @@ def tensor_shapes(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len):
     """The v0 layout as /work/shared/assets/README.md documents it."""
     head_size = dim // n_heads
     kv_dim = n_kv_heads * head_size
-    return {"tok_emb": (vocab, dim), "rms_att": (n_layers, dim), "wq": (n_layers, dim, dim),
-            "wk": (n_layers, kv_dim, dim), "wv": (n_layers, kv_dim, dim), "wo": (n_layers, dim, dim),
-            "rms_ffn": (n_layers, dim), "w1": (n_layers, hidden, dim), "w2": (n_layers, dim, hidden),
-            "w3": (n_layers, hidden, dim), "rms_final": (dim,), "freq_cis_real": (seq_len * head_size // 2,),
-            "freq_cis_imag": (seq_len * head_size // 2,)}
+    return {
+        "tok_emb": (vocab, dim),
+        "rms_att": (n_layers, dim),
+        "wq": (n_layers, dim, dim),
+        "wk": (n_layers, kv_dim, dim),
+        "wv": (n_layers, kv_dim, dim),
+        "wo": (n_layers, dim, dim),
+        "rms_ffn": (n_layers, dim),
+        "w1": (n_layers, hidden, dim),
+        "w2": (n_layers, dim, hidden),
+        "w3": (n_layers, hidden, dim),
+        "rms_final": (dim,),
+        "freq_cis_real": (seq_len * head_size // 2,),
+        "freq_cis_imag": (seq_len * head_size // 2,),
+    }
 
 
 def read_v0(path):
@@ -41,7 +65,7 @@ def read_v0(path):
     tensors, offset = {}, 0
     for name, shape in tensor_shapes(*header[:5], abs(header[5]), header[6]).items():
         size = int(np.prod(shape))
-        tensors[name] = data[offset:offset + size].reshape(shape)
+        tensors[name] = data[offset : offset + size].reshape(shape)
         offset += size
     assert offset == data.size, "stories260K.bin has a shared classifier: nothing follows the RoPE tables"
     return header, tensors
@@ -134,7 +158,7 @@ def greedy(model_dir, steps):
 def final_logits(model_dir, generated):
     """Logits at the last position of BOS + `generated`, with the same compiled forward."""
     loaded, graphdef, state = load_on_one_device(model_dir)
-    ids = np.asarray([[1, *generated[:GENERATION_LENGTH - 1]]], np.int32)
+    ids = np.asarray([[1, *generated[: GENERATION_LENGTH - 1]]], np.int32)
     with jax.set_mesh(loaded.mesh):
         return np.asarray(_logits_at(graphdef, state, ids, GENERATION_LENGTH - 1)[1])
 
@@ -142,8 +166,9 @@ def final_logits(model_dir, generated):
 @pytest.fixture(scope="module")
 def stories(assets, tmp_path_factory):
     out = tmp_path_factory.mktemp("stories") / "model"
-    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
-                        assets / "tok512.bin", "--out", out)
+    result = run_module(
+        "llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer", assets / "tok512.bin", "--out", out
+    )
     assert result.returncode == 0, result.stderr
     return out, *greedy(out, GENERATION_LENGTH)
 
@@ -152,10 +177,10 @@ def test_greedy_decoding_reproduces_llama2c(stories, assets):
     _, generated, tokenizer = stories
     expected = json.loads((assets / "stories260K_expected.json").read_text())
     ids = expected["first_greedy_ids"]
-    assert generated[:len(ids)] == ids
+    assert generated[: len(ids)] == ids
     for case in expected["cases"]:
         assert case["prompt"] == "" and case["temperature"] == 0.0
-        assert tokenizer.decode(generated[:case["steps"]]) == case["expected"], case["name"]
+        assert tokenizer.decode(generated[: case["steps"]]) == case["expected"], case["name"]
 
 
 def test_v1_file_gives_the_same_model(stories, assets, tmp_path):

@@ -1,6 +1,7 @@
 """The engine on a model: its greedy ids are those of the static-batch generator (itself checked against the
 full forward pass), a request's tokens do not depend on the slots around it, sharded equals unsharded, and
 the live-block cache attention equals attention over the whole cache."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,7 +47,7 @@ def test_greedy_ids_equal_the_static_generator(loaded, prompts):
     generator = Generator(loaded, GenerationSettings(max_new_tokens=24, batch_size=8))
     static = [ids for ids, _ in generator.generate_ids(list(prompts), range(len(prompts)))]
     engine = ids(Engine(loaded, slots=4).generate(requests(prompts)))
-    assert engine == [s[:6 + 3 * i] for i, s in enumerate(static)]
+    assert engine == [s[: 6 + 3 * i] for i, s in enumerate(static)]
 
 
 def test_a_requests_tokens_depend_on_nothing_else(loaded, prompts):

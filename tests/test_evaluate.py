@@ -1,5 +1,6 @@
 """`python -m llama_jax.evaluate`: the perplexity of a converted model equals the one computed from
 transformers' logits on the same windows; bad input gives one error line."""
+
 import json
 import math
 
@@ -34,7 +35,7 @@ def reference_perplexity(text, tokenizer):
     ids = [tokenizer.bos_id, *tokenizer.encode(text, bos=False)]
     nll, tokens = 0.0, 0
     for start in range(0, len(ids), SEQ_LEN):
-        window = torch.tensor([ids[start:start + SEQ_LEN]])
+        window = torch.tensor([ids[start : start + SEQ_LEN]])
         with torch.no_grad():
             log_probs = torch.log_softmax(hf_model("llama2")(window).logits.double(), dim=-1)
         nll -= log_probs[0, :-1].gather(-1, window[0, 1:, None]).sum().item()
@@ -46,8 +47,19 @@ def reference_perplexity(text, tokenizer):
 def test_cli_matches_transformers(setup, assets):
     model_dir, data = setup
     expected, tokens = reference_perplexity(data.read_text(), load_tokenizer(assets / "tok512.bin"))
-    result = run_module("llama_jax.evaluate", "--checkpoint", model_dir, "--data", data, "--seq-len", SEQ_LEN,
-                        "--batch-size", 2, "--mesh", "data=2")
+    result = run_module(
+        "llama_jax.evaluate",
+        "--checkpoint",
+        model_dir,
+        "--data",
+        data,
+        "--seq-len",
+        SEQ_LEN,
+        "--batch-size",
+        2,
+        "--mesh",
+        "data=2",
+    )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["tokens"] == tokens
@@ -96,7 +108,8 @@ def test_bad_input_is_one_error_line(setup, tmp_path, capsys):
 
 def test_cli_error_exit(tmp_path):
     assert "not a llama_jax model directory" in assert_one_error_line(
-        run_module("llama_jax.evaluate", "--checkpoint", tmp_path, "--data", tmp_path / "x.txt"))
+        run_module("llama_jax.evaluate", "--checkpoint", tmp_path, "--data", tmp_path / "x.txt")
+    )
 
 
 def test_windows_cover_every_token_once():

@@ -1,5 +1,6 @@
 """`python -m llama_jax.evaluate generate`: BLEU, ROUGE and exact match of generated text, as the libraries
 that define them compute them, written per example and resumed after an interruption."""
+
 import json
 
 import pytest
@@ -14,8 +15,10 @@ rouge_scorer = pytest.importorskip("rouge_score.rouge_scorer")
 def test_bleu_is_sacrebleus_and_its_published_example():
     # sacrebleu's README: BLEU = 48.53 for these three sentences against two reference streams.
     hypotheses = ["The dog bit the man.", "It wasn't surprising.", "The man had just bitten him."]
-    streams = [["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
-               ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."]]
+    streams = [
+        ["The dog bit the man.", "It was not unexpected.", "The man bit him first."],
+        ["The dog had bit the man.", "No one was surprised.", "The man had bitten the dog."],
+    ]
     per_example = [list(refs) for refs in zip(*streams)]
     scorer = TextScorer(["bleu"])
     summary = scorer.corpus(hypotheses, per_example, [scorer.example(h, r) for h, r in zip(hypotheses, per_example)])
@@ -24,8 +27,7 @@ def test_bleu_is_sacrebleus_and_its_published_example():
     assert summary["bleu_signature"].startswith("nrefs:2|case:mixed|eff:no|tok:13a|smooth:exp")
     # Examples with different numbers of references: the missing ones are left out, not counted as empty.
     uneven = scorer.corpus(hypotheses, [per_example[0], per_example[1][:1], per_example[2]], [])
-    assert uneven["bleu"] == sacrebleu.corpus_bleu(
-        hypotheses, [streams[0], [streams[1][0], None, streams[1][2]]]).score
+    assert uneven["bleu"] == sacrebleu.corpus_bleu(hypotheses, [streams[0], [streams[1][0], None, streams[1][2]]]).score
 
 
 def test_rouge_is_rouge_scores_with_stemming_and_its_published_example():
@@ -54,17 +56,34 @@ def last_json(capsys) -> dict:
 
 
 def test_generate_scores_every_record_and_resumes_without_redoing_finished_ones(stories_model, tmp_path, capsys):
-    stories = [("Once upon a time, there was a little girl named Lily.", "She liked to play in the park."),
-               ("Tom had a red ball.", "He played with it every day."),
-               ("One day, a cat saw a bird.", ["The cat wanted to catch the bird.", "The bird flew away."]),
-               ("The sun was shining.", "Everyone was happy."),
-               ("Sue went to the store with her mom.", "They bought apples."),
-               ("Ben saw a big dog.", "The dog was friendly.")]
-    task = write_task(tmp_path / "task.jsonl", [
-        {"prompt": p, **({"references": r} if isinstance(r, list) else {"reference": r})} for p, r in stories])
+    stories = [
+        ("Once upon a time, there was a little girl named Lily.", "She liked to play in the park."),
+        ("Tom had a red ball.", "He played with it every day."),
+        ("One day, a cat saw a bird.", ["The cat wanted to catch the bird.", "The bird flew away."]),
+        ("The sun was shining.", "Everyone was happy."),
+        ("Sue went to the store with her mom.", "They bought apples."),
+        ("Ben saw a big dog.", "The dog was friendly."),
+    ]
+    task = write_task(
+        tmp_path / "task.jsonl",
+        [{"prompt": p, **({"references": r} if isinstance(r, list) else {"reference": r})} for p, r in stories],
+    )
     out = tmp_path / "scores.jsonl"
-    argv = ["generate", "--checkpoint", str(stories_model), "--data", str(task), "--output", str(out),
-            "--max-new-tokens", "24", "--stop", "\n", "--batch-size", "4"]
+    argv = [
+        "generate",
+        "--checkpoint",
+        str(stories_model),
+        "--data",
+        str(task),
+        "--output",
+        str(out),
+        "--max-new-tokens",
+        "24",
+        "--stop",
+        "\n",
+        "--batch-size",
+        "4",
+    ]
     assert evaluate.main(argv) == 0
     summary = last_json(capsys)
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -92,20 +111,24 @@ def test_generate_scores_every_record_and_resumes_without_redoing_finished_ones(
     assert evaluate.main(argv) == 0
     resumed = last_json(capsys)
     assert resumed["generated"] == 4 and {k: v for k, v in resumed.items() if k != "generated"} == {
-        k: v for k, v in summary.items() if k != "generated"}
+        k: v for k, v in summary.items() if k != "generated"
+    }
     assert out.read_text().splitlines(keepends=True) == lines
     assert evaluate.main(argv) == 0 and last_json(capsys)["generated"] == 0
     with pytest.raises(ValueError, match="holds results of other settings"):
         evaluate.main([*argv, "--metrics", "bleu"])
 
 
-@pytest.mark.parametrize("content,message", [
-    ("", "holds no records"),
-    ('{"prompt": "a", "reference": "b"}\nnot json\n', "line 2 is not JSON"),
-    ('{"prompt": "a"}\n', "line 1 needs a \"reference\""),
-    ('{"prompt": "a", "references": []}\n', "line 1 needs a \"reference\""),
-    ('{"reference": "b"}\n', "line 1 has no \"prompt\""),
-])
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        ("", "holds no records"),
+        ('{"prompt": "a", "reference": "b"}\nnot json\n', "line 2 is not JSON"),
+        ('{"prompt": "a"}\n', 'line 1 needs a "reference"'),
+        ('{"prompt": "a", "references": []}\n', 'line 1 needs a "reference"'),
+        ('{"reference": "b"}\n', 'line 1 has no "prompt"'),
+    ],
+)
 def test_bad_task_files_are_one_clear_error(stories_model, tmp_path, content, message):
     task = tmp_path / "task.jsonl"
     task.write_text(content)

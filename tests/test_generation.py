@@ -1,5 +1,6 @@
 """Generation against the model's own full forward pass (no cache, no padding, one prompt at a time):
 incremental decoding, ragged batches, stop ids, per-prompt random streams, sharding, text and streaming."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,7 +55,7 @@ def greedy_by_full_forward(forward, prompts):
         seq = list(prompt)
         for _ in range(NEW):
             seq.append(int(np.argmax(forward(seq)[-1])))
-        results.append(seq[len(prompt):])
+        results.append(seq[len(prompt) :])
     return results
 
 
@@ -69,8 +70,9 @@ def ids_only(model, mesh):
 
 
 def settings(temperature=0.0, top_k=0, top_p=1.0, **rest) -> GenerationSettings:
-    return GenerationSettings(**{"max_new_tokens": NEW, "batch_size": 4, **rest},
-                              sampling=SamplingParams(temperature, top_k, top_p))
+    return GenerationSettings(
+        **{"max_new_tokens": NEW, "batch_size": 4, **rest}, sampling=SamplingParams(temperature, top_k, top_p)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """lm-evaluation-harness through llama_jax (`evaluate harness`): the same requests answered by the harness's
 own `hf` backend (transformers, CPU) on the same weights give the same loglikelihoods, greedy flags,
 generations and scores. Tasks are local YAMLs over local files (tests/harness_tasks/): nothing downloads."""
+
 import json
 import os
 from pathlib import Path
@@ -31,9 +32,16 @@ def hf_dir(stories_model, tmp_path_factory):
 
 
 def run(lm, tasks: list[str]) -> dict:
-    return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=TaskManager(include_path=str(TASKS)),
-                                   log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
-                                   fewshot_random_seed=0)
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=TaskManager(include_path=str(TASKS)),
+        log_samples=True,
+        random_seed=0,
+        numpy_random_seed=0,
+        torch_random_seed=0,
+        fewshot_random_seed=0,
+    )
 
 
 def responses(results: dict, task: str) -> list:
@@ -42,10 +50,14 @@ def responses(results: dict, task: str) -> list:
 
 def test_llama_jax_answers_as_the_hf_backend_does(stories_model, hf_dir, monkeypatch):
     monkeypatch.chdir(REPO)  # the task YAMLs name their data relative to the repository
-    ours = run(harness.LlamaJaxLM(llama_jax.load(stories_model), batch_size=8, max_length=MAX_LENGTH),
-               ["story_choice", "story_complete", "story_text"])
-    reference = run(HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=1, max_length=MAX_LENGTH, device="cpu"),
-                    ["story_choice", "story_complete"])
+    ours = run(
+        harness.LlamaJaxLM(llama_jax.load(stories_model), batch_size=8, max_length=MAX_LENGTH),
+        ["story_choice", "story_complete", "story_text"],
+    )
+    reference = run(
+        HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=1, max_length=MAX_LENGTH, device="cpu"),
+        ["story_choice", "story_complete"],
+    )
     # Multiple choice: every choice's loglikelihood to 1e-4 relative (1e-5 absolute for those near 0, where a
     # relative bound would ask for more than float32's logsumexp gives), the same greedy flags and accuracy.
     mine, theirs = responses(ours, "story_choice"), responses(reference, "story_choice")
@@ -60,23 +72,46 @@ def test_llama_jax_answers_as_the_hf_backend_does(stories_model, hf_dir, monkeyp
     generated = responses(ours, "story_complete")
     assert generated == responses(reference, "story_complete")
     assert sum(bool(doc[0][0].strip()) for doc in generated) >= 12, generated
-    assert ours["results"]["story_complete"]["exact_match,none"] == \
-        reference["results"]["story_complete"]["exact_match,none"]
+    assert (
+        ours["results"]["story_complete"]["exact_match,none"]
+        == reference["results"]["story_complete"]["exact_match,none"]
+    )
     # Rolling loglikelihood: the hf backend encodes the text with its own BOS and then also scores that BOS
     # after the BOS prefix; told not to add one, it scores what we score.
-    rolling = run(HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=1, max_length=MAX_LENGTH, device="cpu",
-                       add_bos_token=False), ["story_text"])
+    rolling = run(
+        HFLM(
+            pretrained=str(hf_dir),
+            dtype="float32",
+            batch_size=1,
+            max_length=MAX_LENGTH,
+            device="cpu",
+            add_bos_token=False,
+        ),
+        ["story_text"],
+    )
     for [[logprob]], [[hf_logprob]] in zip(responses(ours, "story_text"), responses(rolling, "story_text")):
         assert logprob == pytest.approx(hf_logprob, rel=1e-4, abs=1e-5)
     assert ours["results"]["story_text"]["word_perplexity,none"] == pytest.approx(
-        rolling["results"]["story_text"]["word_perplexity,none"], rel=1e-4)
+        rolling["results"]["story_text"]["word_perplexity,none"], rel=1e-4
+    )
 
 
 def test_the_command_prints_the_table_then_json_and_refuses_bad_input(stories_model, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     out = tmp_path / "results.json"
-    argv = ["harness", "--checkpoint", str(stories_model), "--tasks", "story_choice", "--include-path", str(TASKS),
-            "--limit", "8", "--output", str(out)]
+    argv = [
+        "harness",
+        "--checkpoint",
+        str(stories_model),
+        "--tasks",
+        "story_choice",
+        "--include-path",
+        str(TASKS),
+        "--limit",
+        "8",
+        "--output",
+        str(out),
+    ]
     assert evaluate.main(argv) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     result = json.loads(lines[-1])["results"]["story_choice"]

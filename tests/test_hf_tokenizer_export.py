@@ -1,5 +1,6 @@
 """Exported tokenizers load in `transformers.AutoTokenizer` and encode as llama_jax does: BOS like LLaMA,
 chat templates to the same ids, EOS ids where our generation stops."""
+
 import json
 
 import pytest
@@ -9,8 +10,12 @@ from llama_jax.chat import encode_dialog
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.tokenizers import load_tokenizer
 
-DIALOG = [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Who was Ada?"},
-          {"role": "assistant", "content": "A mathematician."}, {"role": "user", "content": " And Alan? "}]
+DIALOG = [
+    {"role": "system", "content": "Answer briefly."},
+    {"role": "user", "content": "Who was Ada?"},
+    {"role": "assistant", "content": "A mathematician."},
+    {"role": "user", "content": " And Alan? "},
+]
 
 
 def texts(assets) -> list[str]:
@@ -18,8 +23,16 @@ def texts(assets) -> list[str]:
     lines = (assets / "tinystories_sample.txt").read_text().splitlines()[:200]
     cases = json.loads((assets / "tokenizer_cases.json").read_text())
     public = [case["text"] for entry in cases.values() for case in entry["cases"]]
-    edges = ["", " ", "  two  spaces", "tab\tand\nnewline\n\n", "1234567 digits", "naïve café 東京 🙂",
-             " leading space", "x" * 300]
+    edges = [
+        "",
+        " ",
+        "  two  spaces",
+        "tab\tand\nnewline\n\n",
+        "1234567 digits",
+        "naïve café 東京 🙂",
+        " leading space",
+        "x" * 300,
+    ]
     return lines + public + edges
 
 
@@ -51,14 +64,16 @@ def test_llama2_sentencepiece_and_chat_template(llama2_tok, assets, tmp_path):
     theirs = exported(llama2_tok, "llama2", tmp_path)
     assert_same_encoding(llama2_tok, theirs, assets)
     assert theirs.apply_chat_template(DIALOG, tokenize=True, return_dict=False) == encode_dialog(
-        llama2_tok, "llama2", DIALOG)
+        llama2_tok, "llama2", DIALOG
+    )
 
 
 def test_llama3_tiktoken_exports_tokenizer_json_and_chat_template(llama3_tok, assets, tmp_path):
     theirs = exported(llama3_tok, "llama3", tmp_path)
     assert_same_encoding(llama3_tok, theirs, assets)
-    assert theirs.apply_chat_template(DIALOG, tokenize=True, add_generation_prompt=True,
-                                      return_dict=False) == encode_dialog(llama3_tok, "llama3", DIALOG)
+    assert theirs.apply_chat_template(
+        DIALOG, tokenize=True, add_generation_prompt=True, return_dict=False
+    ) == encode_dialog(llama3_tok, "llama3", DIALOG)
     generation = json.loads((tmp_path / "generation_config.json").read_text())
     assert llama3_tok.special_id("<|eot_id|>") in generation["eos_token_id"]
     assert (tmp_path / "original" / "tokenizer.model").read_bytes() == llama3_tok.path.read_bytes()

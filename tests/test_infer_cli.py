@@ -4,6 +4,7 @@ from standard input, and every user error as one `error:` line.
 Real command lines run as subprocesses; the error cases call the same `run_cli(main, argv)` in-process
 (each subprocess costs seconds of imports), plus one subprocess to show the real exit status and stderr.
 """
+
 import errno
 import json
 import os
@@ -33,8 +34,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_infer(*args, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    return subprocess.run([sys.executable, "infer.py", *map(str, args)], cwd=REPO, env=env, input=stdin,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "infer.py", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def records(path: Path) -> list[dict]:
@@ -63,8 +71,18 @@ def test_stories260k_greedy_text_matches_llama2c(stories, assets, tmp_path):
     cases = {case["name"]: case for case in expected["cases"]}
     out = tmp_path / "out.jsonl"
     # run.c's `steps` counts forward positions from BOS; each position yields one token.
-    result = run_infer("--checkpoint", stories, "--prompt", "", "--temperature", "0",
-                       "--max-new-tokens", cases["greedy_n256"]["steps"], "--output", out)
+    result = run_infer(
+        "--checkpoint",
+        stories,
+        "--prompt",
+        "",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        cases["greedy_n256"]["steps"],
+        "--output",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     [record] = records(out)
     assert record["completion"] == cases["greedy_n256"]["expected"]
@@ -78,8 +96,22 @@ def test_stories260k_greedy_text_matches_llama2c(stories, assets, tmp_path):
 def test_a_rerun_resumes_after_the_records_already_written(stories, tmp_path):
     prompts = ["Once upon a time", "Lily had a ball", "The sun was", "Tom", "One day, a cat"]
     (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
-    args = ["--checkpoint", stories, "--prompts", tmp_path / "prompts.txt", "--batch-size", "2",
-            "--max-new-tokens", "12", "--temperature", "0.9", "--top-k", "40", "--seed", "5"]
+    args = [
+        "--checkpoint",
+        stories,
+        "--prompts",
+        tmp_path / "prompts.txt",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+        "--seed",
+        "5",
+    ]
     full_out = tmp_path / "full.jsonl"
     with pytest.raises(SystemExit) as exit_info:
         run_cli(infer.main, [*map(str, args), "--output", str(full_out)])
@@ -101,8 +133,20 @@ def test_a_rerun_resumes_after_the_records_already_written(stories, tmp_path):
 def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_path):
     messages = ["Hello there", "What is a cat?"]
     stdin = "".join(json.dumps({"prompt": m}) + "\n" for m in messages)
-    result = run_infer("--checkpoint", chat_model, "--prompts", "-", "--chat", "--temperature", "0",
-                       "--max-new-tokens", "6", "--batch-size", "2", stdin=stdin)
+    result = run_infer(
+        "--checkpoint",
+        chat_model,
+        "--prompts",
+        "-",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "6",
+        "--batch-size",
+        "2",
+        stdin=stdin,
+    )
     assert result.returncode == 0, result.stderr
     got = [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -139,8 +183,14 @@ def test_outputs_are_never_overwritten_mixed_or_shared(stories, tmp_path, capsys
         run_cli(infer.main, [*base, "--output", str(out), "--seed", "1", "--prompt", "Tom", "--prompt", "Lily"])
     capsys.readouterr()
     written = out.read_text()
-    for other in (["--seed", "2"], ["--temperature", "0"], ["--top-p", "0.5"], ["--top-k", "3"],
-                  ["--max-new-tokens", "5"], ["--stop-id", "7"]):
+    for other in (
+        ["--seed", "2"],
+        ["--temperature", "0"],
+        ["--top-p", "0.5"],
+        ["--top-k", "3"],
+        ["--max-new-tokens", "5"],
+        ["--stop-id", "7"],
+    ):
         message = refused("--output", str(out), "--seed", "1", *other)
         assert "holds results of other settings" in message, message
     assert "is not for prompt 1" in refused("--output", str(out), "--seed", "1", prompts=("Sue", "Lily"))
@@ -159,8 +209,19 @@ def test_a_full_disk_is_one_line(stories, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setattr(JsonlOutput, "write", no_space)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(infer.main, ["--checkpoint", str(stories), "--prompt", "Tom", "--max-new-tokens", "2",
-                             "--output", str(tmp_path / "out.jsonl")])
+        run_cli(
+            infer.main,
+            [
+                "--checkpoint",
+                str(stories),
+                "--prompt",
+                "Tom",
+                "--max-new-tokens",
+                "2",
+                "--output",
+                str(tmp_path / "out.jsonl"),
+            ],
+        )
     assert exit_info.value.code == 2
     assert_one_error_line(capsys.readouterr().err, f"No space left on device: {tmp_path / 'out.jsonl'}")
 
@@ -193,9 +254,10 @@ ERRORS = {
     "not a number": (["--max-new-tokens", "many"], "invalid int value"),
     "bad mesh": (["--mesh", "model=2"], "bad mesh"),
     "mesh larger than the devices": (["--mesh", "tensor=4"], "devices"),
-    "prompt too long": (["--prompt", "", "--prompt", "Once upon a time", "--max-new-tokens", "508"],
-                        "prompt 2 has 5 tokens; with max_new_tokens 508 it needs 513 positions, "
-                        "but the model allows 512"),
+    "prompt too long": (
+        ["--prompt", "", "--prompt", "Once upon a time", "--max-new-tokens", "508"],
+        "prompt 2 has 5 tokens; with max_new_tokens 508 it needs 513 positions, but the model allows 512",
+    ),
     "no chat template": (["--chat"], "no chat template"),
     "stop id outside the vocabulary": (["--stop-id", "512"], "outside the vocabulary"),
 }

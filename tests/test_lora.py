@@ -1,6 +1,7 @@
 """LoRA fine-tuning (`lora.rank` > 0): only the adapters train, the run (with adapter dropout) resumes exactly,
 the merged model is the base plus the adapters, and the exported adapters load in Hugging Face PEFT with the
 same logits."""
+
 import ast
 import hashlib
 import json
@@ -27,10 +28,29 @@ IDS = np.array([[1, 403, 407, 261, 378, 270, 288, 45, 99, 310, 12, 77]], np.int3
 
 
 def lora_config(stories_model: Path, run_dir: Path, *extra: str):
-    return load_train_config(None, [
-        f"init_from={stories_model}", "sft=true", "chat_template=llama2", "data=sft_example.jsonl", "seq_len=128",
-        "batch_size=8", f"steps={STEPS}", "lr=5e-3", "warmup=2", "eval_every=8", "checkpoint_every=8", "samples=0",
-        "lora.rank=4", "lora.alpha=8", "lora.targets=q,v,o,down", "lora.dropout=0.1", f"run_dir={run_dir}", *extra])
+    return load_train_config(
+        None,
+        [
+            f"init_from={stories_model}",
+            "sft=true",
+            "chat_template=llama2",
+            "data=sft_example.jsonl",
+            "seq_len=128",
+            "batch_size=8",
+            f"steps={STEPS}",
+            "lr=5e-3",
+            "warmup=2",
+            "eval_every=8",
+            "checkpoint_every=8",
+            "samples=0",
+            "lora.rank=4",
+            "lora.alpha=8",
+            "lora.targets=q,v,o,down",
+            "lora.dropout=0.1",
+            f"run_dir={run_dir}",
+            *extra,
+        ],
+    )
 
 
 def tree_digest(path: Path) -> str:
@@ -54,9 +74,11 @@ def test_only_the_adapters_train_and_the_loss_falls(trained):
     # orbax's own index of the saved tree: the adapters, nothing else
     saved = json.loads((run_dir / "checkpoints" / str(STEPS) / "params" / "_METADATA").read_text())["tree_metadata"]
     names = {"/".join(ast.literal_eval(key)) for key in saved}
-    assert names == {f"layers/{module}/{weight}_lora_{ab}" for module, weight in
-                     (("attention", "wq"), ("attention", "wv"), ("attention", "wo"), ("mlp", "w_down"))
-                     for ab in "ab"}, names
+    assert names == {
+        f"layers/{module}/{weight}_lora_{ab}"
+        for module, weight in (("attention", "wq"), ("attention", "wv"), ("attention", "wo"), ("mlp", "w_down"))
+        for ab in "ab"
+    }, names
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["split"] == "train"]
     evals = [r["loss"] for r in records if r["split"] == "eval"]
@@ -69,8 +91,10 @@ def test_the_merged_model_is_the_base_plus_the_adapters(trained, stories_model, 
     run_model = read_model_dir(run_dir)
     graphdef, abstract = abstract_state(run_model.config)
     adapters_target, base_target = split_adapters(nnx.to_pure_dict(abstract))
-    adapted = nnx.merge(graphdef, join(read_model_dir(stories_model).restore_params(base_target),
-                                       run_model.restore_params(adapters_target)))
+    adapted = nnx.merge(
+        graphdef,
+        join(read_model_dir(stories_model).restore_params(base_target), run_model.restore_params(adapters_target)),
+    )
     expected = np.asarray(adapted(jnp.asarray(IDS))[0])
     merged = np.asarray(llama_jax.load(run_dir).model(jnp.asarray(IDS))[0])
     assert np.abs(merged - expected).max() / np.abs(expected).max() < 1e-5  # float32 rounding of W + A·B
@@ -109,7 +133,8 @@ def test_the_adapters_load_in_peft_on_the_exported_base(trained, stories_model, 
     merged_hf = export_hf(merge_lora(run_dir, tmp_path / "merged"), tmp_path / "merged-hf")
     with torch.no_grad():
         plain = transformers.LlamaForCausalLM.from_pretrained(merged_hf, dtype=torch.float32)(
-            torch.from_numpy(IDS).long()).logits.numpy()
+            torch.from_numpy(IDS).long()
+        ).logits.numpy()
     assert np.abs(ours - plain).max() / np.abs(plain).max() < 1e-4
 
 
@@ -157,8 +182,11 @@ def test_adapter_dropout_is_peft_s_and_acts_only_in_training():
     assert np.array_equal(dropped, project(module, "wq", "btd,df->btf", x, lora, key))  # a key is one mask
     assert not np.allclose(dropped, project(module, "wv", "btd,df->btf", x, lora, key), atol=1e-2)  # per weight
     # The base path is untouched and the adapter path unbiased: averaged over masks it is the plain output.
-    unbiased = jnp.mean(jax.vmap(lambda k: project(module, "wq", "btd,df->btf", x, lora, k))(
-        jax.random.split(key, 400)), axis=0)
+    unbiased = jnp.mean(
+        jax.vmap(lambda k: project(module, "wq", "btd,df->btf", x, lora, k))(jax.random.split(key, 400)), axis=0
+    )
     adapter_only = lora.scale * (x @ a) @ b
     assert np.abs(unbiased - plain).max() < 0.15 * np.abs(adapter_only).max(), (
-        np.abs(unbiased - plain).max(), np.abs(adapter_only).max())
+        np.abs(unbiased - plain).max(),
+        np.abs(adapter_only).max(),
+    )

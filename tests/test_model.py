@@ -1,4 +1,5 @@
 """The network itself: sharded == unsharded, scan == loop, remat, bf16, packing, cache, attention paths."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,8 +53,11 @@ def relative_error(a, b):
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
 
 
-@pytest.mark.parametrize("mesh_config", [MeshConfig(data=2), MeshConfig(data=1, fsdp=2), MeshConfig(data=1, tensor=2)],
-                         ids=["data", "fsdp", "tensor"])
+@pytest.mark.parametrize(
+    "mesh_config",
+    [MeshConfig(data=2), MeshConfig(data=1, fsdp=2), MeshConfig(data=1, tensor=2)],
+    ids=["data", "fsdp", "tensor"],
+)
 def test_sharded_forward_equals_unsharded(model, ids, mesh_config):
     mesh = make_mesh(mesh_config)
     sharded = placed(model, mesh)
@@ -141,8 +145,12 @@ def test_library_attention_path_equals_reference():
     k = jax.random.normal(keys[1], (2, 9, 2, 8))
     v = jax.random.normal(keys[2], (2, 9, 2, 8))
     for segments in (None, jnp.array([[1] * 4 + [2] * 5, [1] * 9])):
-        np.testing.assert_allclose(attention(q, k, v, "cudnn", segment_ids=segments),
-                                   attention(q, k, v, "xla", segment_ids=segments), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            attention(q, k, v, "cudnn", segment_ids=segments),
+            attention(q, k, v, "xla", segment_ids=segments),
+            rtol=1e-5,
+            atol=1e-5,
+        )
 
 
 def test_splash_attention_matches_reference_with_gradients(model):
@@ -173,9 +181,18 @@ def test_llama31_rope_scaling_matches_transformers():
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     hf_config = transformers.LlamaConfig(
-        hidden_size=4096, num_attention_heads=32, rope_theta=500000.0, max_position_embeddings=131072,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                      "original_max_position_embeddings": 8192})
+        hidden_size=4096,
+        num_attention_heads=32,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     hf_inv_freq, _ = ROPE_INIT_FUNCTIONS["llama3"](hf_config, "cpu")
     ours = inverse_frequencies(128, 500000.0, RopeScaling(8.0, 1.0, 4.0, 8192))
     np.testing.assert_allclose(ours, hf_inv_freq.numpy(), rtol=1e-6)

@@ -1,5 +1,6 @@
 """int8 weights for inference (`load(..., quantize="int8")`, `infer.py --quantize int8`): half of bf16's bytes,
 logits within a stated bound of float32, and the real stories260K model's perplexity barely moved."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,6 +38,8 @@ def test_int8_model_logits_bytes_and_perplexity(stories_model, assets):
     p_full = perplexity(full, ids, 256, 1)["perplexity"]
     p_int8 = perplexity(quantized, ids, 256, 1)["perplexity"]
     assert abs(p_int8 / p_full - 1) < 0.02, (p_full, p_int8)
-    greedy = [llama_jax.generate(m, ["Once upon a time"], max_new_tokens=30, temperature=0)[0].completion
-              for m in (full, quantized)]
+    greedy = [
+        llama_jax.generate(m, ["Once upon a time"], max_new_tokens=30, temperature=0)[0].completion
+        for m in (full, quantized)
+    ]
     assert greedy[0] == greedy[1]

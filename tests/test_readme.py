@@ -10,6 +10,7 @@ Every block, run or not, is also checked against the command lines: each `--flag
 `python train.py`, `python infer.py` or `python -m llama_jax.X` must be one that command's --help lists, and each
 `key=value` after train.py must be a setting. A README example that no longer works fails here.
 """
+
 import importlib.util
 import os
 import re
@@ -58,7 +59,10 @@ def help_text(command: str, subcommand: str) -> str:
     argv = [command] if command.endswith(".py") else ["-m", command.removeprefix("-m ")]
     result = subprocess.run(
         [sys.executable, *argv, *([subcommand] if subcommand else []), "--help"],
-        cwd=REPO, capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
     )
     assert result.returncode == 0, result.stderr
     return result.stdout

@@ -1,5 +1,6 @@
 """Fault injection: damaged checkpoints are caught and rolled back, a diverging run stops before it saves
 garbage, one process writes a run directory, and nothing a user made is overwritten or left half-written."""
+
 import json
 import logging
 import os
@@ -23,11 +24,29 @@ STEPS = 30
 
 
 def tiny(workdir: Path, assets: Path, run_dir: Path, *extra: str):
-    return load_train_config(None, [
-        "model=tiny", f"data={workdir / 'shakespeare.txt'}", f"tokenizer={assets / 'tok512.bin'}",
-        f"data_cache={workdir / 'cache'}", f"run_dir={run_dir}", "seq_len=32", "batch_size=8", f"steps={STEPS}",
-        "warmup=4", "lr=1e-2", "eval_every=30", "checkpoint_every=10", "keep_checkpoints=3", "log_every=1",
-        "eval_batches=1", "samples=0", "mesh.data=2", *extra])
+    return load_train_config(
+        None,
+        [
+            "model=tiny",
+            f"data={workdir / 'shakespeare.txt'}",
+            f"tokenizer={assets / 'tok512.bin'}",
+            f"data_cache={workdir / 'cache'}",
+            f"run_dir={run_dir}",
+            "seq_len=32",
+            "batch_size=8",
+            f"steps={STEPS}",
+            "warmup=4",
+            "lr=1e-2",
+            "eval_every=30",
+            "checkpoint_every=10",
+            "keep_checkpoints=3",
+            "log_every=1",
+            "eval_batches=1",
+            "samples=0",
+            "mesh.data=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,25 +76,32 @@ def data_files(item: Path) -> list[Path]:
 def flip_bytes(path: Path) -> None:
     data = bytearray(path.read_bytes())
     middle = len(data) // 2
-    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])
     path.write_bytes(bytes(data))
 
 
 DAMAGE = {
     "bytes flipped in params": lambda step: [flip_bytes(f) for f in data_files(step / "params")],
-    "params cut short": lambda step: [f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
-                                      for f in data_files(step / "params")],
+    "params cut short": lambda step: [
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2]) for f in data_files(step / "params")
+    ],
     "opt_state cut short": lambda step: [f.write_bytes(f.read_bytes()[:100]) for f in data_files(step / "opt_state")],
     "meta missing": lambda step: shutil.rmtree(step / "meta"),
     "opt_state missing": lambda step: shutil.rmtree(step / "opt_state"),
 }
 
 
-@pytest.mark.parametrize("newest, older", [("bytes flipped in params", "opt_state cut short"),
-                                           ("meta missing", "params cut short"),
-                                           ("opt_state missing", "bytes flipped in params")])
+@pytest.mark.parametrize(
+    "newest, older",
+    [
+        ("bytes flipped in params", "opt_state cut short"),
+        ("meta missing", "params cut short"),
+        ("opt_state missing", "bytes flipped in params"),
+    ],
+)
 def test_damaged_newest_checkpoints_are_set_aside_and_the_run_recomputes_them(
-        finished, workdir, assets, caplog, newest, older):
+    finished, workdir, assets, caplog, newest, older
+):
     pristine, result = finished
     run_dir = workdir / f"damaged-{len(list(workdir.iterdir()))}"
     shutil.copytree(pristine, run_dir)
@@ -132,19 +158,42 @@ def test_a_diverging_run_stops_before_it_saves_anything_not_finite(workdir, asse
 
 
 def test_one_training_process_per_run_directory(workdir, assets):
-    args = ["model=tiny", f"data={workdir / 'shakespeare.txt'}", f"tokenizer={assets / 'tok512.bin'}",
-            f"data_cache={workdir / 'cache'}", f"run_dir={workdir / 'contended'}", "seq_len=32", "batch_size=8",
-            "steps=150", "eval_every=150", "checkpoint_every=150", "samples=0", "mesh.data=1"]
+    args = [
+        "model=tiny",
+        f"data={workdir / 'shakespeare.txt'}",
+        f"tokenizer={assets / 'tok512.bin'}",
+        f"data_cache={workdir / 'cache'}",
+        f"run_dir={workdir / 'contended'}",
+        "seq_len=32",
+        "batch_size=8",
+        "steps=150",
+        "eval_every=150",
+        "checkpoint_every=150",
+        "samples=0",
+        "mesh.data=1",
+    ]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    first, second = (subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2))
+    first, second = (
+        subprocess.Popen(
+            [sys.executable, "train.py", *args],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    )
     outcomes = sorted([(p.wait(timeout=300), p.communicate()) for p in (first, second)], key=lambda o: o[0])
     (won, (won_out, _)), (lost, (lost_out, lost_err)) = outcomes
     assert (won, lost) == (0, 2) and lost_out == ""
     errors = lost_err.strip().splitlines()
     assert len(errors) == 1 and "is in use by another training process" in errors[0], lost_err[-2000:]
-    steps = [json.loads(line)["step"] for line in (workdir / "contended" / "metrics.jsonl").read_text().splitlines()
-             if json.loads(line)["split"] == "train"]
+    steps = [
+        json.loads(line)["step"]
+        for line in (workdir / "contended" / "metrics.jsonl").read_text().splitlines()
+        if json.loads(line)["split"] == "train"
+    ]
     assert steps == sorted(set(steps))  # one writer: no step logged twice
 
 
@@ -200,8 +249,9 @@ def test_outputs_appear_whole_with_normal_permissions_and_stale_partials_are_cle
 
 def test_evaluate_refuses_a_zero_window(assets, tmp_path):
     model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
-    result = run_module("llama_jax.evaluate", "--checkpoint", model_dir, "--data", assets / "tinystories_sample.txt",
-                        "--seq-len", "0")
+    result = run_module(
+        "llama_jax.evaluate", "--checkpoint", model_dir, "--data", assets / "tinystories_sample.txt", "--seq-len", "0"
+    )
     assert_one_error_line(result, "--seq-len must be between 2 and the model's max_seq_len 512, got 0")
 
 
@@ -219,8 +269,15 @@ def full_disk(tmp_path):
 
 def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(assets, full_disk):
     (full_disk / "filler").write_bytes(b"\0" * (400 << 10))  # stories260K needs about 1 MiB
-    result = run_module("llama_jax.convert", "llama2c", assets / "stories260K.bin", "--tokenizer",
-                        assets / "tok512.bin", "--out", full_disk / "stories")
+    result = run_module(
+        "llama_jax.convert",
+        "llama2c",
+        assets / "stories260K.bin",
+        "--tokenizer",
+        assets / "tok512.bin",
+        "--out",
+        full_disk / "stories",
+    )
     line = assert_one_error_line(result)
     assert "No space left on device" in line or "RESOURCE_EXHAUSTED" in line or "space" in line.lower(), line
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

@@ -1,6 +1,7 @@
 """The samplers against independent references: numpy nuclei and top-k sets, softmax frequencies, argmax. Both
 the static-batch sampler (`sample`, one setting for all rows) and the engine's (`sample_rows`, a setting per
 row, cutting by bisection instead of sorting) must meet each."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,8 +139,17 @@ def test_a_rows_stream_depends_on_its_index_not_its_row(logits):
     assert (a[:, 0] != a[:, 1]).any()  # different prompts get different streams
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-0.1), dict(temperature=float("nan")), dict(top_p=0.0),
-                                    dict(top_p=1.5), dict(top_p=-1.0), dict(top_k=-1)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-0.1),
+        dict(temperature=float("nan")),
+        dict(top_p=0.0),
+        dict(top_p=1.5),
+        dict(top_p=-1.0),
+        dict(top_k=-1),
+    ],
+)
 def test_invalid_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

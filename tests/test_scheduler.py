@@ -1,6 +1,7 @@
 """The continuous-batching rules without a model: a deterministic fake backend (JetStream's mock-engine idea)
 whose slot tokens are a function of the request alone, driven through admission, refill, stop conditions,
 cancellation and fairness."""
+
 import pytest
 
 from llama_jax.inference.scheduler import QueueFull, Request, Scheduler
@@ -114,7 +115,7 @@ def test_stop_strings_end_the_text_and_are_never_shown_in_part():
     stop = full[6:9]
     events = submit(s, [5, 5], max_tokens=12, stop_strings=(stop,))
     run(s)
-    assert events[-1].finish_reason == "stop" and "".join(e.text for e in events) == full[:full.index(stop)]
+    assert events[-1].finish_reason == "stop" and "".join(e.text for e in events) == full[: full.index(stop)]
     assert all(stop[:2] not in e.text for e in events[:-1])  # held back until it could not be a stop string
 
 

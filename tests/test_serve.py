@@ -2,6 +2,7 @@
 and chat, streamed or not, equal to infer.py's greedy output; log-probabilities equal the model's; 32
 concurrent streams each get exactly their solo output; a disconnect frees its slot; bad input gets its status
 and an OpenAI error body while the server goes on serving."""
+
 import asyncio
 import json
 import os
@@ -45,9 +46,14 @@ def free_port() -> int:
 def start_server(model_dir, *args):
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
-    process = subprocess.Popen([sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(model_dir),
-                                "--port", str(port), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(model_dir), "--port", str(port), *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -81,8 +87,14 @@ def infer_greedy(model_dir, tmp_path_factory):
     args = ["--checkpoint", str(model_dir), "--temperature", "0", "--max-new-tokens", "40", "--output", str(out)]
     for prompt in PROMPTS:
         args += ["--prompt", prompt]
-    result = subprocess.run([sys.executable, "infer.py", *args], cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "infer.py", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return [json.loads(line) for line in out.read_text().splitlines()]
 
@@ -97,7 +109,8 @@ def test_completions_equal_infer_streamed_or_not(client, infer_greedy):
         assert "".join(chunk.choices[0].text for chunk in streamed) == expected["completion"]
     several = client.completions.create(model=MODEL, prompt=PROMPTS[:3], max_tokens=40, temperature=0)
     assert [c.text for c in sorted(several.choices, key=lambda c: c.index)] == [
-        r["completion"] for r in infer_greedy[:3]]
+        r["completion"] for r in infer_greedy[:3]
+    ]
 
 
 def test_chat_uses_the_checkpoint_template(client, model_dir):
@@ -106,8 +119,14 @@ def test_chat_uses_the_checkpoint_template(client, model_dir):
     messages = [{"role": "user", "content": "What is a cat?"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
     assert whole.choices[0].message.content == expected.completion
-    streamed = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0,
-                                              stream=True, stream_options={"include_usage": True})
+    streamed = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(streamed)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.completion
     assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
@@ -116,9 +135,10 @@ def test_chat_uses_the_checkpoint_template(client, model_dir):
 def test_logprobs_are_the_models(client, model_dir):
     loaded = llama_jax.load(model_dir)
     prompt_ids = loaded.tokenizer.encode("Once upon a time", bos=True)
-    answer = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0.8,
-                                       seed=3, logprobs=0)
-    generated = loaded.tokenizer.encode("Once upon a time" + answer.choices[0].text, bos=True)[len(prompt_ids):]
+    answer = client.completions.create(
+        model=MODEL, prompt="Once upon a time", max_tokens=12, temperature=0.8, seed=3, logprobs=0
+    )
+    generated = loaded.tokenizer.encode("Once upon a time" + answer.choices[0].text, bos=True)[len(prompt_ids) :]
     logits, _ = loaded.model(jnp.asarray([prompt_ids + generated], jnp.int32))
     log_probs = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
     expected = [log_probs[len(prompt_ids) - 1 + i, t] for i, t in enumerate(generated)]
@@ -126,13 +146,23 @@ def test_logprobs_are_the_models(client, model_dir):
 
 
 def test_32_concurrent_streams_each_get_their_solo_output(server, client):
-    requests = [dict(prompt=PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)), max_tokens=8 + (i * 7) % 40,
-                     temperature=0.9 if i % 2 else 0, seed=i, top_p=0.9) for i in range(32)]
+    requests = [
+        dict(
+            prompt=PROMPTS[i % len(PROMPTS)] + " " * (i // len(PROMPTS)),
+            max_tokens=8 + (i * 7) % 40,
+            temperature=0.9 if i % 2 else 0,
+            seed=i,
+            top_p=0.9,
+        )
+        for i in range(32)
+    ]
     solo = [client.completions.create(model=MODEL, **r).choices[0].text for r in requests]
 
     async def stream(async_client, request):
-        pieces = [chunk.choices[0].text async for chunk in
-                  await async_client.completions.create(model=MODEL, stream=True, **request)]
+        pieces = [
+            chunk.choices[0].text
+            async for chunk in await async_client.completions.create(model=MODEL, stream=True, **request)
+        ]
         return "".join(pieces)
 
     async def all_at_once():
@@ -153,17 +183,23 @@ def test_bad_requests_get_400_and_an_openai_error_body(server, client):
         "n of 2": (json.dumps({"model": MODEL, "prompt": "x", "n": 2}).encode(), "n"),
         "too many prompts": (json.dumps({"model": MODEL, "prompt": ["x"] * 17}).encode(), "prompt"),
         "prompt too long": (json.dumps({"model": MODEL, "prompt": "story " * 600}).encode(), "positions"),
-        "max_tokens past the context": (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 600}).encode(),
-                                        "positions"),
+        "max_tokens past the context": (
+            json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 600}).encode(),
+            "positions",
+        ),
     }
     for name, (body, message) in cases.items():
-        response = httpx.post(f"{server}/v1/completions", content=body,
-                              headers={**headers, "content-type": "application/json"})
+        response = httpx.post(
+            f"{server}/v1/completions", content=body, headers={**headers, "content-type": "application/json"}
+        )
         assert response.status_code == 400, (name, response.text)
         error = response.json()["error"]
         assert error["type"] == "invalid_request_error" and message in error["message"], (name, error)
-    chat = httpx.post(f"{server}/v1/chat/completions", headers=headers,
-                      json={"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}]})
+    chat = httpx.post(
+        f"{server}/v1/chat/completions",
+        headers=headers,
+        json={"model": MODEL, "messages": [{"role": "assistant", "content": "hi"}]},
+    )
     assert chat.status_code == 400 and "roles" in chat.json()["error"]["message"]
     assert httpx.post(f"{server}/v1/completions", json={"model": MODEL, "prompt": "x"}).status_code == 401
     big = httpx.post(f"{server}/v1/completions", headers=headers, content=b"x" * (2 << 20))
@@ -186,8 +222,10 @@ def test_a_disconnect_frees_the_slot_and_a_full_queue_answers_429(model_dir):
 
         async def burst():
             async with httpx.AsyncClient(timeout=60) as http:
-                calls = [http.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 200})
-                         for _ in range(6)]
+                calls = [
+                    http.post(f"{url}/v1/completions", json={**body, "stream": False, "max_tokens": 200})
+                    for _ in range(6)
+                ]
                 return await asyncio.gather(*calls)
 
         statuses = sorted(r.status_code for r in asyncio.run(burst()))

@@ -1,6 +1,7 @@
 """The pod data path: a tokenized corpus in a tensorstore token store (the file and memory drivers stand in for
 gs://, through the same code) gives exactly the batches of the local cache, reads only the rows asked for,
 and nothing at start; a store is never written over, and a run that does not match it is refused."""
+
 import json
 
 import numpy as np
@@ -23,8 +24,13 @@ def stories(tmp_path_factory, assets):
     folder = tmp_path_factory.mktemp("stories")
     text = (assets / "tinystories_sample.txt").read_text()
     (folder / "stories.txt").write_text(text)
-    (folder / "sft.jsonl").write_text("".join(json.dumps({"prompt": f"Story {i}?", "response": line}) + "\n"
-                                              for i, line in enumerate(text.splitlines()[:40]) if line.strip()))
+    (folder / "sft.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"Story {i}?", "response": line}) + "\n"
+            for i, line in enumerate(text.splitlines()[:40])
+            if line.strip()
+        )
+    )
     return folder
 
 
@@ -54,8 +60,13 @@ def test_hosts_read_only_their_rows_and_nothing_at_start(tmp_path, stories, asse
     build_token_store(settings(tmp_path, stories / "stories.txt", f"tokenizer={assets / 'tok512.bin'}"), None, url)
     reads = []
     real_read = token_store._read_rows
-    monkeypatch.setattr(token_store, "_read_rows", lambda a, start, end, width: reads.append(
-        (a.shape[0], list(zip(start.tolist(), end.tolist())))) or real_read(a, start, end, width))
+    monkeypatch.setattr(
+        token_store,
+        "_read_rows",
+        lambda a, start, end, width: (
+            reads.append((a.shape[0], list(zip(start.tolist(), end.tolist())))) or real_read(a, start, end, width)
+        ),
+    )
     data = prepare_data(settings(tmp_path, url), None)
     rows = PackedRows(data.corpus, 16, 0, False, 0.1)
     assert reads == []  # opening the store and splitting it read no tokens

@@ -1,6 +1,7 @@
 """Tokenizers against published vectors: llama2.c test.c (LLaMA 2 SentencePiece), meta-llama/llama3
 test_tokenizer.py (Llama 3 tiktoken), llama2.c run.c output for stories260K (tok512.bin); format detection and
 its errors; training a new SentencePiece model."""
+
 import json
 import struct
 from pathlib import Path

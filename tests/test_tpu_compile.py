@@ -1,6 +1,7 @@
 """Compiling for TPU slices from this CPU host with libtpu: the real train, eval, prefill and decode programs
 of a tiny model for two slices, the splash kernel compiled as Mosaic, a batch too large for the chips'
 HBM reported as not fitting, and the slice names users type."""
+
 import importlib.util
 import json
 import subprocess
@@ -14,18 +15,38 @@ from llama_jax.hardware import tpu_slice
 from llama_jax.train.config import load_train_config
 
 REPO = Path(__file__).resolve().parents[1]
-needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                                  reason="libtpu is not installed (pip install -e '.[tpu]')")
+needs_libtpu = pytest.mark.skipif(
+    importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
+)
 # Two 128-wide heads (one KV head) and 256 positions: the shapes the splash kernel tiles.
-TINY = ["model=tiny", "model.dim=256", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=512",
-        "model.vocab_size=1024", "model.max_seq_len=256", "seq_len=256", "batch_size=8"]
+TINY = [
+    "model=tiny",
+    "model.dim=256",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn_dim=512",
+    "model.vocab_size=1024",
+    "model.max_seq_len=256",
+    "seq_len=256",
+    "batch_size=8",
+]
 
 
-@pytest.mark.parametrize("name, topology, chips", [
-    ("v5e-1", "v5e:1x1", 1), ("v5e-4", "v5e:2x2", 4), ("v5e-256", "v5e:16x16", 256), ("v6e-8", "v6e:2x4", 8),
-    ("v4-8", "v4:2x2x1", 4), ("v4-4096", "v4:8x16x16", 2048), ("v5p-8", "v5p:2x2x1", 4),
-    ("v5p-640", "v5p:4x4x20", 320), ("v5p-1152", "v5p:4x12x12", 576), ("v5p-12288", "v5p:16x16x24", 6144),
-])
+@pytest.mark.parametrize(
+    "name, topology, chips",
+    [
+        ("v5e-1", "v5e:1x1", 1),
+        ("v5e-4", "v5e:2x2", 4),
+        ("v5e-256", "v5e:16x16", 256),
+        ("v6e-8", "v6e:2x4", 8),
+        ("v4-8", "v4:2x2x1", 4),
+        ("v4-4096", "v4:8x16x16", 2048),
+        ("v5p-8", "v5p:2x2x1", 4),
+        ("v5p-640", "v5p:4x4x20", 320),
+        ("v5p-1152", "v5p:4x12x12", 576),
+        ("v5p-12288", "v5p:16x16x24", 6144),
+    ],
+)
 def test_slice_names_give_google_clouds_topologies(name, topology, chips):
     tpu = tpu_slice(name)
     assert (tpu.topology, tpu.chips) == (topology, chips)
@@ -65,17 +86,23 @@ def test_prefill_and_decode_compile_for_v4(tpu_precision):
     from llama_jax.train.init_from import build_model_config
 
     model = build_model_config(load_train_config(None, TINY), "tpu")
-    prefill, decode = compile_inference(model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), batch=4,
-                                        prompt_len=128, max_new_tokens=64)
+    prefill, decode = compile_inference(
+        model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), batch=4, prompt_len=128, max_new_tokens=64
+    )
     assert prefill.fits and decode.fits
     assert decode.argument_bytes > prefill.argument_bytes  # the cache comes in whole
 
 
 @needs_libtpu
 def test_a_batch_beyond_the_chips_memory_is_reported_as_not_fitting(tmp_path):
-    result = subprocess.run([sys.executable, "train.py", "--compile-for", "v4-8", *TINY, "batch_size=65536"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)})
+    result = subprocess.run(
+        [sys.executable, "train.py", "--compile-for", "v4-8", *TINY, "batch_size=65536"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu", "HOME": str(tmp_path)},
+    )
     assert result.returncode == 1 and result.stdout, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["slice"] == "v4-8" and report["chips"] == 4 and not report["fits"]
@@ -86,6 +113,7 @@ def test_a_batch_beyond_the_chips_memory_is_reported_as_not_fitting(tmp_path):
 
 
 def test_a_bad_slice_name_exits_2():
-    result = subprocess.run([sys.executable, "train.py", "--compile-for", "v9-8"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "--compile-for", "v9-8"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown TPU slice 'v9-8'")

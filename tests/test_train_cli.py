@@ -1,5 +1,6 @@
 """`python train.py` as users and schedulers run it: exact resume after SIGKILL, a checkpoint on SIGTERM,
 two processes computing what one does, and user errors as one line on stderr."""
+
 import json
 import os
 import signal
@@ -27,21 +28,46 @@ def workdir(tmp_path_factory) -> Path:
 def base_args(workdir, assets) -> list[str]:
     data = workdir / "shakespeare.txt"
     data.write_text((assets / "tinyshakespeare.txt").read_text()[:40_000])
-    return ["model=tiny", f"data={data}", f"tokenizer={assets / 'tok512.bin'}", f"data_cache={workdir / 'cache'}",
-            "seq_len=32", "batch_size=8", f"steps={STEPS}", "warmup=4", "lr=1e-2", "eval_every=20",
-            "checkpoint_every=10", "log_every=1", "eval_batches=1", "samples=0", "mesh.data=2"]
+    return [
+        "model=tiny",
+        f"data={data}",
+        f"tokenizer={assets / 'tok512.bin'}",
+        f"data_cache={workdir / 'cache'}",
+        "seq_len=32",
+        "batch_size=8",
+        f"steps={STEPS}",
+        "warmup=4",
+        "lr=1e-2",
+        "eval_every=20",
+        "checkpoint_every=10",
+        "log_every=1",
+        "eval_batches=1",
+        "samples=0",
+        "mesh.data=2",
+    ]
 
 
 def environment(workdir: Path, devices: int = 2) -> dict[str, str]:
     # One compilation cache for the module: the later processes reuse the first one's executables.
-    return {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
-            "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "JAX_COMPILATION_CACHE_DIR": str(workdir / "jax_cache"),
+        "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+        "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0",
+    }
 
 
 def start(args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "train.py", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, expected_status: int = 0) -> dict:
@@ -111,9 +137,19 @@ def test_two_processes_compute_what_one_does(workdir, base_args, uninterrupted):
     reference_dir, reference = uninterrupted
     run_dir = workdir / "two_processes"
     port = free_port()
-    processes = [start([*base_args, f"run_dir={run_dir}", f"distributed.coordinator=localhost:{port}",
-                        "distributed.num_processes=2", f"distributed.process_id={i}"], environment(workdir, devices=1))
-                 for i in range(2)]
+    processes = [
+        start(
+            [
+                *base_args,
+                f"run_dir={run_dir}",
+                f"distributed.coordinator=localhost:{port}",
+                "distributed.num_processes=2",
+                f"distributed.process_id={i}",
+            ],
+            environment(workdir, devices=1),
+        )
+        for i in range(2)
+    ]
     results = [finish(p) for p in processes]
     assert results[0] == results[1]
     assert results[0]["step"] == STEPS
@@ -126,23 +162,33 @@ def test_two_processes_compute_what_one_does(workdir, base_args, uninterrupted):
 
 
 def test_user_errors_are_one_line_without_traceback(workdir):
-    result = subprocess.run([sys.executable, "train.py", "stpes=5"], cwd=REPO, env=environment(workdir),
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "train.py", "stpes=5"],
+        cwd=REPO,
+        env=environment(workdir),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2 and result.stdout == ""
-    assert result.stderr.strip().splitlines() == ["error: unknown config key 'stpes'; did you mean 'steps'? "
-                                                  "(configs/default.yaml lists every key)"]
+    assert result.stderr.strip().splitlines() == [
+        "error: unknown config key 'stpes'; did you mean 'steps'? (configs/default.yaml lists every key)"
+    ]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["data=/no/such/corpus.txt"], "no data file matches /no/such/corpus.txt"),
-    (["--config", "/no/such.yaml"], "config file not found"),
-    (["--config"], "--config needs a YAML file"),
-    (["--resume"], "unrecognized arguments: --resume"),
-    (["steps=-3"], "steps must be at least 1"),
-    (["batch_size=lots"], "bad value for batch_size: expected an integer, got 'lots'"),
-    (["tokenizer=/no/such/tokenizer.model", "data=EMPTY"], "tokenizer file not found"),
-    (["data=EMPTY"], "cannot train a tokenizer on an empty corpus"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["data=/no/such/corpus.txt"], "no data file matches /no/such/corpus.txt"),
+        (["--config", "/no/such.yaml"], "config file not found"),
+        (["--config"], "--config needs a YAML file"),
+        (["--resume"], "unrecognized arguments: --resume"),
+        (["steps=-3"], "steps must be at least 1"),
+        (["batch_size=lots"], "bad value for batch_size: expected an integer, got 'lots'"),
+        (["tokenizer=/no/such/tokenizer.model", "data=EMPTY"], "tokenizer file not found"),
+        (["data=EMPTY"], "cannot train a tokenizer on an empty corpus"),
+    ],
+)
 def test_errors_through_the_cli_entry_point(workdir, capsys, argv, message):
     empty = workdir / "empty.txt"
     empty.write_text("")

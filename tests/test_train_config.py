@@ -1,5 +1,6 @@
 """Training configuration: YAML + key=value overrides (OmegaConf), type checks, clear errors, the model it resolves
 to."""
+
 import dataclasses
 from pathlib import Path
 
@@ -30,10 +31,23 @@ def test_every_bundled_config_loads_and_names_its_hardware(name):
 
 
 def test_overrides_are_typed_and_nested():
-    config = load_train_config(None, ["steps=7", "lr=1e-4", "sft=true", "mesh.fsdp=2", "mesh.data=1",
-                                      "model=tiny", "model.remat=full", "model.dim=64", "init_from=null",
-                                      'sample_prompts=["a: b", "c"]', "distributed.process_id=1",
-                                      "tokenizer=train:1000"])
+    config = load_train_config(
+        None,
+        [
+            "steps=7",
+            "lr=1e-4",
+            "sft=true",
+            "mesh.fsdp=2",
+            "mesh.data=1",
+            "model=tiny",
+            "model.remat=full",
+            "model.dim=64",
+            "init_from=null",
+            'sample_prompts=["a: b", "c"]',
+            "distributed.process_id=1",
+            "tokenizer=train:1000",
+        ],
+    )
     assert (config.steps, config.lr, config.sft, config.init_from) == (7, 1e-4, True, None)
     assert config.mesh == MeshConfig(data=1, fsdp=2, tensor=1)
     assert config.model.preset == "tiny" and config.model.overrides() == {"remat": "full", "dim": 64}
@@ -51,24 +65,27 @@ def test_yaml_nesting_and_command_line_precedence(tmp_path):
     assert config.mesh.tensor == 2 and config.steps == 9 and config.lr == 1.0
 
 
-@pytest.mark.parametrize("argument, message", [
-    ("stpes=5", "unknown config key 'stpes'; did you mean 'steps'"),
-    ("model.dimm=5", "unknown config key 'model.dimm'"),
-    ("mesh.pipeline=2", "unknown config key 'mesh.pipeline'"),
-    ("steps=five", "bad value for steps: expected an integer, got 'five'"),
-    ("steps=1.5", "bad value for steps"),
-    ("lr=fast", "bad value for lr: expected a number"),
-    ("sft=maybe", "bad value for sft: expected true or false"),
-    ("steps=0", "steps must be at least 1"),
-    ("batch_size=6", "batch_size (6) must be a multiple of grad_accum (4)"),
-    ("tokenizer=train:abc", "VOCAB must be an integer"),
-    ("dtype=float8", "dtype must be one of"),
-    ("chat_template=llama3", "chat_template applies to SFT data"),
-    ("mesh.fsdp=0", "mesh sizes must be positive"),
-    ("steps", "expected key=value"),
-    ("model.dim=wide", "bad value for model.dim: expected an integer, got 'wide'"),
-    ("steps=null", "bad value for steps: it cannot be null"),
-])
+@pytest.mark.parametrize(
+    "argument, message",
+    [
+        ("stpes=5", "unknown config key 'stpes'; did you mean 'steps'"),
+        ("model.dimm=5", "unknown config key 'model.dimm'"),
+        ("mesh.pipeline=2", "unknown config key 'mesh.pipeline'"),
+        ("steps=five", "bad value for steps: expected an integer, got 'five'"),
+        ("steps=1.5", "bad value for steps"),
+        ("lr=fast", "bad value for lr: expected a number"),
+        ("sft=maybe", "bad value for sft: expected true or false"),
+        ("steps=0", "steps must be at least 1"),
+        ("batch_size=6", "batch_size (6) must be a multiple of grad_accum (4)"),
+        ("tokenizer=train:abc", "VOCAB must be an integer"),
+        ("dtype=float8", "dtype must be one of"),
+        ("chat_template=llama3", "chat_template applies to SFT data"),
+        ("mesh.fsdp=0", "mesh sizes must be positive"),
+        ("steps", "expected key=value"),
+        ("model.dim=wide", "bad value for model.dim: expected an integer, got 'wide'"),
+        ("steps=null", "bad value for steps: it cannot be null"),
+    ],
+)
 def test_bad_overrides_are_one_clear_error(argument, message):
     with pytest.raises(ValueError) as error:
         load_train_config(None, ["grad_accum=4", "batch_size=8", argument])
@@ -108,10 +125,12 @@ def test_init_from_keeps_its_shape_and_refuses_another():
     model = build_model_config(config, "cpu", base=base, vocab_size=512)
     assert model.replace(remat="none") == base and model.remat == "full"
     with pytest.raises(ValueError, match="init_from somewhere holds a different model: dim=64 there but 96 here"):
-        build_model_config(load_train_config(None, ["init_from=somewhere", "model.dim=96", "seq_len=64"]), "cpu",
-                           base=base)
+        build_model_config(
+            load_train_config(None, ["init_from=somewhere", "model.dim=96", "seq_len=64"]), "cpu", base=base
+        )
     with pytest.raises(ValueError, match="holds a different model"):
-        build_model_config(load_train_config(None, ["init_from=somewhere", "model=small", "seq_len=64"]), "cpu",
-                           base=base)
+        build_model_config(
+            load_train_config(None, ["init_from=somewhere", "model=small", "seq_len=64"]), "cpu", base=base
+        )
     with pytest.raises(ValueError, match="the tokenizer has 1000 tokens but the model only 512"):
         build_model_config(config, "cpu", base=base, vocab_size=1000)

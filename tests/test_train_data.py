@@ -1,5 +1,6 @@
 """The data pipeline: packing (segments, positions, loss mask written out by hand), the batch of a step as a
 pure function of (seed, step), each host's slice, the token cache, SFT masks, tokenizer=train:VOCAB."""
+
 import json
 
 import numpy as np
@@ -38,18 +39,25 @@ def test_sft_rows_hold_whole_examples_padded_and_mask_the_prompt():
     weights = [0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1]  # prompt tokens 0, response tokens 1
     rows = PackedRows(corpus(weights), seq_len=6, pad_id=0, whole_documents=True, val_fraction=0.3)
     got = rows.arrays(np.array([0, 1, 2, -1]))
-    np.testing.assert_array_equal(got["inputs"], [[1, 10, 11, 12, 2, 0], [1, 20, 21, 2, 0, 0],
-                                                  [1, 30, 31, 32, 33, 2], [0] * 6])
+    np.testing.assert_array_equal(
+        got["inputs"], [[1, 10, 11, 12, 2, 0], [1, 20, 21, 2, 0, 0], [1, 30, 31, 32, 33, 2], [0] * 6]
+    )
     np.testing.assert_array_equal(got["segments"], [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0], [1] * 6, [0] * 6])
-    np.testing.assert_array_equal(got["loss_mask"], [[0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0],
-                                                     [0, 0, 1, 1, 1, 0], [0] * 6])
+    np.testing.assert_array_equal(
+        got["loss_mask"], [[0, 1, 1, 1, 0, 0], [0, 1, 1, 0, 0, 0], [0, 0, 1, 1, 1, 0], [0] * 6]
+    )
     two_fit = PackedRows(corpus(weights), seq_len=9, pad_id=0, whole_documents=True, val_fraction=0.3)
     np.testing.assert_array_equal(two_fit.arrays(np.array([0]))["segments"], [[1, 1, 1, 1, 1, 2, 2, 2, 2]])
 
 
 def test_batches_are_a_pure_function_of_seed_and_step():
-    rows = PackedRows(TokenizedCorpus(np.zeros(38 * 4 + 1, np.uint16), np.array([0, 38 * 4 + 1]), None, "k"),
-                      seq_len=4, pad_id=0, whole_documents=False, val_fraction=0.01)
+    rows = PackedRows(
+        TokenizedCorpus(np.zeros(38 * 4 + 1, np.uint16), np.array([0, 38 * 4 + 1]), None, "k"),
+        seq_len=4,
+        pad_id=0,
+        whole_documents=False,
+        val_fraction=0.01,
+    )
     assert rows.n_train == 37  # not a power of two: the permutation must walk cycles
     epoch = np.concatenate([rows.train_rows(step, 1, seed=3) for step in range(37)])
     assert sorted(epoch.tolist()) == list(range(37))  # every row once per epoch
@@ -85,13 +93,16 @@ def test_each_host_slice_assembles_the_global_batch():
 
 
 def _config(tmp_path, data, *extra):
-    return load_train_config(None, [f"data={data}", f"data_cache={tmp_path / 'cache'}", "seq_len=16",
-                                    "tokenizer=train:400", *extra])
+    return load_train_config(
+        None, [f"data={data}", f"data_cache={tmp_path / 'cache'}", "seq_len=16", "tokenizer=train:400", *extra]
+    )
 
 
-CHINESE = ("床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
-           + "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 3
-           + "The moon is bright tonight.\n")
+CHINESE = (
+    "床前明月光，疑是地上霜。举头望明月，低头思故乡。" * 3
+    + "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。" * 3
+    + "The moon is bright tonight.\n"
+)
 
 
 def test_trained_tokenizer_round_trips_chinese_text_through_the_pipeline(tmp_path):
@@ -103,7 +114,7 @@ def test_trained_tokenizer_round_trips_chinese_text_through_the_pipeline(tmp_pat
     tokens, starts = np.asarray(prepared.corpus.tokens), prepared.corpus.starts
     assert len(starts) == 13
     for doc, text in enumerate(texts):
-        ids = tokens[starts[doc]:starts[doc + 1]].tolist()
+        ids = tokens[starts[doc] : starts[doc + 1]].tolist()
         assert ids[0] == prepared.tokenizer.bos_id and ids[-1] == prepared.tokenizer.eos_id
         assert prepared.tokenizer.decode(ids) == text
 
@@ -127,13 +138,18 @@ def test_tokenized_corpus_is_cached_by_content(tmp_path, assets, monkeypatch):
 def test_sft_loss_mask_covers_exactly_the_response(tmp_path, llama2_tokenizer_file):
     tokenizer = load_tokenizer(llama2_tokenizer_file)
     path = tmp_path / "sft.jsonl"
-    records = [("What is two plus two?", "Four."), ("Name a colour.", "Blue, like the sea."),
-               ("Say hi.", "Hi!"), ("Count to three.", "One, two, three.")]
+    records = [
+        ("What is two plus two?", "Four."),
+        ("Name a colour.", "Blue, like the sea."),
+        ("Say hi.", "Hi!"),
+        ("Count to three.", "One, two, three."),
+    ]
     path.write_text("".join(json.dumps({"prompt": p, "response": r}) + "\n" for p, r in records))
     config = _config(tmp_path, path, "sft=true", f"tokenizer={llama2_tokenizer_file}")
     for template in (None, "llama2"):
-        rows = PackedRows(prepare_data(config, template).corpus, 30, tokenizer.pad_id, whole_documents=True,
-                          val_fraction=0.3)
+        rows = PackedRows(
+            prepare_data(config, template).corpus, 30, tokenizer.pad_id, whole_documents=True, val_fraction=0.3
+        )
         got = rows.arrays(np.arange(rows.n_rows))
         examples = []  # (inputs, learned targets) of each packed example, in order
         for r in range(rows.n_rows):
@@ -141,13 +157,15 @@ def test_sft_loss_mask_covers_exactly_the_response(tmp_path, llama2_tokenizer_fi
                 inside = got["segments"][r] == segment
                 learned = inside & (got["loss_mask"][r] > 0)
                 first_learned = int(np.argmax(learned[inside]))  # the input whose target starts the response
-                examples.append((got["inputs"][r][inside].tolist(), got["targets"][r][learned].tolist(),
-                                 first_learned))
+                examples.append((got["inputs"][r][inside].tolist(), got["targets"][r][learned].tolist(), first_learned))
         assert len(examples) == len(records)
         for (prompt, response), (inputs, learned, first_learned) in zip(records, examples):
             assert learned == tokenizer.encode(response, bos=False) + [tokenizer.eos_id]
-            prompt_ids = (tokenizer.encode(prompt, bos=True) if template is None else
-                          encode_dialog(tokenizer, "llama2", [{"role": "user", "content": prompt}]))
+            prompt_ids = (
+                tokenizer.encode(prompt, bos=True)
+                if template is None
+                else encode_dialog(tokenizer, "llama2", [{"role": "user", "content": prompt}])
+            )
             assert inputs[: len(prompt_ids)] == prompt_ids and first_learned == len(prompt_ids) - 1
 
 
@@ -156,18 +174,25 @@ def test_llama3_sft_responses_end_with_end_of_turn(llama3_tok):
     ids, weights = encode_example(tokenizer, "Hi", "Hello there.", "llama3")
     prompt = encode_dialog(tokenizer, "llama3", [{"role": "user", "content": "Hi"}])
     assert ids[: len(prompt)] == prompt and weights == [0] * len(prompt) + [1] * (len(ids) - len(prompt))
-    assert ids[len(prompt):] == tokenizer.encode("Hello there.", bos=False) + [tokenizer.special_id("<|eot_id|>")]
+    assert ids[len(prompt) :] == tokenizer.encode("Hello there.", bos=False) + [tokenizer.special_id("<|eot_id|>")]
 
 
-@pytest.mark.parametrize("content, extra, error, message", [
-    (None, [], FileNotFoundError, "no data file matches"),
-    ("", [], ValueError, "cannot train a tokenizer on an empty corpus"),
-    ("\n \n", ["tokenizer=ASSET"], ValueError, "the corpus holds no text"),
-    ('{"text": "fine"}\n{"txt": "oops"}\n', [], ValueError,
-     'corpus.jsonl:2: expected a JSON object with a string "text"'),
-    ('{"text": "fine"}\nnot json\n', [], ValueError, "corpus.jsonl:2: not valid JSON"),
-    ('{"prompt": "p"}\n', ["sft=true", "tokenizer=ASSET"], ValueError, 'needs string "prompt" and "response"'),
-])
+@pytest.mark.parametrize(
+    "content, extra, error, message",
+    [
+        (None, [], FileNotFoundError, "no data file matches"),
+        ("", [], ValueError, "cannot train a tokenizer on an empty corpus"),
+        ("\n \n", ["tokenizer=ASSET"], ValueError, "the corpus holds no text"),
+        (
+            '{"text": "fine"}\n{"txt": "oops"}\n',
+            [],
+            ValueError,
+            'corpus.jsonl:2: expected a JSON object with a string "text"',
+        ),
+        ('{"text": "fine"}\nnot json\n', [], ValueError, "corpus.jsonl:2: not valid JSON"),
+        ('{"prompt": "p"}\n', ["sft=true", "tokenizer=ASSET"], ValueError, 'needs string "prompt" and "response"'),
+    ],
+)
 def test_bad_corpora_are_clear_errors(tmp_path, assets, content, extra, error, message):
     path = tmp_path / ("corpus.jsonl" if content and content.startswith("{") else "corpus.txt")
     if content is not None:

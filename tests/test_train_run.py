@@ -1,5 +1,6 @@
 """Whole training runs in-process: loss falls on real text, the run directory is a loadable model, a checkpoint
 resumes on another mesh, fine-tuning starts from init_from, and incompatible runs are refused untouched."""
+
 import json
 import math
 import shutil
@@ -31,11 +32,29 @@ def excerpt(assets, workdir) -> Path:
 
 
 def tiny_config(workdir, assets, data, run_dir, *extra):
-    return load_train_config(None, [
-        "model=tiny", f"data={data}", f"tokenizer={assets / 'tok512.bin'}", f"data_cache={workdir / 'cache'}",
-        f"run_dir={run_dir}", "seq_len=32", "batch_size=8", f"steps={STEPS}", "warmup=4", "lr=1e-2",
-        "eval_every=20", "checkpoint_every=20", "log_every=1", "eval_batches=2", "samples=1", "sample_tokens=8",
-        "mesh.data=2", *extra])
+    return load_train_config(
+        None,
+        [
+            "model=tiny",
+            f"data={data}",
+            f"tokenizer={assets / 'tok512.bin'}",
+            f"data_cache={workdir / 'cache'}",
+            f"run_dir={run_dir}",
+            "seq_len=32",
+            "batch_size=8",
+            f"steps={STEPS}",
+            "warmup=4",
+            "lr=1e-2",
+            "eval_every=20",
+            "checkpoint_every=20",
+            "log_every=1",
+            "eval_batches=2",
+            "samples=1",
+            "sample_tokens=8",
+            "mesh.data=2",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")
@@ -90,20 +109,36 @@ def test_checkpoint_resumes_on_another_mesh(trained, workdir, assets, excerpt):
 def test_fine_tuning_starts_from_init_from(trained, workdir, assets):
     config, result = trained
     data = workdir / "sft.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Who speaks line {i}?\n", "response": "ROMEO."}) + "\n"
-                            for i in range(40)))
-    sft = load_train_config(None, [
-        f"init_from={config.run_dir}", "sft=true", f"data={data}", f"data_cache={workdir / 'cache'}",
-        f"run_dir={workdir / 'sft'}", "seq_len=32", "batch_size=8", "steps=2", "warmup=0", "lr=1e-9",
-        "eval_batches=1", "samples=0", "mesh.data=2"])
+    data.write_text(
+        "".join(json.dumps({"prompt": f"Who speaks line {i}?\n", "response": "ROMEO."}) + "\n" for i in range(40))
+    )
+    sft = load_train_config(
+        None,
+        [
+            f"init_from={config.run_dir}",
+            "sft=true",
+            f"data={data}",
+            f"data_cache={workdir / 'cache'}",
+            f"run_dir={workdir / 'sft'}",
+            "seq_len=32",
+            "batch_size=8",
+            "steps=2",
+            "warmup=0",
+            "lr=1e-9",
+            "eval_batches=1",
+            "samples=0",
+            "mesh.data=2",
+        ],
+    )
     tuned = run(sft)
     assert tuned["step"] == 2 and tuned["vocab_size"] == 512
     stored = json.loads((workdir / "sft" / "config.json").read_text())
     assert stored["model"]["dim"] == 48 and stored["tokenizer"] == "tokenizer.bin"
     # with a negligible learning rate the tuned weights are init_from's (a fresh init would differ by ~0.02)
     tuned_weights = llama_jax.load(workdir / "sft").model.layers.attention.wq[...]
-    np.testing.assert_allclose(np.asarray(tuned_weights),
-                               np.asarray(llama_jax.load(config.run_dir).model.layers.attention.wq[...]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(tuned_weights), np.asarray(llama_jax.load(config.run_dir).model.layers.attention.wq[...]), atol=1e-6
+    )
     assert tuned["eval_loss"] < math.log(512)
 
 
@@ -133,12 +168,15 @@ def bigger_tokenizer(workdir, excerpt) -> Path:
     return train_sentencepiece([excerpt], 600, workdir / "bigger.model")
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["init_from=RUN", "model=small"], "holds a different model: dim=48 there but 192 here"),
-    (["init_from=MISSING"], "is not a llama_jax model directory"),
-    (["init_from=RUN", "model=null", "tokenizer=BIGGER"], "the tokenizer has 600 tokens but the model only 512"),
-    (["init_from=RUN", "model=null", "sft=true", "chat_template=auto"], "has no chat template"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["init_from=RUN", "model=small"], "holds a different model: dim=48 there but 192 here"),
+        (["init_from=MISSING"], "is not a llama_jax model directory"),
+        (["init_from=RUN", "model=null", "tokenizer=BIGGER"], "the tokenizer has 600 tokens but the model only 512"),
+        (["init_from=RUN", "model=null", "sft=true", "chat_template=auto"], "has no chat template"),
+    ],
+)
 def test_incompatible_init_from_is_refused(trained, workdir, assets, excerpt, bigger_tokenizer, extra, message):
     config, _ = trained
     replace = {"RUN": config.run_dir, "MISSING": str(workdir / "missing"), "BIGGER": str(bigger_tokenizer)}
@@ -150,8 +188,9 @@ def test_incompatible_init_from_is_refused(trained, workdir, assets, excerpt, bi
 
 def test_metrics_of_a_killed_run_stay_whole_lines(tmp_path):
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 2, "spl')
-    logger = TrainLogger(tmp_path, enabled=True, steps=3, start_step=2, tokens_per_step=8, flops_per_token=1.0,
-                         peak_flops_total=None)
+    logger = TrainLogger(
+        tmp_path, enabled=True, steps=3, start_step=2, tokens_per_step=8, flops_per_token=1.0, peak_flops_total=None
+    )
     logger.train(3, {"loss": 1.5})
     logger.close()
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()

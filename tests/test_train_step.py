@@ -1,6 +1,7 @@
 """The jitted train step: sharded layouts compute what one device computes, gradient accumulation equals the
 big batch, the loss is masked float32 cross-entropy (+ z-loss) by an independent formula, and packed
 documents never see each other."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,9 +32,13 @@ def packed_batch(seed: int) -> dict[str, np.ndarray]:
     segments = np.where(index < split, 1, 2)
     positions = np.where(index < split, index, index - split)
     mask = (index != split - 1) & (index < SEQ - rng.integers(0, 4, BATCH)[:, None])
-    return {"inputs": inputs[:, :-1].astype(np.int32), "targets": inputs[:, 1:].astype(np.int32),
-            "positions": positions.astype(np.int32), "segments": segments.astype(np.int32),
-            "loss_mask": mask.astype(np.float32)}
+    return {
+        "inputs": inputs[:, :-1].astype(np.int32),
+        "targets": inputs[:, 1:].astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "segments": segments.astype(np.int32),
+        "loss_mask": mask.astype(np.float32),
+    }
 
 
 BATCHES = [packed_batch(seed) for seed in range(2)]
@@ -45,8 +50,15 @@ def initial_params():
     return jax.device_get(nnx.to_pure_dict(nnx.state(model)))
 
 
-def run_steps(initial_params, mesh_config: MeshConfig, grad_accum: int = 1, optimizer=None, z_loss: float = 0.0,
-              devices=None, batches=tuple(BATCHES)):
+def run_steps(
+    initial_params,
+    mesh_config: MeshConfig,
+    grad_accum: int = 1,
+    optimizer=None,
+    z_loss: float = 0.0,
+    devices=None,
+    batches=tuple(BATCHES),
+):
     """Train from the same initial parameters on `mesh_config` over `batches`; (metrics per step, state)."""
     mesh = make_mesh(mesh_config, devices)
     optimizer = optimizer or make_optimizer(CONFIG)
@@ -72,12 +84,14 @@ def _assert_same_training(a, b):
     for metrics_a, metrics_b in zip(a[0], b[0]):
         for name in ("loss", "grad_norm", "z_loss", "tokens"):
             np.testing.assert_allclose(metrics_a[name], metrics_b[name], rtol=2e-5, err_msg=name)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5),
-                 a[1].params, b[1].params)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=2e-5), a[1].params, b[1].params
+    )
 
 
-@pytest.mark.parametrize("layout, sharded_axis", [("data=2", None), ("fsdp=2,data=1", "fsdp"),
-                                                  ("tensor=2,data=1", "tensor")])
+@pytest.mark.parametrize(
+    "layout, sharded_axis", [("data=2", None), ("fsdp=2,data=1", "fsdp"), ("tensor=2,data=1", "tensor")]
+)
 def test_sharded_step_matches_single_device(initial_params, single_device, layout, sharded_axis):
     sharded = run_steps(initial_params, MeshConfig.parse(layout))
     _assert_same_training(sharded, single_device)
@@ -104,14 +118,15 @@ def _reference_loss(params, batch, z_loss):
     log_z = jnp.log(jnp.sum(jnp.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
     mask = batch["loss_mask"]
     nll = jnp.sum(-picked * mask)
-    return (nll + z_loss * jnp.sum(log_z ** 2 * mask)) / jnp.sum(mask), nll / jnp.sum(mask)
+    return (nll + z_loss * jnp.sum(log_z**2 * mask)) / jnp.sum(mask), nll / jnp.sum(mask)
 
 
 def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):
     z_loss = 0.1
     sgd = optax.sgd(1.0)  # parameters after one step = parameters - gradient
-    ([first], state) = run_steps(initial_params, MeshConfig(data=1), optimizer=sgd, z_loss=z_loss,
-                                 devices=jax.devices()[:1], batches=BATCHES[:1])
+    ([first], state) = run_steps(
+        initial_params, MeshConfig(data=1), optimizer=sgd, z_loss=z_loss, devices=jax.devices()[:1], batches=BATCHES[:1]
+    )
     batch = {k: jnp.asarray(v) for k, v in BATCHES[0].items()}
     (total, cross_entropy), grads = jax.value_and_grad(_reference_loss, has_aux=True)(initial_params, batch, z_loss)
     np.testing.assert_allclose(first["loss"], cross_entropy, rtol=1e-5)
@@ -119,8 +134,9 @@ def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):
     assert first["tokens"] == BATCHES[0]["loss_mask"].sum()
     assert abs(float(cross_entropy) - np.log(MODEL.vocab_size)) < 0.1  # a fresh model is near uniform
     expected = jax.tree.map(lambda p, g: p - g, initial_params, grads)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6),
-                 state.params, expected)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), atol=1e-6), state.params, expected
+    )
     assert int(state.step) == 1
 
 
@@ -133,13 +149,16 @@ def test_chunked_loss_gives_the_full_logits_loss_and_gradients(initial_params):
     def chunked(params):
         nll, log_z = token_losses(graphdef, params, batch, loss_chunk=6)
         mask = batch["loss_mask"]
-        return (jnp.sum(nll * mask) + 0.1 * jnp.sum(log_z ** 2 * mask)) / jnp.sum(mask)
+        return (jnp.sum(nll * mask) + 0.1 * jnp.sum(log_z**2 * mask)) / jnp.sum(mask)
 
     value, grads = jax.jit(jax.value_and_grad(chunked))(initial_params)
     (expected, _), expected_grads = jax.value_and_grad(_reference_loss, has_aux=True)(initial_params, batch, 0.1)
     np.testing.assert_allclose(value, expected, rtol=1e-6)
-    jax.tree.map(lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7),
-                 grads, expected_grads)
+    jax.tree.map(
+        lambda x, y: np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-7),
+        grads,
+        expected_grads,
+    )
 
 
 def test_packed_documents_never_attend_across(initial_params):
@@ -151,16 +170,23 @@ def test_packed_documents_never_attend_across(initial_params):
     def row(doc_a, doc_b):
         tokens = np.concatenate([doc_a, doc_b])
         targets = np.append(tokens[1:], 0)
-        return {"inputs": tokens[None].astype(np.int32), "targets": targets[None].astype(np.int32),
-                "positions": np.concatenate([np.arange(7), np.arange(9)])[None].astype(np.int32),
-                "segments": np.repeat([1, 2], [7, 9])[None].astype(np.int32)}
+        return {
+            "inputs": tokens[None].astype(np.int32),
+            "targets": targets[None].astype(np.int32),
+            "positions": np.concatenate([np.arange(7), np.arange(9)])[None].astype(np.int32),
+            "segments": np.repeat([1, 2], [7, 9])[None].astype(np.int32),
+        }
 
     packed = np.asarray(losses(initial_params, row(first, second)))[0]
     changed_first = np.asarray(losses(initial_params, row(first[::-1].copy(), second)))[0]
     np.testing.assert_array_equal(packed[7:], changed_first[7:])  # document 2 never saw document 1
     assert not np.allclose(packed[:6], changed_first[:6])
-    alone = {"inputs": second[None, :-1].astype(np.int32), "targets": second[None, 1:].astype(np.int32),
-             "positions": np.arange(8)[None].astype(np.int32), "segments": np.ones((1, 8), np.int32)}
+    alone = {
+        "inputs": second[None, :-1].astype(np.int32),
+        "targets": second[None, 1:].astype(np.int32),
+        "positions": np.arange(8)[None].astype(np.int32),
+        "segments": np.ones((1, 8), np.int32),
+    }
     np.testing.assert_allclose(packed[7:15], np.asarray(losses(initial_params, alone))[0], rtol=1e-5)
 
 

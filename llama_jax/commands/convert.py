@@ -1,4 +1,5 @@
 """`python -m llama_jax.convert {llama2c,hf,meta,to-hf} ...`: see `llama_jax.convert`."""
+
 from __future__ import annotations
 
 import argparse
@@ -10,8 +11,11 @@ from llama_jax.convert.common import CHAT_TEMPLATE_CHOICES
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(prog="python -m llama_jax.convert", description=convert.__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m llama_jax.convert",
+        description=convert.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="{llama2c,hf,meta,to-hf,merge-lora}")
 
     def command(name: str, help_text: str, source: str) -> argparse.ArgumentParser:
@@ -24,18 +28,30 @@ def _parser() -> argparse.ArgumentParser:
     llama2c = command("llama2c", "import a llama2.c model file (v0, v1 or v2)", "MODEL.bin")
     llama2c.add_argument("--tokenizer", required=True, help="its llama2.c tokenizer.bin")
     hf_help = "import a Hugging Face Llama directory, or a repo id (owner/name) already in the local Hugging Face cache"
-    for name, help_text, source in (("hf", hf_help, "HF_DIR_OR_REPO"),
-                                    ("meta", "import a Meta checkpoint directory", "META_DIR")):
+    for name, help_text, source in (
+        ("hf", hf_help, "HF_DIR_OR_REPO"),
+        ("meta", "import a Meta checkpoint directory", "META_DIR"),
+    ):
         sub = command(name, help_text, source)
         sub.add_argument("--tokenizer", help="tokenizer file (default: tokenizer.model found with the weights)")
-        sub.add_argument("--chat-template", choices=CHAT_TEMPLATE_CHOICES, default="auto",
-                         help="chat template to record (default: detected from the tokenizer and its config)")
+        sub.add_argument(
+            "--chat-template",
+            choices=CHAT_TEMPLATE_CHOICES,
+            default="auto",
+            help="chat template to record (default: detected from the tokenizer and its config)",
+        )
         if name == "meta":
             sub.add_argument("--max-seq-len", type=int, help="context length (params.json does not record it)")
-            sub.add_argument("--rope-scaling-factor", type=float,
-                             help="Llama 3.1 RoPE factor when use_scaled_rope (default: 32 if tied, else 8)")
-    to_hf = command("to-hf", "export a model directory to the Hugging Face layout (a LoRA run: its adapters, as a "
-                             "PEFT adapter directory)", "DIR")
+            sub.add_argument(
+                "--rope-scaling-factor",
+                type=float,
+                help="Llama 3.1 RoPE factor when use_scaled_rope (default: 32 if tied, else 8)",
+            )
+    to_hf = command(
+        "to-hf",
+        "export a model directory to the Hugging Face layout (a LoRA run: its adapters, as a PEFT adapter directory)",
+        "DIR",
+    )
     to_hf.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
     command("merge-lora", "merge a LoRA run's adapters into its base model: a plain model directory", "RUN_DIR")
     return parser
@@ -48,8 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "hf":
         out = convert.convert_hf(args.source, args.out, args.tokenizer, args.chat_template, args.dtype)
     elif args.command == "meta":
-        out = convert.convert_meta(args.source, args.out, args.tokenizer, args.chat_template, args.dtype,
-                                   args.max_seq_len, args.rope_scaling_factor)
+        out = convert.convert_meta(
+            args.source,
+            args.out,
+            args.tokenizer,
+            args.chat_template,
+            args.dtype,
+            args.max_seq_len,
+            args.rope_scaling_factor,
+        )
     elif args.command == "merge-lora":
         out = convert.merge_lora(args.source, args.out, args.dtype)
     else:

@@ -20,6 +20,7 @@ the references: corpus BLEU (sacrebleu), ROUGE-1/2/L/Lsum F1 (rouge-score, stemm
 `pip install -e ".[eval]"`): the harness's table, then as the last stdout line JSON {"results": {TASK:
 {METRIC: value}}} in the harness's own metric names.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,21 +49,29 @@ def perplexity(argv: list[str]) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", help="model directory (converted or trained)")
     parser.add_argument("--data", help="UTF-8 text file, scored as one document")
-    parser.add_argument("--held-out", metavar="RUN_DIR",
-                        help="instead: the training run's own validation rows, scored by its newest checkpoint")
+    parser.add_argument(
+        "--held-out",
+        metavar="RUN_DIR",
+        help="instead: the training run's own validation rows, scored by its newest checkpoint",
+    )
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
+    )
     parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
     if args.held_out is not None:
         if args.checkpoint or args.data or args.seq_len or args.batch_size:
             raise ValueError("--held-out scores the run's own rows: drop --checkpoint, --data, --seq-len, --batch-size")
     elif not (args.checkpoint and args.data):
-        raise ValueError("give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, "
-                         "harness)")
+        raise ValueError(
+            "give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, harness)"
+        )
     from llama_jax.sharding import MeshConfig, make_mesh
 
     mesh = make_mesh(MeshConfig.parse(args.mesh))
@@ -101,17 +110,31 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
 
 
 def generate(argv: list[str]) -> int:
-    parser = ArgumentParser(prog=f"{PROG} generate",
-                            description="Complete a task's prompts and score them against its references.")
+    parser = ArgumentParser(
+        prog=f"{PROG} generate", description="Complete a task's prompts and score them against its references."
+    )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
-    parser.add_argument("--data", required=True, metavar="TASK.jsonl",
-                        help='records {"prompt": ..., "reference": ...} or {"prompt": ..., "references": [...]}')
-    parser.add_argument("--output", metavar="OUT.jsonl",
-                        help="per-example records and scores; an existing file of the same settings is resumed")
-    parser.add_argument("--metrics", default="bleu,rouge,exact_match",
-                        help="comma-separated: bleu, rouge, exact_match (default: all)")
-    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="a string that ends a completion (not included); repeat for several")
+    parser.add_argument(
+        "--data",
+        required=True,
+        metavar="TASK.jsonl",
+        help='records {"prompt": ..., "reference": ...} or {"prompt": ..., "references": [...]}',
+    )
+    parser.add_argument(
+        "--output",
+        metavar="OUT.jsonl",
+        help="per-example records and scores; an existing file of the same settings is resumed",
+    )
+    parser.add_argument(
+        "--metrics", default="bleu,rouge,exact_match", help="comma-separated: bleu, rouge, exact_match (default: all)"
+    )
+    parser.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="a string that ends a completion (not included); repeat for several",
+    )
     add_generation_arguments(parser, temperature=0.0, max_new_tokens=64)
     parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
@@ -134,8 +157,12 @@ def generate(argv: list[str]) -> int:
     settings.check_model(model_dir.config)
     if model_dir.tokenizer_path is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer file: cannot encode the prompts")
-    encoder = PromptEncoder(model_dir.tokenizer(), chat_template_for(model_dir.chat_template, settings.chat),
-                            model_dir.config.max_seq_len, settings.max_new_tokens)
+    encoder = PromptEncoder(
+        model_dir.tokenizer(),
+        chat_template_for(model_dir.chat_template, settings.chat),
+        model_dir.config.max_seq_len,
+        settings.max_new_tokens,
+    )
     prompt_ids = [encoder.encode(record.prompt, i) for i, record in enumerate(records)]
     scorer = TextScorer(metrics)
     output = None
@@ -156,17 +183,23 @@ def generate(argv: list[str]) -> int:
 
 
 def harness(argv: list[str]) -> int:
-    parser = ArgumentParser(prog=f"{PROG} harness",
-                            description="Run lm-evaluation-harness tasks with a llama_jax model.")
+    parser = ArgumentParser(
+        prog=f"{PROG} harness", description="Run lm-evaluation-harness tasks with a llama_jax model."
+    )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
     parser.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy")
     parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each task's own)")
-    parser.add_argument("--limit", type=float, metavar="N",
-                        help="only the first N documents of each task (a fraction below 1: that share)")
+    parser.add_argument(
+        "--limit",
+        type=float,
+        metavar="N",
+        help="only the first N documents of each task (a fraction below 1: that share)",
+    )
     parser.add_argument("--include-path", metavar="DIR", help="a folder of extra task YAMLs")
     parser.add_argument("--output", metavar="FILE.json", help="the harness's full results (and per-sample logs)")
-    parser.add_argument("--batch-size", type=int, default=16, metavar="B",
-                        help="requests scored per forward pass (default 16)")
+    parser.add_argument(
+        "--batch-size", type=int, default=16, metavar="B", help="requests scored per forward pass (default 16)"
+    )
     parser.add_argument("--max-length", type=int, metavar="N", help="context length (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="the harness's seeds (few-shot sampling)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")

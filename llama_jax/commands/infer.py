@@ -16,6 +16,7 @@ compiles prefill and a decode step of that setting for a TPU slice on this host 
 no tokenizer) and prints per-chip memory, whether it fits and a roofline bound; the last line is JSON.
 Exit status 1: it does not fit.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,24 +29,36 @@ from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python infer.py",
-                            description="Generate completions of prompts with a llama_jax model directory.")
-    parser.add_argument("--checkpoint", metavar="DIR",
-                        help="a model directory (from llama_jax.convert) or a training run directory")
+    parser = ArgumentParser(
+        prog="python infer.py", description="Generate completions of prompts with a llama_jax model directory."
+    )
+    parser.add_argument(
+        "--checkpoint", metavar="DIR", help="a model directory (from llama_jax.convert) or a training run directory"
+    )
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
-    parser.add_argument("--prompts", metavar="FILE",
-                        help="one prompt per line, or JSONL with a \"prompt\" field; - reads standard input")
-    parser.add_argument("--output", metavar="FILE.jsonl",
-                        help="where records go (default: standard output); an existing file is resumed")
+    parser.add_argument(
+        "--prompts", metavar="FILE", help='one prompt per line, or JSONL with a "prompt" field; - reads standard input'
+    )
+    parser.add_argument(
+        "--output",
+        metavar="FILE.jsonl",
+        help="where records go (default: standard output); an existing file is resumed",
+    )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
-    parser.add_argument("--mesh", default="", metavar="data=..,tensor=..",
-                        help="device mesh, e.g. data=2,tensor=4 (default: data-parallel over all devices)")
+    parser.add_argument(
+        "--mesh",
+        default="",
+        metavar="data=..,tensor=..",
+        help="device mesh, e.g. data=2,tensor=4 (default: data-parallel over all devices)",
+    )
     compile_group = parser.add_argument_group("compiling for a TPU slice instead of generating")
     compile_group.add_argument("--compile-for", metavar="SLICE", help="a TPU slice, e.g. v5e-8 (needs libtpu)")
-    compile_group.add_argument("--model", metavar="NAME",
-                               help="a preset, model YAML or model directory (only its config.json is read)")
-    compile_group.add_argument("--prompt-len", type=int, default=1024, metavar="P",
-                               help="prompt tokens per row (default 1024)")
+    compile_group.add_argument(
+        "--model", metavar="NAME", help="a preset, model YAML or model directory (only its config.json is read)"
+    )
+    compile_group.add_argument(
+        "--prompt-len", type=int, default=1024, metavar="P", help="prompt tokens per row (default 1024)"
+    )
     args = parser.parse_args(argv)
     if args.compile_for is None and args.checkpoint is None:
         parser.error("the following arguments are required: --checkpoint")
@@ -54,26 +67,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
     """The flags of generation settings, shared with `evaluate generate` (greedy, shorter answers by default)."""
-    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
-                        help=f"most tokens generated per prompt (default {max_new_tokens})")
-    parser.add_argument("--temperature", type=float, default=temperature, metavar="T",
-                        help=f"0 is greedy (default {temperature:g})")
-    parser.add_argument("--top-p", type=float, default=0.9, metavar="P",
-                        help="nucleus mass in (0, 1]; 1 turns it off (default 0.9)")
-    parser.add_argument("--top-k", type=int, default=0, metavar="K",
-                        help="keep the K most likely tokens; 0 turns it off (default)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S",
-                        help="a prompt's samples depend only on the seed and its position in the input")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B",
-                        help="decode slots: prompts decoded together, each refilled when its completion ends "
-                             "(default 8; results never depend on it)")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=max_new_tokens,
+        metavar="N",
+        help=f"most tokens generated per prompt (default {max_new_tokens})",
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default {temperature:g})"
+    )
+    parser.add_argument(
+        "--top-p", type=float, default=0.9, metavar="P", help="nucleus mass in (0, 1]; 1 turns it off (default 0.9)"
+    )
+    parser.add_argument(
+        "--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 turns it off (default)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="a prompt's samples depend only on the seed and its position in the input",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        metavar="B",
+        help="decode slots: prompts decoded together, each refilled when its completion ends "
+        "(default 8; results never depend on it)",
+    )
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
-    parser.add_argument("--chat", action="store_true",
-                        help="wrap each prompt as a user message in the checkpoint's chat template")
-    parser.add_argument("--stop-id", type=int, action="append", default=[], metavar="ID",
-                        help="an extra token id that ends a completion (the tokenizer's EOS always does)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
+    )
+    parser.add_argument(
+        "--chat", action="store_true", help="wrap each prompt as a user message in the checkpoint's chat template"
+    )
+    parser.add_argument(
+        "--stop-id",
+        type=int,
+        action="append",
+        default=[],
+        metavar="ID",
+        help="an extra token id that ends a completion (the tokenizer's EOS always does)",
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,9 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     settings.check_model(model_dir.config)
     if model_dir.tokenizer_path is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer file; infer.py needs one to read text prompts")
-    encoder = PromptEncoder(model_dir.tokenizer(),
-                            chat_template_for(model_dir.chat_template, settings.chat),
-                            model_dir.config.max_seq_len, settings.max_new_tokens)
+    encoder = PromptEncoder(
+        model_dir.tokenizer(),
+        chat_template_for(model_dir.chat_template, settings.chat),
+        model_dir.config.max_seq_len,
+        settings.max_new_tokens,
+    )
     prompt_ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
     output = JsonlOutput(args.output, prompts, run_settings(args, model_dir, settings)) if args.output else None
     first = output.done if output else 0
@@ -116,19 +161,33 @@ def generation_settings(args: argparse.Namespace):
     from llama_jax.inference.sampling import SamplingParams
     from llama_jax.inference.settings import GenerationSettings
 
-    return GenerationSettings(args.max_new_tokens, SamplingParams(args.temperature, args.top_k, args.top_p),
-                              args.seed, args.batch_size, args.chat, tuple(args.stop_id))
+    return GenerationSettings(
+        args.max_new_tokens,
+        SamplingParams(args.temperature, args.top_k, args.top_p),
+        args.seed,
+        args.batch_size,
+        args.chat,
+        tuple(args.stop_id),
+    )
 
 
 def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
     """What the records of an output depend on: a rerun must match it to add to them. (Not the batch size
     or the mesh: a prompt's tokens do not depend on them.)"""
     sampling = settings.sampling
-    return {"checkpoint": str(Path(args.checkpoint).resolve()), "params": str(model_dir.params_path.resolve()),
-            "dtype": args.dtype, "quantize": args.quantize, "chat": settings.chat,
-            "max_new_tokens": settings.max_new_tokens,
-            "temperature": sampling.temperature, "top_k": sampling.top_k, "top_p": sampling.top_p,
-            "seed": settings.seed, "stop_ids": sorted(settings.stop_ids)}
+    return {
+        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "params": str(model_dir.params_path.resolve()),
+        "dtype": args.dtype,
+        "quantize": args.quantize,
+        "chat": settings.chat,
+        "max_new_tokens": settings.max_new_tokens,
+        "temperature": sampling.temperature,
+        "top_k": sampling.top_k,
+        "top_p": sampling.top_p,
+        "seed": settings.seed,
+        "stop_ids": sorted(settings.stop_ids),
+    }
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
@@ -150,8 +209,15 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
     from llama_jax.inference.batch import compiled_buckets, generate_in_order
 
     def write(ready) -> None:
-        records = [{"prompt": prompts[index], "completion": result.text, "token_ids": result.token_ids,
-                    "finish_reason": result.finish_reason} for index, result in ready]
+        records = [
+            {
+                "prompt": prompts[index],
+                "completion": result.text,
+                "token_ids": result.token_ids,
+                "finish_reason": result.finish_reason,
+            }
+            for index, result in ready
+        ]
         if output:
             output.write(records)
         else:
@@ -160,8 +226,10 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
 
     loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     engine = generate_in_order(loaded, prompt_ids, settings, write, first, progress=args.prompts is not None)
-    return (f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
-            f"{settings.batch_size} decode slots; prompt buckets compiled: {compiled_buckets(engine)}")
+    return (
+        f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
+        f"{settings.batch_size} decode slots; prompt buckets compiled: {compiled_buckets(engine)}"
+    )
 
 
 def compile_for(args: argparse.Namespace) -> int:
@@ -179,14 +247,18 @@ def compile_for(args: argparse.Namespace) -> int:
     model = read_model_dir(source).config if Path(source, "config.json").is_file() else load_model_config(source)
     dtype = args.dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype)
-    reports = compile_inference(model, tpu, MeshConfig.parse(args.mesh), args.batch_size, args.prompt_len,
-                                args.max_new_tokens)
+    reports = compile_inference(
+        model, tpu, MeshConfig.parse(args.mesh), args.batch_size, args.prompt_len, args.max_new_tokens
+    )
     print(report_table(tpu, reports))
     summary = report_json(tpu, reports)
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
-        print(f"error: this setting does not fit in the HBM of a {tpu.name} chip: lower --batch-size or the context, "
-              "or shard more (--mesh tensor=N)", file=sys.stderr)
+        print(
+            f"error: this setting does not fit in the HBM of a {tpu.name} chip: lower --batch-size or the context, "
+            "or shard more (--mesh tensor=N)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -6,6 +6,7 @@ Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY
 server prints (default: the directory's name). It listens on 127.0.0.1 unless --host says otherwise; exposed
 on another address without --api-key it warns, since anyone who can reach it can use it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,23 +19,41 @@ from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python -m llama_jax.serve", description=__doc__,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python -m llama_jax.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a model directory or training run")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
-    parser.add_argument("--max-len", type=int, metavar="N",
-                        help="prompt + completion positions per slot (default: the model's max_seq_len)")
-    parser.add_argument("--max-queue", type=int, default=64, metavar="N",
-                        help="requests waiting for a slot before new ones get 429 (default 64)")
+    parser.add_argument(
+        "--max-len",
+        type=int,
+        metavar="N",
+        help="prompt + completion positions per slot (default: the model's max_seq_len)",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a slot before new ones get 429 (default 64)",
+    )
     parser.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1/")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
     parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
-    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
-                        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)")
-    parser.add_argument("--mesh", default="", metavar="data=..,tensor=..",
-                        help="device mesh, e.g. tensor=4 (default: data-parallel over all devices)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default="none",
+        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
+    )
+    parser.add_argument(
+        "--mesh",
+        default="",
+        metavar="data=..,tensor=..",
+        help="device mesh, e.g. tensor=4 (default: data-parallel over all devices)",
+    )
     args = parser.parse_args(argv)
     for name in ("slots", "max_queue", "port"):
         if getattr(args, name) < 1:
@@ -57,16 +76,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_len is not None and not 2 <= args.max_len <= model_dir.config.max_seq_len:
         raise ValueError(f"--max-len must be between 2 and the model's max_seq_len {model_dir.config.max_seq_len}")
     if not _loopback(args.host) and args.api_key is None:
-        print(f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it",
-              file=sys.stderr)
+        print(
+            f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+        )
     mesh = make_mesh(MeshConfig.parse(args.mesh))
     loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
     engine = Engine(loaded, slots=args.slots, cache_len=args.max_len, max_queue=args.max_queue)
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine.start()
     print(f"serving {name} on http://{args.host}:{args.port}/v1 ({args.slots} slots)", file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, name, loaded.chat_template, args.api_key), host=args.host, port=args.port,
-                log_level="warning")
+    uvicorn.run(
+        create_app(engine, name, loaded.chat_template, args.api_key),
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+    )
     engine.stop()
     return 0
 

@@ -19,6 +19,7 @@ roofline bound on step time and MFU; the last line is JSON. Exit status 1: it do
 --write-token-store URL tokenizes the configured data once into a tensorstore token store (gs://, file://
 or a new local directory) that the hosts of a pod read with data=URL, each only its own rows.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,14 +35,21 @@ DOES_NOT_FIT_STATUS = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = ArgumentParser(prog="python train.py", description=__doc__,
-                            epilog="settings (key=value):\n" + describe_settings(),
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog="python train.py",
+        description=__doc__,
+        epilog="settings (key=value):\n" + describe_settings(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", metavar="FILE", help="a YAML file of settings (configs/*.yaml)")
-    parser.add_argument("--compile-for", metavar="SLICE",
-                        help="compile for a TPU slice (e.g. v5p-128) instead of training")
-    parser.add_argument("--write-token-store", metavar="URL",
-                        help="tokenize the data into a token store at URL (gs://, file://, a new directory)")
+    parser.add_argument(
+        "--compile-for", metavar="SLICE", help="compile for a TPU slice (e.g. v5p-128) instead of training"
+    )
+    parser.add_argument(
+        "--write-token-store",
+        metavar="URL",
+        help="tokenize the data into a token store at URL (gs://, file://, a new directory)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="settings over the file's")
     args = parser.parse_intermixed_args(argv)
     if args.config is not None and "=" in args.config and not Path(args.config).is_file():
@@ -80,8 +88,11 @@ def compile_for(config, slice_name: str) -> int:
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
         too_big = ", ".join(r.name for r in reports if not r.fits)
-        print(f"error: {too_big} does not fit in the HBM of a {tpu.name} chip: lower the per-chip batch, add remat, "
-              "or shard more (mesh.fsdp, mesh.tensor)", file=sys.stderr)
+        print(
+            f"error: {too_big} does not fit in the HBM of a {tpu.name} chip: lower the per-chip batch, add remat, "
+            "or shard more (mesh.fsdp, mesh.tensor)",
+            file=sys.stderr,
+        )
         return DOES_NOT_FIT_STATUS
     return 0
 

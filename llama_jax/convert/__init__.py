@@ -10,11 +10,21 @@ model directories → Hugging Face.
 
 Every importer streams: the output tree is allocated once and filled one source tensor at a time.
 """
+
 from llama_jax.convert.hf import convert_hf, load_hf
 from llama_jax.convert.llama2c import convert_llama2c, load_llama2c
 from llama_jax.convert.lora_outputs import export_peft, merge_lora
 from llama_jax.convert.meta import convert_meta, load_meta
 from llama_jax.convert.to_hf import export_hf
 
-__all__ = ["convert_hf", "convert_llama2c", "convert_meta", "export_hf", "export_peft", "load_hf", "load_llama2c",
-           "load_meta", "merge_lora"]
+__all__ = [
+    "convert_hf",
+    "convert_llama2c",
+    "convert_meta",
+    "export_hf",
+    "export_peft",
+    "load_hf",
+    "load_llama2c",
+    "load_meta",
+    "merge_lora",
+]

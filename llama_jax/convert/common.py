@@ -1,4 +1,5 @@
 """Steps every importer takes around the weights: dtypes, the tokenizer, and writing the model directory."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,7 +52,8 @@ def chat_template_choice(requested: str, detected: str | None) -> str | None:
     return None if requested == "none" else requested
 
 
-def write_converted(out: str | Path, config: ModelConfig, params: dict, tokenizer: Tokenizer,
-                    chat_template: str | None) -> Path:
+def write_converted(
+    out: str | Path, config: ModelConfig, params: dict, tokenizer: Tokenizer, chat_template: str | None
+) -> Path:
     check_tokenizer_fits(tokenizer, config)
     return write_model_dir(out, config, params, tokenizer_file=tokenizer.path, chat_template=chat_template)

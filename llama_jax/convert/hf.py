@@ -1,6 +1,7 @@
 """Import Hugging Face Llama checkpoints: config.json plus model.safetensors, or shards listed in
 model.safetensors.index.json. Weights are already in the half-split RoPE layout; each tensor is read on
 its own from its byte range (see `safetensors_io`)."""
+
 from __future__ import annotations
 
 import json
@@ -43,12 +44,19 @@ def config_from_hf(values: dict[str, Any], source: Path) -> ModelConfig:
         rope = values.get("rope_scaling") or values.get("rope_parameters") or {}
         theta = values.get("rope_theta") or rope.get("rope_theta") or 10000.0
         return ModelConfig(
-            vocab_size=int(values["vocab_size"]), dim=dim, n_layers=int(values["num_hidden_layers"]),
-            n_heads=n_heads, n_kv_heads=int(values.get("num_key_value_heads") or n_heads),
-            ffn_dim=int(values["intermediate_size"]), max_seq_len=int(values.get("max_position_embeddings", 2048)),
-            head_dim=int(values.get("head_dim") or dim // n_heads), norm_eps=float(values.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(theta), rope_scaling=_rope_scaling(rope, source),
-            tie_embeddings=bool(values.get("tie_word_embeddings", False)))
+            vocab_size=int(values["vocab_size"]),
+            dim=dim,
+            n_layers=int(values["num_hidden_layers"]),
+            n_heads=n_heads,
+            n_kv_heads=int(values.get("num_key_value_heads") or n_heads),
+            ffn_dim=int(values["intermediate_size"]),
+            max_seq_len=int(values.get("max_position_embeddings", 2048)),
+            head_dim=int(values.get("head_dim") or dim // n_heads),
+            norm_eps=float(values.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(theta),
+            rope_scaling=_rope_scaling(rope, source),
+            tie_embeddings=bool(values.get("tie_word_embeddings", False)),
+        )
     except KeyError as e:
         raise ValueError(f"{source}: missing field {e.args[0]!r}") from None
     except (TypeError, ValueError) as e:
@@ -61,9 +69,12 @@ def _rope_scaling(rope: dict[str, Any], source: Path) -> RopeScaling | None:
         return None
     if kind != "llama3":
         raise ValueError(f"{source}: unsupported rope scaling type {kind!r} (supported: llama3, or none)")
-    return RopeScaling(factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-                       high_freq_factor=float(rope["high_freq_factor"]),
-                       original_max_position=int(rope["original_max_position_embeddings"]))
+    return RopeScaling(
+        factor=float(rope["factor"]),
+        low_freq_factor=float(rope["low_freq_factor"]),
+        high_freq_factor=float(rope["high_freq_factor"]),
+        original_max_position=int(rope["original_max_position_embeddings"]),
+    )
 
 
 def tensor_index(hf_dir: Path) -> dict[str, TensorEntry]:
@@ -77,8 +88,9 @@ def tensor_index(hf_dir: Path) -> dict[str, TensorEntry]:
     elif (hf_dir / SINGLE_FILE).is_file():
         weight_map, files = None, [SINGLE_FILE]
     else:
-        raise ValueError(f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} "
-                         "(only safetensors checkpoints are supported)")
+        raise ValueError(
+            f"{hf_dir} has neither {SINGLE_FILE} nor {INDEX_FILE} (only safetensors checkpoints are supported)"
+        )
     entries: dict[str, TensorEntry] = {}
     for file in files:
         path = hf_dir / file
@@ -102,8 +114,9 @@ def load_hf(hf_dir: str | Path, dtype: str | None = None) -> tuple[ModelConfig, 
         raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
     config = config_from_hf(_read_json(config_path), config_path)
     entries = tensor_index(hf_dir)
-    expected = {hf_name(w, layer) for w in weights_for(config)
-                for layer in (range(config.n_layers) if w.per_layer else [None])}
+    expected = {
+        hf_name(w, layer) for w in weights_for(config) for layer in (range(config.n_layers) if w.per_layer else [None])
+    }
     tied_copy = {"lm_head.weight"} if config.tie_embeddings else set()  # some exports keep the tied copy
     unexpected = sorted(n for n in entries if n not in expected | tied_copy and not n.endswith(_IGNORED_SUFFIXES))
     if unexpected:
@@ -148,12 +161,19 @@ def resolve_hf_source(source: str | Path) -> Path:
     try:
         return Path(snapshot_download(repo_id, revision=revision or None, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise ValueError(f"{source} is neither a directory nor a model in the Hugging Face cache; "
-                         f"download it first: hf download {repo_id}") from None
+        raise ValueError(
+            f"{source} is neither a directory nor a model in the Hugging Face cache; "
+            f"download it first: hf download {repo_id}"
+        ) from None
 
 
-def convert_hf(hf_dir: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-               chat_template: str = "auto", dtype: str | None = None) -> Path:
+def convert_hf(
+    hf_dir: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    chat_template: str = "auto",
+    dtype: str | None = None,
+) -> Path:
     ensure_new_output_dir(out)
     hf_dir = resolve_hf_source(hf_dir)
     tok = find_tokenizer(tokenizer, [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], hf_dir)

@@ -10,6 +10,7 @@ are the ids our generation stops on.
                  merges recovered from the ranks, as transformers' TikTokenConverter does), the file
                  Hugging Face's Llama 3 repositories carry.
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,13 @@ def write_hf_tokenizer(tokenizer: Tokenizer, chat_template: str | None, director
         specials["unk_token"] = named.id_to_piece(0)
     # PreTrainedTokenizerFast reads tokenizer.json as written (LlamaTokenizer would rebuild the pipeline in
     # code, with another space handling); BOS comes from its post-processor.
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": True, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, **specials}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        **specials,
+    }
     if chat_template is not None:
         config["chat_template"] = JINJA_TEMPLATES[chat_template]
     _write_json(directory / "tokenizer_config.json", config)
@@ -82,8 +88,12 @@ def generation_config(tokenizer: Tokenizer, chat_template: str | None) -> dict:
         turn_end = None
     if turn_end is not None and turn_end not in stops:
         stops.append(turn_end)
-    return {"bos_token_id": tokenizer.bos_id, "eos_token_id": stops if len(stops) > 1 else stops[0],
-            "pad_token_id": tokenizer.pad_id, "do_sample": False}
+    return {
+        "bos_token_id": tokenizer.bos_id,
+        "eos_token_id": stops if len(stops) > 1 else stops[0],
+        "pad_token_id": tokenizer.pad_id,
+        "do_sample": False,
+    }
 
 
 def sentencepiece_model(tokenizer: Tokenizer) -> bytes:
@@ -107,8 +117,10 @@ def sentencepiece_model(tokenizer: Tokenizer) -> bytes:
         piece = model.pieces.add()
         piece.score = tokenizer.score(token_id)
         if token_id < 3:
-            piece.piece, piece.type = ("<unk>", "<s>", "</s>")[token_id], (kinds.UNKNOWN, kinds.CONTROL,
-                                                                          kinds.CONTROL)[token_id]
+            piece.piece, piece.type = (
+                ("<unk>", "<s>", "</s>")[token_id],
+                (kinds.UNKNOWN, kinds.CONTROL, kinds.CONTROL)[token_id],
+            )
         elif token_id < 3 + 256:
             piece.piece, piece.type = f"<0x{token_id - 3:02X}>", kinds.BYTE
         else:
@@ -137,23 +149,47 @@ def sentencepiece_tokenizer_json(model_proto: bytes) -> dict:
             if left in vocab and right in vocab:
                 merges.append((-piece.score, token_id, vocab[left], vocab[right], left, right))
     merges.sort()
-    specials = [_added_token(token_id, piece.piece) for token_id, piece in enumerate(model.pieces)
-                if piece.type in (kinds.CONTROL, kinds.UNKNOWN)]
+    specials = [
+        _added_token(token_id, piece.piece)
+        for token_id, piece in enumerate(model.pieces)
+        if piece.type in (kinds.CONTROL, kinds.UNKNOWN)
+    ]
     bos = model.pieces[model.trainer_spec.bos_id].piece
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials,
-        "normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
-                                                           {"type": "Replace", "pattern": {"String": " "},
-                                                            "content": "\u2581"}]},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": specials,
+        "normalizer": {
+            "type": "Sequence",
+            "normalizers": [
+                {"type": "Prepend", "prepend": "\u2581"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
+            ],
+        },
         "pre_tokenizer": None,
         "post_processor": _bos_template(bos, model.trainer_spec.bos_id),
-        "decoder": {"type": "Sequence", "decoders": [
-            {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
-            {"type": "Fuse"}, {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-        "model": {"type": "BPE", "dropout": None, "unk_token": model.pieces[model.trainer_spec.unk_id].piece,
-                  "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": True,
-                  "byte_fallback": True, "ignore_merges": False, "vocab": vocab,
-                  "merges": [[left, right] for *_, left, right in merges]},
+        "decoder": {
+            "type": "Sequence",
+            "decoders": [
+                {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "},
+                {"type": "ByteFallback"},
+                {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+            ],
+        },
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": model.pieces[model.trainer_spec.unk_id].piece,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": True,
+            "byte_fallback": True,
+            "ignore_merges": False,
+            "vocab": vocab,
+            "merges": [[left, right] for *_, left, right in merges],
+        },
     }
 
 
@@ -170,39 +206,73 @@ def tiktoken_tokenizer_json(tokenizer: TiktokenTokenizer) -> dict:
     for piece, rank in ranks.items():
         if len(piece) < 2:
             continue
-        splits = [(ranks[piece[:i]], ranks[piece[i:]], piece[:i], piece[i:])
-                  for i in range(1, len(piece)) if piece[:i] in ranks and piece[i:] in ranks]
+        splits = [
+            (ranks[piece[:i]], ranks[piece[i:]], piece[:i], piece[i:])
+            for i in range(1, len(piece))
+            if piece[:i] in ranks and piece[i:] in ranks
+        ]
         for left_rank, right_rank, left, right in splits:
             merges.append((rank, left_rank, right_rank, text(left), text(right)))
     merges.sort()
-    specials = [_added_token(token_id, name)
-                for name, token_id in sorted(tokenizer.special_ids.items(), key=lambda item: item[1])]
+    specials = [
+        _added_token(token_id, name)
+        for name, token_id in sorted(tokenizer.special_ids.items(), key=lambda item: item[1])
+    ]
     return {
-        "version": "1.0", "truncation": None, "padding": None, "added_tokens": specials, "normalizer": None,
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}]},
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": specials,
+        "normalizer": None,
+        "pre_tokenizer": {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Split", "pattern": {"Regex": PAT_STR}, "behavior": "Isolated", "invert": False},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False},
+            ],
+        },
         "post_processor": _bos_template(tokenizer.id_to_piece(tokenizer.bos_id), tokenizer.bos_id),
         "decoder": {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True},
-        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
-                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": True,
-                  "vocab": {text(piece): rank for piece, rank in ranks.items()},
-                  "merges": [[left, right] for *_, left, right in merges]},
+        "model": {
+            "type": "BPE",
+            "dropout": None,
+            "unk_token": None,
+            "continuing_subword_prefix": None,
+            "end_of_word_suffix": None,
+            "fuse_unk": False,
+            "byte_fallback": False,
+            "ignore_merges": True,
+            "vocab": {text(piece): rank for piece, rank in ranks.items()},
+            "merges": [[left, right] for *_, left, right in merges],
+        },
     }
 
 
 def _added_token(token_id: int, content: str) -> dict:
-    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-            "normalized": False, "special": True}
+    return {
+        "id": token_id,
+        "content": content,
+        "single_word": False,
+        "lstrip": False,
+        "rstrip": False,
+        "normalized": False,
+        "special": True,
+    }
 
 
 def _bos_template(bos: str, bos_id: int) -> dict:
     """Post-processor that starts every encoding with BOS, as LLaMA models expect."""
-    return {"type": "TemplateProcessing",
-            "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-            "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                     {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
-            "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}}}
+    return {
+        "type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
+        "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
+    }
 
 
 def _bytes_to_unicode() -> dict[int, str]:

@@ -12,6 +12,7 @@ v2: as v1 plus an int32 group size after the flag; the norms stay float32, every
 Weights are (out, in) with RoPE on interleaved pairs, so wq/wk rows are permuted on import. The files
 are read through memory maps, one layer's tensor at a time.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,10 +30,26 @@ from llama_jax.tokenizers import load_tokenizer
 
 MAGIC = 0x616B3432  # "ak42"
 V1_HEADER_BYTES = 256
-_PER_LAYER_V0 = ("attention_norm", "attention.wq", "attention.wk", "attention.wv", "attention.wo", "ffn_norm",
-                 "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
-_MATRICES_V1 = ("attention.wq", "attention.wk", "attention.wv", "attention.wo", "feed_forward.w1",
-                "feed_forward.w2", "feed_forward.w3")
+_PER_LAYER_V0 = (
+    "attention_norm",
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "ffn_norm",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
+_MATRICES_V1 = (
+    "attention.wq",
+    "attention.wk",
+    "attention.wv",
+    "attention.wo",
+    "feed_forward.w1",
+    "feed_forward.w2",
+    "feed_forward.w3",
+)
 _NORMS_V1 = ("attention_norm", "ffn_norm", "norm")
 
 
@@ -74,9 +91,18 @@ def _config(path: Path, fields: tuple[int, ...], shared: bool | None) -> ModelCo
     if min(dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size, seq_len) <= 0 or dim % n_heads:
         raise ValueError(f"{path}: not a llama2.c model file (header {fields} describes no model)")
     try:
-        return ModelConfig(vocab_size=vocab_size, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                           ffn_dim=hidden_dim, max_seq_len=seq_len, norm_eps=1e-5, rope_theta=10000.0,
-                           tie_embeddings=shared)
+        return ModelConfig(
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=n_layers,
+            n_heads=n_heads,
+            n_kv_heads=n_kv_heads,
+            ffn_dim=hidden_dim,
+            max_seq_len=seq_len,
+            norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_embeddings=shared,
+        )
     except ValueError as e:
         raise ValueError(f"{path}: header describes an invalid model: {e}") from None
 
@@ -94,16 +120,20 @@ class _Regions:
     def take(self, name: str, shape: tuple[int, ...], dtype=np.float32, into: dict | None = None) -> None:
         nbytes = math.prod(shape) * np.dtype(dtype).itemsize
         if self.offset + nbytes > self.size:
-            raise ValueError(f"{self.path}: truncated llama2.c v{self.header.version} file: {self.size} bytes, "
-                             f"its header needs more (reading {name})")
+            raise ValueError(
+                f"{self.path}: truncated llama2.c v{self.header.version} file: {self.size} bytes, "
+                f"its header needs more (reading {name})"
+            )
         region = np.memmap(self.path, dtype=dtype, mode="r", offset=self.offset, shape=shape)
         (self.arrays if into is None else into)[name] = region
         self.offset += nbytes
 
     def finish(self) -> None:
         if self.offset != self.size:
-            raise ValueError(f"{self.path}: {self.size} bytes, but a llama2.c v{self.header.version} file with "
-                             f"this header has {self.offset}: corrupt or not a llama2.c file")
+            raise ValueError(
+                f"{self.path}: {self.size} bytes, but a llama2.c v{self.header.version} file with "
+                f"this header has {self.offset}: corrupt or not a llama2.c file"
+            )
 
 
 def _shape(name: str, config: ModelConfig) -> tuple[int, ...]:
@@ -155,15 +185,16 @@ def load_llama2c(path: str | Path, dtype: str | None = None) -> tuple[ModelConfi
         if weight.meta in regions.scales:
             groups = regions.scales[weight.meta]
             per_tensor = groups.shape[0] if layer is None else groups.shape[0] // config.n_layers
-            scales = groups if layer is None else groups[layer * per_tensor:(layer + 1) * per_tensor]
+            scales = groups if layer is None else groups[layer * per_tensor : (layer + 1) * per_tensor]
             tensor = (tensor.reshape(-1, header.group_size).astype(np.float32) * scales[:, None]).reshape(tensor.shape)
         return meta_name(weight, layer), tensor
 
     return config, build_params(config, read, interleaved_rope=True)
 
 
-def convert_llama2c(model_path: str | Path, tokenizer_path: str | Path, out: str | Path,
-                    dtype: str | None = None) -> Path:
+def convert_llama2c(
+    model_path: str | Path, tokenizer_path: str | Path, out: str | Path, dtype: str | None = None
+) -> Path:
     ensure_new_output_dir(out)
     tokenizer = load_tokenizer(tokenizer_path)
     config, params = load_llama2c(model_path, dtype)

@@ -8,6 +8,7 @@ scaling · B·A on a weight stored (out × in); ours keeps A (in… × rank) and
 stored (in… × out…), so lora_A = Aᵀ and lora_B = Bᵀ with the head axes flattened. `PeftModel.from_pretrained`
 loads the directory onto the transformers model that `to-hf` exports from the run's base directory.
 """
+
 from __future__ import annotations
 
 import json
@@ -50,14 +51,25 @@ def export_peft(source: ModelDir, out: str | Path) -> Path:
             lora_a = np.ascontiguousarray(a[layer].reshape(-1, lora.rank).T)
             lora_b = np.ascontiguousarray(b[layer].reshape(lora.rank, -1).T)
             for name, value in ((".lora_A.weight", lora_a), (".lora_B.weight", lora_b)):
-                tensors.append(TensorSource(prefix.format(layer) + name, value.shape, value.dtype,
-                                            lambda value=value: value))
+                tensors.append(
+                    TensorSource(prefix.format(layer) + name, value.shape, value.dtype, lambda value=value: value)
+                )
     adapter_config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank, "lora_alpha": lora.alpha,
-        "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False, "use_dora": False,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": lora.dropout,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
         "target_modules": sorted(_HF_MODULE[LORA_TARGETS[t][1]].split(".")[-1] for t in lora.targets),
-        "base_model_name_or_path": str(source.lora_base), "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None,
+        "base_model_name_or_path": str(source.lora_base),
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
     }
     with staged_output_dir(out) as staging:
         write_file(staging / ADAPTER_WEIGHTS, tensors)
@@ -85,11 +97,15 @@ def merge_lora(run_dir: str | Path, out: str | Path, dtype: str | None = None) -
     _, run_abstract = abstract_state(run.config.replace(quantize="none"))
     adapters_target, base_target = split_adapters(nnx.to_pure_dict(run_abstract))
     adapters = jax.tree.map(np.asarray, run.restore_params(adapters_target))
-    stored = StoredParams(base_dir.params_path, nnx.to_pure_dict(abstract_state(base_dir.config)[1]),
-                          base_dir.checksums(base_dir.params_path))
+    stored = StoredParams(
+        base_dir.params_path,
+        nnx.to_pure_dict(abstract_state(base_dir.config)[1]),
+        base_dir.checksums(base_dir.params_path),
+    )
     targeted = {f"layers/{module}/{weight}" for module, weight, _ in (LORA_TARGETS[t] for t in lora.targets)}
-    projections = {f"layers/{module}/{weight}": (module, weight, n_in)
-                   for weight, (module, n_in) in QUANTIZED_WEIGHTS.items()}
+    projections = {
+        f"layers/{module}/{weight}": (module, weight, n_in) for weight, (module, n_in) in QUANTIZED_WEIGHTS.items()
+    }
     int8_base = run.config.quantize == "int8"
 
     def merged_param(key: str) -> np.ndarray:
@@ -106,11 +122,18 @@ def merge_lora(run_dir: str | Path, out: str | Path, dtype: str | None = None) -
                 w = np.asarray(round_trip(w, tuple(range(n_in)))).astype(seen_dtype)
             if key in targeted:
                 adapters_of = adapters["layers"][module]
-                w = np.asarray(merged_weight(w.astype(np.float32), adapters_of[weight + "_lora_a"][layer],
-                                             adapters_of[weight + "_lora_b"][layer], lora.scale))
+                w = np.asarray(
+                    merged_weight(
+                        w.astype(np.float32),
+                        adapters_of[weight + "_lora_a"][layer],
+                        adapters_of[weight + "_lora_b"][layer],
+                        lora.scale,
+                    )
+                )
             result[layer] = w
         return result
 
-    params = jax.tree_util.tree_map_with_path(lambda path, _: merged_param("/".join(str(k.key) for k in path)),
-                                              base_target)
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, _: merged_param("/".join(str(k.key) for k in path)), base_target
+    )
     return write_model_dir(out, plain, params, run.tokenizer_path, run.chat_template)

@@ -9,6 +9,7 @@ permuted to the half-split layout (transformers' convert_llama_weights_to_hf.py 
 Shards are memory-mapped (`torch.load(mmap=True)`) and merged one tensor at a time. PyTorch is needed
 for this format only and is imported when it is used.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,9 @@ def _torch():
     try:
         import torch
     except ImportError:
-        raise ValueError("converting Meta checkpoints needs PyTorch: pip install torch "
-                         "(the CPU build is enough)") from None
+        raise ValueError(
+            "converting Meta checkpoints needs PyTorch: pip install torch (the CPU build is enough)"
+        ) from None
     return torch
 
 
@@ -51,8 +53,10 @@ class _Shards:
             try:
                 shard = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # torch raises many types for damaged files
-                raise ValueError(f"{path}: cannot read this PyTorch checkpoint ({type(e).__name__}: "
-                                 f"{' '.join(str(e).split())[:200]})") from None
+                raise ValueError(
+                    f"{path}: cannot read this PyTorch checkpoint ({type(e).__name__}: "
+                    f"{' '.join(str(e).split())[:200]})"
+                ) from None
             if not isinstance(shard, dict):
                 raise ValueError(f"{path}: not a Meta checkpoint (expected a dict of tensors)")
             self.shards.append(shard)
@@ -78,7 +82,7 @@ class _Shards:
         if all(shape == expected for shape in shapes):
             return parts[0]
         for dim in range(len(expected)):
-            others_match = all(s[:dim] + s[dim + 1:] == expected[:dim] + expected[dim + 1:] for s in shapes)
+            others_match = all(s[:dim] + s[dim + 1 :] == expected[:dim] + expected[dim + 1 :] for s in shapes)
             if len(expected) == len(shapes[0]) and others_match and sum(s[dim] for s in shapes) == expected[dim]:
                 return _torch().cat(parts, dim=dim)
         raise ValueError(f"tensor {name}: shard shapes {shapes} do not make the shape {expected} the config needs")
@@ -117,33 +121,52 @@ def _default_max_seq_len(params: dict[str, Any]) -> int:
     return 16384 if theta > 10000.0 else 4096  # Code Llama; LLaMA 1 and 2
 
 
-def config_from_meta(params: dict[str, Any], shards: _Shards, source: Path, max_seq_len: int | None = None,
-                     rope_scaling_factor: float | None = None) -> ModelConfig:
+def config_from_meta(
+    params: dict[str, Any],
+    shards: _Shards,
+    source: Path,
+    max_seq_len: int | None = None,
+    rope_scaling_factor: float | None = None,
+) -> ModelConfig:
     params = params.get("model", params)
     missing = [key for key in ("dim", "n_layers", "n_heads") if key not in params]
     if missing:
         raise ValueError(f"{source}: missing field {missing[0]!r}")
     dim = int(params["dim"])
     vocab_size = _vocab_size(params, shards, dim)
-    tied = not shards.has("output.weight") or bool(_torch().equal(
-        shards.merged("tok_embeddings.weight", (vocab_size, dim)), shards.merged("output.weight", (vocab_size, dim))))
+    tied = not shards.has("output.weight") or bool(
+        _torch().equal(
+            shards.merged("tok_embeddings.weight", (vocab_size, dim)), shards.merged("output.weight", (vocab_size, dim))
+        )
+    )
     scaling = None
     if params.get("use_scaled_rope"):
         factor = rope_scaling_factor or params.get("rope_scaling_factor") or (32.0 if tied else 8.0)
         scaling = RopeScaling(factor=float(factor), **_SCALED_ROPE)
     try:
         return ModelConfig(
-            vocab_size=vocab_size, dim=dim, n_layers=int(params["n_layers"]), n_heads=int(params["n_heads"]),
+            vocab_size=vocab_size,
+            dim=dim,
+            n_layers=int(params["n_layers"]),
+            n_heads=int(params["n_heads"]),
             n_kv_heads=int(params.get("n_kv_heads") or params["n_heads"]),
             ffn_dim=ffn_dim_for(dim, int(params.get("multiple_of", 256)), params.get("ffn_dim_multiplier")),
-            max_seq_len=max_seq_len or _default_max_seq_len(params), norm_eps=float(params.get("norm_eps", 1e-5)),
-            rope_theta=float(params.get("rope_theta", 10000.0)), rope_scaling=scaling, tie_embeddings=tied)
+            max_seq_len=max_seq_len or _default_max_seq_len(params),
+            norm_eps=float(params.get("norm_eps", 1e-5)),
+            rope_theta=float(params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            tie_embeddings=tied,
+        )
     except (TypeError, ValueError) as e:
         raise ValueError(f"{source}: {e}") from None
 
 
-def load_meta(meta_dir: str | Path, dtype: str | None = None, max_seq_len: int | None = None,
-              rope_scaling_factor: float | None = None) -> tuple[ModelConfig, dict]:
+def load_meta(
+    meta_dir: str | Path,
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    rope_scaling_factor: float | None = None,
+) -> tuple[ModelConfig, dict]:
     """The model config and parameter tree (numpy) of a Meta checkpoint directory."""
     meta_dir = Path(meta_dir)
     if not meta_dir.is_dir():
@@ -167,9 +190,15 @@ def load_meta(meta_dir: str | Path, dtype: str | None = None, max_seq_len: int |
     return config, build_params(config, read, interleaved_rope=True)
 
 
-def convert_meta(meta_dir: str | Path, out: str | Path, tokenizer: str | Path | None = None,
-                 chat_template: str = "auto", dtype: str | None = None, max_seq_len: int | None = None,
-                 rope_scaling_factor: float | None = None) -> Path:
+def convert_meta(
+    meta_dir: str | Path,
+    out: str | Path,
+    tokenizer: str | Path | None = None,
+    chat_template: str = "auto",
+    dtype: str | None = None,
+    max_seq_len: int | None = None,
+    rope_scaling_factor: float | None = None,
+) -> Path:
     ensure_new_output_dir(out)
     meta_dir = Path(meta_dir)
     # LLaMA 1 and 2 downloads keep one tokenizer.model beside the per-size directories.

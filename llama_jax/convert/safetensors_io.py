@@ -5,6 +5,7 @@ Layout: an 8-byte little-endian header length N, N bytes of JSON
 offsets relative to its start. Parsing the header ourselves lets a converter read exactly one tensor's
 bytes at a time (bf16 through ml_dtypes) and check every offset before trusting it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -17,8 +18,12 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-DTYPES = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(ml_dtypes.bfloat16),
-          "F64": np.dtype(np.float64)}
+DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F64": np.dtype(np.float64),
+}
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 _MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
 
@@ -64,8 +69,9 @@ def read_header(path: Path) -> dict[str, TensorEntry]:
         if not (isinstance(begin, int) and isinstance(end, int)) or begin < 0 or end - begin != nbytes:
             raise ValueError(f"{path}: corrupt safetensors entry for tensor {name} (offsets do not match its shape)")
         if data_start + end > size:
-            raise ValueError(f"{path}: truncated file: tensor {name} ends at byte {data_start + end}, "
-                             f"the file has {size}")
+            raise ValueError(
+                f"{path}: truncated file: tensor {name} ends at byte {data_start + end}, the file has {size}"
+            )
         entries[name] = TensorEntry(path, name, DTYPES[dtype_name], shape, data_start + begin, nbytes)
     return entries
 
@@ -101,8 +107,11 @@ def write_file(path: Path, tensors: Sequence[TensorSource]) -> None:
     for t in tensors:
         if t.dtype not in _DTYPE_NAMES:
             raise ValueError(f"cannot write dtype {t.dtype} to safetensors")
-        header[t.name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
-                          "data_offsets": [offset, offset + t.nbytes]}
+        header[t.name] = {
+            "dtype": _DTYPE_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # keeps the data 8-byte aligned, as the safetensors library does

@@ -3,6 +3,7 @@ config.json, model.safetensors (or shards plus model.safetensors.index.json abov
 tokenizer and generation files `AutoTokenizer` and `generate` read (hf_tokenizer.py). Our weights already
 use the half-split RoPE layout, so only transposes are needed.
 The output is assembled in a staging directory and renamed into place, like every model directory."""
+
 from __future__ import annotations
 
 import json
@@ -29,7 +30,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "M
 
 
 def parse_size(text: str) -> int:
-    """"5GB" -> 5e9 bytes (decimal units as transformers uses; KiB/MiB/GiB are binary)."""
+    """ "5GB" -> 5e9 bytes (decimal units as transformers uses; KiB/MiB/GiB are binary)."""
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(text))
     if not match or match.group(2).upper() not in _UNITS or float(match.group(1)) <= 0:
         raise ValueError(f"bad size {text!r}: expected e.g. 5GB, 500MB or a number of bytes")
@@ -42,21 +43,40 @@ def hf_config(config: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
     scaling = None
     if config.rope_scaling is not None:
         s = config.rope_scaling
-        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                   "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_position}
+        scaling = {
+            "rope_type": "llama3",
+            "factor": s.factor,
+            "low_freq_factor": s.low_freq_factor,
+            "high_freq_factor": s.high_freq_factor,
+            "original_max_position_embeddings": s.original_max_position,
+        }
     return {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": config.vocab_size,
-        "hidden_size": config.dim, "intermediate_size": config.ffn_dim, "num_hidden_layers": config.n_layers,
-        "num_attention_heads": config.n_heads, "num_key_value_heads": config.n_kv_heads, "head_dim": config.head_dim,
-        "max_position_embeddings": config.max_seq_len, "rms_norm_eps": config.norm_eps, "rope_theta": config.rope_theta,
-        "rope_scaling": scaling, "tie_word_embeddings": config.tie_embeddings, "hidden_act": "silu",
-        "attention_bias": False, "mlp_bias": False, "torch_dtype": dtype, "bos_token_id": bos_id,
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.dim,
+        "intermediate_size": config.ffn_dim,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_kv_heads,
+        "head_dim": config.head_dim,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": config.tie_embeddings,
+        "hidden_act": "silu",
+        "attention_bias": False,
+        "mlp_bias": False,
+        "torch_dtype": dtype,
+        "bos_token_id": bos_id,
         "eos_token_id": eos_id,
     }
 
 
-def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
-              max_shard_size: str = DEFAULT_MAX_SHARD_SIZE) -> Path:
+def export_hf(
+    model_dir: str | Path, out: str | Path, dtype: str | None = None, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+) -> Path:
     ensure_new_output_dir(out)  # before any work: refuse early
     max_bytes = parse_size(max_shard_size)
     source = read_model_dir(model_dir)
@@ -68,8 +88,9 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
     name = dtype_name(np.dtype(jnp.dtype(config.param_dtype)), dtype)
     np_dtype = np.dtype(jnp.dtype(name))
     tokenizer = source.tokenizer()
-    stored = StoredParams(source.params_path, nnx.to_pure_dict(abstract_state(config)[1]),
-                          source.checksums(source.params_path))
+    stored = StoredParams(
+        source.params_path, nnx.to_pure_dict(abstract_state(config)[1]), source.checksums(source.params_path)
+    )
 
     def tensor(weight: Weight, layer: int | None) -> TensorSource:
         def values() -> np.ndarray:
@@ -79,8 +100,9 @@ def export_hf(model_dir: str | Path, out: str | Path, dtype: str | None = None,
         return TensorSource(hf_name(weight, layer), weight.torch_shape(config), np_dtype, values)
 
     # Weight-major order: consecutive tensors come from the same stored parameter.
-    tensors = [tensor(w, layer) for w in weights_for(config)
-               for layer in (range(config.n_layers) if w.per_layer else [None])]
+    tensors = [
+        tensor(w, layer) for w in weights_for(config) for layer in (range(config.n_layers) if w.per_layer else [None])
+    ]
     with staged_output_dir(out) as staging:
         _write_weights(staging, tensors, max_bytes)
         bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (None, None)

@@ -8,6 +8,7 @@ move one tensor between the two.
 `build_params` fills the tree one source tensor at a time into arrays allocated once, so a conversion
 holds the output model plus a single source tensor, never two copies of the model.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -107,8 +108,11 @@ class ParamTreeBuilder:
     def __init__(self, config: ModelConfig):
         _, abstract = abstract_state(config)
         self._arrays = {key: np.empty(a.shape, a.dtype) for key, a in _flatten(nnx.to_pure_dict(abstract)).items()}
-        self._missing = {(key, layer) for key, a in self._arrays.items()
-                         for layer in (range(a.shape[0]) if key.startswith("layers/") else [None])}
+        self._missing = {
+            (key, layer)
+            for key, a in self._arrays.items()
+            for layer in (range(a.shape[0]) if key.startswith("layers/") else [None])
+        }
 
     def put(self, key: str, value: np.ndarray, layer: int | None) -> None:
         target = self._arrays[key] if layer is None else self._arrays[key][layer]
@@ -124,8 +128,9 @@ class ParamTreeBuilder:
         return _unflatten(self._arrays)
 
 
-def build_params(config: ModelConfig, read: Callable[[Weight, int | None], tuple[str, np.ndarray]],
-                 interleaved_rope: bool) -> dict:
+def build_params(
+    config: ModelConfig, read: Callable[[Weight, int | None], tuple[str, np.ndarray]], interleaved_rope: bool
+) -> dict:
     """The parameter tree from `read(weight, layer) -> (source name, tensor in torch layout)`, checking
     every tensor's shape against the config and permuting wq/wk rows when the source uses Meta's
     interleaved RoPE layout."""
@@ -135,8 +140,9 @@ def build_params(config: ModelConfig, read: Callable[[Weight, int | None], tuple
             name, tensor = read(weight, layer)
             expected = weight.torch_shape(config)
             if tuple(tensor.shape) != expected:
-                raise ValueError(f"tensor {name} has shape {tuple(tensor.shape)}, "
-                                 f"but the model config needs {expected}")
+                raise ValueError(
+                    f"tensor {name} has shape {tuple(tensor.shape)}, but the model config needs {expected}"
+                )
             if interleaved_rope and weight.key in ROTARY_KEYS:
                 tensor = half_split_rows(tensor, getattr(config, ROTARY_KEYS[weight.key]))
             builder.put(weight.key, to_model_layout(weight, tensor, config), layer)

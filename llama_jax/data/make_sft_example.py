@@ -9,6 +9,7 @@ the fine-tuning never saw, so they are answered right only if the model learned 
 (Two tasks tried first do not generalise at this size, held-out answers staying at chance after 150
 steps: naming a line's speaker among 12, and repeating a line's last word.)
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,11 @@ def main() -> None:
     rng = random.Random(SEED)
     questions = rng.sample([line for line in lines if line.endswith("?")], RECORDS // 2)
     statements = rng.sample([line for line in lines if line.endswith((".", "!"))], RECORDS // 2)
-    records = [{"prompt": f"Is this a question? {line}", "response": answer}
-               for group, answer in ((questions, "Yes"), (statements, "No")) for line in group]
+    records = [
+        {"prompt": f"Is this a question? {line}", "response": answer}
+        for group, answer in ((questions, "Yes"), (statements, "No"))
+        for line in group
+    ]
     rng.shuffle(records)
     with (HERE / "sft_example.jsonl").open("w") as f:
         f.writelines(json.dumps(record) + "\n" for record in records)

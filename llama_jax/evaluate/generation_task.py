@@ -5,6 +5,7 @@ come from the batch engine in input order; with an output file each record is wr
 scored (prompt, references, completion, finish_reason, scores), and a rerun with the same settings scores
 only the records not yet there, reading the finished ones back for the corpus scores.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,20 +33,28 @@ def read_task(path: str | Path) -> list[TaskRecord]:
         except json.JSONDecodeError:
             raise ValueError(f"{path} line {number} is not JSON") from None
         if not isinstance(data, dict) or not isinstance(data.get("prompt"), str):
-            raise ValueError(f"{path} line {number} has no \"prompt\" string")
+            raise ValueError(f'{path} line {number} has no "prompt" string')
         references = [data["reference"]] if "reference" in data else data.get("references")
-        if (not isinstance(references, list) or not references
-                or not all(isinstance(r, str) for r in references)):
-            raise ValueError(f"{path} line {number} needs a \"reference\" string or a non-empty \"references\" list "
-                             "of strings")
+        if not isinstance(references, list) or not references or not all(isinstance(r, str) for r in references):
+            raise ValueError(
+                f'{path} line {number} needs a "reference" string or a non-empty "references" list of strings'
+            )
         records.append(TaskRecord(data["prompt"], tuple(references)))
     if not records:
         raise ValueError(f"{path} holds no records")
     return records
 
 
-def run_task(loaded, records: list[TaskRecord], prompt_ids: list[list[int]], settings, scorer: TextScorer,
-             stop_strings: tuple[str, ...], output=None, progress: bool = True) -> dict[str, Any]:
+def run_task(
+    loaded,
+    records: list[TaskRecord],
+    prompt_ids: list[list[int]],
+    settings,
+    scorer: TextScorer,
+    stop_strings: tuple[str, ...],
+    output=None,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Complete and score the records not yet in `output` (a results_file.JsonlOutput, or None); returns
     the summary over all records: `examples` and one key per metric (0-100)."""
     from llama_jax.inference.batch import generate_in_order
@@ -57,17 +66,24 @@ def run_task(loaded, records: list[TaskRecord], prompt_ids: list[list[int]], set
         batch = []
         for index, result in ready:
             record = records[index]
-            batch.append({"prompt": record.prompt, "references": list(record.references),
-                          "completion": result.text, "finish_reason": result.finish_reason,
-                          "scores": scorer.example(result.text, record.references)})
+            batch.append(
+                {
+                    "prompt": record.prompt,
+                    "references": list(record.references),
+                    "completion": result.text,
+                    "finish_reason": result.finish_reason,
+                    "scores": scorer.example(result.text, record.references),
+                }
+            )
         scored.extend(batch)
         if output:
             output.write(batch)
 
     if first < len(records):
         generate_in_order(loaded, prompt_ids, settings, write, first, stop_strings, progress)
-    summary = scorer.corpus([r["completion"] for r in scored], [r["references"] for r in scored],
-                            [r["scores"] for r in scored])
+    summary = scorer.corpus(
+        [r["completion"] for r in scored], [r["references"] for r in scored], [r["scores"] for r in scored]
+    )
     return {"examples": len(scored), "generated": len(records) - first, **summary}
 
 

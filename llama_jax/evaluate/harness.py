@@ -16,6 +16,7 @@ The harness asks three kinds of question; each is answered in batches, never one
   engine at once, greedy unless `do_sample` with a temperature; a completion is decoded from its token ids
   and cut at the first `until` string, as the `hf` backend does.
 """
+
 from __future__ import annotations
 
 import sys
@@ -81,7 +82,7 @@ class LlamaJaxLM(TemplateLM):
         """requests: ((context, continuation) or None, context ids, continuation ids) -> (logprob, is_greedy)."""
         rows = []
         for _, context_ids, continuation_ids in requests:
-            whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1):]
+            whole = (list(context_ids) + list(continuation_ids))[-(self.max_length + 1) :]
             rows.append((whole, len(continuation_ids)))
         scores = self._score_rows(rows, disable_tqdm)
         for (key, _, _), answer in zip(requests, scores):
@@ -92,9 +93,15 @@ class LlamaJaxLM(TemplateLM):
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         windows, owners = [], []
         for index, (text,) in enumerate(request.args for request in requests):
-            for context, continuation in map(lm_utils.make_disjoint_window, lm_utils.get_rolling_token_windows(
-                    token_list=self.tok_encode(text, add_special_tokens=False), prefix_token=self.prefix_token_id,
-                    max_seq_len=self.max_length, context_len=1)):
+            for context, continuation in map(
+                lm_utils.make_disjoint_window,
+                lm_utils.get_rolling_token_windows(
+                    token_list=self.tok_encode(text, add_special_tokens=False),
+                    prefix_token=self.prefix_token_id,
+                    max_seq_len=self.max_length,
+                    context_len=1,
+                ),
+            ):
                 windows.append((None, context, continuation))
                 owners.append(index)
         totals = [0.0] * len(requests)
@@ -115,16 +122,32 @@ class LlamaJaxLM(TemplateLM):
             until = [until] if isinstance(until, str) else list(until)
             max_tokens = int(kwargs.pop("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
             if max_tokens >= self.max_length:
-                raise ValueError(f"max_gen_toks {max_tokens} leaves no room for a prompt in {self.max_length} "
-                                 "positions")
+                raise ValueError(
+                    f"max_gen_toks {max_tokens} leaves no room for a prompt in {self.max_length} positions"
+                )
             sampled = kwargs.get("do_sample") and float(kwargs.get("temperature", 1.0)) > 0
-            sampling = (SamplingParams(float(kwargs.get("temperature", 1.0)), int(kwargs.get("top_k") or 0),
-                                       float(kwargs.get("top_p") or 1.0)) if sampled else SamplingParams(0.0))
+            sampling = (
+                SamplingParams(
+                    float(kwargs.get("temperature", 1.0)),
+                    int(kwargs.get("top_k") or 0),
+                    float(kwargs.get("top_p") or 1.0),
+                )
+                if sampled
+                else SamplingParams(0.0)
+            )
             # As the hf backend: the prompt keeps its last tokens, leaving room for max_gen_toks.
-            prompt = self.tok_encode(context)[-(self.max_length - max_tokens):]
-            engine_requests.append(Request(tuple(prompt), max_tokens, sampling, seed=0, stream=index,
-                                           stop_ids=tuple(self.tokenizer.stop_ids),
-                                           stop_strings=tuple(u for u in until if u)))
+            prompt = self.tok_encode(context)[-(self.max_length - max_tokens) :]
+            engine_requests.append(
+                Request(
+                    tuple(prompt),
+                    max_tokens,
+                    sampling,
+                    seed=0,
+                    stream=index,
+                    stop_ids=tuple(self.tokenizer.stop_ids),
+                    stop_strings=tuple(u for u in until if u),
+                )
+            )
             untils.append(until)
         engine = Engine(self.loaded, slots=self.batch_size, cache_len=self.max_length)
         results = engine.generate(engine_requests)
@@ -146,7 +169,7 @@ class LlamaJaxLM(TemplateLM):
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         answers: list[tuple[float, bool] | None] = [None] * len(rows)
         pad_id = self.tokenizer.pad_id
-        batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         with jax.set_mesh(self.loaded.mesh):
             for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
                 length = bucket_length(len(rows[batch[0]][0]) - 1, self.max_length)
@@ -154,11 +177,12 @@ class LlamaJaxLM(TemplateLM):
                 targets = np.full((self.batch_size, length), pad_id, np.int32)
                 for row, index in enumerate(batch):
                     ids = rows[index][0]
-                    inputs[row, :len(ids) - 1] = ids[:-1]
-                    targets[row, :len(ids) - 1] = ids[1:]
+                    inputs[row, : len(ids) - 1] = ids[:-1]
+                    targets[row, : len(ids) - 1] = ids[1:]
                 sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
-                logprobs, greedy = self._score(self._state, jax.device_put(inputs, sharding),
-                                               jax.device_put(targets, sharding))
+                logprobs, greedy = self._score(
+                    self._state, jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
+                )
                 logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
                 for row, index in enumerate(batch):
                     ids, n = rows[index]
@@ -190,22 +214,34 @@ def run_harness(args) -> dict[str, dict[str, Any]]:
     task_manager = TaskManager(include_path=args.include_path)
     unknown = [name for name in tasks if name not in task_manager.all_tasks]
     if unknown or not tasks:
-        raise ValueError(f"unknown harness task {', '.join(unknown) or repr(args.tasks)} (`lm-eval ls tasks` lists "
-                         "them; --include-path adds a folder of task YAMLs)")
+        raise ValueError(
+            f"unknown harness task {', '.join(unknown) or repr(args.tasks)} (`lm-eval ls tasks` lists "
+            "them; --include-path adds a folder of task YAMLs)"
+        )
     mesh = make_mesh(MeshConfig.parse(args.mesh))
     model_dir = read_model_dir(args.checkpoint)
     if model_dir.tokenizer_path is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer file; the harness works on text")
     lm = LlamaJaxLM(load(args.checkpoint, mesh=mesh, dtype=args.dtype), args.batch_size, args.max_length)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                              task_manager=task_manager, log_samples=bool(args.output), random_seed=args.seed,
-                              numpy_random_seed=args.seed, torch_random_seed=args.seed,
-                              fewshot_random_seed=args.seed)
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        task_manager=task_manager,
+        log_samples=bool(args.output),
+        random_seed=args.seed,
+        numpy_random_seed=args.seed,
+        torch_random_seed=args.seed,
+        fewshot_random_seed=args.seed,
+    )
     from lm_eval.utils import handle_non_serializable, make_table
 
     print(make_table(results))
     if args.output:
         Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
     # The harness's metric keys are "NAME,FILTER" (acc,none); the rest (alias, sample_len) describe the run.
-    return {task: {metric: value for metric, value in scores.items() if "," in metric}
-            for task, scores in results["results"].items()}
+    return {
+        task: {metric: value for metric, value in scores.items() if "," in metric}
+        for task, scores in results["results"].items()
+    }

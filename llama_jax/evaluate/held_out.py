@@ -2,6 +2,7 @@
 same packing, the same held-out rows (the last `val_fraction` of them, up to `eval_batches` batches), each
 row's documents masked from each other. Scoring the whole corpus instead mixes in the rows the model
 trained on and measures something else."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,8 +38,10 @@ def held_out_loss(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dt
     config = dataclasses.replace(config, tokenizer=str(model_dir.tokenizer_path))
     data = prepare_data(config, model_dir.chat_template)
     if data.corpus.key != recorded["fingerprint"]["corpus"]:
-        raise ValueError(f"the data {config.data} is not what {run_dir} trained on (it changed or moved): "
-                         "its held-out rows cannot be found again")
+        raise ValueError(
+            f"the data {config.data} is not what {run_dir} trained on (it changed or moved): "
+            "its held-out rows cannot be found again"
+        )
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
     loaded = load(run_dir, mesh=mesh, dtype=dtype)
     graphdef, params = nnx.split(loaded.model)
@@ -49,8 +52,12 @@ def held_out_loss(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dt
         nll, tokens = score(params, {name: jnp.asarray(a) for name, a in rows.arrays(ids).items()})
         total, count = total + float(nll), count + float(tokens)
     nll_per_token = total / count
-    return {"perplexity": math.exp(min(nll_per_token, 700.0)), "nll_per_token": nll_per_token, "tokens": int(count),
-            "rows": int(sum(np.count_nonzero(ids >= 0) for ids in batches))}
+    return {
+        "perplexity": math.exp(min(nll_per_token, 700.0)),
+        "nll_per_token": nll_per_token,
+        "tokens": int(count),
+        "rows": int(sum(np.count_nonzero(ids >= 0) for ids in batches)),
+    }
 
 
 def _sums(graphdef, params, batch, loss_chunk):

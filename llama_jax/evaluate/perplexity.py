@@ -6,6 +6,7 @@ tokens after the first, seeing only that window. The last window is padded to th
 masked, so one function compiles. The last stdout line is JSON with `perplexity`, `nll_per_token` and
 `tokens` (the number of predicted tokens).
 """
+
 from __future__ import annotations
 
 import math
@@ -27,21 +28,22 @@ _PROGRESS_MIN_BATCHES = 8
 def windows(ids: Sequence[int], seq_len: int) -> list[np.ndarray]:
     """Consecutive windows of at most seq_len ids; a last window of one id predicts nothing and is dropped."""
     ids = np.asarray(ids, np.int32)
-    return [ids[i:i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i:i + seq_len]) > 1]
+    return [ids[i : i + seq_len] for i in range(0, len(ids), seq_len) if len(ids[i : i + seq_len]) > 1]
 
 
-def batches(chunks: list[np.ndarray], seq_len: int, batch_size: int, pad_id: int
-            ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def batches(
+    chunks: list[np.ndarray], seq_len: int, batch_size: int, pad_id: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(inputs, targets, mask), each (batch_size, seq_len): targets[t] = inputs[t + 1] where mask is 1.
     Short windows and the missing rows of the last batch are padding with mask 0."""
     for start in range(0, len(chunks), batch_size):
         inputs = np.full((batch_size, seq_len), pad_id, np.int32)
         targets = np.full((batch_size, seq_len), pad_id, np.int32)
         mask = np.zeros((batch_size, seq_len), np.float32)
-        for row, chunk in enumerate(chunks[start:start + batch_size]):
-            inputs[row, :len(chunk)] = chunk
-            targets[row, :len(chunk) - 1] = chunk[1:]
-            mask[row, :len(chunk) - 1] = 1.0
+        for row, chunk in enumerate(chunks[start : start + batch_size]):
+            inputs[row, : len(chunk)] = chunk
+            targets[row, : len(chunk) - 1] = chunk[1:]
+            mask[row, : len(chunk) - 1] = 1.0
         yield inputs, targets, mask
 
 
@@ -58,8 +60,9 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
     n_batches = math.ceil(len(chunks) / batch_size)
     sharding = named_sharding(loaded.mesh, ("batch", "length"), (batch_size, seq_len))
     total_nll, total_tokens = 0.0, 0
-    bar = tqdm(total=n_batches, unit="batch", file=sys.stderr,
-               disable=not progress or n_batches < _PROGRESS_MIN_BATCHES)
+    bar = tqdm(
+        total=n_batches, unit="batch", file=sys.stderr, disable=not progress or n_batches < _PROGRESS_MIN_BATCHES
+    )
     with jax.set_mesh(loaded.mesh), bar:
         for inputs, targets, mask in batches(chunks, seq_len, batch_size, loaded.tokenizer.pad_id):
             placed = [jax.device_put(a, sharding) for a in (inputs, targets, mask)]
@@ -67,5 +70,10 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
             total_tokens += int(mask.sum())
             bar.update()
     nll_per_token = total_nll / total_tokens
-    return {"perplexity": math.exp(nll_per_token), "nll_per_token": nll_per_token, "tokens": total_tokens,
-            "windows": len(chunks), "seq_len": seq_len}
+    return {
+        "perplexity": math.exp(nll_per_token),
+        "nll_per_token": nll_per_token,
+        "tokens": total_tokens,
+        "windows": len(chunks),
+        "seq_len": seq_len,
+    }

@@ -11,6 +11,7 @@ NLTK's punkt data, which would be a download at run time.) With several referenc
 F1 over them (rouge-score's `score_multi`), BLEU counts them all (sacrebleu's multi-reference BLEU), and
 exact match needs any one, after stripping surrounding whitespace.
 """
+
 from __future__ import annotations
 
 import re
@@ -64,8 +65,9 @@ class TextScorer:
             scores["exact_match"] = 100.0 * any(prediction.strip() == r.strip() for r in references)
         return scores
 
-    def corpus(self, predictions: Sequence[str], references: Sequence[Sequence[str]],
-               examples: Sequence[dict[str, float]]) -> dict[str, float | str]:
+    def corpus(
+        self, predictions: Sequence[str], references: Sequence[Sequence[str]], examples: Sequence[dict[str, float]]
+    ) -> dict[str, float | str]:
         """Corpus BLEU over all predictions; the mean of the per-example ROUGE F1 and exact match."""
         summary: dict[str, float | str] = {}
         if self._bleu is not None:

@@ -1,6 +1,7 @@
 """Many prompts through the continuous-batching engine, their results handed on in input order: what
 infer.py and `evaluate generate` run. A result is released as soon as it and every one before it are done,
 so a file written from them is always a complete prefix of the input (and can be resumed)."""
+
 from __future__ import annotations
 
 import sys
@@ -12,9 +13,15 @@ from llama_jax.inference.scheduler import Request
 from llama_jax.inference.settings import GenerationSettings
 
 
-def generate_in_order(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], settings: GenerationSettings,
-                      on_ready: Callable[[list[tuple[int, Result]]], None], first: int = 0,
-                      stop_strings: tuple[str, ...] = (), progress: bool = True) -> Engine:
+def generate_in_order(
+    loaded: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    settings: GenerationSettings,
+    on_ready: Callable[[list[tuple[int, Result]]], None],
+    first: int = 0,
+    stop_strings: tuple[str, ...] = (),
+    progress: bool = True,
+) -> Engine:
     """Generate prompts[first:] with `settings.batch_size` decode slots, each refilled as its completion ends;
     `on_ready([(index, result), ...])` gets the results in input order. Returns the engine (its compiled
     programs say which prompt buckets ran)."""
@@ -24,9 +31,19 @@ def generate_in_order(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], 
     longest = max(len(ids) for ids in prompt_ids[first:])
     engine = Engine(loaded, slots=settings.batch_size, cache_len=longest + settings.max_new_tokens)
     # A prompt's random stream is its index in the whole input: resuming after `first` changes no sample.
-    requests = [Request(tuple(ids), settings.max_new_tokens, settings.sampling, settings.seed, stream=index,
-                        stop_ids=stop_ids, stop_strings=stop_strings)
-                for index, ids in enumerate(prompt_ids) if index >= first]
+    requests = [
+        Request(
+            tuple(ids),
+            settings.max_new_tokens,
+            settings.sampling,
+            settings.seed,
+            stream=index,
+            stop_ids=stop_ids,
+            stop_strings=stop_strings,
+        )
+        for index, ids in enumerate(prompt_ids)
+        if index >= first
+    ]
     finished: dict[int, Result] = {}
     next_index = first
     bar = tqdm(total=len(prompt_ids), initial=first, unit="prompt", file=sys.stderr, disable=not progress)

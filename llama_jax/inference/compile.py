@@ -1,5 +1,6 @@
 """`infer.py --compile-for SLICE`: compile prefill and one decode step of a serving setting (model, batch,
 prompt length, new tokens) for a TPU slice, on any host, with no weights or tokenizer."""
+
 from __future__ import annotations
 
 import jax
@@ -17,14 +18,16 @@ from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform, named_shard
 from llama_jax.train import flops
 
 
-def compile_inference(model: ModelConfig, tpu: TpuSlice, mesh_config: MeshConfig, batch: int, prompt_len: int,
-                      max_new_tokens: int) -> list[FunctionReport]:
+def compile_inference(
+    model: ModelConfig, tpu: TpuSlice, mesh_config: MeshConfig, batch: int, prompt_len: int, max_new_tokens: int
+) -> list[FunctionReport]:
     """Prefill of `batch` prompts of `prompt_len` tokens into a cache of prompt_len + max_new_tokens slots,
     then one decode step over the full cache (the slowest step of a generation)."""
     cache_len = prompt_len + max_new_tokens
     if cache_len > model.max_seq_len:
-        raise ValueError(f"prompt_len + max_new_tokens = {cache_len} exceeds the model's max_seq_len "
-                         f"{model.max_seq_len}")
+        raise ValueError(
+            f"prompt_len + max_new_tokens = {cache_len} exceeds the model's max_seq_len {model.max_seq_len}"
+        )
     key_dtype = jax.random.key(0).dtype  # made before any device of the slice is involved
     mesh = make_mesh(mesh_config, slice_devices(tpu))
     rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -36,8 +39,11 @@ def compile_inference(model: ModelConfig, tpu: TpuSlice, mesh_config: MeshConfig
         return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, names, shape))
 
     cache_shape = (model.n_layers, batch, model.n_kv_heads, cache_len, model.head_dim)
-    cache = KVCache(placed(cache_shape, model.dtype, CACHE_AXES), placed(cache_shape, model.dtype, CACHE_AXES),
-                    placed((batch,), jnp.int32, ("batch",)))
+    cache = KVCache(
+        placed(cache_shape, model.dtype, CACHE_AXES),
+        placed(cache_shape, model.dtype, CACHE_AXES),
+        placed((batch,), jnp.int32, ("batch",)),
+    )
     keys = placed((batch,), key_dtype, ("batch",))
     greedy = SamplingParams()
     attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
@@ -47,16 +53,18 @@ def compile_inference(model: ModelConfig, tpu: TpuSlice, mesh_config: MeshConfig
     step = jax.ShapeDtypeStruct((), jnp.int32)
 
     def lower_prefill():
-        return prefill_jit.lower(graphdef, state, prompts, lengths, keys, cache_len=cache_len,
-                                 chunk=prefill_chunk(batch), sampling=greedy)
+        return prefill_jit.lower(
+            graphdef, state, prompts, lengths, keys, cache_len=cache_len, chunk=prefill_chunk(batch), sampling=greedy
+        )
 
     def lower_decode():
         return step_jit.lower(graphdef, state, tokens, cache, keys, step, sampling=greedy)
 
     # Decoding attends to the cache through the reference einsums: a few queries over a long cache.
-    return [compile_function("prefill", lower_prefill, mesh, prefill_workload(model, mesh, batch, prompt_len),
-                             attention),
-            compile_function("decode_step", lower_decode, mesh, decode_workload(model, mesh, batch, cache_len), "xla")]
+    return [
+        compile_function("prefill", lower_prefill, mesh, prefill_workload(model, mesh, batch, prompt_len), attention),
+        compile_function("decode_step", lower_decode, mesh, decode_workload(model, mesh, batch, cache_len), "xla"),
+    ]
 
 
 def _weight_bytes(model: ModelConfig, mesh) -> float:

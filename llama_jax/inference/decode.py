@@ -13,6 +13,7 @@ How a ragged batch decodes exactly like each prompt alone: all rows are prefille
 cache, then `cache.lengths` is set to the true prompt lengths, so row b's next token is written at slot
 lengths[b] — where it would go alone — overwriting padding that no real query ever attended to.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,7 +79,7 @@ def prefill(graphdef, state, ids, lengths, cache_len: int, chunk: int):
         best = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
         (cache, best), _ = jax.lax.scan(full_chunk, (cache, best), jnp.arange(n_full, dtype=jnp.int32) * chunk)
         if bucket % chunk:
-            logits, inside, cache = run(cache, n_full * chunk, ids[:, n_full * chunk:])
+            logits, inside, cache = run(cache, n_full * chunk, ids[:, n_full * chunk :])
             best = jnp.where(inside[:, None], logits, best)
         return best, KVCache(cache.k, cache.v, lengths)
 
@@ -102,8 +103,20 @@ class DecodeLoopState:
     done: jax.Array  # (batch,) rows that produced a stop id, and padding rows
 
 
-def _generate_batch(graphdef, state, ids, lengths, active, keys, *, cache_len: int, chunk: int,
-                    max_new_tokens: int, sampling: SamplingParams, stop_ids: tuple[int, ...]):
+def _generate_batch(
+    graphdef,
+    state,
+    ids,
+    lengths,
+    active,
+    keys,
+    *,
+    cache_len: int,
+    chunk: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_ids: tuple[int, ...],
+):
     """(batch, max_new_tokens) generated ids and the number of steps run; rows stop independently."""
     logits, cache = prefill(graphdef, state, ids, lengths, cache_len, chunk)
     first = sample(logits, keys, 0, sampling)
@@ -124,8 +137,7 @@ def _generate_batch(graphdef, state, ids, lengths, active, keys, *, cache_len: i
     return end.tokens, end.step
 
 
-def _prefill_and_sample(graphdef, state, ids, lengths, keys, *, cache_len: int, chunk: int,
-                        sampling: SamplingParams):
+def _prefill_and_sample(graphdef, state, ids, lengths, keys, *, cache_len: int, chunk: int, sampling: SamplingParams):
     logits, cache = prefill(graphdef, state, ids, lengths, cache_len, chunk)
     return sample(logits, keys, 0, sampling), cache
 
@@ -135,7 +147,8 @@ def _step_and_sample(graphdef, state, tokens, cache, keys, step, *, sampling: Sa
     return sample(logits, keys, step, sampling), cache
 
 
-generate_batch_jit = jax.jit(_generate_batch, static_argnames=("graphdef", "cache_len", "chunk", "max_new_tokens",
-                                                               "sampling", "stop_ids"))
+generate_batch_jit = jax.jit(
+    _generate_batch, static_argnames=("graphdef", "cache_len", "chunk", "max_new_tokens", "sampling", "stop_ids")
+)
 prefill_jit = jax.jit(_prefill_and_sample, static_argnames=("graphdef", "cache_len", "chunk", "sampling"))
 step_jit = jax.jit(_step_and_sample, static_argnames=("graphdef", "sampling"), donate_argnames=("cache",))

@@ -8,6 +8,7 @@
 A request's tokens depend only on its prompt, settings, seed and stream number, never on what shares the
 slots or when it arrived (`scheduler.py` decides, `slots.py` computes).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,14 +33,27 @@ class Result:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, *, slots: int = 8, cache_len: int | None = None,
-                 steps_per_dispatch: int = STEPS_PER_DISPATCH, max_queue: int = 1024, prefill_rows: int | None = None):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        slots: int = 8,
+        cache_len: int | None = None,
+        steps_per_dispatch: int = STEPS_PER_DISPATCH,
+        max_queue: int = 1024,
+        prefill_rows: int | None = None,
+    ):
         """`cache_len`: positions each slot holds, prompt and completion (default: the model's max_seq_len)."""
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_len = min(cache_len or self.config.max_seq_len, self.config.max_seq_len)
         self.backend = SlotBackend(loaded, slots, self.max_len, prefill_rows)
-        self.scheduler = Scheduler(self.backend, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch,
-                                   bucket_limit=self.max_len, text=self._text)
+        self.scheduler = Scheduler(
+            self.backend,
+            max_queue=max_queue,
+            steps_per_dispatch=steps_per_dispatch,
+            bucket_limit=self.max_len,
+            text=self._text,
+        )
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -56,8 +70,10 @@ class Engine:
             raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
         needed = len(request.prompt_ids) + request.max_tokens
         if needed > self.max_len:
-            raise ValueError(f"the prompt has {len(request.prompt_ids)} tokens; with max_tokens {request.max_tokens} "
-                             f"it needs {needed} positions, but the model allows {self.max_len}")
+            raise ValueError(
+                f"the prompt has {len(request.prompt_ids)} tokens; with max_tokens {request.max_tokens} "
+                f"it needs {needed} positions, but the model allows {self.max_len}"
+            )
         bad = [i for i in (*request.stop_ids, *request.prompt_ids) if not 0 <= i < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:3]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
@@ -96,8 +112,9 @@ class Engine:
         while self.scheduler.busy:
             self.scheduler.step()
 
-    def generate(self, requests: Sequence[Request], on_result: Callable[[int, Result], None] | None = None
-                 ) -> list[Result]:
+    def generate(
+        self, requests: Sequence[Request], on_result: Callable[[int, Result], None] | None = None
+    ) -> list[Result]:
         """Run `requests` in this thread, feeding the queue as slots free (any number of them), and return
         their results in input order; `on_result(index, result)` is called as each one finishes."""
         for request in requests:
@@ -112,6 +129,7 @@ class Engine:
                     results[index] = _result(handle_events)
                     if on_result is not None:
                         on_result(index, results[index])
+
             return on_event
 
         def refill() -> None:
@@ -146,5 +164,9 @@ class Engine:
 
 
 def _result(events: list[Event]) -> Result:
-    return Result([t for e in events for t in e.token_ids], "".join(e.text for e in events),
-                  [p for e in events for p in e.logprobs], events[-1].finish_reason)
+    return Result(
+        [t for e in events for t in e.token_ids],
+        "".join(e.text for e in events),
+        [p for e in events for p in e.logprobs],
+        events[-1].finish_reason,
+    )

@@ -7,6 +7,7 @@
 Prompt lengths are bucketed (powers of two, at least 16) and the batch is padded to `batch_size`, so a long
 file compiles one function per bucket; `decode.py` runs the device side.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -51,8 +52,9 @@ class StreamPiece:
 class Generator:
     """A loaded model ready to generate with fixed settings; remembers which shapes it compiled."""
 
-    def __init__(self, loaded: LoadedModel, settings: GenerationSettings | None = None,
-                 prefill_tokens: int = PREFILL_TOKENS):
+    def __init__(
+        self, loaded: LoadedModel, settings: GenerationSettings | None = None, prefill_tokens: int = PREFILL_TOKENS
+    ):
         """`prefill_tokens` bounds the prompt tokens (over the batch) that one prefill call processes."""
         settings = settings or GenerationSettings()
         settings.check_model(loaded.config)
@@ -61,8 +63,11 @@ class Generator:
         self.sampling = settings.sampling
         self.max_new_tokens, self.seed, self.batch_size = settings.max_new_tokens, settings.seed, settings.batch_size
         template = chat_template_for(loaded.chat_template, settings.chat)
-        self.encoder = (PromptEncoder(self.tokenizer, template, self.config.max_seq_len, self.max_new_tokens)
-                        if self.tokenizer is not None else None)
+        self.encoder = (
+            PromptEncoder(self.tokenizer, template, self.config.max_seq_len, self.max_new_tokens)
+            if self.tokenizer is not None
+            else None
+        )
         defaults = tuple(self.tokenizer.stop_ids) if self.tokenizer is not None else ()
         self.stop_ids = tuple(sorted(set(defaults) | set(settings.stop_ids)))
         self.graphdef, self.state = nnx.split(loaded.model)
@@ -89,25 +94,38 @@ class Generator:
         cache_len = bucket + self.max_new_tokens
         self.compiled_shapes.add((self.batch_size, bucket, cache_len))
         with jax.set_mesh(self.mesh):
-            tokens, steps = generate_batch_jit(self.graphdef, self.state, ids, lengths, active, keys,
-                                               cache_len=cache_len, max_new_tokens=self.max_new_tokens,
-                                               chunk=prefill_chunk(self.batch_size, self.prefill_tokens),
-                                               sampling=self.sampling, stop_ids=self.stop_ids)
+            tokens, steps = generate_batch_jit(
+                self.graphdef,
+                self.state,
+                ids,
+                lengths,
+                active,
+                keys,
+                cache_len=cache_len,
+                max_new_tokens=self.max_new_tokens,
+                chunk=prefill_chunk(self.batch_size, self.prefill_tokens),
+                sampling=self.sampling,
+                stop_ids=self.stop_ids,
+            )
         tokens = np.asarray(tokens)[: len(prompt_ids), : int(steps)]
         return [self._finish(row) for row in tokens]
 
-    def batches(self, prompts: Sequence[str], first_index: int = 0,
-                prompt_ids: Sequence[list[int]] | None = None) -> Iterator[list[Completion]]:
+    def batches(
+        self, prompts: Sequence[str], first_index: int = 0, prompt_ids: Sequence[list[int]] | None = None
+    ) -> Iterator[list[Completion]]:
         """Completions of `prompts`, one list per batch, in input order; `first_index` is the index of
         prompts[0] in the whole input (a resumed run keeps each prompt's random stream). `prompt_ids`:
         the prompts already encoded, if they were."""
-        encoded = prompt_ids if prompt_ids is not None else [self.encode(p, first_index + i)
-                                                             for i, p in enumerate(prompts)]
+        encoded = (
+            prompt_ids if prompt_ids is not None else [self.encode(p, first_index + i) for i, p in enumerate(prompts)]
+        )
         for start in range(0, len(prompts), self.batch_size):
             chunk = range(start, min(start + self.batch_size, len(prompts)))
             results = self.generate_ids([encoded[i] for i in chunk], [first_index + i for i in chunk])
-            yield [Completion(prompts[i], self.completion_text(encoded[i], ids), ids, reason)
-                   for i, (ids, reason) in zip(chunk, results)]
+            yield [
+                Completion(prompts[i], self.completion_text(encoded[i], ids), ids, reason)
+                for i, (ids, reason) in zip(chunk, results)
+            ]
 
     def stream(self, prompt: str, index: int = 0) -> Iterator[StreamPiece]:
         """Generate for one prompt, yielding each token (and the text it adds) as soon as it is sampled."""
@@ -117,9 +135,16 @@ class Generator:
         generated: list[int] = []
         shown = 0  # how many ids of `generated` have been yielded
         with jax.set_mesh(self.mesh):
-            token, cache = prefill_jit(self.graphdef, self.state, ids, lengths, keys,
-                                       cache_len=bucket + self.max_new_tokens, sampling=self.sampling,
-                                       chunk=prefill_chunk(1, self.prefill_tokens))
+            token, cache = prefill_jit(
+                self.graphdef,
+                self.state,
+                ids,
+                lengths,
+                keys,
+                cache_len=bucket + self.max_new_tokens,
+                sampling=self.sampling,
+                chunk=prefill_chunk(1, self.prefill_tokens),
+            )
             for step in range(1, self.max_new_tokens + 1):
                 token_id = int(token[0])
                 if token_id in self.stop_ids:
@@ -130,14 +155,15 @@ class Generator:
                     yield self._piece(prompt_ids, generated, shown)
                     shown = len(generated)
                 if step < self.max_new_tokens:
-                    token, cache = step_jit(self.graphdef, self.state, token, cache, keys,
-                                            jnp.int32(step), sampling=self.sampling)
+                    token, cache = step_jit(
+                        self.graphdef, self.state, token, cache, keys, jnp.int32(step), sampling=self.sampling
+                    )
         if shown < len(generated):  # bytes that never became a character
             yield self._piece(prompt_ids, generated, shown)
 
     def _piece(self, prompt_ids: Sequence[int], generated: list[int], shown: int) -> StreamPiece:
         before = self.completion_text(prompt_ids, generated[:shown])
-        return StreamPiece(generated[shown:], self.completion_text(prompt_ids, generated)[len(before):])
+        return StreamPiece(generated[shown:], self.completion_text(prompt_ids, generated)[len(before) :])
 
     def completion_text(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
         return completion_text(self.tokenizer, prompt_ids, generated)
@@ -167,22 +193,43 @@ class Generator:
         return put(ids, ("batch", None)), put(lengths, ("batch",)), put(active, ("batch",)), keys
 
 
-def generate(loaded: LoadedModel, prompts: Sequence[str], *, max_new_tokens: int = 256, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False, batch_size: int = 8,
-             stop_ids: Sequence[int] = ()) -> list[Completion]:
+def generate(
+    loaded: LoadedModel,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    batch_size: int = 8,
+    stop_ids: Sequence[int] = (),
+) -> list[Completion]:
     """Complete each prompt (BOS is prepended; with chat=True it is the user's message in the
     checkpoint's chat template). Greedy at temperature 0; results do not depend on batch_size."""
-    settings = GenerationSettings(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, batch_size, chat,
-                                  tuple(stop_ids))
+    settings = GenerationSettings(
+        max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, batch_size, chat, tuple(stop_ids)
+    )
     generator = Generator(loaded, settings)
     return [completion for batch in generator.batches(list(prompts)) for completion in batch]
 
 
-def stream(loaded: LoadedModel, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-           top_k: int = 0, top_p: float = 1.0, seed: int = 0, chat: bool = False,
-           stop_ids: Sequence[int] = ()) -> Iterator[StreamPiece]:
+def stream(
+    loaded: LoadedModel,
+    prompt: str,
+    *,
+    max_new_tokens: int = 256,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    chat: bool = False,
+    stop_ids: Sequence[int] = (),
+) -> Iterator[StreamPiece]:
     """Yield StreamPieces (token ids, the text they add) for one prompt as tokens are generated:
     `for piece in stream(model, "Once upon"): print(piece.text, end="")`."""
-    settings = GenerationSettings(max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, 1, chat,
-                                  tuple(stop_ids))
+    settings = GenerationSettings(
+        max_new_tokens, SamplingParams(temperature, top_k, top_p), seed, 1, chat, tuple(stop_ids)
+    )
     yield from Generator(loaded, settings).stream(prompt)

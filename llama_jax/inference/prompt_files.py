@@ -1,5 +1,6 @@
 """Prompt files: JSONL (every line an object with a string `prompt`) or plain text with one prompt per line
 (blank lines skipped; use JSONL for empty or multi-line prompts); "-" reads standard input."""
+
 from __future__ import annotations
 
 import json
@@ -38,6 +39,6 @@ def parse_prompts(text: str, name: str) -> list[str]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{name} line {number}: not valid JSON ({e.msg})") from None
         if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{name} line {number}: a JSONL prompt file needs a string \"prompt\" field on every line")
+            raise ValueError(f'{name} line {number}: a JSONL prompt file needs a string "prompt" field on every line')
         prompts.append(record["prompt"])
     return prompts

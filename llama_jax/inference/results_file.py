@@ -9,6 +9,7 @@ The second file is what makes a file ours: an existing output without it was not
 `evaluate generate`) and is never touched, one whose settings differ is never mixed with other results, and
 while one process writes to an output another is refused.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -35,8 +36,10 @@ class JsonlOutput:
         self.path, self.writer = Path(path), writer
         self.run_path = self.path.with_name(self.path.name + RUN_SUFFIX)
         if self.path.exists() and not self.run_path.is_file():
-            raise ValueError(f"{self.path} exists and was not written by {writer} (no {self.run_path.name} beside "
-                             "it); choose another output file")
+            raise ValueError(
+                f"{self.path} exists and was not written by {writer} (no {self.run_path.name} beside "
+                "it); choose another output file"
+            )
         self._lock = self._take_lock()
         try:
             stored = self._lock.read()
@@ -64,8 +67,9 @@ class JsonlOutput:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.close()
-            raise ValueError(f"{self.path} is being written by another {self.writer}; wait for it or choose another "
-                             "output file") from None
+            raise ValueError(
+                f"{self.path} is being written by another {self.writer}; wait for it or choose another output file"
+            ) from None
         lock.seek(0)
         return lock
 
@@ -74,11 +78,14 @@ class JsonlOutput:
             old = json.loads(stored)["settings"]
         except (json.JSONDecodeError, KeyError, TypeError):
             raise ValueError(f"{self.run_path} is corrupt; choose another output file") from None
-        differences = [f"{key}: {old.get(key)!r} there, {value!r} now" for key, value in settings.items()
-                       if old.get(key) != value]
+        differences = [
+            f"{key}: {old.get(key)!r} there, {value!r} now" for key, value in settings.items() if old.get(key) != value
+        ]
         if differences:
-            raise ValueError(f"{self.path} holds results of other settings ({'; '.join(differences[:3])}); rerun "
-                             "with the same settings to resume, or choose another output file")
+            raise ValueError(
+                f"{self.path} holds results of other settings ({'; '.join(differences[:3])}); rerun "
+                "with the same settings to resume, or choose another output file"
+            )
 
     def _check_existing(self, data: bytes, prompts: Sequence[str]) -> int:
         """How many bytes of complete, matching records the file starts with; sets self.done. Only the
@@ -92,8 +99,10 @@ class JsonlOutput:
             if number > len(prompts):
                 raise ValueError(f"{self.path} holds more records than there are prompts; use another output file")
             if not isinstance(record, dict) or record.get("prompt") != prompts[number - 1]:
-                raise ValueError(f"{self.path} record {number} is not for prompt {number} of this input; "
-                                 "use another output file, or the same prompts to resume")
+                raise ValueError(
+                    f"{self.path} record {number} is not for prompt {number} of this input; "
+                    "use another output file, or the same prompts to resume"
+                )
         self.done = len(lines)
         return sum(len(line) + 1 for line in lines)
 

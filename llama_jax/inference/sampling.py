@@ -4,6 +4,7 @@ Randomness is per row and per step: the key of prompt i at step t is fold_in(fol
 so a prompt's sampled tokens depend only on (seed, its index in the input, step), never on which other
 prompts share its batch or how the batch is padded.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -92,8 +93,11 @@ class RowSampling:
 
     @classmethod
     def of(cls, params: list[SamplingParams]) -> RowSampling:
-        return cls(np.asarray([p.temperature for p in params], np.float32),
-                   np.asarray([p.top_k for p in params], np.int32), np.asarray([p.top_p for p in params], np.float32))
+        return cls(
+            np.asarray([p.temperature for p in params], np.float32),
+            np.asarray([p.top_k for p in params], np.int32),
+            np.asarray([p.top_p for p in params], np.float32),
+        )
 
 
 def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowSampling) -> jax.Array:
@@ -120,8 +124,9 @@ def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowS
 def _cut_top_k(scaled: jax.Array, top_k: jax.Array) -> jax.Array:
     """-inf below each row's k-th largest logit (top_k 0: nothing cut)."""
     k = jnp.where(top_k > 0, jnp.minimum(top_k, scaled.shape[-1]), scaled.shape[-1])
-    kth = _largest_threshold(lambda t: jnp.sum(scaled >= t[:, None], axis=-1) >= k,
-                             jnp.min(scaled, axis=-1), jnp.max(scaled, axis=-1))
+    kth = _largest_threshold(
+        lambda t: jnp.sum(scaled >= t[:, None], axis=-1) >= k, jnp.min(scaled, axis=-1), jnp.max(scaled, axis=-1)
+    )
     return jnp.where(scaled >= kth[:, None], scaled, -jnp.inf)
 
 
@@ -136,6 +141,7 @@ def _cut_top_p(scaled: jax.Array, top_p: jax.Array) -> jax.Array:
 def _largest_threshold(holds, low: jax.Array, high: jax.Array, iterations: int = 32) -> jax.Array:
     """Per row, the largest t in [low, high] for which holds(t) (true at low; once false, false above), to
     within (high - low) / 2**32: a bisection."""
+
     def halve(_, bounds):
         low, high = bounds
         middle = (low + high) / 2

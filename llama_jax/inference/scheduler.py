@@ -11,6 +11,7 @@ or its token budget (or when cancelled), which frees its slot for the next admis
 here, in plain Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
 `slots.SlotBackend` runs them on the model.
 """
+
 from __future__ import annotations
 
 import collections
@@ -82,8 +83,15 @@ class QueueFull(Exception):
 
 
 class Scheduler:
-    def __init__(self, backend: Backend, *, max_queue: int, steps_per_dispatch: int, bucket_limit: int,
-                 text: Callable[[Sequence[int], Sequence[int]], str]):
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        max_queue: int,
+        steps_per_dispatch: int,
+        bucket_limit: int,
+        text: Callable[[Sequence[int], Sequence[int]], str],
+    ):
         """`text(prompt_ids, generated_ids)`: the text the generated ids add after the prompt."""
         self.backend = backend
         self.max_queue = max_queue
@@ -136,10 +144,10 @@ class Scheduler:
                 if not self.queue:
                     return
                 bucket = self._bucket(self.queue[0])
-                group = [h for h in self.queue if self._bucket(h) == bucket][:len(free)]
+                group = [h for h in self.queue if self._bucket(h) == bucket][: len(free)]
                 for handle in group:
                     self.queue.remove(handle)
-            slots, free = free[:len(group)], free[len(group):]
+            slots, free = free[: len(group)], free[len(group) :]
             first, logprobs = self.backend.insert(slots, [h.request for h in group], bucket)
             for slot, handle, token, logprob in zip(slots, group, first, logprobs):
                 self.running[slot] = handle
@@ -174,16 +182,23 @@ class Scheduler:
             return
         # Hold back what may still turn into a stop string, and a character still missing bytes.
         hold = max((len(s) - 1 for s in request.stop_strings), default=0)
-        shown = text[:max(len(handle.text), len(text) - hold)]
+        shown = text[: max(len(handle.text), len(text) - hold)]
         while shown.endswith("\ufffd"):
             shown = shown[:-1]
         if new_ids:
-            handle.on_event(Event(new_ids, shown[len(handle.text):], new_logprobs))
+            handle.on_event(Event(new_ids, shown[len(handle.text) :], new_logprobs))
             handle.text = shown
 
-    def _finish(self, slot: int, handle: Handle, new_ids: list[int], reason: str,
-                new_logprobs: Sequence[float] = (), text: str | None = None) -> None:
+    def _finish(
+        self,
+        slot: int,
+        handle: Handle,
+        new_ids: list[int],
+        reason: str,
+        new_logprobs: Sequence[float] = (),
+        text: str | None = None,
+    ) -> None:
         del self.running[slot]
         text = handle.text if text is None else text
-        handle.on_event(Event(new_ids, text[len(handle.text):], list(new_logprobs), reason))
+        handle.on_event(Event(new_ids, text[len(handle.text) :], list(new_logprobs), reason))
         handle.text = text

@@ -1,4 +1,5 @@
 """How to generate: one frozen settings object, checked when it is made, so nothing downstream checks again."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -37,5 +38,7 @@ class GenerationSettings:
         if bad:
             raise ValueError(f"stop ids {bad} are outside the vocabulary (0..{config.vocab_size - 1})")
         if self.max_new_tokens >= config.max_seq_len:
-            raise ValueError(f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in the model's "
-                             f"{config.max_seq_len} positions")
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} leaves no room for a prompt in the model's "
+                f"{config.max_seq_len} positions"
+            )

@@ -11,6 +11,7 @@ and step, and decoding reads the cache in blocks, only as far as the longest liv
 (`attention.attend_live_cache`): every slot's tokens are those it would get alone. The cache is donated to
 every call, so it is updated in place; calls are plain `jax.jit` over the model's split state.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -49,8 +50,9 @@ def _chosen_logprob(logits, token):
     return jnp.take_along_axis(logits, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(logits, axis=-1)
 
 
-def _insert(graphdef, state, cache: KVCache, slots: SlotState, ids, lengths, rows, keys, sampling: RowSampling,
-            *, chunk: int):
+def _insert(
+    graphdef, state, cache: KVCache, slots: SlotState, ids, lengths, rows, keys, sampling: RowSampling, *, chunk: int
+):
     """Prefill `ids` (rows, bucket) and copy each row into slot rows[i] (rows equal to the slot count are
     padding, dropped); sample each one's first token."""
     logits, small = prefill(graphdef, state, ids, lengths, ids.shape[1], chunk)
@@ -58,10 +60,12 @@ def _insert(graphdef, state, cache: KVCache, slots: SlotState, ids, lengths, row
     k = cache.k.at[:, rows, :, :bucket].set(small.k.astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, rows, :, :bucket].set(small.v.astype(cache.v.dtype), mode="drop")
     token = sample_rows(logits, keys, jnp.zeros_like(lengths), sampling)
-    slots = SlotState(slots.last.at[rows].set(token, mode="drop"),
-                      slots.step.at[rows].set(1, mode="drop"),
-                      slots.keys.at[rows].set(keys, mode="drop"),
-                      jax.tree.map(lambda old, new: old.at[rows].set(new, mode="drop"), slots.sampling, sampling))
+    slots = SlotState(
+        slots.last.at[rows].set(token, mode="drop"),
+        slots.step.at[rows].set(1, mode="drop"),
+        slots.keys.at[rows].set(keys, mode="drop"),
+        jax.tree.map(lambda old, new: old.at[rows].set(new, mode="drop"), slots.sampling, sampling),
+    )
     return KVCache(k, v, cache.lengths.at[rows].set(lengths, mode="drop")), slots, token, _chosen_logprob(logits, token)
 
 
@@ -103,41 +107,63 @@ class SlotBackend:
         shape = (config.n_layers, slots, config.n_kv_heads, self.cache_len, config.head_dim)
         kv_sharding = named_sharding(self.mesh, CACHE_AXES, shape)
         row = named_sharding(self.mesh, ("batch",), (slots,))
-        self.cache = KVCache(jax.device_put(jnp.zeros(shape, config.dtype), kv_sharding),
-                             jax.device_put(jnp.zeros(shape, config.dtype), kv_sharding),
-                             jax.device_put(jnp.zeros((slots,), jnp.int32), row))
+        self.cache = KVCache(
+            jax.device_put(jnp.zeros(shape, config.dtype), kv_sharding),
+            jax.device_put(jnp.zeros(shape, config.dtype), kv_sharding),
+            jax.device_put(jnp.zeros((slots,), jnp.int32), row),
+        )
         zeros = np.zeros((slots,), np.int32)
-        self.slot_state = SlotState(zeros, zeros, jax.random.split(jax.random.key(0), slots),
-                                    RowSampling(np.zeros(slots, np.float32), zeros, np.ones(slots, np.float32)))
+        self.slot_state = SlotState(
+            zeros,
+            zeros,
+            jax.random.split(jax.random.key(0), slots),
+            RowSampling(np.zeros(slots, np.float32), zeros, np.ones(slots, np.float32)),
+        )
         self.compiled: set[tuple] = set()  # ("insert", rows, bucket), ("decode", steps)
 
     def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
         firsts, logprobs = [], []
         for start in range(0, len(requests), self.prefill_rows):
-            group, group_slots = requests[start:start + self.prefill_rows], slots[start:start + self.prefill_rows]
+            group, group_slots = requests[start : start + self.prefill_rows], slots[start : start + self.prefill_rows]
             n = 1 << (len(group) - 1).bit_length()  # few compiled shapes, little padding
             ids = np.full((n, bucket), self.pad_id, np.int32)
             lengths = np.ones((n,), np.int32)
             rows = np.full((n,), self.slots, np.int32)  # out of range: padding rows are dropped
             for i, (slot, request) in enumerate(zip(group_slots, group)):
-                ids[i, :len(request.prompt_ids)] = request.prompt_ids
+                ids[i, : len(request.prompt_ids)] = request.prompt_ids
                 lengths[i], rows[i] = len(request.prompt_ids), slot
             padded = list(group) + [group[0]] * (n - len(group))
             keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(
-                np.asarray([r.seed for r in padded], np.uint32), np.asarray([r.stream for r in padded], np.int32))
+                np.asarray([r.seed for r in padded], np.uint32), np.asarray([r.stream for r in padded], np.int32)
+            )
             self.compiled.add(("insert", n, bucket))
             with jax.set_mesh(self.mesh):
                 self.cache, self.slot_state, token, logprob = _insert_jit(
-                    self.graphdef, self.state, self.cache, self.slot_state, ids, lengths, rows, keys,
-                    RowSampling.of([r.sampling for r in padded]), chunk=prefill_chunk(n))
-            firsts += np.asarray(token)[:len(group)].tolist()
-            logprobs += np.asarray(logprob)[:len(group)].tolist()
+                    self.graphdef,
+                    self.state,
+                    self.cache,
+                    self.slot_state,
+                    ids,
+                    lengths,
+                    rows,
+                    keys,
+                    RowSampling.of([r.sampling for r in padded]),
+                    chunk=prefill_chunk(n),
+                )
+            firsts += np.asarray(token)[: len(group)].tolist()
+            logprobs += np.asarray(logprob)[: len(group)].tolist()
         return firsts, logprobs
 
     def decode(self, steps: int, active: Sequence[bool]) -> tuple[list[list[int]], list[list[float]]]:
         self.compiled.add(("decode", steps))
         with jax.set_mesh(self.mesh):
             self.cache, self.slot_state, tokens, logprobs = _decode_jit(
-                self.graphdef, self.state, self.cache, self.slot_state, np.asarray(active), steps=steps,
-                block=CACHE_BLOCK)
+                self.graphdef,
+                self.state,
+                self.cache,
+                self.slot_state,
+                np.asarray(active),
+                steps=steps,
+                block=CACHE_BLOCK,
+            )
         return np.asarray(tokens).tolist(), np.asarray(logprobs).tolist()

@@ -9,6 +9,7 @@ A client that goes away mid-stream cancels its requests: their slots are free at
 Every refusal is an OpenAI-style error body: 400 for a bad request, 401 without the API key, 413 for a
 body over the bound, 429 when the queue is full.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,10 +47,15 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None, api_k
     @app.middleware("http")
     async def guard(request: Request, call_next):
         if request.url.path.startswith("/v1/"):
-            if api_key is not None and not secrets.compare_digest(request.headers.get("authorization", ""),
-                                                                  f"Bearer {api_key}"):
-                return _error(401, "missing or wrong API key: send Authorization: Bearer KEY",
-                              kind="authentication_error", code="invalid_api_key")
+            if api_key is not None and not secrets.compare_digest(
+                request.headers.get("authorization", ""), f"Bearer {api_key}"
+            ):
+                return _error(
+                    401,
+                    "missing or wrong API key: send Authorization: Bearer KEY",
+                    kind="authentication_error",
+                    code="invalid_api_key",
+                )
             size = request.headers.get("content-length")
             if size is not None and (not size.isdigit() or int(size) > MAX_BODY_BYTES):
                 return _error(413, f"request bodies are limited to {MAX_BODY_BYTES} bytes")
@@ -69,13 +75,19 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None, api_k
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "slots": engine.slots, "running": len(engine.scheduler.running),
-                "waiting": len(engine.scheduler.queue)}
+        return {
+            "status": "ok",
+            "slots": engine.slots,
+            "running": len(engine.scheduler.running),
+            "waiting": len(engine.scheduler.queue),
+        }
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "llama_jax",
-                                            "created": 0}]}
+        return {
+            "object": "list",
+            "data": [{"id": model_name, "object": "model", "owned_by": "llama_jax", "created": 0}],
+        }
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest):
@@ -97,15 +109,17 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None, api_k
     return app
 
 
-def _error(status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-           code: str | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(error_body(message, kind, param, code), status_code=status)
 
 
 def _check_model(requested: str, served: str) -> None:
     if requested != served:
-        raise _Refused(400, f"model {requested!r} is not served here; this server serves {served!r}", "model",
-                       "model_not_found")
+        raise _Refused(
+            400, f"model {requested!r} is not served here; this server serves {served!r}", "model", "model_not_found"
+        )
 
 
 async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int]], chat: bool, logprobs: bool):
@@ -113,8 +127,18 @@ async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int
     sampling = SamplingParams(body.temperature, body.top_k, body.top_p)
     stop_ids = tuple(engine.tokenizer.stop_ids)
     # Without max_tokens: DEFAULT_MAX_TOKENS, or what the context leaves.
-    requests = [EngineRequest(tuple(ids), budget or max(1, min(DEFAULT_MAX_TOKENS, engine.max_len - len(ids))),
-                              sampling, body.seed, 0, stop_ids, body.stop_strings) for ids in prompts]
+    requests = [
+        EngineRequest(
+            tuple(ids),
+            budget or max(1, min(DEFAULT_MAX_TOKENS, engine.max_len - len(ids))),
+            sampling,
+            body.seed,
+            0,
+            stop_ids,
+            body.stop_strings,
+        )
+        for ids in prompts
+    ]
     for request in requests:
         try:
             engine.check(request)
@@ -125,8 +149,9 @@ async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int
     handles = []
     try:
         for request, events in zip(requests, queues):
-            handles.append(engine.submit(request, lambda event, q=events: loop.call_soon_threadsafe(q.put_nowait,
-                                                                                                    event)))
+            handles.append(
+                engine.submit(request, lambda event, q=events: loop.call_soon_threadsafe(q.put_nowait, event))
+            )
     except QueueFull as e:
         for handle in handles:
             handle.cancel()
@@ -134,8 +159,7 @@ async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int
     request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
     pieces = _Pieces(engine.tokenizer)
     if body.stream:
-        stream = _stream(request_id, model_name, requests, queues, handles, pieces, chat, logprobs,
-                         body.include_usage)
+        stream = _stream(request_id, model_name, requests, queues, handles, pieces, chat, logprobs, body.include_usage)
         return StreamingResponse(stream, media_type="text/event-stream")
     try:
         events = [await _all_events(q) for q in queues]
@@ -144,11 +168,14 @@ async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int
             handle.cancel()
     texts = ["".join(e.text for e in evs) for evs in events]
     ids = [[t for e in evs for t in e.token_ids] for evs in events]
-    lps = [protocol.token_logprobs(pieces(i), [p for e in evs for p in e.logprobs], 0, chat) if logprobs else None
-           for i, evs in zip(ids, events)]
+    lps = [
+        protocol.token_logprobs(pieces(i), [p for e in evs for p in e.logprobs], 0, chat) if logprobs else None
+        for i, evs in zip(ids, events)
+    ]
     usage = protocol.usage(sum(len(r.prompt_ids) for r in requests), sum(len(i) for i in ids))
-    return protocol.completion_response(request_id, model_name, texts, [evs[-1].finish_reason for evs in events],
-                                        lps, usage, chat)
+    return protocol.completion_response(
+        request_id, model_name, texts, [evs[-1].finish_reason for evs in events], lps, usage, chat
+    )
 
 
 async def _all_events(events: asyncio.Queue[Event]) -> list[Event]:
@@ -158,9 +185,11 @@ async def _all_events(events: asyncio.Queue[Event]) -> list[Event]:
     return collected
 
 
-async def _stream(request_id, model_name, requests, queues, handles, pieces, chat, logprobs,
-                  include_usage) -> AsyncIterator[str]:
+async def _stream(
+    request_id, model_name, requests, queues, handles, pieces, chat, logprobs, include_usage
+) -> AsyncIterator[str]:
     """Server-sent events of every choice as its tokens come, then `data: [DONE]`."""
+
     def sse(payload: dict) -> str:
         return f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -181,8 +210,9 @@ async def _stream(request_id, model_name, requests, queues, handles, pieces, cha
                 if logprobs:
                     lp = protocol.token_logprobs(pieces(event.token_ids), event.logprobs, offsets[index], chat)
                 offsets[index] += len(event.text)
-                yield sse(protocol.completion_chunk(request_id, model_name, index, event.text, event.finish_reason,
-                                                    lp, chat))
+                yield sse(
+                    protocol.completion_chunk(request_id, model_name, index, event.text, event.finish_reason, lp, chat)
+                )
                 if event.finish_reason is None:
                     pending[asyncio.ensure_future(queues[index].get())] = index
         if include_usage:

@@ -4,6 +4,7 @@ Only what the engine does is accepted: one choice per prompt (`n` 1), no `echo`,
 chosen tokens only. Anything else in a request is refused with a 400 naming the field, never ignored into a
 different answer. `seed` defaults to 0, so a request's tokens depend only on what it says.
 """
+
 from __future__ import annotations
 
 import time
@@ -77,8 +78,9 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
 
-def error_body(message: str, kind: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, kind: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
@@ -86,8 +88,9 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def completion_chunk(request_id: str, model: str, index: int, text: str, finish_reason: str | None,
-                     logprobs: dict | None, chat: bool) -> dict[str, Any]:
+def completion_chunk(
+    request_id: str, model: str, index: int, text: str, finish_reason: str | None, logprobs: dict | None, chat: bool
+) -> dict[str, Any]:
     """One streamed chunk (`text` new since the last one)."""
     if chat:
         delta = {"content": text} if text or finish_reason is None else {}
@@ -99,30 +102,54 @@ def completion_chunk(request_id: str, model: str, index: int, text: str, finish_
     return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": [choice]}
 
 
-def completion_response(request_id: str, model: str, texts: list[str], reasons: list[str],
-                        logprobs: list[dict | None], usage: dict[str, int], chat: bool) -> dict[str, Any]:
+def completion_response(
+    request_id: str,
+    model: str,
+    texts: list[str],
+    reasons: list[str],
+    logprobs: list[dict | None],
+    usage: dict[str, int],
+    chat: bool,
+) -> dict[str, Any]:
     if chat:
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp,
-                    "finish_reason": reason} for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": text}, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))
+        ]
         kind = "chat.completion"
     else:
-        choices = [{"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
-                   for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))]
+        choices = [
+            {"index": i, "text": text, "logprobs": lp, "finish_reason": reason}
+            for i, (text, reason, lp) in enumerate(zip(texts, reasons, logprobs))
+        ]
         kind = "text_completion"
-    return {"id": request_id, "object": kind, "created": int(time.time()), "model": model, "choices": choices,
-            "usage": usage}
+    return {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    }
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def token_logprobs(pieces: list[str], logprobs: list[float], offset: int, chat: bool) -> dict[str, Any]:
     """The log-probabilities of chosen tokens, in the completions or the chat format."""
     if chat:
-        return {"content": [{"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": []}
-                            for piece, logprob in zip(pieces, logprobs)]}
+        return {
+            "content": [
+                {"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": []}
+                for piece, logprob in zip(pieces, logprobs)
+            ]
+        }
     offsets = []
     for piece in pieces:
         offsets.append(offset)

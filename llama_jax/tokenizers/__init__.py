@@ -5,6 +5,7 @@ tokenizer file by its content.
   - llama2.c `tokenizer.bin` (the small TinyStories models),
   - tiktoken BPE ranks `tokenizer.model` (Llama 3, 3.1, 3.2).
 """
+
 from __future__ import annotations
 
 from pathlib import Path

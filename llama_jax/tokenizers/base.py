@@ -1,4 +1,5 @@
 """The interface every tokenizer implements; `llama_jax.tokenizers.load_tokenizer` picks the implementation."""
+
 from __future__ import annotations
 
 import abc

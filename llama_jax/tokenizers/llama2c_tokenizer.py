@@ -4,6 +4,7 @@ File layout (llama2.c tokenizer.py export): int32 max_token_length, then per tok
 int32 byte length, the UTF-8 bytes. Ids 0, 1, 2 are <unk>, BOS ("\\n<s>\\n"), EOS ("\\n</s>\\n"); ids 3..258
 are the byte tokens "<0x00>".."<0xFF>"; the vocabulary size is not stored (run.c takes it from the model).
 """
+
 from __future__ import annotations
 
 import heapq

@@ -1,4 +1,5 @@
 """SentencePiece `tokenizer.model` files: LLaMA 1 and 2, and models trained by `training.py`."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -3,6 +3,7 @@
 The file holds one `base64(token bytes) rank` line per mergeable token; 256 special tokens follow the
 ranks. The encoding is assembled locally with `tiktoken.Encoding`: nothing is downloaded.
 """
+
 from __future__ import annotations
 
 import base64

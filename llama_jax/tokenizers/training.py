@@ -3,6 +3,7 @@
 Byte fallback makes every UTF-8 text encodable (characters never seen in training become byte tokens),
 and identity normalization without whitespace cleanup makes decode(encode(text)) == text exactly.
 """
+
 from __future__ import annotations
 
 import io

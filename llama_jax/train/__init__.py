@@ -15,6 +15,7 @@
 
 Names are imported on first use: `llama_jax.train.config` (and `train.py --help`) does not import JAX.
 """
+
 import importlib
 
 _EXPORTS = {

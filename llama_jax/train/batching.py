@@ -14,6 +14,7 @@ permutation_e(j mod n) of epoch e = j div n, the permutation a keyed Feistel bij
 reads exactly what an uninterrupted one would, on any number of hosts, and each host builds only the rows
 of its own devices.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,14 @@ FIELDS = ("inputs", "targets", "positions", "segments", "loss_mask")
 
 
 class PackedRows:
-    def __init__(self, corpus: TokenizedCorpus | StoreCorpus, seq_len: int, pad_id: int, whole_documents: bool,
-                 val_fraction: float):
+    def __init__(
+        self,
+        corpus: TokenizedCorpus | StoreCorpus,
+        seq_len: int,
+        pad_id: int,
+        whole_documents: bool,
+        val_fraction: float,
+    ):
         self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
         n_tokens = corpus.n_tokens
         self._doc_spans = _pack_documents(corpus.starts, seq_len + 1) if whole_documents else None
@@ -41,8 +48,10 @@ class PackedRows:
         self.n_val = max(1, round(self.n_rows * val_fraction))
         self.n_train = self.n_rows - self.n_val
         if self.n_train < 1:
-            raise ValueError(f"the corpus ({n_tokens} tokens) is too small for seq_len {seq_len}: it makes "
-                             f"{self.n_rows} row(s), but training and validation need one each")
+            raise ValueError(
+                f"the corpus ({n_tokens} tokens) is too small for seq_len {seq_len}: it makes "
+                f"{self.n_rows} row(s), but training and validation need one each"
+            )
 
     def spans(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[start, end) of each row in the token stream; row -1 is empty (all padding)."""
@@ -71,12 +80,18 @@ class PackedRows:
         inputs_segments = segments[:, :-1]
         # Positions count from each document's first token in the row, as if the document were alone.
         steps = np.arange(self.seq_len)
-        is_start = np.concatenate([np.ones_like(inputs_segments[:, :1], bool),
-                                   inputs_segments[:, 1:] != inputs_segments[:, :-1]], axis=1)
+        is_start = np.concatenate(
+            [np.ones_like(inputs_segments[:, :1], bool), inputs_segments[:, 1:] != inputs_segments[:, :-1]], axis=1
+        )
         positions = steps - np.maximum.accumulate(np.where(is_start, steps, 0), axis=1)
         loss_mask = (segments[:, 1:] == inputs_segments) & (inputs_segments > 0) & weights[:, 1:]
-        fields = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "positions": positions.astype(np.int32),
-                  "segments": inputs_segments, "loss_mask": loss_mask.astype(np.float32)}
+        fields = {
+            "inputs": tokens[:, :-1],
+            "targets": tokens[:, 1:],
+            "positions": positions.astype(np.int32),
+            "segments": inputs_segments,
+            "loss_mask": loss_mask.astype(np.float32),
+        }
         return {name: value.reshape(*shape, self.seq_len) for name, value in fields.items()}
 
     def train_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
@@ -142,8 +157,10 @@ def check_batch_fits_mesh(config: TrainConfig, mesh: Mesh) -> None:
     """ValueError unless every device of the batch axes gets the same number of rows."""
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.micro_batch % batch_shards:
-        raise ValueError(f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
-                         f"the data-parallel size (mesh data × fsdp = {batch_shards})")
+        raise ValueError(
+            f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
+            f"the data-parallel size (mesh data × fsdp = {batch_shards})"
+        )
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, int, int]) -> NamedSharding:
@@ -158,5 +175,7 @@ def global_batch(rows: PackedRows, row_ids: np.ndarray, mesh: Mesh) -> dict[str,
     indices = sharding.addressable_devices_indices_map(shape).values()
     local = sorted({(index[1].start or 0, index[1].stop or shape[1]) for index in indices})
     local_ids = np.concatenate([row_ids[:, start:stop] for start, stop in local], axis=1)
-    return {name: jax.make_array_from_process_local_data(sharding, value, shape)
-            for name, value in rows.arrays(local_ids).items()}
+    return {
+        name: jax.make_array_from_process_local_data(sharding, value, shape)
+        for name, value in rows.arrays(local_ids).items()
+    }

@@ -13,6 +13,7 @@ may differ from the mesh that saved it, then checks it against the checksums sav
 non-finite values: a step that fails (or cannot be read at all) is moved to damaged/ and the next older
 one is tried, so a damaged newest step costs the steps since the one before, never the run.
 """
+
 from __future__ import annotations
 
 import logging
@@ -38,8 +39,9 @@ class TrainingCheckpoints:
 
     def __init__(self, run_dir: Path, keep: int):
         self.run_dir = run_dir
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True,
-                                               cleanup_tmp_directories=True)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
+        )
         self._manager = ocp.CheckpointManager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
 
     def latest_step(self) -> int | None:
@@ -49,10 +51,15 @@ class TrainingCheckpoints:
         """Start saving `state` as `step` (asynchronously: returns once the arrays are copied off device),
         with the checksums of what is saved."""
         checksums = {"params": device_checksums(state.params), "opt_state": device_checksums(state.opt_state)}
-        self._manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(state.params),
-            opt_state=ocp.args.StandardSave(state.opt_state),
-            **{META_ITEM: ocp.args.JsonSave({"step": step, **meta, "checksums": checksums})}), force=True)
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(state.params),
+                opt_state=ocp.args.StandardSave(state.opt_state),
+                **{META_ITEM: ocp.args.JsonSave({"step": step, **meta, "checksums": checksums})},
+            ),
+            force=True,
+        )
 
     def restore_newest_intact(self, abstract_state) -> tuple[Any, Any, dict] | None:
         """(params, opt_state, meta) of the newest intact step, placed as `abstract_state`'s shardings say;
@@ -61,8 +68,14 @@ class TrainingCheckpoints:
             restored, problem = self._restore_checked(step, abstract_state)
             if problem is None:
                 return restored
-            log.warning("checkpoint step %d of %s is damaged (%s): moved to %s/%d; trying the one before",
-                        step, self.run_dir, problem, DAMAGED_DIR, step)
+            log.warning(
+                "checkpoint step %d of %s is damaged (%s): moved to %s/%d; trying the one before",
+                step,
+                self.run_dir,
+                problem,
+                DAMAGED_DIR,
+                step,
+            )
             if jax.process_index() == 0:
                 (self.run_dir / DAMAGED_DIR).mkdir(exist_ok=True)
                 shutil.move(str(Path(self._manager.directory) / str(step)), self.run_dir / DAMAGED_DIR / str(step))
@@ -72,14 +85,19 @@ class TrainingCheckpoints:
 
     def _restore_checked(self, step: int, abstract_state) -> tuple[tuple[Any, Any, dict] | None, str | None]:
         try:
-            restored = self._manager.restore(step, args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(abstract_state.params),
-                opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
-                **{META_ITEM: ocp.args.JsonRestore()}))
+            restored = self._manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardRestore(abstract_state.params),
+                    opt_state=ocp.args.StandardRestore(abstract_state.opt_state),
+                    **{META_ITEM: ocp.args.JsonRestore()},
+                ),
+            )
             meta = restored[META_ITEM]
             expected = meta.get("checksums", {})
-            problem = (damage(restored.params, expected.get("params"))
-                       or damage(restored.opt_state, expected.get("opt_state")))
+            problem = damage(restored.params, expected.get("params")) or damage(
+                restored.opt_state, expected.get("opt_state")
+            )
         except Exception as e:  # orbax and tensorstore raise many types for files cut short or missing
             restored, problem = None, first_line(e)
         if jax.process_count() > 1:  # a file one host could not read damages the step for all of them

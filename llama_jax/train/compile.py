@@ -4,6 +4,7 @@ No data, tokenizer or weights are read: the vocabulary comes from the model conf
 contributes its config.json only), the batch and the train state are `jax.ShapeDtypeStruct`s sharded over
 the slice's devices, and nothing runs on them.
 """
+
 from __future__ import annotations
 
 import jax
@@ -36,16 +37,38 @@ def compile_training(config: TrainConfig, tpu: TpuSlice) -> list[FunctionReport]
     layout = state_layout(model, optimizer, mesh)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     sharding = batch_sharding(mesh, batch_shape)
-    batch = {name: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if name == "loss_mask" else jnp.int32,
-                                        sharding=sharding) for name in FIELDS}
+    batch = {
+        name: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if name == "loss_mask" else jnp.int32, sharding=sharding)
+        for name in FIELDS
+    }
     attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
-    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
-                                 config.loss_chunk, config.seed if model.lora.dropout else None)
+    train_step = make_train_step(
+        layout,
+        optimizer,
+        mesh,
+        batch_shape,
+        config.z_loss,
+        learning_rate(config),
+        config.loss_chunk,
+        config.seed if model.lora.dropout else None,
+    )
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
-    return [compile_function("train_step", lambda: train_step.lower(layout.abstract, batch), mesh,
-                             train_workload(model, config, mesh), attention),
-            compile_function("eval_step", lambda: eval_step.lower(layout.abstract, batch), mesh,
-                             eval_workload(model, config, mesh), attention)]
+    return [
+        compile_function(
+            "train_step",
+            lambda: train_step.lower(layout.abstract, batch),
+            mesh,
+            train_workload(model, config, mesh),
+            attention,
+        ),
+        compile_function(
+            "eval_step",
+            lambda: eval_step.lower(layout.abstract, batch),
+            mesh,
+            eval_workload(model, config, mesh),
+            attention,
+        ),
+    ]
 
 
 def train_workload(model: ModelConfig, config: TrainConfig, mesh) -> Workload:

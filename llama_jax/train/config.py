@@ -11,6 +11,7 @@ Nested keys address the mesh (`mesh.fsdp`), the multi-host runtime (`distributed
 model: `model.preset` (a preset name or a model YAML file) and any field of `ModelConfig` (`model.remat`).
 `model=NAME` is short for `model.preset=NAME`, on the command line and in YAML.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -54,8 +55,9 @@ class LoraSettings:
     int8_base: bool = False  # QLoRA: the frozen projections held int8 (quantize.py) while the adapters train
 
     def config(self) -> LoraConfig:
-        return LoraConfig(self.rank, self.alpha, tuple(t.strip() for t in self.targets.split(",") if t.strip()),
-                          self.dropout)
+        return LoraConfig(
+            self.rank, self.alpha, tuple(t.strip() for t in self.targets.split(",") if t.strip()), self.dropout
+        )
 
 
 def _model_settings_class() -> type:
@@ -65,14 +67,17 @@ def _model_settings_class() -> type:
     lora_* fields are set by the `lora.*` settings.)"""
     hints = typing.get_type_hints(ModelConfig)
     fields = [("preset", str | None, dataclasses.field(default=None))]
-    fields += [(f.name, hints[f.name] | None, dataclasses.field(default=None))
-               for f in dataclasses.fields(ModelConfig)
-               if f.name not in ("rope_scaling", "quantize") and not f.name.startswith("lora_")]
+    fields += [
+        (f.name, hints[f.name] | None, dataclasses.field(default=None))
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in ("rope_scaling", "quantize") and not f.name.startswith("lora_")
+    ]
 
     def overrides(self) -> dict[str, Any]:
         """The ModelConfig fields this run sets."""
-        return {name: value for name, value in dataclasses.asdict(self).items()
-                if value is not None and name != "preset"}
+        return {
+            name: value for name, value in dataclasses.asdict(self).items() if value is not None and name != "preset"
+        }
 
     return dataclasses.make_dataclass("ModelSettings", fields, frozen=True, namespace={"overrides": overrides})
 
@@ -88,14 +93,23 @@ def setting(default: Any, help: str) -> Any:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     # What to train, on what.
-    model: ModelSettings = setting(ModelSettings(), "model.preset: a preset (config.py PRESETS) or a model YAML; "
-                                   "default small, or init_from's model. model.FIELD: any ModelConfig field")
+    model: ModelSettings = setting(
+        ModelSettings(),
+        "model.preset: a preset (config.py PRESETS) or a model YAML; "
+        "default small, or init_from's model. model.FIELD: any ModelConfig field",
+    )
     init_from: str | None = setting(None, "a model directory (converted or trained) to start from: fine-tuning")
-    data: str = setting(BUNDLED_CORPUS, "text files, globs, comma-separated; .jsonl: {\"text\": ...} per line "
-                        "(SFT: prompt/response); a token store (gs://..., a directory); or a bundled file's name")
+    data: str = setting(
+        BUNDLED_CORPUS,
+        'text files, globs, comma-separated; .jsonl: {"text": ...} per line '
+        "(SFT: prompt/response); a token store (gs://..., a directory); or a bundled file's name",
+    )
     doc_separator: str | None = setting(None, "split text files into documents at this string")
-    tokenizer: str | None = setting(None, "a tokenizer file, or train:VOCAB to train one on the corpus; default: "
-                                    "init_from's, else train:<the model's vocab_size>")
+    tokenizer: str | None = setting(
+        None,
+        "a tokenizer file, or train:VOCAB to train one on the corpus; default: "
+        "init_from's, else train:<the model's vocab_size>",
+    )
     sft: bool = setting(False, "JSONL prompt/response records; the loss is on response tokens only")
     chat_template: str | None = setting(None, "SFT prompts as a chat: llama2, llama3, or auto (init_from's)")
     val_fraction: float = setting(0.05, "the last rows of the packed corpus held out for validation")
@@ -118,14 +132,22 @@ class TrainConfig:
     loss_chunk: int = setting(LOSS_CHUNK, "positions whose float32 logits exist at once in the loss; 0: all")
     dtype: str = setting(COMPUTE_DTYPE_AUTO, "compute dtype: auto = bfloat16 on GPU/TPU, float32 on CPU")
     mesh: MeshConfig = setting(MeshConfig(), "mesh.data, mesh.fsdp, mesh.tensor: the device mesh (-1: the rest)")
-    lora: LoraSettings = setting(LoraSettings(), "lora.rank (0: train every parameter; else LoRA adapters of that "
-                                 "rank on a frozen init_from), lora.alpha (default 16), lora.targets (q,k,v,o; also "
-                                 "gate, up, down), lora.dropout (default 0), lora.int8_base (QLoRA: the frozen "
-                                 "weights held int8)")
-    distributed: DistributedConfig = setting(DistributedConfig(), "distributed.coordinator, .num_processes, "
-                                             ".process_id: multi-host on GPU clusters (TPU VMs find each other)")
-    hardware: str | None = setting(None, "where the recipe is meant to run: a TPU slice (v5p-128; check it with "
-                                   "--compile-for) or e.g. cpu, 8xH100; nothing is chosen by it")
+    lora: LoraSettings = setting(
+        LoraSettings(),
+        "lora.rank (0: train every parameter; else LoRA adapters of that "
+        "rank on a frozen init_from), lora.alpha (default 16), lora.targets (q,k,v,o; also "
+        "gate, up, down), lora.dropout (default 0), lora.int8_base (QLoRA: the frozen "
+        "weights held int8)",
+    )
+    distributed: DistributedConfig = setting(
+        DistributedConfig(),
+        "distributed.coordinator, .num_processes, .process_id: multi-host on GPU clusters (TPU VMs find each other)",
+    )
+    hardware: str | None = setting(
+        None,
+        "where the recipe is meant to run: a TPU slice (v5p-128; check it with "
+        "--compile-for) or e.g. cpu, 8xH100; nothing is chosen by it",
+    )
     # Outputs.
     run_dir: str = setting("runs/default", "outputs; rerunning with the same run_dir resumes it")
     checkpoint_every: int = setting(200, "steps between checkpoints")
@@ -142,13 +164,24 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ("steps", "batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints", "eval_every",
-                    "eval_batches", "log_every", "sample_tokens")
+        positive = (
+            "steps",
+            "batch_size",
+            "grad_accum",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "eval_every",
+            "eval_batches",
+            "log_every",
+            "sample_tokens",
+        )
         for name in positive:
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         _check(self.seq_len >= 2, f"seq_len must be at least 2, got {self.seq_len}")
-        _check(self.batch_size % self.grad_accum == 0,
-               f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})")
+        _check(
+            self.batch_size % self.grad_accum == 0,
+            f"batch_size ({self.batch_size}) must be a multiple of grad_accum ({self.grad_accum})",
+        )
         _check(self.warmup >= 0, f"warmup must not be negative, got {self.warmup}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
         _check(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
@@ -160,23 +193,32 @@ class TrainConfig:
         dtypes = (COMPUTE_DTYPE_AUTO, *DTYPES)
         _check(self.dtype in dtypes, f"dtype must be one of {dtypes}, got {self.dtype!r}")
         templates = (*TEMPLATES, CHAT_TEMPLATE_AUTO)
-        _check(self.chat_template is None or self.chat_template in templates,
-               f"chat_template must be one of {templates} or null, got {self.chat_template!r}")
+        _check(
+            self.chat_template is None or self.chat_template in templates,
+            f"chat_template must be one of {templates} or null, got {self.chat_template!r}",
+        )
         _check(self.chat_template is None or self.sft, "chat_template applies to SFT data: set sft=true")
-        _check(self.chat_template != CHAT_TEMPLATE_AUTO or self.init_from is not None,
-               "chat_template=auto takes the template of init_from's checkpoint: set init_from")
+        _check(
+            self.chat_template != CHAT_TEMPLATE_AUTO or self.init_from is not None,
+            "chat_template=auto takes the template of init_from's checkpoint: set init_from",
+        )
         if self.tokenizer is not None:
             _check(self.tokenizer != "", "tokenizer must be a tokenizer file or train:VOCAB")
             _trained_vocab(self.tokenizer)
         _check(bool(self.data.strip()), "data must name at least one file")
         lora = self.lora.config()  # validates rank, alpha and targets
-        _check(not lora.enabled or self.init_from is not None,
-               "LoRA adapts a trained model: set init_from to a model directory (or lora.rank=0)")
-        _check(lora.enabled or not self.lora.int8_base,
-               "lora.int8_base freezes an int8 base under adapters: set lora.rank")
+        _check(
+            not lora.enabled or self.init_from is not None,
+            "LoRA adapts a trained model: set init_from to a model directory (or lora.rank=0)",
+        )
+        _check(
+            lora.enabled or not self.lora.int8_base, "lora.int8_base freezes an int8 base under adapters: set lora.rank"
+        )
         sizes = dataclasses.astuple(self.mesh)
-        _check(all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
-               f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}")
+        _check(
+            all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
+            f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}",
+        )
 
     @property
     def trained_vocab_size(self) -> int | None:
@@ -204,10 +246,12 @@ def describe_settings() -> str:
 def _trained_vocab(tokenizer: str) -> int | None:
     if not tokenizer.startswith(TRAINED_TOKENIZER_PREFIX):
         return None
-    text = tokenizer[len(TRAINED_TOKENIZER_PREFIX):]
+    text = tokenizer[len(TRAINED_TOKENIZER_PREFIX) :]
     if not text.isdigit() or not 260 <= int(text) <= 1_000_000:
-        raise ValueError(f"tokenizer={tokenizer!r}: VOCAB must be an integer from 260 (3 special pieces, "
-                         "256 bytes and at least one merge) to 1000000")
+        raise ValueError(
+            f"tokenizer={tokenizer!r}: VOCAB must be an integer from 260 (3 special pieces, "
+            "256 bytes and at least one merge) to 1000000"
+        )
     return int(text)
 
 

@@ -26,6 +26,7 @@ The cache key hashes the corpus bytes, the tokenizer file and the options that c
 changed file is re-tokenized and an unchanged one never is. Entries are assembled in a temporary directory
 and renamed into place: a killed tokenization leaves nothing that looks complete.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -129,8 +130,15 @@ def build_token_store(config: TrainConfig, chat_template: str | None, url: str) 
         raise ValueError(f"data {config.data} is a token store already")
     data = prepare_data(config, chat_template)
     corpus = data.corpus
-    write_store(url, corpus.tokens, corpus.starts, corpus.weights, data.tokenizer, corpus.key,
-                corpus_options(config, chat_template))
+    write_store(
+        url,
+        corpus.tokens,
+        corpus.starts,
+        corpus.weights,
+        data.tokenizer,
+        corpus.key,
+        corpus_options(config, chat_template),
+    )
     return {"token_store": url, "tokens": corpus.n_tokens, "documents": len(corpus.starts) - 1, "key": corpus.key}
 
 
@@ -200,7 +208,7 @@ def documents(files: list[Path], doc_separator: str | None = None) -> Iterator[s
         if is_jsonl(path):
             for where, record in jsonl_records(path):
                 if not isinstance(record.get("text"), str):
-                    raise ValueError(f"{where}: expected a JSON object with a string \"text\" field")
+                    raise ValueError(f'{where}: expected a JSON object with a string "text" field')
                 yield record["text"]
         else:
             text = path.read_text(encoding="utf-8")
@@ -241,10 +249,12 @@ def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtyp
         _build_entry(examples, entry, dtype)
     meta = json.loads((entry / "meta.json").read_text())
     weights = entry / "weights.bin"
-    return TokenizedCorpus(tokens=np.memmap(entry / "tokens.bin", dtype=meta["dtype"], mode="r"),
-                           starts=np.load(entry / "starts.npy"),
-                           weights=np.memmap(weights, dtype=np.uint8, mode="r") if weights.is_file() else None,
-                           key=key)
+    return TokenizedCorpus(
+        tokens=np.memmap(entry / "tokens.bin", dtype=meta["dtype"], mode="r"),
+        starts=np.load(entry / "starts.npy"),
+        weights=np.memmap(weights, dtype=np.uint8, mode="r") if weights.is_file() else None,
+        key=key,
+    )
 
 
 def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
@@ -263,8 +273,12 @@ def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
         if (staging / "weights.bin").stat().st_size == 0:  # pretraining: every token is a target
             os.remove(staging / "weights.bin")
         np.save(staging / "starts.npy", np.asarray(starts, np.int64))
-        meta = {"format": CACHE_FORMAT, "dtype": np.dtype(dtype).name, "tokens": starts[-1],
-                "documents": len(starts) - 1}
+        meta = {
+            "format": CACHE_FORMAT,
+            "dtype": np.dtype(dtype).name,
+            "tokens": starts[-1],
+            "documents": len(starts) - 1,
+        }
         (staging / "meta.json").write_text(json.dumps(meta) + "\n")
 
 
@@ -272,12 +286,11 @@ def sft_records(files: list[Path]) -> Iterator[tuple[str, str, str]]:
     """(where, prompt, response) for every record; one clear error for a file or record of another shape."""
     for path in files:
         if not is_jsonl(path):
-            raise ValueError(f"SFT data must be JSONL files of {{\"prompt\": ..., \"response\": ...}} records; "
-                             f"got {path}")
+            raise ValueError(f'SFT data must be JSONL files of {{"prompt": ..., "response": ...}} records; got {path}')
         for where, record in jsonl_records(path):
             prompt, response = record.get("prompt"), record.get("response")
             if not isinstance(prompt, str) or not isinstance(response, str):
-                raise ValueError(f"{where}: an SFT record needs string \"prompt\" and \"response\" fields")
+                raise ValueError(f'{where}: an SFT record needs string "prompt" and "response" fields')
             yield where, prompt, response
 
 
@@ -288,8 +301,9 @@ def sft_texts(files: list[Path]) -> Iterator[str]:
         yield response
 
 
-def encode_example(tokenizer: Tokenizer, prompt: str, response: str,
-                   chat_template: str | None) -> tuple[list[int], list[int]]:
+def encode_example(
+    tokenizer: Tokenizer, prompt: str, response: str, chat_template: str | None
+) -> tuple[list[int], list[int]]:
     """(ids, weights): weights are 1 on the tokens the model learns to produce."""
     if chat_template is None:
         prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
@@ -301,8 +315,9 @@ def encode_example(tokenizer: Tokenizer, prompt: str, response: str,
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
 
 
-def sft_examples(tokenizer: Tokenizer, files: list[Path],
-                 chat_template: str | None) -> Iterator[tuple[list[int], list[int]]]:
+def sft_examples(
+    tokenizer: Tokenizer, files: list[Path], chat_template: str | None
+) -> Iterator[tuple[list[int], list[int]]]:
     for where, prompt, response in sft_records(files):
         if not response.strip():
             raise ValueError(f"{where}: the response is empty, nothing to learn from")

@@ -9,6 +9,7 @@ backward, counted over the full seq_len×seq_len score matrix as PaLM (Chowdhery
 counts them, causal masking notwithstanding. Recomputation under remat is not model FLOPs and is not
 counted: MFU measures useful work.
 """
+
 from __future__ import annotations
 
 from llama_jax.config import ModelConfig

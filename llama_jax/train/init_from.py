@@ -1,5 +1,6 @@
 """What a run starts from: its model config, tokenizer and chat template, decided from the settings and, when
 fine-tuning, the `init_from` model directory (whose model shape a run may not change)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,9 @@ from llama_jax.train.token_store import store_url
 DEFAULT_PRESET = "small"
 
 
-def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | None = None,
-                       vocab_size: int | None = None) -> ModelConfig:
+def build_model_config(
+    config: TrainConfig, platform: str, base: ModelConfig | None = None, vocab_size: int | None = None
+) -> ModelConfig:
     """The model to train on `platform` (the mesh's: "cpu", "gpu", "tpu"). `base`: the init_from checkpoint's
     model (its shape must not change); `vocab_size`: the tokenizer's, which a model trained from scratch adopts."""
     chosen = load_model_config(config.model.preset) if config.model.preset is not None else None
@@ -27,8 +29,11 @@ def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | N
         model = base
         if chosen is not None:
             overrides = {**{k: v for k, v in chosen.to_dict().items() if k not in COMPUTE_FIELDS}, **overrides}
-        changed = {k: (getattr(base, k), v) for k, v in overrides.items()
-                   if k not in COMPUTE_FIELDS and _normal(getattr(base, k)) != _normal(v)}
+        changed = {
+            k: (getattr(base, k), v)
+            for k, v in overrides.items()
+            if k not in COMPUTE_FIELDS and _normal(getattr(base, k)) != _normal(v)
+        }
         if changed:
             diffs = ", ".join(f"{k}={old!r} there but {new!r} here" for k, (old, new) in sorted(changed.items()))
             raise ValueError(f"init_from {config.init_from} holds a different model: {diffs}")
@@ -44,15 +49,22 @@ def build_model_config(config: TrainConfig, platform: str, base: ModelConfig | N
     if vocab_size is not None and vocab_size > model.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the model only {model.vocab_size}")
     if config.seq_len > model.max_seq_len:
-        raise ValueError(f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "
-                         f"lower seq_len or set model.max_seq_len")
+        raise ValueError(
+            f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "
+            f"lower seq_len or set model.max_seq_len"
+        )
     lora = config.lora.config()
     if lora.enabled:
         # The frozen base needs no float32 master copy: it is held in the compute dtype (int8 for QLoRA);
         # the adapters, the only trained values, are float32.
-        model = model.replace(lora_rank=lora.rank, lora_alpha=lora.alpha, lora_targets=lora.targets,
-                              lora_dropout=lora.dropout,
-                              param_dtype=model.dtype, quantize="int8" if config.lora.int8_base else "none")
+        model = model.replace(
+            lora_rank=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_targets=lora.targets,
+            lora_dropout=lora.dropout,
+            param_dtype=model.dtype,
+            quantize="int8" if config.lora.int8_base else "none",
+        )
     return model
 
 

@@ -6,6 +6,7 @@
 
 Only the first process of a multi-host job writes anything. Stdout stays free for the final JSON line.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,15 +28,31 @@ LOSS_PLOT = "loss.png"
 
 
 class TrainLogger:
-    def __init__(self, run_dir: Path, *, enabled: bool, steps: int, start_step: int, tokens_per_step: int,
-                 flops_per_token: float, peak_flops_total: float | None):
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        steps: int,
+        start_step: int,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops_total: float | None,
+    ):
         self.enabled, self.run_dir = enabled, run_dir
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
         self._last_time, self._last_step = time.perf_counter(), start_step
-        self._bar = tqdm(total=steps, initial=start_step, file=sys.stderr, dynamic_ncols=True, disable=not enabled,
-                         desc="train", unit="step")
+        self._bar = tqdm(
+            total=steps,
+            initial=start_step,
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=not enabled,
+            desc="train",
+            unit="step",
+        )
         if enabled:
             self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
             _drop_partial_last_line(run_dir / METRICS_FILE)
@@ -70,8 +87,9 @@ class TrainLogger:
     def eval(self, step: int, loss: float) -> None:
         self._write(step, {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}, "eval")
         if self.enabled:
-            self._bar.write(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}",
-                            file=sys.stderr)
+            self._bar.write(
+                f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}", file=sys.stderr
+            )
 
     def message(self, text: str) -> None:
         if self.enabled:

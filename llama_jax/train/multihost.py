@@ -12,6 +12,7 @@ Preemption arrives as SIGTERM. One process notes it and stops at the next step b
 must stop all hosts at the SAME step (their checkpoint is one collective save), which JAX's preemption
 sync point agrees on through the coordination service.
 """
+
 from __future__ import annotations
 
 import signal
@@ -29,11 +30,12 @@ def initialize(config: DistributedConfig) -> None:
     explicit = (config.coordinator, config.num_processes, config.process_id)
     if any(value is not None for value in explicit):
         if None in explicit:
-            raise ValueError("distributed.coordinator, distributed.num_processes and distributed.process_id "
-                             "go together: set all three (or none, where JAX detects the cluster)")
+            raise ValueError(
+                "distributed.coordinator, distributed.num_processes and distributed.process_id "
+                "go together: set all three (or none, where JAX detects the cluster)"
+            )
         if not 0 <= config.process_id < config.num_processes:
-            raise ValueError(f"distributed.process_id must be in [0, {config.num_processes}), "
-                             f"got {config.process_id}")
+            raise ValueError(f"distributed.process_id must be in [0, {config.num_processes}), got {config.process_id}")
         jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
         return
     try:

@@ -1,12 +1,13 @@
 """A training run directory: created whole, written by one process at a time, resumed only by the same run.
 
-    RUN_DIR/config.json            the model (checkpoint.py's format: `llama_jax.load(RUN_DIR)` and
-    RUN_DIR/tokenizer.model        `infer.py --checkpoint RUN_DIR` use the newest intact step)
-    RUN_DIR/train_config.json      the run's settings and fingerprint: what a rerun must match to resume
-    RUN_DIR/.lock                  held (flock) by the process training in it
-    RUN_DIR/checkpoints/           the checkpoints (checkpoints.py); damaged ones are moved to damaged/
-    RUN_DIR/metrics.jsonl, tensorboard/   the logs (metrics.py)
+RUN_DIR/config.json            the model (checkpoint.py's format: `llama_jax.load(RUN_DIR)` and
+RUN_DIR/tokenizer.model        `infer.py --checkpoint RUN_DIR` use the newest intact step)
+RUN_DIR/train_config.json      the run's settings and fingerprint: what a rerun must match to resume
+RUN_DIR/.lock                  held (flock) by the process training in it
+RUN_DIR/checkpoints/           the checkpoints (checkpoints.py); damaged ones are moved to damaged/
+RUN_DIR/metrics.jsonl, tensorboard/   the logs (metrics.py)
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -26,8 +27,24 @@ RUN_FILE = "train_config.json"
 RUN_FORMAT = "llama_jax-train"
 LOCK_FILE = ".lock"
 # Settings that change what a run computes; a rerun in the same run_dir must match them to resume.
-TRAJECTORY_KEYS = ("init_from", "sft", "val_fraction", "steps", "batch_size", "seq_len", "seed", "lr", "warmup",
-                   "min_lr_ratio", "weight_decay", "beta1", "beta2", "adam_eps", "grad_clip", "z_loss")
+TRAJECTORY_KEYS = (
+    "init_from",
+    "sft",
+    "val_fraction",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "seed",
+    "lr",
+    "warmup",
+    "min_lr_ratio",
+    "weight_decay",
+    "beta1",
+    "beta2",
+    "adam_eps",
+    "grad_clip",
+    "z_loss",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,8 +94,11 @@ def open_run_dir(run_dir: Path, files: RunFiles) -> TextIO:
     if stored["fingerprint"] != files.fingerprint and has_checkpoints(run_dir):
         lock.close()
         raise ValueError(_different_run(run_dir, stored["fingerprint"], files.fingerprint))
-    if stored["fingerprint"] != files.fingerprint or not (run_dir / CONFIG_FILE).is_file() \
-            or not (run_dir / files.tokenizer_name).is_file():
+    if (
+        stored["fingerprint"] != files.fingerprint
+        or not (run_dir / CONFIG_FILE).is_file()
+        or not (run_dir / files.tokenizer_name).is_file()
+    ):
         files.write(run_dir)
     lock.truncate(0)  # who holds it, for the message another process gets
     lock.write(str(os.getpid()))
@@ -98,8 +118,7 @@ def _read_run(run_dir: Path) -> dict | None:
         return None
     run_file = run_dir / RUN_FILE
     if not run_dir.is_dir() or not run_file.is_file():
-        raise ValueError(f"run_dir {run_dir} exists and is not a training run (no {RUN_FILE}); "
-                         "choose a new run_dir")
+        raise ValueError(f"run_dir {run_dir} exists and is not a training run (no {RUN_FILE}); choose a new run_dir")
     try:
         stored = json.loads(run_file.read_text())
     except json.JSONDecodeError:
@@ -118,8 +137,10 @@ def _lock(run_dir: Path) -> TextIO:
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
-        raise ValueError(f"run_dir {run_dir} is in use by another training process (pid {holder}); wait for "
-                         "it to finish or choose another run_dir") from None
+        raise ValueError(
+            f"run_dir {run_dir} is in use by another training process (pid {holder}); wait for "
+            "it to finish or choose another run_dir"
+        ) from None
     return lock
 
 
@@ -128,7 +149,10 @@ def has_checkpoints(run_dir: Path) -> bool:
 
 
 def _different_run(run_dir: Path, old: dict[str, Any], new: dict[str, Any]) -> str:
-    differences = [f"{key}: {old.get(key)!r} there, {value!r} now" for key, value in new.items()
-                   if old.get(key) != value]
-    return (f"run_dir {run_dir} holds a different run ({'; '.join(differences[:4])}"
-            f"{'; ...' if len(differences) > 4 else ''}); use a new run_dir, or the same settings to resume it")
+    differences = [
+        f"{key}: {old.get(key)!r} there, {value!r} now" for key, value in new.items() if old.get(key) != value
+    ]
+    return (
+        f"run_dir {run_dir} holds a different run ({'; '.join(differences[:4])}"
+        f"{'; ...' if len(differences) > 4 else ''}); use a new run_dir, or the same settings to resume it"
+    )

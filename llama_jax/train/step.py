@@ -16,6 +16,7 @@ place, never held twice.
 With LoRA (`config.lora`), `params` are the adapters alone, the only values with gradients and optimizer
 moments; the frozen base weights ride along in `frozen`, read but never differentiated, updated or saved.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,13 +48,19 @@ class TrainState:
         return join(self.frozen, self.params)
 
 
-def token_losses(graphdef: nnx.GraphDef, params: dict, batch: dict[str, jax.Array],
-                 loss_chunk: int = LOSS_CHUNK, dropout_key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def token_losses(
+    graphdef: nnx.GraphDef,
+    params: dict,
+    batch: dict[str, jax.Array],
+    loss_chunk: int = LOSS_CHUNK,
+    dropout_key: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len), computed
     without holding the batch's full logits (`loss.token_nll`)."""
     model = nnx.merge(graphdef, params)
-    return token_nll(model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk,
-                     dropout_key)
+    return token_nll(
+        model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk, dropout_key
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,20 +83,32 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
     param_shardings = jax.tree.map(lambda a: a.sharding, params)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Shapes without shardings: eval_shape would otherwise look for the shardings' devices on this host.
-    opt_abstract = jax.eval_shape(optimizer.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype),
-                                                               params))
-    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, opt_abstract, param_shardings,
-                                          transform_non_params=lambda _: replicated)
+    opt_abstract = jax.eval_shape(
+        optimizer.init, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), params)
+    )
+    opt_shardings = optax.tree_map_params(
+        optimizer, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated
+    )
     shardings = TrainState(replicated, param_shardings, opt_shardings, jax.tree.map(lambda a: a.sharding, frozen))
-    abstract_train = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), params,
-                                jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                             opt_abstract, opt_shardings), frozen)
+    abstract_train = TrainState(
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params,
+        jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_shardings),
+        frozen,
+    )
     return StateLayout(graphdef, abstract_train, shardings)
 
 
-def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation, mesh: Mesh,
-                    batch_shape: tuple[int, int, int], z_loss: float = 0.0, schedule: optax.Schedule | None = None,
-                    loss_chunk: int = LOSS_CHUNK, dropout_seed: int | None = None):
+def make_train_step(
+    layout: StateLayout,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    batch_shape: tuple[int, int, int],
+    z_loss: float = 0.0,
+    schedule: optax.Schedule | None = None,
+    loss_chunk: int = LOSS_CHUNK,
+    dropout_seed: int | None = None,
+):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
     scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens, skipped (1
     when the loss or gradient was not finite and the update was not applied).
@@ -124,8 +143,9 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
         micro_indices = jnp.arange(batch_shape[0])
-        (grads, nll_sum, z_sum), _ = jax.lax.scan(accumulate, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                  (batch, micro_indices))
+        (grads, nll_sum, z_sum), _ = jax.lax.scan(
+            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (batch, micro_indices)
+        )
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -133,8 +153,9 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
         # A step whose loss or gradient is not finite changes nothing: the parameters and the optimizer's
         # moments stay as they were, so a saved checkpoint never holds a NaN (the trainer stops soon after).
         finite = jnp.isfinite(nll_sum) & jnp.isfinite(z_sum) & jnp.isfinite(grad_norm)
-        params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
-                                         (params, opt_state), (state.params, state.opt_state))
+        params, opt_state = jax.tree.map(
+            lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
+        )
         metrics = {
             "loss": nll_sum / total_tokens,
             "z_loss": z_sum / total_tokens,
@@ -147,8 +168,9 @@ def make_train_step(layout: StateLayout, optimizer: optax.GradientTransformation
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
-    return jax.jit(train_step, in_shardings=(shardings, batch_shardings),
-                   out_shardings=(shardings, replicated), donate_argnums=0)
+    return jax.jit(
+        train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated), donate_argnums=0
+    )
 
 
 def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int], loss_chunk: int = LOSS_CHUNK):
@@ -170,8 +192,9 @@ def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int,
     return jax.jit(eval_step, in_shardings=(layout.shardings, batch_shardings), out_shardings=replicated)
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, shardings: TrainState,
-               frozen: dict | None = None) -> TrainState:
+def init_state(
+    params: dict, optimizer: optax.GradientTransformation, shardings: TrainState, frozen: dict | None = None
+) -> TrainState:
     """A fresh TrainState around `params` (already placed), the optimizer state created in place."""
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.int32(0), shardings.step)

@@ -19,6 +19,7 @@ content key is written into it, so a run's fingerprint costs one small read. Doc
 pretraining row are read from the rows themselves: every document starts with BOS and nowhere else (checked
 when the store is built), so no host needs the table of document starts.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -58,8 +59,15 @@ def _kvstore(url: str) -> ts.KvStore:
         raise ValueError(f"cannot open token store {url}: {e}") from None
 
 
-def write_store(url: str, tokens: np.ndarray, starts: np.ndarray, weights: np.ndarray | None,
-                tokenizer: Tokenizer, key: str, options: dict[str, Any]) -> None:
+def write_store(
+    url: str,
+    tokens: np.ndarray,
+    starts: np.ndarray,
+    weights: np.ndarray | None,
+    tokenizer: Tokenizer,
+    key: str,
+    options: dict[str, Any],
+) -> None:
     """Copy a tokenized corpus (memory-mapped arrays) into a new store at `url`. Refused when `url` already
     holds a store or anything but the arrays of an unfinished one."""
     url = url.rstrip("/") + "/"
@@ -67,32 +75,50 @@ def write_store(url: str, tokens: np.ndarray, starts: np.ndarray, weights: np.nd
     existing = [k.decode() for k in kv.list().result()]
     foreign = [k for k in existing if k.split("/")[0] not in (*_ARRAYS, "tokenizer")]
     if META_FILE in existing or foreign:
-        raise ValueError(f"{url} already holds {'a token store' if META_FILE in existing else foreign[0]}; "
-                         "choose a new location")
+        raise ValueError(
+            f"{url} already holds {'a token store' if META_FILE in existing else foreign[0]}; choose a new location"
+        )
     _check_documents_start_with_bos(tokens, starts, tokenizer.bos_id)
     for name, values in (("tokens", tokens), ("starts", starts), ("weights", weights)):
         if values is not None:
             _write_array(url + name + "/", values)
     kv.write(f"tokenizer/{tokenizer.file_name}", Path(tokenizer.path).read_bytes()).result()
-    meta = {"format": STORE_FORMAT, "key": key, "dtype": tokens.dtype.name, "tokens": int(len(tokens)),
-            "documents": int(len(starts) - 1), "bos_id": tokenizer.bos_id, "tokenizer": tokenizer.file_name,
-            "weights": weights is not None, "options": options}
+    meta = {
+        "format": STORE_FORMAT,
+        "key": key,
+        "dtype": tokens.dtype.name,
+        "tokens": int(len(tokens)),
+        "documents": int(len(starts) - 1),
+        "bos_id": tokenizer.bos_id,
+        "tokenizer": tokenizer.file_name,
+        "weights": weights is not None,
+        "options": options,
+    }
     kv.write(META_FILE, json.dumps(meta, indent=2).encode()).result()
 
 
 def _check_documents_start_with_bos(tokens: np.ndarray, starts: np.ndarray, bos_id: int) -> None:
     for begin in range(0, len(tokens), _WRITE_BLOCK):
-        block = np.asarray(tokens[begin:begin + _WRITE_BLOCK])
+        block = np.asarray(tokens[begin : begin + _WRITE_BLOCK])
         where = begin + np.flatnonzero(block == bos_id)
         expected = starts[(starts >= begin) & (starts < begin + len(block))]
         if len(where) != len(expected) or not np.array_equal(where, expected):
-            raise ValueError("a document holds the BOS id inside its text: this tokenizer cannot build a token "
-                             "store, whose rows mark documents by BOS")
+            raise ValueError(
+                "a document holds the BOS id inside its text: this tokenizer cannot build a token "
+                "store, whose rows mark documents by BOS"
+            )
 
 
 def _write_array(url: str, values: np.ndarray) -> None:
-    array = ts.open({"driver": "zarr", "kvstore": url}, create=True, delete_existing=True, dtype=values.dtype,
-                    shape=[len(values)], chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK]), context=_CONTEXT).result()
+    array = ts.open(
+        {"driver": "zarr", "kvstore": url},
+        create=True,
+        delete_existing=True,
+        dtype=values.dtype,
+        shape=[len(values)],
+        chunk_layout=ts.ChunkLayout(chunk_shape=[_CHUNK]),
+        context=_CONTEXT,
+    ).result()
     for begin in range(0, len(values), _WRITE_BLOCK):
         end = min(begin + _WRITE_BLOCK, len(values))  # tensorstore does not clip slices as numpy does
         array[begin:end].write(np.asarray(values[begin:end])).result()
@@ -115,16 +141,19 @@ class StoreCorpus:
         url = url.rstrip("/") + "/"
         found = _kvstore(url).read(META_FILE).result()
         if found.state != "value":
-            raise ValueError(f"{url} holds no finished token store (no {META_FILE}); build one with "
-                             "python -m llama_jax.train.token_store")
+            raise ValueError(
+                f"{url} holds no finished token store (no {META_FILE}); build one with "
+                "python -m llama_jax.train.token_store"
+            )
         meta = json.loads(found.value)
         if meta.get("format") != STORE_FORMAT:
             raise ValueError(f"{url}: token store format {meta.get('format')!r}, this version reads {STORE_FORMAT}")
         return cls(url, meta)
 
     def _open(self, name: str) -> ts.TensorStore:
-        return ts.open({"driver": "zarr", "kvstore": self.url + name + "/"}, open=True, read=True,
-                       context=_CONTEXT).result()
+        return ts.open(
+            {"driver": "zarr", "kvstore": self.url + name + "/"}, open=True, read=True, context=_CONTEXT
+        ).result()
 
     @property
     def key(self) -> str:
@@ -161,9 +190,9 @@ def _read_rows(array: ts.TensorStore, start: np.ndarray, end: np.ndarray, width:
     """(rows, width) of the contiguous ranges [start, min(end, start + width)), zero beyond; all reads in
     flight at once."""
     stops = np.minimum(end, start + width)
-    reads = [array[int(a):int(b)].read() for a, b in zip(start, stops)]
+    reads = [array[int(a) : int(b)].read() for a, b in zip(start, stops)]
     out = np.zeros((len(start), width), array.dtype.numpy_dtype)
     for row, read in enumerate(reads):
         values = read.result()
-        out[row, :len(values)] = values
+        out[row, : len(values)] = values
     return out

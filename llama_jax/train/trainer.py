@@ -5,6 +5,7 @@ Rerunning it with the same settings and run_dir continues from the newest checkp
 batch is a function of (seed, step) alone the continued job computes exactly what an uninterrupted one
 would. All processes of a multi-host job run it in lockstep; only the first writes files and logs.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -68,18 +69,25 @@ class _Job:
 def run(config: TrainConfig) -> dict[str, Any]:
     job = _prepare(config)
     config = job.config
-    logger = TrainLogger(job.run_dir, enabled=jax.process_index() == 0, steps=config.steps, start_step=job.start,
-                         tokens_per_step=config.batch_size * config.seq_len,
-                         flops_per_token=flops.training_flops_per_token(job.model_config, config.seq_len),
-                         peak_flops_total=_peak_flops_total(config, job.mesh))
+    logger = TrainLogger(
+        job.run_dir,
+        enabled=jax.process_index() == 0,
+        steps=config.steps,
+        start_step=job.start,
+        tokens_per_step=config.batch_size * config.seq_len,
+        flops_per_token=flops.training_flops_per_token(job.model_config, config.seq_len),
+        peak_flops_total=_peak_flops_total(config, job.mesh),
+    )
     trained = ""
     if job.model_config.lora.enabled:
         adapters = sum(a.size for a in jax.tree.leaves(job.state.params))
         trained = f" (LoRA rank {job.model_config.lora_rank}: {adapters:,} trained, the rest frozen)"
-    logger.message(f"{job.run_dir}: {job.model_config.param_count():,} parameters{trained}, "
-                   f"{job.data.corpus.n_tokens:,} "
-                   f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
-                   + (f"; resuming at step {job.start}" if job.start else ""))
+    logger.message(
+        f"{job.run_dir}: {job.model_config.param_count():,} parameters{trained}, "
+        f"{job.data.corpus.n_tokens:,} "
+        f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
+        + (f"; resuming at step {job.start}" if job.start else "")
+    )
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
         try:
             train_loss, eval_loss, preempted = _loop(job, logger, preemption)
@@ -90,10 +98,17 @@ def run(config: TrainConfig) -> dict[str, Any]:
             if job.lock is not None:
                 job.lock.close()
     samples = [] if preempted else _samples(job)
-    return {"step": int(jax.device_get(job.state.step)), "train_loss": train_loss, "eval_loss": eval_loss,
-            "eval_perplexity": math.exp(min(eval_loss, 700.0)), "vocab_size": job.model_config.vocab_size,
-            "checkpoint": str(job.run_dir), "checkpoint_step": job.checkpoints.latest_step(), "preempted": preempted,
-            "samples": samples}
+    return {
+        "step": int(jax.device_get(job.state.step)),
+        "train_loss": train_loss,
+        "eval_loss": eval_loss,
+        "eval_perplexity": math.exp(min(eval_loss, 700.0)),
+        "vocab_size": job.model_config.vocab_size,
+        "checkpoint": str(job.run_dir),
+        "checkpoint_step": job.checkpoints.latest_step(),
+        "preempted": preempted,
+        "samples": samples,
+    }
 
 
 def _prepare(config: TrainConfig) -> _Job:
@@ -107,8 +122,9 @@ def _prepare(config: TrainConfig) -> _Job:
     mesh = make_mesh(config.mesh)
     check_batch_fits_mesh(config, mesh)
     data = prepare_data(config, template)
-    model_config = build_model_config(config, mesh_platform(mesh), source.config if source else None,
-                                      data.tokenizer.vocab_size)
+    model_config = build_model_config(
+        config, mesh_platform(mesh), source.config if source else None, data.tokenizer.vocab_size
+    )
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh)
@@ -116,24 +132,60 @@ def _prepare(config: TrainConfig) -> _Job:
     # init_from's parameters are read (and checked) before the run directory exists, unless it will resume.
     # LoRA freezes them (all of them, every run); full fine-tuning starts from them.
     frozen = _frozen_base(source, model_config, mesh, layout) if model_config.lora.enabled else {}
-    start_params = (source.restore_params(layout.abstract.params)
-                    if source is not None and not model_config.lora.enabled and not has_checkpoints(run_dir)
-                    else None)
+    start_params = (
+        source.restore_params(layout.abstract.params)
+        if source is not None and not model_config.lora.enabled and not has_checkpoints(run_dir)
+        else None
+    )
     lock = None
     if jax.process_index() == 0:
         lora_base = Path(config.init_from) if model_config.lora.enabled else None
-        lock = open_run_dir(run_dir, RunFiles(model_config, data.tokenizer_path, data.tokenizer.file_name, template,
-                                              config.to_dict(), fingerprint, lora_base))
+        lock = open_run_dir(
+            run_dir,
+            RunFiles(
+                model_config,
+                data.tokenizer_path,
+                data.tokenizer.file_name,
+                template,
+                config.to_dict(),
+                fingerprint,
+                lora_base,
+            ),
+        )
     multihost_utils.sync_global_devices("run_dir ready")
 
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
     state, meta = _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout, checkpoints)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
-    train_step = make_train_step(layout, optimizer, mesh, batch_shape, config.z_loss, learning_rate(config),
-                                 config.loss_chunk, config.seed if model_config.lora.dropout else None)
+    train_step = make_train_step(
+        layout,
+        optimizer,
+        mesh,
+        batch_shape,
+        config.z_loss,
+        learning_rate(config),
+        config.loss_chunk,
+        config.seed if model_config.lora.dropout else None,
+    )
     eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
-    return _Job(config, run_dir, data, rows, model_config, template, fingerprint, mesh, layout, state,
-                int(meta.get("step", 0)), meta.get("train_loss"), train_step, eval_step, checkpoints, lock)
+    return _Job(
+        config,
+        run_dir,
+        data,
+        rows,
+        model_config,
+        template,
+        fingerprint,
+        mesh,
+        layout,
+        state,
+        int(meta.get("step", 0)),
+        meta.get("train_loss"),
+        train_step,
+        eval_step,
+        checkpoints,
+        lock,
+    )
 
 
 def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple[float | None, float, bool]:
@@ -160,8 +212,9 @@ def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple
         if save:
             nonfinite.settle()  # never save past a diverged step
             position = {"seed": config.seed, "samples_seen": done * config.batch_size}
-            job.checkpoints.save(done, job.state, {"train_loss": train_loss, "data_position": position,
-                                                   "fingerprint": job.fingerprint})
+            job.checkpoints.save(
+                done, job.state, {"train_loss": train_loss, "data_position": position, "fingerprint": job.fingerprint}
+            )
         if save or done % config.eval_every == 0:
             logger.restart_clock(done)
         if preempted:
@@ -190,9 +243,11 @@ class NonFiniteWatch:
         self.pending = None
         self.streak = self.streak + [step] if float(skipped) else []
         if len(self.streak) >= self.limit:
-            raise ValueError(f"training diverged: the loss was not finite at steps {self.streak[0]}-{self.streak[-1]}; "
-                             f"their updates were skipped and nothing after them was saved: {self.run_dir} resumes "
-                             "from its last checkpoint (try a lower lr, more warmup or grad_clip)")
+            raise ValueError(
+                f"training diverged: the loss was not finite at steps {self.streak[0]}-{self.streak[-1]}; "
+                f"their updates were skipped and nothing after them was saved: {self.run_dir} resumes "
+                "from its last checkpoint (try a lower lr, more warmup or grad_clip)"
+            )
 
 
 def _evaluate(job: _Job) -> float:
@@ -249,6 +304,13 @@ def _samples(job: _Job) -> list[dict[str, str]]:
     prompts = (prompts * config.samples)[: config.samples]
     # A model fine-tuned on chat-formatted records is asked in the same format (as `infer.py --chat`).
     chat = config.sft and job.chat_template is not None
-    completions = generate(loaded, prompts, max_new_tokens=config.sample_tokens, temperature=SAMPLE_TEMPERATURE,
-                           seed=config.seed, batch_size=len(prompts), chat=chat)
+    completions = generate(
+        loaded,
+        prompts,
+        max_new_tokens=config.sample_tokens,
+        temperature=SAMPLE_TEMPERATURE,
+        seed=config.seed,
+        batch_size=len(prompts),
+        chat=chat,
+    )
     return [{"prompt": c.prompt, "completion": c.completion} for c in completions]

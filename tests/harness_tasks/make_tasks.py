@@ -6,6 +6,7 @@
   story_complete.jsonl  generation: a story up to a sentence's last two words; they are the target
   story_text.jsonl      the five stories whole, for rolling loglikelihood (perplexity)
 """
+
 import json
 import random
 import re
@@ -20,8 +21,8 @@ def main() -> None:
     cuts = []  # (text before the sentence's last words, the sentence's last word, its last two words)
     for story in stories:
         for match in re.finditer(r"[^.!?\n]*?\b(\w+) (\w+)[.!?]", story):
-            before_last = story[:match.start(2)].rstrip()
-            before_two = story[:match.start(1)].rstrip()
+            before_last = story[: match.start(2)].rstrip()
+            before_two = story[: match.start(1)].rstrip()
             if len(before_two) > 40:
                 cuts.append((before_last, match.group(2), before_two, f"{match.group(1)} {match.group(2)}"))
     rng = random.Random(0)
