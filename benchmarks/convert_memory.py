@@ -30,13 +30,13 @@ sys.path.insert(0, str(REPO))
 
 from flax import nnx  # noqa: E402
 
-from llama_jax.checkpoint import CHECKPOINTS_DIR, PARAMS_DIR, read_model_dir, write_config  # noqa: E402
 from llama_jax.config import LORA_TARGETS, PRESETS  # noqa: E402
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file  # noqa: E402
 from llama_jax.convert.to_hf import hf_config  # noqa: E402
 from llama_jax.convert.weights import hf_name, weights_for  # noqa: E402
 from llama_jax.lora import split_adapters  # noqa: E402
 from llama_jax.model import abstract_state  # noqa: E402
+from llama_jax.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, read_model_dir, write_config  # noqa: E402
 from llama_jax.param_io import save_params  # noqa: E402
 
 SHARD_BYTES = 10**9

@@ -19,9 +19,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from llama_jax.checkpoint import write_config  # noqa: E402
 from llama_jax.config import preset  # noqa: E402
 from llama_jax.hardware import tpu_slice  # noqa: E402
+from llama_jax.model_dir import write_config  # noqa: E402
 from llama_jax.train.compile import compile_training  # noqa: E402
 from llama_jax.train.config import load_train_config  # noqa: E402
 

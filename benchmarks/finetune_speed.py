@@ -31,10 +31,10 @@ sys.path.insert(0, str(REPO))
 
 from flax import nnx  # noqa: E402
 
-from llama_jax.checkpoint import write_model_dir  # noqa: E402
 from llama_jax.config import LORA_TARGETS, preset  # noqa: E402
 from llama_jax.lora import split_adapters  # noqa: E402
 from llama_jax.model import abstract_state, create_model  # noqa: E402
+from llama_jax.model_dir import write_model_dir  # noqa: E402
 
 ASSETS = REPO.parent / "shared" / "assets"
 ADAPTERS = ["lora.rank=16", f"lora.targets={','.join(LORA_TARGETS)}"]

@@ -40,8 +40,8 @@ def models(workdir: Path) -> dict[str, Path]:
     from flax import nnx
 
     from llama_jax import create_model, make_mesh, preset
-    from llama_jax.checkpoint import write_model_dir
     from llama_jax.convert import convert_llama2c
+    from llama_jax.model_dir import write_model_dir
 
     stories = convert_llama2c(
         REPO / "assets" / "stories260K.bin", REPO / "assets" / "tok512.bin", workdir / "stories260K"

@@ -47,7 +47,7 @@ def random_model(preset_name: str, tokenizer: str, out: Path) -> Path:
     from flax import nnx
 
     from llama_jax import create_model, preset
-    from llama_jax.checkpoint import write_model_dir
+    from llama_jax.model_dir import write_model_dir
 
     config = preset(preset_name)
     model = create_model(config)

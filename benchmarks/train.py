@@ -14,7 +14,7 @@ the median step time of --steps steps after --warmup.
 
     MFU = tokens/s × (6·N + 12·n_layers·seq_len·n_heads·head_dim) / (devices × peak FLOP/s)
 
-with N the parameters taking part in matmuls (all but the input embedding table); see llama_jax/train/flops.py.
+with N the parameters taking part in matmuls (all but the input embedding table); see llama_jax/flops.py.
 Peak: --peak-tflops, else the device's dense bf16 peak (H100 SXM: 989 TFLOP/s). A CPU has no published
 peak, and its float32 and bf16 peaks differ: it is measured, as the best FLOP/s of a 2048 x 2048 matmul in
 the compute dtype by either framework in the same run; say so when reporting.
@@ -86,9 +86,9 @@ def measure_jax(args) -> dict:
     from flax import nnx
 
     from llama_jax.attention import choose_implementation
-    from llama_jax.checkpoint import write_model_dir
     from llama_jax.convert.to_hf import export_hf
     from llama_jax.model import create_model
+    from llama_jax.model_dir import write_model_dir
     from llama_jax.sharding import make_mesh
     from llama_jax.train.batching import FIELDS, batch_sharding
     from llama_jax.train.config import TrainConfig
@@ -230,7 +230,7 @@ def main() -> None:
         measure = measure_jax if args.framework == "jax" else measure_torch
         print(json.dumps(measure(args)))
         return
-    from llama_jax.train import flops
+    from llama_jax import flops
 
     argv = sys.argv[1:]
     with tempfile.TemporaryDirectory() as weights_dir:

@@ -16,8 +16,8 @@ from llama_jax.hardware import quiet_libtpu_without_tpu
 quiet_libtpu_without_tpu()  # before JAX starts: a CPU host with the `tpu` extra stays quiet
 
 _EXPORTS = {
-    "load": "llama_jax.checkpoint",
-    "LoadedModel": "llama_jax.checkpoint",
+    "load": "llama_jax.loading",
+    "LoadedModel": "llama_jax.loading",
     "ModelConfig": "llama_jax.config",
     "RopeScaling": "llama_jax.config",
     "PRESETS": "llama_jax.config",

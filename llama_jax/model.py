@@ -46,7 +46,7 @@ def _quantize_in_place(module: nnx.Module, module_name: str) -> None:
 
 def _param(rngs: nnx.Rngs, shape: tuple[int, ...], names: tuple[str, ...], dtype) -> nnx.Param:
     value = _INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)
-    # Placement is decided once for the whole state from the logical names (see `create_state`), so
+    # Placement is decided once for the whole state from the logical names (`sharding.param_shardings`), so
     # Flax must not try to place each variable as it is created.
     return nnx.Param(value.astype(dtype), out_sharding=names, eager_sharding=False)
 

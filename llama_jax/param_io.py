@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from llama_jax.errors import one_line
 from llama_jax.integrity import Checksums, host_checksums
 
 
@@ -35,7 +36,7 @@ def restore_params(params_path: Path, target: dict) -> dict:
         with _without_step_metadata_warning():
             return ocp.StandardCheckpointer().restore(params_path.absolute(), target)
     except Exception as e:  # orbax and tensorstore raise many types for damaged files
-        raise ValueError(f"cannot read parameters in {params_path}: {first_line(e)}") from None
+        raise ValueError(f"cannot read parameters in {params_path}: {one_line(e)}") from None
 
 
 class StoredParams:
@@ -84,12 +85,7 @@ def read_json_item(path: Path) -> dict:
     try:
         return ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(path.absolute())
     except Exception as e:
-        raise ValueError(f"cannot read {path}: {first_line(e)}") from None
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+        raise ValueError(f"cannot read {path}: {one_line(e)}") from None
 
 
 def check_param_shapes(params_path: Path, target: dict) -> None:
@@ -97,7 +93,7 @@ def check_param_shapes(params_path: Path, target: dict) -> None:
     try:
         stored = ocp.StandardCheckpointer().metadata(params_path.absolute()).item_metadata
     except Exception as e:  # orbax raises many types for unreadable directories
-        raise ValueError(f"cannot read parameters in {params_path}: {first_line(e)}") from None
+        raise ValueError(f"cannot read parameters in {params_path}: {one_line(e)}") from None
     stored_shapes = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
     wanted = {_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
     for key, shape in wanted.items():

@@ -14,8 +14,9 @@ import pytest  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = Path(__file__).resolve().parents[1]
-# Meta's tokenizers are not bundled (their license): tests that need them skip unless they are here.
-META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", REPO.parent / "shared" / "assets"))
+# Meta's tokenizers are not bundled (their license): tests that need them skip unless the folder that
+# LLAMA_JAX_META_TOKENIZERS names holds them (assets/README.md).
+META_TOKENIZERS = Path(os.environ["LLAMA_JAX_META_TOKENIZERS"]) if "LLAMA_JAX_META_TOKENIZERS" in os.environ else None
 META_FILES = ("llama2_tokenizer.model", "llama3_tokenizer.model")
 
 
@@ -25,7 +26,8 @@ def assets(tmp_path_factory) -> Path:
     where they are provided (assets/README.md says how)."""
     folder = tmp_path_factory.mktemp("assets")
     sources = [*(REPO / "assets").iterdir(), REPO / "llama_jax" / "data" / "tinyshakespeare.txt"]
-    sources += [META_TOKENIZERS / name for name in META_FILES if (META_TOKENIZERS / name).is_file()]
+    if META_TOKENIZERS is not None:
+        sources += [META_TOKENIZERS / name for name in META_FILES if (META_TOKENIZERS / name).is_file()]
     for source in sources:
         (folder / source.name).symlink_to(source)
     return folder
@@ -34,7 +36,8 @@ def assets(tmp_path_factory) -> Path:
 def meta_tokenizer_file(assets: Path, name: str) -> Path:
     path = assets / name
     if not path.is_file():
-        pytest.skip(f"{name} (Meta license, not bundled) not found in {META_TOKENIZERS}: see assets/README.md")
+        where = f"in {META_TOKENIZERS}" if META_TOKENIZERS else "(LLAMA_JAX_META_TOKENIZERS is not set)"
+        pytest.skip(f"{name} (Meta license, not bundled) not found {where}: see assets/README.md")
     return path
 
 

@@ -85,7 +85,7 @@ def _logits(graphdef, state, ids):
 
 
 def our_logits(model_dir: Path, ids: np.ndarray) -> np.ndarray:
-    from llama_jax.checkpoint import load
+    from llama_jax.loading import load
 
     loaded = load(model_dir)
     graphdef, state = nnx.split(loaded.model)

@@ -13,8 +13,9 @@ import pytest
 from flax import nnx
 from module_runner import run_module
 
-from llama_jax.checkpoint import load, read_model_dir
 from llama_jax.convert import convert_llama2c, load_llama2c
+from llama_jax.loading import load
+from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh
 
 GENERATION_LENGTH = 256  # the longest published case: 256 steps, one generated token per position
@@ -39,7 +40,7 @@ QUANTIZED = ("tok_emb", "wq", "wk", "wv", "wo", "w1", "w2", "w3")
 
 
 def tensor_shapes(dim, hidden, n_layers, n_heads, n_kv_heads, vocab, seq_len):
-    """The v0 layout as /work/shared/assets/README.md documents it."""
+    """The v0 layout as assets/README.md describes it (from llama2.c's export.py)."""
     head_size = dim // n_heads
     kv_dim = n_kv_heads * head_size
     return {

@@ -9,13 +9,13 @@ import pytest
 from flax import nnx
 
 from llama_jax.attention import LiveCache, attend_live_cache, attention, causal_mask
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.config import preset
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.generator import Generator
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.scheduler import Request
 from llama_jax.inference.settings import GenerationSettings
+from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh, param_shardings
 

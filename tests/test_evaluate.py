@@ -9,11 +9,11 @@ import pytest
 from hf_reference import hf_model, torch
 from module_runner import assert_one_error_line, run_module
 
-from llama_jax.checkpoint import load
-from llama_jax.cli import run_cli
+from llama_jax.commands.cli import run_cli
 from llama_jax.commands.evaluate import main
 from llama_jax.convert import convert_hf
 from llama_jax.evaluate.perplexity import perplexity
+from llama_jax.loading import load
 from llama_jax.tokenizers import load_tokenizer
 
 SEQ_LEN = 32

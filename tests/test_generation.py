@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.config import preset
 from llama_jax.inference.decode import bucket_length, decode_step, prefill
 from llama_jax.inference.generator import Generator, generate, stream
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.settings import GenerationSettings
+from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh, param_shardings
 from llama_jax.tokenizers import load_tokenizer

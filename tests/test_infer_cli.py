@@ -17,15 +17,16 @@ import pytest
 from flax import nnx
 
 from llama_jax.chat import encode_dialog
-from llama_jax.checkpoint import load, write_model_dir
-from llama_jax.cli import run_cli
 from llama_jax.commands import infer
+from llama_jax.commands.cli import run_cli
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
 from llama_jax.inference.generator import Generator
 from llama_jax.inference.results_file import JsonlOutput
 from llama_jax.inference.settings import GenerationSettings
+from llama_jax.loading import load
 from llama_jax.model import create_model
+from llama_jax.model_dir import write_model_dir
 from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.tokenizers import load_tokenizer
 

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 
 import llama_jax
-from llama_jax.checkpoint import read_model_dir
 from llama_jax.config import LoraConfig
 from llama_jax.convert import export_hf, merge_lora
 from llama_jax.lora import join, project, split_adapters
 from llama_jax.model import abstract_state
+from llama_jax.model_dir import read_model_dir
 from llama_jax.train import run
 from llama_jax.train.config import load_train_config
 

@@ -14,8 +14,8 @@ import pytest
 from module_runner import REPO, assert_one_error_line, run_module
 
 import llama_jax
-from llama_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE
 from llama_jax.convert import convert_llama2c
+from llama_jax.model_dir import CHECKPOINTS_DIR, CONFIG_FILE
 from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import load_train_config
 from llama_jax.train.trainer import run

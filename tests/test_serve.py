@@ -19,8 +19,8 @@ import pytest
 from module_runner import REPO
 
 import llama_jax
-from llama_jax.checkpoint import CONFIG_FILE
 from llama_jax.convert import convert_llama2c
+from llama_jax.model_dir import CONFIG_FILE
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"

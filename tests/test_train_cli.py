@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from llama_jax.cli import run_cli
 from llama_jax.commands import train as train_cli
+from llama_jax.commands.cli import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import llama_jax
-from llama_jax.checkpoint import CHECKPOINTS_DIR
+from llama_jax.model_dir import CHECKPOINTS_DIR
 from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import load_train_config
 from llama_jax.train.metrics import TrainLogger

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from llama_jax import convert
-from llama_jax.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, run_cli
 from llama_jax.config import DTYPES
 from llama_jax.convert.common import CHAT_TEMPLATE_CHOICES
 

@@ -28,12 +28,18 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.cli import ArgumentParser, run_cli
-from llama_jax.commands.infer import add_generation_arguments
-from llama_jax.config import DTYPES, QUANTIZE_MODES
+from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.common import (
+    add_generation_arguments,
+    add_model_arguments,
+    generation_settings,
+    load_from,
+    mesh_from,
+    run_settings,
+    text_model_dir,
+)
 
 PROG = "python -m llama_jax.evaluate"
-MESH_HELP = "device mesh, e.g. data=2,tensor=4 (default: all data-parallel)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def perplexity(argv: list[str]) -> int:
     parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="model directory (converted or trained)")
+    add_model_arguments(parser, checkpoint_required=False)
     parser.add_argument("--data", help="UTF-8 text file, scored as one document")
     parser.add_argument(
         "--held-out",
@@ -55,15 +61,7 @@ def perplexity(argv: list[str]) -> int:
         help="instead: the training run's own validation rows, scored by its newest checkpoint",
     )
     parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
-    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
-    parser.add_argument(
-        "--quantize",
-        choices=QUANTIZE_MODES,
-        default="none",
-        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
-    )
-    parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
     if args.held_out is not None:
         if args.checkpoint or args.data or args.seq_len or args.batch_size:
@@ -72,26 +70,21 @@ def perplexity(argv: list[str]) -> int:
         raise ValueError(
             "give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, harness)"
         )
-    from llama_jax.sharding import MeshConfig, make_mesh
-
-    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    mesh = mesh_from(args)
     if args.held_out is not None:
         from llama_jax.evaluate.held_out import held_out_loss
 
-        print(json.dumps(held_out_loss(args.held_out, mesh, args.dtype)))
+        print(json.dumps(held_out_loss(args.held_out, mesh, args.dtype, args.quantize)))
         return 0
     print(json.dumps(_perplexity_of_file(args, mesh)))
     return 0
 
 
 def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
-    from llama_jax.checkpoint import load, read_model_dir
     from llama_jax.evaluate.perplexity import perplexity, windows
 
-    model_dir = read_model_dir(args.checkpoint)
+    model_dir = text_model_dir(args.checkpoint, "cannot encode the data")
     tokenizer = model_dir.tokenizer()
-    if tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer: cannot encode the data")
     max_len = model_dir.config.max_seq_len
     seq_len = max_len if args.seq_len is None else args.seq_len
     if not 2 <= seq_len <= max_len:
@@ -105,15 +98,14 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
         batch_size = min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
-    return perplexity(loaded, ids, seq_len, batch_size, progress=True)
+    return perplexity(load_from(args, mesh), ids, seq_len, batch_size, progress=True)
 
 
 def generate(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog=f"{PROG} generate", description="Complete a task's prompts and score them against its references."
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
+    add_model_arguments(parser)
     parser.add_argument(
         "--data",
         required=True,
@@ -136,27 +128,21 @@ def generate(argv: list[str]) -> int:
         help="a string that ends a completion (not included); repeat for several",
     )
     add_generation_arguments(parser, temperature=0.0, max_new_tokens=64)
-    parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
     # Everything a user can get wrong is checked before the parameters load.
-    from llama_jax.checkpoint import load, read_model_dir
-    from llama_jax.commands.infer import generation_settings, run_settings
     from llama_jax.evaluate.generation_task import read_task, run_task
     from llama_jax.evaluate.text_metrics import TextScorer, parse_metrics
     from llama_jax.inference.prompts import PromptEncoder, chat_template_for
     from llama_jax.inference.results_file import JsonlOutput
-    from llama_jax.sharding import MeshConfig, make_mesh
 
     metrics = parse_metrics(args.metrics)
     if any(not stop for stop in args.stop):
         raise ValueError("--stop needs a non-empty string")
     settings = generation_settings(args)
-    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    mesh = mesh_from(args)
     records = read_task(args.data)
-    model_dir = read_model_dir(args.checkpoint)
+    model_dir = text_model_dir(args.checkpoint, "cannot encode the prompts")
     settings.check_model(model_dir.config)
-    if model_dir.tokenizer_path is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer file: cannot encode the prompts")
     encoder = PromptEncoder(
         model_dir.tokenizer(),
         chat_template_for(model_dir.chat_template, settings.chat),
@@ -171,7 +157,7 @@ def generate(argv: list[str]) -> int:
         output = JsonlOutput(args.output, [r.prompt for r in records], stored, writer="evaluate generate")
     try:
         finished = output is not None and output.done == len(records)
-        loaded = None if finished else load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+        loaded = None if finished else load_from(args, mesh)
         summary = run_task(loaded, records, prompt_ids, settings, scorer, tuple(args.stop), output)
     finally:
         if output:
@@ -186,7 +172,7 @@ def harness(argv: list[str]) -> int:
     parser = ArgumentParser(
         prog=f"{PROG} harness", description="Run lm-evaluation-harness tasks with a llama_jax model."
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="model directory (converted or trained)")
+    add_model_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy")
     parser.add_argument("--num-fewshot", type=int, metavar="N", help="few-shot examples (default: each task's own)")
     parser.add_argument(
@@ -202,13 +188,33 @@ def harness(argv: list[str]) -> int:
     )
     parser.add_argument("--max-length", type=int, metavar="N", help="context length (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="the harness's seeds (few-shot sampling)")
-    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
-    parser.add_argument("--mesh", default="", help=MESH_HELP)
     args = parser.parse_args(argv)
-    from llama_jax.evaluate.harness import run_harness
+    from llama_jax.evaluate.harness import evaluate_tasks, find_tasks, metric_values, write_results
 
-    results = run_harness(args)
-    print(json.dumps({"results": results}))
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
+    if args.output and Path(args.output).exists():
+        raise ValueError(f"{args.output} exists; choose another output file")
+    tasks, task_manager = find_tasks(args.tasks, args.include_path)
+    mesh = mesh_from(args)
+    text_model_dir(args.checkpoint, "the harness works on text")
+    results = evaluate_tasks(
+        load_from(args, mesh),
+        tasks,
+        task_manager,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        num_fewshot=args.num_fewshot,
+        limit=args.limit,
+        seed=args.seed,
+        log_samples=bool(args.output),
+    )
+    from lm_eval.utils import make_table
+
+    print(make_table(results))
+    if args.output:
+        write_results(results, args.output)
+    print(json.dumps({"results": metric_values(results)}))
     return 0
 
 

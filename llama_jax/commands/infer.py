@@ -24,17 +24,23 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.cli import ArgumentParser, run_cli
-from llama_jax.config import DTYPES, QUANTIZE_MODES
+from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.common import (
+    add_generation_arguments,
+    add_model_arguments,
+    generation_settings,
+    load_from,
+    mesh_from,
+    run_settings,
+    text_model_dir,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="python infer.py", description="Generate completions of prompts with a llama_jax model directory."
     )
-    parser.add_argument(
-        "--checkpoint", metavar="DIR", help="a model directory (from llama_jax.convert) or a training run directory"
-    )
+    add_model_arguments(parser, checkpoint_required=False)
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
     parser.add_argument(
         "--prompts", metavar="FILE", help='one prompt per line, or JSONL with a "prompt" field; - reads standard input'
@@ -45,12 +51,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where records go (default: standard output); an existing file is resumed",
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
-    parser.add_argument(
-        "--mesh",
-        default="",
-        metavar="data=..,tensor=..",
-        help="device mesh, e.g. data=2,tensor=4 (default: data-parallel over all devices)",
-    )
     compile_group = parser.add_argument_group("compiling for a TPU slice instead of generating")
     compile_group.add_argument("--compile-for", metavar="SLICE", help="a TPU slice, e.g. v5e-8 (needs libtpu)")
     compile_group.add_argument(
@@ -65,76 +65,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
-    """The flags of generation settings, shared with `evaluate generate` (greedy, shorter answers by default)."""
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=max_new_tokens,
-        metavar="N",
-        help=f"most tokens generated per prompt (default {max_new_tokens})",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default {temperature:g})"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=0.9, metavar="P", help="nucleus mass in (0, 1]; 1 turns it off (default 0.9)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 turns it off (default)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="S",
-        help="a prompt's samples depend only on the seed and its position in the input",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        metavar="B",
-        help="decode slots: prompts decoded together, each refilled when its completion ends "
-        "(default 8; results never depend on it)",
-    )
-    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
-    parser.add_argument(
-        "--quantize",
-        choices=QUANTIZE_MODES,
-        default="none",
-        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
-    )
-    parser.add_argument(
-        "--chat", action="store_true", help="wrap each prompt as a user message in the checkpoint's chat template"
-    )
-    parser.add_argument(
-        "--stop-id",
-        type=int,
-        action="append",
-        default=[],
-        metavar="ID",
-        help="an extra token id that ends a completion (the tokenizer's EOS always does)",
-    )
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.compile_for is not None:
         return compile_for(args)
     # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
-    from llama_jax.checkpoint import read_model_dir
     from llama_jax.inference.prompts import PromptEncoder, chat_template_for
     from llama_jax.inference.results_file import JsonlOutput
-    from llama_jax.sharding import MeshConfig, make_mesh
 
     settings = generation_settings(args)
-    mesh = make_mesh(MeshConfig.parse(args.mesh))
+    mesh = mesh_from(args)
     prompts = read_prompts(args)
-    model_dir = read_model_dir(args.checkpoint)
+    model_dir = text_model_dir(args.checkpoint, "infer.py needs one to read text prompts")
     settings.check_model(model_dir.config)
-    if model_dir.tokenizer_path is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer file; infer.py needs one to read text prompts")
     encoder = PromptEncoder(
         model_dir.tokenizer(),
         chat_template_for(model_dir.chat_template, settings.chat),
@@ -156,40 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def generation_settings(args: argparse.Namespace):
-    """The settings, checked once here (their errors name the setting: top_p for --top-p)."""
-    from llama_jax.inference.sampling import SamplingParams
-    from llama_jax.inference.settings import GenerationSettings
-
-    return GenerationSettings(
-        args.max_new_tokens,
-        SamplingParams(args.temperature, args.top_k, args.top_p),
-        args.seed,
-        args.batch_size,
-        args.chat,
-        tuple(args.stop_id),
-    )
-
-
-def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
-    """What the records of an output depend on: a rerun must match it to add to them. (Not the batch size
-    or the mesh: a prompt's tokens do not depend on them.)"""
-    sampling = settings.sampling
-    return {
-        "checkpoint": str(Path(args.checkpoint).resolve()),
-        "params": str(model_dir.params_path.resolve()),
-        "dtype": args.dtype,
-        "quantize": args.quantize,
-        "chat": settings.chat,
-        "max_new_tokens": settings.max_new_tokens,
-        "temperature": sampling.temperature,
-        "top_k": sampling.top_k,
-        "top_p": sampling.top_p,
-        "seed": settings.seed,
-        "stop_ids": sorted(settings.stop_ids),
-    }
-
-
 def read_prompts(args: argparse.Namespace) -> list[str]:
     """Prompts from --prompt values, or from --prompts FILE ("-" is standard input)."""
     from llama_jax.inference.prompt_files import read_prompt_file
@@ -205,7 +114,6 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> str:
     """Run prompts[first:] through the engine and write their records in input order; returns a summary line."""
-    from llama_jax.checkpoint import load
     from llama_jax.inference.batch import compiled_buckets, generate_in_order
 
     def write(ready) -> None:
@@ -224,7 +132,7 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             sys.stdout.flush()
 
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+    loaded = load_from(args, mesh)
     engine = generate_in_order(loaded, prompt_ids, settings, write, first, progress=args.prompts is not None)
     return (
         f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
@@ -234,10 +142,10 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
 
 def compile_for(args: argparse.Namespace) -> int:
     from llama_jax.aot import report_json, report_table
-    from llama_jax.checkpoint import read_model_dir
     from llama_jax.config import load_model_config
     from llama_jax.hardware import tpu_slice
     from llama_jax.inference.compile import compile_inference
+    from llama_jax.model_dir import read_model_dir
     from llama_jax.sharding import MeshConfig
 
     tpu = tpu_slice(args.compile_for)

@@ -14,15 +14,15 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from llama_jax.cli import ArgumentParser, run_cli
-from llama_jax.config import DTYPES, QUANTIZE_MODES
+from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.common import add_model_arguments, load_from, mesh_from, text_model_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
         prog="python -m llama_jax.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--checkpoint", required=True, metavar="DIR", help="a model directory or training run")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
@@ -41,19 +41,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1/")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
-    parser.add_argument("--dtype", choices=DTYPES, help="parameter and compute dtype (default: the checkpoint's)")
-    parser.add_argument(
-        "--quantize",
-        choices=QUANTIZE_MODES,
-        default="none",
-        help="int8: projection weights stored int8 with per-channel scales (half of bf16's bytes)",
-    )
-    parser.add_argument(
-        "--mesh",
-        default="",
-        metavar="data=..,tensor=..",
-        help="device mesh, e.g. tensor=4 (default: data-parallel over all devices)",
-    )
     args = parser.parse_args(argv)
     for name in ("slots", "max_queue", "port"):
         if getattr(args, name) < 1:
@@ -65,22 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from llama_jax.checkpoint import load, read_model_dir
     from llama_jax.inference.engine import Engine
     from llama_jax.serve.app import create_app
-    from llama_jax.sharding import MeshConfig, make_mesh
 
-    model_dir = read_model_dir(args.checkpoint)
-    if model_dir.tokenizer() is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer file; the server needs one to read text")
+    model_dir = text_model_dir(args.checkpoint, "the server needs one to read text")
+    model_dir.tokenizer()  # refused here when it does not fit the model
     if args.max_len is not None and not 2 <= args.max_len <= model_dir.config.max_seq_len:
         raise ValueError(f"--max-len must be between 2 and the model's max_seq_len {model_dir.config.max_seq_len}")
     if not _loopback(args.host) and args.api_key is None:
         print(
             f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
         )
-    mesh = make_mesh(MeshConfig.parse(args.mesh))
-    loaded = load(args.checkpoint, mesh=mesh, dtype=args.dtype, quantize=args.quantize)
+    loaded = load_from(args, mesh_from(args))
     engine = Engine(loaded, slots=args.slots, cache_len=args.max_len, max_queue=args.max_queue)
     name = args.model_name or Path(args.checkpoint).resolve().name
     engine.start()

@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, run_cli
 from llama_jax.train.config import describe_settings, load_train_config
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
@@ -98,7 +98,7 @@ def compile_for(config, slice_name: str) -> int:
 
 
 def write_token_store(config, location: str) -> int:
-    from llama_jax.checkpoint import read_model_dir
+    from llama_jax.model_dir import read_model_dir
     from llama_jax.train.data import build_token_store
     from llama_jax.train.init_from import chat_template, resolve_tokenizer
 

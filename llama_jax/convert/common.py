@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.chat import TEMPLATES
-from llama_jax.checkpoint import check_tokenizer_fits, write_model_dir
 from llama_jax.config import DTYPES, ModelConfig
+from llama_jax.model_dir import check_tokenizer_fits, write_model_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
 
 # "auto": detected from the tokenizer and its Hugging Face config; "none": a base model without chat.

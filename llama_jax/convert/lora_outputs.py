@@ -19,12 +19,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import ModelDir, lora_base_dir, read_model_dir, write_model_dir
 from llama_jax.config import LORA_TARGETS
 from llama_jax.convert.safetensors_io import TensorSource, write_file
 from llama_jax.convert.weights import WEIGHTS
 from llama_jax.lora import merged_weight, split_adapters
 from llama_jax.model import abstract_state
+from llama_jax.model_dir import ModelDir, lora_base_dir, read_model_dir, write_model_dir
 from llama_jax.param_io import StoredParams
 from llama_jax.quantize import WEIGHTS as QUANTIZED_WEIGHTS
 from llama_jax.quantize import round_trip

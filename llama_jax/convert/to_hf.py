@@ -14,7 +14,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.convert.common import dtype_name
 from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
@@ -22,6 +21,7 @@ from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
 from llama_jax.model import abstract_state
+from llama_jax.model_dir import read_model_dir
 from llama_jax.param_io import StoredParams
 from llama_jax.staging import ensure_new_output_dir, staged_output_dir
 

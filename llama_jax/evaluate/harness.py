@@ -19,6 +19,7 @@ The harness asks three kinds of question; each is answered in batches, never one
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from llama_jax.sharding import named_sharding
 try:
     from lm_eval import utils as lm_utils
     from lm_eval.api.model import TemplateLM
-except ImportError:  # the `eval` extra is not installed: run_harness says how to get it
+except ImportError:  # the `eval` extra is not installed: find_tasks says how to get it
     lm_utils, TemplateLM = None, object
 
 EXTRA_MISSING = 'lm-evaluation-harness is not installed: pip install -e ".[eval]" (or pip install lm-eval)'
@@ -191,57 +192,66 @@ class LlamaJaxLM(TemplateLM):
         return answers
 
 
-def run_harness(args) -> dict[str, dict[str, Any]]:
-    """`evaluate harness`: the tasks' results {task: {metric: value}} in the harness's metric names; prints the
-    harness's table and writes its full results to --output."""
+def find_tasks(names: str, include_path: str | None):
+    """The harness tasks a comma-separated list names, and the harness's task manager that knows them (with
+    the task YAMLs of `include_path`); an unknown name is a ValueError."""
     if lm_utils is None:
         raise ValueError(EXTRA_MISSING)
-    import json
-
-    from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from llama_jax.checkpoint import load, read_model_dir
-    from llama_jax.sharding import MeshConfig, make_mesh
-
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.output and Path(args.output).exists():
-        raise ValueError(f"{args.output} exists; choose another output file")
-    if args.include_path and not Path(args.include_path).is_dir():
-        raise ValueError(f"--include-path {args.include_path} is not a directory")
-    tasks = [name.strip() for name in args.tasks.split(",") if name.strip()]
-    task_manager = TaskManager(include_path=args.include_path)
+    if include_path and not Path(include_path).is_dir():
+        raise ValueError(f"--include-path {include_path} is not a directory")
+    tasks = [name.strip() for name in names.split(",") if name.strip()]
+    task_manager = TaskManager(include_path=include_path)
     unknown = [name for name in tasks if name not in task_manager.all_tasks]
     if unknown or not tasks:
         raise ValueError(
-            f"unknown harness task {', '.join(unknown) or repr(args.tasks)} (`lm-eval ls tasks` lists "
+            f"unknown harness task {', '.join(unknown) or repr(names)} (`lm-eval ls tasks` lists "
             "them; --include-path adds a folder of task YAMLs)"
         )
-    mesh = make_mesh(MeshConfig.parse(args.mesh))
-    model_dir = read_model_dir(args.checkpoint)
-    if model_dir.tokenizer_path is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer file; the harness works on text")
-    lm = LlamaJaxLM(load(args.checkpoint, mesh=mesh, dtype=args.dtype), args.batch_size, args.max_length)
-    results = simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        task_manager=task_manager,
-        log_samples=bool(args.output),
-        random_seed=args.seed,
-        numpy_random_seed=args.seed,
-        torch_random_seed=args.seed,
-        fewshot_random_seed=args.seed,
-    )
-    from lm_eval.utils import handle_non_serializable, make_table
+    return tasks, task_manager
 
-    print(make_table(results))
-    if args.output:
-        Path(args.output).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")
-    # The harness's metric keys are "NAME,FILTER" (acc,none); the rest (alias, sample_len) describe the run.
+
+def evaluate_tasks(
+    loaded,
+    tasks: list[str],
+    task_manager,
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    num_fewshot: int | None = None,
+    limit: float | None = None,
+    seed: int = 0,
+    log_samples: bool = False,
+) -> dict[str, Any]:
+    """The harness's own results dictionary for `tasks` (from `find_tasks`) with `loaded` as the model."""
+    from lm_eval import simple_evaluate
+
+    return simple_evaluate(
+        model=LlamaJaxLM(loaded, batch_size, max_length),
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=task_manager,
+        log_samples=log_samples,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
+
+
+def metric_values(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{task: {metric: value}} in the harness's metric names. Its metric keys are "NAME,FILTER" (acc,none);
+    the other keys (alias, sample_len) describe the run."""
     return {
         task: {metric: value for metric, value in scores.items() if "," in metric}
         for task, scores in results["results"].items()
     }
+
+
+def write_results(results: dict[str, Any], path: str | Path) -> None:
+    """The harness's full results (with per-sample logs when it kept them) as JSON."""
+    from lm_eval.utils import handle_non_serializable
+
+    Path(path).write_text(json.dumps(results, indent=2, default=handle_non_serializable) + "\n")

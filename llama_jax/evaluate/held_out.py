@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import load, read_model_dir
+from llama_jax.loading import load
+from llama_jax.model_dir import read_model_dir
 from llama_jax.train.batching import PackedRows
 from llama_jax.train.config import train_config_from_dict
 from llama_jax.train.data import prepare_data
@@ -23,7 +24,12 @@ from llama_jax.train.run_dir import RUN_FILE
 from llama_jax.train.step import token_losses
 
 
-def held_out_loss(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None) -> dict:
+def held_out_loss(
+    run_dir: str | Path,
+    mesh: jax.sharding.Mesh | None = None,
+    dtype: str | None = None,
+    quantize: str | None = None,
+) -> dict:
     """{"perplexity", "nll_per_token", "tokens", "rows"} of `run_dir`'s newest intact checkpoint on
     its validation rows."""
     run_dir = Path(run_dir)
@@ -43,7 +49,7 @@ def held_out_loss(run_dir: str | Path, mesh: jax.sharding.Mesh | None = None, dt
             "its held-out rows cannot be found again"
         )
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
-    loaded = load(run_dir, mesh=mesh, dtype=dtype)
+    loaded = load(run_dir, mesh=mesh, dtype=dtype, quantize=quantize)
     graphdef, params = nnx.split(loaded.model)
     score = jax.jit(lambda params, batch: _sums(graphdef, params, batch, config.loss_chunk))
     total = count = 0.0

@@ -2,8 +2,13 @@
 
 settings.py      GenerationSettings: how to generate, checked once
 sampling.py      greedy, temperature, top-k, top-p; per-prompt random streams
-decode.py        the device side: prefill, decode step, the on-device decode loop
 prompts.py       prompt text → ids (BOS or a chat template), and the room check
+decode.py        the device side of `generator.py`: prefill, decode step, the on-device decode loop
 generator.py     the text-level API: Generator, generate, stream
-prompt_files.py  reading prompt files; results_file.py: the resumable JSONL output of infer.py
+scheduler.py     continuous batching, host side: admission, stop ids and strings, cancellation
+slots.py         continuous batching, device side: decode slots over one KV cache
+engine.py        the continuous-batching engine: generate, stream, a background loop for the server
+batch.py         many prompts through the engine, results in input order (infer.py, evaluate generate)
+prompt_files.py  reading infer.py's prompt files; results_file.py: its resumable JSONL output
+compile.py       `infer.py --compile-for`: prefill and a decode step compiled for a TPU slice
 """

@@ -7,10 +7,10 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.inference.engine import Engine, Result
 from llama_jax.inference.scheduler import Request
 from llama_jax.inference.settings import GenerationSettings
+from llama_jax.loading import LoadedModel
 
 
 def generate_in_order(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax import flops
 from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
@@ -15,7 +16,6 @@ from llama_jax.inference.sampling import SamplingParams
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.model import abstract_state
 from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform, named_sharding
-from llama_jax.train import flops
 
 
 def compile_inference(

@@ -16,10 +16,10 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.inference.prompts import completion_text
 from llama_jax.inference.scheduler import Event, Handle, Request, Scheduler
 from llama_jax.inference.slots import SlotBackend
+from llama_jax.loading import LoadedModel
 
 STEPS_PER_DISPATCH = 8  # decode steps per device call: the host's work per step is paid once per call
 

@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.inference.decode import (
     PREFILL_TOKENS,
     bucket_length,
@@ -30,6 +29,7 @@ from llama_jax.inference.decode import (
 from llama_jax.inference.prompts import PromptEncoder, chat_template_for, check_fits, completion_text
 from llama_jax.inference.sampling import SamplingParams, row_keys
 from llama_jax.inference.settings import GenerationSettings
+from llama_jax.loading import LoadedModel
 from llama_jax.sharding import named_sharding
 
 

@@ -1,7 +1,7 @@
 """Continuous batching, the host side: which request gets which decode slot, and when a request is done.
 
-    scheduler = Scheduler(backend, slots=8, max_queue=64, text=decoder)
-    handle = scheduler.submit(Request(prompt_ids, max_tokens=64, ...))
+    scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, bucket_limit=1024, text=decoder)
+    handle = scheduler.submit(Request(prompt_ids, max_tokens=64, ...), on_event)
     while scheduler.busy: scheduler.step()      # one prefill-and-insert and/or one multi-step decode
 
 Each step admits queued requests into free slots, first come first served, prefilling those whose prompts

@@ -2,7 +2,7 @@
 
     backend = SlotBackend(loaded, slots=8, cache_len=1024)
     first, logprobs = backend.insert([3, 5], [request_a, request_b], bucket=64)   # prefill into slots 3, 5
-    tokens, logprobs = backend.decode(8)                                            # 8 steps of every slot
+    tokens, logprobs = backend.decode(8, active=[s in (3, 5) for s in range(8)])    # 8 steps of slots 3, 5
 
 The cache is (layers, slots, kv_heads, cache_len, head_dim) with each slot's length; prompts are prefilled on
 a small cache of their own bucket (several at once: 1, 2, 4, ... up to `prefill_rows` rows, the power of two
@@ -22,11 +22,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llama_jax.checkpoint import LoadedModel
 from llama_jax.inference.decode import prefill, prefill_chunk
 from llama_jax.inference.sampling import RowSampling, sample_rows
 from llama_jax.inference.scheduler import Request
 from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.loading import LoadedModel
 from llama_jax.sharding import named_sharding
 
 CACHE_BLOCK = 128  # cache slots read per block in decoding; the cache length is a multiple of it

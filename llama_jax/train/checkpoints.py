@@ -26,9 +26,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import CHECKPOINTS_DIR, META_ITEM
+from llama_jax.errors import one_line
 from llama_jax.integrity import damage, device_checksums
-from llama_jax.param_io import first_line
+from llama_jax.model_dir import CHECKPOINTS_DIR, META_ITEM
 
 DAMAGED_DIR = "damaged"
 log = logging.getLogger("llama_jax")
@@ -99,7 +99,7 @@ class TrainingCheckpoints:
                 restored.opt_state, expected.get("opt_state")
             )
         except Exception as e:  # orbax and tensorstore raise many types for files cut short or missing
-            restored, problem = None, first_line(e)
+            restored, problem = None, one_line(e)
         if jax.process_count() > 1:  # a file one host could not read damages the step for all of them
             problems = multihost_utils.process_allgather(np.int32(problem is not None))
             problem = problem or ("damaged on another host" if problems.any() else None)

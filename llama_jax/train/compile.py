@@ -10,13 +10,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from llama_jax import flops
 from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
-from llama_jax.checkpoint import read_model_dir
 from llama_jax.config import ModelConfig
 from llama_jax.hardware import TpuSlice, slice_devices
+from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
-from llama_jax.train import flops
 from llama_jax.train.batching import FIELDS, batch_sharding, check_batch_fits_mesh
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.init_from import build_model_config

@@ -6,8 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from llama_jax.checkpoint import ModelDir
 from llama_jax.config import COMPUTE_FIELDS, ModelConfig, load_model_config
+from llama_jax.model_dir import ModelDir
 from llama_jax.train.config import CHAT_TEMPLATE_AUTO, COMPUTE_DTYPE_AUTO, TRAINED_TOKENIZER_PREFIX, TrainConfig
 from llama_jax.train.token_store import store_url
 

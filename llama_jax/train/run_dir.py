@@ -1,6 +1,6 @@
 """A training run directory: created whole, written by one process at a time, resumed only by the same run.
 
-RUN_DIR/config.json            the model (checkpoint.py's format: `llama_jax.load(RUN_DIR)` and
+RUN_DIR/config.json            the model (model_dir.py's format: `llama_jax.load(RUN_DIR)` and
 RUN_DIR/tokenizer.model        `infer.py --checkpoint RUN_DIR` use the newest intact step)
 RUN_DIR/train_config.json      the run's settings and fingerprint: what a rerun must match to resume
 RUN_DIR/.lock                  held (flock) by the process training in it
@@ -18,8 +18,8 @@ import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
-from llama_jax.checkpoint import CHECKPOINTS_DIR, CONFIG_FILE, write_config
 from llama_jax.config import COMPUTE_FIELDS, ModelConfig
+from llama_jax.model_dir import CHECKPOINTS_DIR, CONFIG_FILE, write_config
 from llama_jax.staging import staged_output_dir
 from llama_jax.train.config import TrainConfig
 

@@ -23,7 +23,6 @@ when the store is built), so no host needs the table of document starts.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -143,7 +142,7 @@ class StoreCorpus:
         if found.state != "value":
             raise ValueError(
                 f"{url} holds no finished token store (no {META_FILE}); build one with "
-                "python -m llama_jax.train.token_store"
+                "python train.py ... --write-token-store URL"
             )
         meta = json.loads(found.value)
         if meta.get("format") != STORE_FORMAT:
@@ -181,9 +180,6 @@ class StoreCorpus:
 
     def tokenizer_bytes(self) -> bytes:
         return _kvstore(self.url).read(f"tokenizer/{self.meta['tokenizer']}").result().value
-
-    def tokenizer_digest(self) -> str:
-        return hashlib.sha256(self.tokenizer_bytes()).hexdigest()
 
 
 def _read_rows(array: ts.TensorStore, start: np.ndarray, end: np.ndarray, width: int) -> np.ndarray:

@@ -19,14 +19,15 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from llama_jax.checkpoint import LoadedModel, read_model_dir
+from llama_jax import flops
 from llama_jax.config import ModelConfig
 from llama_jax.inference.generator import generate
+from llama_jax.loading import LoadedModel
 from llama_jax.lora import split_adapters
 from llama_jax.model import abstract_state, create_model, init_adapters
+from llama_jax.model_dir import read_model_dir
 from llama_jax.quantize import quantize_params
 from llama_jax.sharding import make_mesh, mesh_platform
-from llama_jax.train import flops
 from llama_jax.train.batching import PackedRows, check_batch_fits_mesh, global_batch
 from llama_jax.train.checkpoints import TrainingCheckpoints
 from llama_jax.train.config import TrainConfig

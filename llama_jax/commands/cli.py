@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from llama_jax.errors import one_line
 from llama_jax.hardware import quiet_libtpu_without_tpu
 
 USER_ERROR_STATUS = 2
@@ -58,16 +59,3 @@ def _warnings_as_lines() -> None:
         handler.setFormatter(logging.Formatter("warning: %(message)s"))
         logger.addHandler(handler)
         logger.propagate = False
-
-
-def one_line(error: BaseException) -> str:
-    """An error as one line: `reason: path` for operating-system errors (disk full, a missing file)."""
-    if isinstance(error, FileNotFoundError) and error.filename:
-        return f"no such file: {error.filename}"
-    if isinstance(error, UnicodeDecodeError):
-        return f"input is not valid UTF-8 text ({error.reason} at byte {error.start})"
-    if isinstance(error, OSError) and error.strerror:
-        where = error.filename if error.filename is not None else ""
-        return f"{error.strerror}: {where}" if where else error.strerror
-    text = str(error).strip() or type(error).__name__
-    return " ".join(text.split())

@@ -1,4 +1,4 @@
-"""Self-describing model directories: write them, read them back onto any mesh.
+"""The model directory format: write one, read what its config.json says, restore its parameters.
 
     DIR/config.json      {"format": "llama_jax", "model": {ModelConfig}, "tokenizer": "tokenizer.model",
                           "chat_template": "llama3" | "llama2" | null}
@@ -7,8 +7,9 @@
     DIR/checksums.json   each parameter's checksum (`integrity.py`), checked when it is read back
 
 A training run directory has the same config.json and tokenizer, and its orbax `CheckpointManager`
-steps under DIR/checkpoints/<step>/params (checksums in the step's meta); `load` takes either, and from a
-run the newest step that is intact.
+steps under DIR/checkpoints/<step>/params (checksums in the step's meta); `ModelDir.restore_params` takes
+either, and from a run the newest step that is intact. Turning a directory into a runnable model (mesh,
+dtype, LoRA merge, int8) is `loading.py`'s job.
 """
 
 from __future__ import annotations
@@ -18,18 +19,12 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
 
 import jax
-from flax import nnx
 
 from llama_jax.config import ModelConfig
 from llama_jax.integrity import Checksums, damage, host_checksums
-from llama_jax.lora import join, merged, split_adapters
-from llama_jax.model import Llama, abstract_state
 from llama_jax.param_io import read_json_item, restore_params, save_params
-from llama_jax.quantize import dequantize_params, quantize_params
-from llama_jax.sharding import make_mesh
 from llama_jax.staging import staged_output_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
 
@@ -185,63 +180,6 @@ def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
             f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
             f"{config.vocab_size} embeddings: it belongs to another model"
         )
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    """A model ready to run: the NNX module (parameters placed on `mesh`), its tokenizer and chat template."""
-
-    model: Llama
-    config: ModelConfig
-    mesh: jax.sharding.Mesh
-    tokenizer: Any = None
-    chat_template: str | None = None
-
-
-def load(
-    path: str | Path, mesh: jax.sharding.Mesh | None = None, dtype: str | None = None, quantize: str | None = None
-) -> LoadedModel:
-    """Load a model directory (converted or trained) onto `mesh` (default: all devices, data-parallel).
-
-    `dtype` sets both the parameter and the compute dtype (e.g. "bfloat16" to serve a float32 checkpoint).
-    `quantize="int8"` stores the projection weights int8 with per-channel scales (quantize.py).
-    """
-    model_dir = read_model_dir(path)
-    tokenizer = model_dir.tokenizer()
-    mesh = mesh or make_mesh()
-    if model_dir.config.lora.enabled:
-        config, params = _merged_lora_run(model_dir, mesh)
-    else:
-        config, params = model_dir.config, None
-    if dtype is not None:
-        config = config.replace(dtype=dtype, param_dtype=dtype)
-    graphdef, state = abstract_state(config, mesh)
-    if params is None:
-        params = model_dir.restore_params(nnx.to_pure_dict(state))
-    else:
-        params = jax.tree.map(lambda p, a: p.astype(a.dtype), params, nnx.to_pure_dict(state))
-    if quantize not in (None, "none"):
-        config = config.replace(quantize=quantize)
-        params = jax.jit(quantize_params)(params)
-        graphdef, state = abstract_state(config, mesh)
-    nnx.replace_by_pure_dict(state, params)
-    return LoadedModel(nnx.merge(graphdef, state), config, mesh, tokenizer, model_dir.chat_template)
-
-
-def _merged_lora_run(model_dir: ModelDir, mesh) -> tuple[ModelConfig, dict]:
-    """A LoRA run's model as a plain one: its base directory's weights with the run's newest intact adapters
-    merged in (W + alpha/rank · A·B)."""
-    base_dir = lora_base_dir(model_dir)
-    run_config = model_dir.config.replace(quantize="none")
-    _, abstract = abstract_state(run_config, mesh)
-    adapters_target, base_target = split_adapters(nnx.to_pure_dict(abstract))
-    base = base_dir.restore_params(base_target)
-    if model_dir.config.quantize == "int8":  # QLoRA trained on the int8 base: merge into what it saw
-        seen = jax.jit(lambda p: dequantize_params(quantize_params(p)))(base)
-        base = jax.tree.map(lambda w, t: w.astype(t.dtype), seen, base)
-    params = join(base, model_dir.restore_params(adapters_target))
-    plain = run_config.without_adapters()
-    return plain, merged(params, model_dir.config.lora)
 
 
 def lora_base_dir(run: ModelDir) -> ModelDir:

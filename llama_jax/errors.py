@@ -1,0 +1,18 @@
+"""Errors as the one line a user reads: what every command line prints, and what wrapped library errors carry."""
+
+from __future__ import annotations
+
+
+def one_line(error: BaseException) -> str:
+    """`error` as one line. Operating-system errors read `reason: path` (a full disk, a missing file); other
+    errors give their first line: libraries such as orbax put pages of detail below a first line that says
+    what failed (the messages llama_jax raises are one line already)."""
+    if isinstance(error, FileNotFoundError) and error.filename:
+        return f"no such file: {error.filename}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"input is not valid UTF-8 text ({error.reason} at byte {error.start})"
+    if isinstance(error, OSError) and error.strerror:
+        where = error.filename if error.filename is not None else ""
+        return f"{error.strerror}: {where}" if where else error.strerror
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return " ".join(lines[0].split()) if lines else type(error).__name__
