@@ -2,7 +2,7 @@
 
     import llama_jax
     loaded = llama_jax.load("models/stories260K")
-    print(llama_jax.generate(loaded, ["Once upon a time"], max_new_tokens=50)[0].completion)
+    print(llama_jax.generate(loaded, ["Once upon a time"], max_new_tokens=50)[0].text)
     report = llama_jax.train.run(llama_jax.load_train_config("configs/tiny_test.yaml"))
 
 Names are imported on first use, so `import llama_jax.tokenizers` (or a command line that fails on a bad
@@ -29,11 +29,10 @@ _EXPORTS = {
     "MeshConfig": "llama_jax.config",
     "make_mesh": "llama_jax.sharding",
     "load_tokenizer": "llama_jax.tokenizers",
-    "generate": "llama_jax.inference.generator",
-    "stream": "llama_jax.inference.generator",
-    "Generator": "llama_jax.inference.generator",
-    "Completion": "llama_jax.inference.generator",
-    "StreamPiece": "llama_jax.inference.generator",
+    "generate": "llama_jax.inference.api",
+    "stream": "llama_jax.inference.api",
+    "Completion": "llama_jax.inference.engine",
+    "Event": "llama_jax.inference.scheduler",
     "GenerationSettings": "llama_jax.inference.settings",
     "Engine": "llama_jax.inference.engine",
     "Request": "llama_jax.inference.scheduler",

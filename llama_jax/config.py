@@ -21,7 +21,7 @@ REMAT_POLICIES = {
     "full": "nothing_saveable",  # recompute the whole layer in the backward pass
     "save_dots": "dots_with_no_batch_dims_saveable",  # keep the weight matmuls' outputs, recompute the rest
 }
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 # Fields of ModelConfig that say how the network is computed rather than what it is: they may change on a
 # converted checkpoint, between an init_from model and its fine-tuning, and between the runs of one run_dir.

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama_jax.attention import LiveCache, attend_live_cache, attention, causal_mask, choose_implementation
+from llama_jax.attention import LiveCache, attend_live_cache, attention, choose_implementation
 from llama_jax.config import REMAT_POLICIES, ModelConfig
 from llama_jax.kv_cache import KVCache, write_slots
 from llama_jax.lora import add_adapters, project, split_adapters
@@ -77,7 +77,11 @@ class Attention(nnx.Module):
         if c.quantize == "int8":
             _quantize_in_place(self, "attention")
 
-    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None, dropout_key=None):
+    def __call__(self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None):
+        """Without a cache: causal self-attention within `segment_ids` by `implementation`; returns the output
+        and this layer's new (k, v). With `layer_cache` (the stacked cache's k, v and this layer's index):
+        the new keys and values are written at each row's next slots and `live` reads the cache; returns the
+        output and the updated layer_cache."""
         c = self.config
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         q = project(self, "wq", "btd,dhk->bthk", x, self.lora, dropout_key)
@@ -87,19 +91,16 @@ class Attention(nnx.Module):
         k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
         v = shard(v, "batch", "length", "kv_heads", None)
         if layer_cache is None:
-            out = attention(q, k, v, choose_implementation(c.attention, c.dtype), segment_ids=segment_ids)
+            out, layer_cache = attention(q, k, v, implementation, segment_ids=segment_ids), (k, v)
         else:
             # The layer writes its new keys/values straight into the stacked cache (in place) and reads
-            # its own layer back: copying the layer out and back in would move the whole cache per step.
+            # its own layer back, block by block and only the live part: copying the layer out and back in
+            # would move the whole cache per step.
             k_all, v_all, layer = layer_cache
+            starts = live.q_index[:, 0]
             k_all, v_all = write_slots(k_all, k, layer, starts), write_slots(v_all, v, layer, starts)
             layer_cache = (k_all, v_all, layer)
-            if isinstance(mask, LiveCache):  # read block by block, only the live part
-                out = attend_live_cache(q, k_all, v_all, layer, mask)
-            else:  # a few queries over a long cache: memory-bound, the reference einsums
-                k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False)
-                out = attention(q, k, v, "xla", mask=mask)
+            out = attend_live_cache(q, k_all, v_all, layer, live)
         out = project(self, "wo", "bthk,hkd->btd", out, self.lora, dropout_key)
         return shard(out, "batch", "length", None), layer_cache
 
@@ -132,10 +133,10 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, mask, segment_ids, layer_cache=None, starts=None, dropout_key=None):
+    def __call__(self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None):
         with jax.named_scope("attention"):
             h, layer_cache = self.attention(
-                self.attention_norm(x), positions, mask, segment_ids, layer_cache, starts, dropout_key
+                self.attention_norm(x), positions, segment_ids, implementation, live, layer_cache, dropout_key
             )
         x = x + h
         with jax.named_scope("mlp"):
@@ -168,13 +169,28 @@ class Llama(nnx.Module):
         logits_at: jax.Array | None = None,
         cache_block: int | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
-        """`logits_at` (batch, n) picks the positions of each row that get logits (prefill needs only the
-        last real one; full-length float32 logits of a long batch would not fit in memory). `cache_block`:
-        read the cache that many slots at a time, only its live part (`attention.attend_live_cache`)."""
+        """Logits of `ids` (batch, length). Without a cache: causal self-attention (training, scoring),
+        within `segment_ids` if given. With a `KVCache`: the tokens come after what each row holds, are
+        written into it, and attend to everything cached so far, read `cache_block` slots at a time and
+        only as far as the furthest query (`attention.attend_live_cache`; default: up to 128 dividing the
+        cache length). `logits_at` (batch, n) picks the positions of each row that get logits."""
         x, cache = self.hidden_states(ids, positions, cache, segment_ids, cache_block)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[:, :, None], axis=1)
-        return self.logits(x), cache
+        return self.logits(_take_positions(x, logits_at)), cache
+
+    def prefill(
+        self,
+        ids: jax.Array,
+        positions: jax.Array | None = None,
+        segment_ids: jax.Array | None = None,
+        logits_at: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Prompts through the stack as a forward pass without a cache computes them — causal self-attention
+        within `segment_ids`, by the flash kernel of the platform (splash, cuDNN, or the blockwise XLA path;
+        no gradient flows) — returning the logits at `logits_at` (batch, n) and every layer's keys and
+        values, (layers, batch, length, kv_heads, head_dim) each, for a KV cache."""
+        implementation = choose_implementation(self.config.attention, self.config.dtype, differentiable=False)
+        x, kv = self._forward(ids, positions, None, segment_ids, None, None, implementation, keep_kv=True)
+        return self.logits(_take_positions(x, logits_at)), kv
 
     def hidden_states(
         self,
@@ -188,6 +204,10 @@ class Llama(nnx.Module):
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
         Training computes the logits from it a chunk at a time (`loss.token_nll`) and passes `dropout_key`
         when LoRA dropout is on (each layer draws its masks from its own fold of the key)."""
+        implementation = choose_implementation(self.config.attention, self.config.dtype)
+        return self._forward(ids, positions, cache, segment_ids, cache_block, dropout_key, implementation)
+
+    def _forward(self, ids, positions, cache, segment_ids, cache_block, dropout_key, implementation, keep_kv=False):
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -195,19 +215,13 @@ class Llama(nnx.Module):
             positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
         with jax.named_scope("embed"):
             x = shard(jnp.take(self.embed[...], ids, axis=0).astype(c.dtype), "batch", "length", None)
-
+        live = None
         if cache is not None:
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training batches; they cannot be used with a KV cache")
-            q_index = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
-            if cache_block is not None:
-                mask = LiveCache(q_index, cache_block)
-            else:
-                kv_index = jnp.broadcast_to(jnp.arange(cache.max_len, dtype=jnp.int32), (batch, cache.max_len))
-                mask = causal_mask(q_index, kv_index)
-        else:
-            mask = None  # causal self-attention (within segment_ids): flash kernels need no mask array
-        return self._run_layers(x, positions, mask, segment_ids, cache, starts, dropout_key)
+            block = cache_block or next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if cache.max_len % b == 0)
+            live = LiveCache(starts[:, None] + jnp.arange(length, dtype=jnp.int32), block)
+        return self._run_layers(x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Float32 logits (batch, n, vocab) of hidden states (batch, n, dim): final norm, output projection."""
@@ -223,14 +237,15 @@ class Llama(nnx.Module):
                 )
             return shard(logits, "batch", "length", "vocab")
 
-    def _run_layers(self, x, positions, mask, segment_ids, cache, starts, dropout_key):
+    def _run_layers(self, x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv):
+        """The scanned stack. With a cache it is the scan's carry (written in place); with `keep_kv` every
+        layer's new keys and values are the scan's outputs."""
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache, layer_key):
-            x, layer_cache = nnx.merge(graphdef, layer_params)(
-                x, positions, mask, segment_ids, layer_cache, starts, layer_key
+            return nnx.merge(graphdef, layer_params)(
+                x, positions, segment_ids, implementation, live, layer_cache, layer_key
             )
-            return x, layer_cache
 
         policy = REMAT_POLICIES[self.config.remat]
         if policy is not None:
@@ -244,21 +259,31 @@ class Llama(nnx.Module):
             layer_cache = None if k_all is None else (k_all, v_all, i)
             layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x, layer_cache = layer(x, layer_params, layer_cache, layer_key)
-            if layer_cache is not None:
+            if k_all is not None:
                 k_all, v_all, _ = layer_cache
-            return (x, k_all, v_all), None
+            return (x, k_all, v_all), layer_cache if keep_kv else None
 
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         indices = jnp.arange(self.config.n_layers)
         if self.config.scan_layers:
-            carry, _ = jax.lax.scan(step, carry, (stacked, indices))
+            carry, kv = jax.lax.scan(step, carry, (stacked, indices))
         else:  # a plain Python loop: easier to debug and profile layer by layer, slower to compile
+            outputs = []
             for i in range(self.config.n_layers):
-                carry, _ = step(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))
+                carry, out = step(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))
+                outputs.append(out)
+            kv = jax.tree.map(lambda *layers: jnp.stack(layers), *outputs) if keep_kv else None
         x, k_all, v_all = carry
+        if keep_kv:
+            return x, kv
         if cache is None:
             return x, None
         return x, KVCache(k_all, v_all, cache.lengths + x.shape[1])
+
+
+def _take_positions(x: jax.Array, at: jax.Array | None) -> jax.Array:
+    """x (batch, length, dim) at positions `at` (batch, n) of each row; all of x when None."""
+    return x if at is None else jnp.take_along_axis(x, at[:, :, None], axis=1)
 
 
 def abstract_state(config: ModelConfig, mesh=None) -> tuple[nnx.GraphDef, nnx.State]:

@@ -1,23 +1,21 @@
-"""The engine on a model: its greedy ids are those of the static-batch generator (itself checked against the
-full forward pass), a request's tokens do not depend on the slots around it, sharded equals unsharded, and
-the live-block cache attention equals attention over the whole cache."""
+"""The engine's mechanics on a model: a request's tokens do not depend on the slots around it, streams add up
+to results, the device loop stops early only when asked, the attention paths equal the reference, every
+program it runs is compiled by its warm-up, and `--compile-for` lowers exactly those programs."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from llama_jax.attention import LiveCache, attend_live_cache, attention, causal_mask
+from llama_jax.attention import LiveCache, attend_live_cache, attention, blockwise_attention
 from llama_jax.config import preset
+from llama_jax.inference.compile import engine_backend
 from llama_jax.inference.engine import Engine
-from llama_jax.inference.generator import Generator
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.scheduler import Request
-from llama_jax.inference.settings import GenerationSettings
 from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
-from llama_jax.sharding import MeshConfig, make_mesh, param_shardings
+from llama_jax.sharding import MeshConfig, make_mesh
 
 CONFIG = preset("tiny").replace(vocab_size=512, max_seq_len=256)
 LENGTHS = [1, 6, 11, 16, 3, 9, 40]
@@ -43,13 +41,6 @@ def ids(results):
     return [r.token_ids for r in results]
 
 
-def test_greedy_ids_equal_the_static_generator(loaded, prompts):
-    generator = Generator(loaded, GenerationSettings(max_new_tokens=24, batch_size=8))
-    static = [ids for ids, _ in generator.generate_ids(list(prompts), range(len(prompts)))]
-    engine = ids(Engine(loaded, slots=4).generate(requests(prompts)))
-    assert engine == [s[: 6 + 3 * i] for i, s in enumerate(static)]
-
-
 def test_a_requests_tokens_depend_on_nothing_else(loaded, prompts):
     sampled = requests(prompts, sampling=SamplingParams(0.9, 40, 0.95), seed=7)
     engine = Engine(loaded, slots=4)
@@ -57,38 +48,106 @@ def test_a_requests_tokens_depend_on_nothing_else(loaded, prompts):
     alone = Engine(loaded, slots=1)
     assert crowded[:2] == [ids(alone.generate([r]))[0] for r in sampled[:2]]
     assert crowded == ids(engine.generate(sampled[::-1]))[::-1]  # other neighbours, other arrival order
-    assert crowded != ids(engine.generate(requests(prompts, sampling=SamplingParams(0.9, 40, 0.95), seed=8)))
+    other_seed = requests(prompts, sampling=SamplingParams(0.9, 40, 0.95), seed=8)
+    assert crowded != ids(engine.generate(other_seed))
 
 
 def test_streaming_events_add_up_to_the_result(loaded, prompts):
-    engine = Engine(loaded, slots=4)
+    engine = Engine(loaded, slots=4, steps_per_dispatch=4)
     request = requests(prompts)[4]
     events = list(engine.stream(request))
     result = engine.generate([request])[0]
+    assert len(events) > 2  # a dispatch's tokens at a time
     assert [t for e in events for t in e.token_ids] == result.token_ids
     assert events[-1].finish_reason == result.finish_reason == "length"
 
 
-@pytest.mark.parametrize("mesh_config", [MeshConfig(data=2), MeshConfig(data=1, tensor=2)], ids=["data", "tensor"])
-def test_sharded_engine_equals_one_device(loaded, prompts, mesh_config):
-    mesh = make_mesh(mesh_config)
-    state = nnx.state(loaded.model)
-    placed = nnx.merge(nnx.graphdef(loaded.model), jax.device_put(state, param_shardings(state, mesh)))
-    sharded = Engine(LoadedModel(placed, CONFIG, mesh), slots=4).generate(requests(prompts))
-    assert ids(sharded) == ids(Engine(loaded, slots=4).generate(requests(prompts)))
+def test_the_decode_loop_stops_early_only_when_a_request_waits(loaded, prompts):
+    engine = Engine(loaded, slots=2)
+    backend = engine.backend
+    backend.insert([0, 1], [Request(prompts[1], 3), Request(prompts[2], 30)], bucket=16)
+    *_, ran = backend.decode(20, [True, True], stop_early=True)
+    assert ran == 2  # slot 0's third token ends it
+    backend.insert([0], [Request(prompts[1], 3)], bucket=16)
+    *_, ran = backend.decode(20, [True, True], stop_early=False)
+    assert ran == 20
 
 
 def test_live_block_attention_equals_attention_over_the_whole_cache():
     rng = np.random.default_rng(0)
     layers, batch, kv_heads, max_len, head_dim, heads, block = 2, 3, 2, 64, 8, 6, 16
-    k_all = jnp.asarray(rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)), jnp.float32)
-    v_all = jnp.asarray(rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)), jnp.float32)
-    q = jnp.asarray(rng.normal(size=(batch, 2, heads, head_dim)), jnp.float32)
-    q_index = jnp.asarray([[3, 4], [20, 21], [40, 41]])
-    live = attend_live_cache(q, k_all, v_all, jnp.int32(1), LiveCache(q_index, block))
-    kv_index = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
-    full = attention(q, k_all[1], v_all[1], "xla", mask=causal_mask(q_index, kv_index))
-    np.testing.assert_allclose(live, full, rtol=1e-5, atol=1e-6)
+    k_all = rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)).astype(np.float32)
+    v_all = rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)).astype(np.float32)
+    q = rng.normal(size=(batch, 2, heads, head_dim)).astype(np.float32)
+    q_index = np.asarray([[3, 4], [20, 21], [40, 41]])
+    live = attend_live_cache(
+        jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(q_index, block)
+    )
+    # numpy reference: query t of row b (head h, KV head h // 3) over cache slots 0..q_index[b, t]
+    expected = np.zeros_like(q)
+    for b in range(batch):
+        for t in range(2):
+            for h in range(heads):
+                keys = k_all[1, b, h // 3, : q_index[b, t] + 1]
+                scores = keys @ q[b, t, h] / np.sqrt(head_dim)
+                weights = np.exp(scores - scores.max())
+                expected[b, t, h] = weights @ v_all[1, b, h // 3, : q_index[b, t] + 1] / weights.sum()
+    np.testing.assert_allclose(live, expected, rtol=1e-5, atol=1e-6)
     # a row's result does not change when another row reaches further (more blocks are read)
-    further = attend_live_cache(q, k_all, v_all, jnp.int32(1), LiveCache(q_index.at[2].set([62, 63]), block))
+    reach = q_index.copy()
+    reach[2] = [62, 63]
+    further = attend_live_cache(
+        jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(reach, block)
+    )
     np.testing.assert_array_equal(live[:2], further[:2])
+
+
+@pytest.mark.parametrize(
+    "batch, length, heads, kv_heads, block",
+    [(2, 48, 6, 2, 16), (1, 64, 4, 4, 16), (3, 32, 8, 1, 8), (2, 48, 6, 2, None)],
+    ids=["gqa", "mha", "mqa", "one-block"],
+)
+def test_blockwise_flash_attention_equals_the_reference(batch, length, heads, kv_heads, block):
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(batch, length, heads, 8)), jnp.float32)
+    k, v = (jnp.asarray(rng.normal(size=(batch, length, kv_heads, 8)), jnp.float32) for _ in range(2))
+    # packed documents: a segment starting inside a block, one spanning blocks
+    segments = np.ones((batch, length), np.int32)
+    segments[0, 5:] = 2
+    segments[0, length // 2 + 3 :] = 3
+    for segment_ids in (None, jnp.asarray(segments)):
+        expected = attention(q, k, v, "xla", segment_ids=segment_ids)
+        got = jax.jit(lambda q, k, v, s=segment_ids: blockwise_attention(q, k, v, s, block))(q, k, v)
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # a row's result is its own: computed alone it is the same to the bit
+    alone = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, None, block))(q[-1:], k[-1:], v[-1:])
+    together = jax.jit(lambda q, k, v: blockwise_attention(q, k, v, None, block))(q, k, v)
+    np.testing.assert_array_equal(alone[0], together[-1])
+
+
+def test_warm_up_compiles_every_program_the_engine_then_runs(loaded, prompts):
+    engine = Engine(loaded, slots=4, cache_len=64)
+    engine.warm_up()
+    compiles = []
+    listener = lambda name, *_, **__: compiles.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        sampled = SamplingParams(0.8, 20, 0.9)
+        mixed = [
+            Request(p, 8, sampling=sampled if i % 2 else SamplingParams(), stream=i) for i, p in enumerate(prompts)
+        ]
+        engine.generate(mixed + mixed[:1])  # one prompt alone and groups, every bucket these prompts fall in
+        assert {p[0] for p in engine.backend.compiled} == {"prefill", "admit", "decode"}
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+
+
+def test_compile_for_lowers_the_engines_own_programs(loaded):
+    engine = Engine(loaded, slots=4, cache_len=64)
+    abstract = engine_backend(CONFIG, loaded.mesh, slots=4, cache_len=64)
+    programs = engine.backend.programs()
+    assert programs == abstract.programs()
+    assert {p[0] for p in programs} == {"prefill", "admit", "decode"}
+    for program in (programs[0], programs[-2], programs[-1]):
+        assert abstract.lower(program).as_text() == engine.backend.lower(program).as_text(), program

@@ -102,7 +102,7 @@ def test_generate_scores_every_record_and_resumes_without_redoing_finished_ones(
     import llama_jax
 
     loaded = llama_jax.load(stories_model)
-    greedy = llama_jax.generate(loaded, [stories[1][0]], max_new_tokens=24, temperature=0)[0].completion
+    greedy = llama_jax.generate(loaded, [stories[1][0]], max_new_tokens=24, temperature=0)[0].text
     assert greedy.split("\n")[0] == completions[1]
 
     # Interrupted after two records, the last one cut short: the rerun generates only the other four.

@@ -21,9 +21,9 @@ from llama_jax.commands import infer
 from llama_jax.commands.cli import run_cli
 from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
-from llama_jax.inference.generator import Generator
+from llama_jax.inference.engine import Engine
 from llama_jax.inference.results_file import JsonlOutput
-from llama_jax.inference.settings import GenerationSettings
+from llama_jax.inference.scheduler import Request
 from llama_jax.loading import load
 from llama_jax.model import create_model
 from llama_jax.model_dir import write_model_dir
@@ -154,14 +154,17 @@ def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_pat
     loaded = load(chat_model, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
     ids = [encode_dialog(loaded.tokenizer, "llama2", [{"role": "user", "content": m}]) for m in messages]
     assert ids[0][:1] == [loaded.tokenizer.bos_id]
-    expected = Generator(loaded, GenerationSettings(max_new_tokens=6, batch_size=2)).generate_ids(ids, [0, 1])
-    assert [(r["token_ids"], r["finish_reason"]) for r in got] == expected
+    stop_ids = tuple(loaded.tokenizer.stop_ids)
+    expected = Engine(loaded, slots=1).generate([Request(tuple(i), 6, stop_ids=stop_ids) for i in ids])
+    assert [(r["token_ids"], r["finish_reason"]) for r in got] == [(e.token_ids, e.finish_reason) for e in expected]
     assert [r["prompt"] for r in got] == messages
 
 
 def assert_one_error_line(stderr: str, expected: str) -> str:
-    lines = stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    """One error line, last, with nothing before it but the status lines of compiles (waits that say what
+    they are for)."""
+    lines = [line for line in stderr.strip().splitlines() if not line.startswith("compiling ")]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and stderr.strip().endswith(lines[0]), stderr
     assert expected in lines[0], lines[0]
     return lines[0]
 

@@ -39,7 +39,6 @@ def test_int8_model_logits_bytes_and_perplexity(stories_model, assets):
     p_int8 = perplexity(quantized, ids, 256, 1)["perplexity"]
     assert abs(p_int8 / p_full - 1) < 0.02, (p_full, p_int8)
     greedy = [
-        llama_jax.generate(m, ["Once upon a time"], max_new_tokens=30, temperature=0)[0].completion
-        for m in (full, quantized)
+        llama_jax.generate(m, ["Once upon a time"], max_new_tokens=30, temperature=0)[0].text for m in (full, quantized)
     ]
     assert greedy[0] == greedy[1]

@@ -1,13 +1,13 @@
-"""The samplers against independent references: numpy nuclei and top-k sets, softmax frequencies, argmax. Both
-the static-batch sampler (`sample`, one setting for all rows) and the engine's (`sample_rows`, a setting per
-row, cutting by bisection instead of sorting) must meet each."""
+"""The sampler against independent references: numpy nuclei and top-k sets, softmax frequencies, argmax. It
+takes a setting per row (a serving engine's slots each hold a request of its own) and cuts top-k and top-p by
+bisection instead of sorting; the kept sets must be exactly the references'."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.inference.sampling import RowSampling, SamplingParams, nucleus_mask, row_keys, sample, sample_rows
+from llama_jax.inference.sampling import RowSampling, SamplingParams, _cut_top_p, sample_rows
 
 VOCAB, ROWS, DRAWS = 12, 4, 8000
 TEMPERATURE = 0.7  # one temperature for every sampling test: each setting costs a compile
@@ -19,25 +19,17 @@ def logits():
     return jnp.asarray(np.random.default_rng(0).normal(0.0, 1.5, (ROWS, VOCAB)), jnp.float32)
 
 
-@jax.jit(static_argnames=("params", "steps"))
-def _draws(logits, keys, params, steps):
-    return jax.vmap(lambda step: sample(logits, keys, step, params))(jnp.arange(steps))
-
-
 @jax.jit(static_argnames=("steps",))
-def _row_draws(logits, keys, rows, steps):
+def _draws(logits, keys, rows, steps):
     return jax.vmap(lambda step: sample_rows(logits, keys, jnp.full(logits.shape[0], step), rows))(jnp.arange(steps))
 
 
-def draws(logits, params, seed=0, indices=None, steps=DRAWS, sampler="static"):
-    """(steps, rows) tokens: step t of every row (one compile per params and shape)."""
-    keys = row_keys(seed, jnp.arange(logits.shape[0]) if indices is None else jnp.asarray(indices))
-    if sampler == "rows":
-        return np.asarray(_row_draws(logits, keys, RowSampling.of([params] * logits.shape[0]), steps))
-    return np.asarray(_draws(logits, keys, params, steps))
-
-
-SAMPLERS = pytest.mark.parametrize("sampler", ["static", "rows"])
+def draws(logits, params, seed=0, indices=None, steps=DRAWS, per_row=None):
+    """(steps, rows) tokens: step t of every row, each row's key folded from the seed and its index (as the
+    engine makes a request's key from its seed and stream); `per_row` gives each row its own params."""
+    indices = jnp.arange(logits.shape[0]) if indices is None else jnp.asarray(indices)
+    keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(seed), i))(indices)
+    return np.asarray(_draws(logits, keys, RowSampling.of(per_row or [params] * logits.shape[0]), steps))
 
 
 def softmax64(x):
@@ -54,56 +46,64 @@ def reference_nucleus(logits_row, top_p, temperature=TEMPERATURE):
     return set(order[:size].tolist())
 
 
-@SAMPLERS
-def test_temperature_zero_is_argmax(logits, sampler):
-    tokens = draws(logits, SamplingParams(temperature=0.0), steps=DRAWS, sampler=sampler)
+def test_temperature_zero_is_argmax(logits):
+    tokens = draws(logits, SamplingParams(temperature=0.0), steps=DRAWS)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-@SAMPLERS
-def test_low_temperature_converges_to_greedy(logits, sampler):
-    tokens = draws(logits, SamplingParams(temperature=1e-3), steps=DRAWS, sampler=sampler)
+def test_low_temperature_converges_to_greedy(logits):
+    tokens = draws(logits, SamplingParams(temperature=1e-3), steps=DRAWS)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-@SAMPLERS
-def test_top_k_support_is_exactly_the_k_largest(logits, sampler):
+def test_top_k_support_is_exactly_the_k_largest(logits):
     k = 3
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k), sampler=sampler)
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k))
     for row in range(ROWS):
         largest = set(np.argsort(-np.asarray(logits[row]))[:k].tolist())
         assert set(tokens[:, row].tolist()) == largest
 
 
-@SAMPLERS
-def test_top_p_samples_only_the_minimal_nucleus(logits, sampler):
+def test_top_p_samples_only_the_minimal_nucleus(logits):
     top_p = 0.8
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=top_p), sampler=sampler)
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=top_p))
     for row in range(ROWS):
         nucleus = reference_nucleus(logits[row], top_p)
         # ⊆: nothing outside the nucleus; ⊇: nothing of it dropped (so the kept set is the minimal one).
         assert set(tokens[:, row].tolist()) == nucleus
 
 
-def test_nucleus_mask_matches_the_reference_on_many_rows():
+def test_the_nucleus_cut_matches_the_reference_on_many_rows():
     rng = np.random.default_rng(1)
     for top_p in (0.1, 0.3, 0.75, 0.95, 1.0):
-        rows = -np.sort(-rng.normal(0, 2, (64, 50)), axis=-1)  # the mask works on decreasing logits
-        mask = np.asarray(nucleus_mask(jnp.asarray(rows, jnp.float32), top_p))
-        for row, kept in zip(rows, mask):
-            assert set(np.flatnonzero(kept).tolist()) == reference_nucleus(row, top_p, temperature=1.0)
+        rows = rng.normal(0, 2, (64, 50))
+        cut = np.asarray(_cut_top_p(jnp.asarray(rows, jnp.float32), jnp.full((64,), top_p, jnp.float32)))
+        for row, kept in zip(rows, cut):
+            assert set(np.flatnonzero(np.isfinite(kept)).tolist()) == reference_nucleus(row, top_p, temperature=1.0)
 
 
-@SAMPLERS
-def test_tiny_top_p_still_keeps_the_most_likely_token(logits, sampler):
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=1e-6), steps=DRAWS, sampler=sampler)
+def test_each_row_samples_with_its_own_settings(logits):
+    per_row = [
+        SamplingParams(0.0),
+        SamplingParams(TEMPERATURE, top_k=2),
+        SamplingParams(TEMPERATURE),
+        SamplingParams(0.0),
+    ]
+    tokens = draws(logits, None, per_row=per_row)
+    greedy = np.argmax(np.asarray(logits), -1)
+    assert (tokens[:, 0] == greedy[0]).all() and (tokens[:, 3] == greedy[3]).all()
+    assert set(tokens[:, 1].tolist()) == set(np.argsort(-np.asarray(logits[1]))[:2].tolist())
+    assert len(set(tokens[:, 2].tolist())) > 2
+
+
+def test_tiny_top_p_still_keeps_the_most_likely_token(logits):
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_p=1e-6), steps=DRAWS)
     assert (tokens == np.argmax(np.asarray(logits), -1)).all()
 
 
-@SAMPLERS
-def test_top_k_then_top_p_renormalises_over_the_k(logits, sampler):
+def test_top_k_then_top_p_renormalises_over_the_k(logits):
     k, top_p = 5, 0.7
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k, top_p=top_p), sampler=sampler)
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE, top_k=k, top_p=top_p))
     for row in range(ROWS):
         values = np.asarray(logits[row], np.float64)
         top = np.argsort(-values)[:k]
@@ -111,9 +111,8 @@ def test_top_k_then_top_p_renormalises_over_the_k(logits, sampler):
         assert set(tokens[:, row].tolist()) == {int(top[i]) for i in within}
 
 
-@SAMPLERS
-def test_temperature_sampling_frequencies_match_the_softmax(logits, sampler):
-    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE), sampler=sampler)
+def test_temperature_sampling_frequencies_match_the_softmax(logits):
+    tokens = draws(logits, SamplingParams(temperature=TEMPERATURE))
     for row in range(ROWS):
         probs = softmax64(np.asarray(logits[row]) / TEMPERATURE)
         freqs = np.bincount(tokens[:, row], minlength=VOCAB) / tokens.shape[0]

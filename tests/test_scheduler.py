@@ -11,7 +11,8 @@ STOP = 0
 
 class FakeBackend:
     """Token t of a request is 10 + (sum(prompt) + t) % 50, except that a prompt starting with 99 emits the
-    stop id at step prompt[1]. Records what it was asked to do."""
+    stop id at step prompt[1]. Like the device loop, a decode call ends when no slot's request is still going,
+    or early when asked to and one ends (a stop id, or its last token). Records what it was asked to do."""
 
     def __init__(self, slots: int):
         self.slots = slots
@@ -19,6 +20,10 @@ class FakeBackend:
         self.steps = {}
         self.inserts = []  # (slots, bucket)
         self.decodes = []  # active slots per decode
+        self.ran = []  # (steps asked, steps run) per decode
+
+    def bucket(self, n):
+        return max(16, 1 << (n - 1).bit_length())
 
     def token(self, request, step):
         if request.prompt_ids[0] == 99 and step == request.prompt_ids[1]:
@@ -31,14 +36,26 @@ class FakeBackend:
             self.requests[slot], self.steps[slot] = request, 1
         return [self.token(r, 0) for r in requests], [-0.5] * len(requests)
 
-    def decode(self, steps, active):
+    def decode(self, steps, active, stop_early):
         self.decodes.append([s for s in range(self.slots) if active[s]])
-        tokens = []
-        for slot in range(self.slots):
-            request, first = self.requests.get(slot), self.steps.get(slot, 0)
-            tokens.append([self.token(request, first + i) if request else 1 for i in range(steps)])
-            self.steps[slot] = first + steps
-        return tokens, [[-1.0] * steps for _ in range(self.slots)]
+        tokens = [[] for _ in range(self.slots)]
+        live = {s for s in range(self.slots) if active[s] and self.requests.get(s)}
+        ran = 0
+        while ran < steps and live:
+            ended = False
+            for slot in range(self.slots):
+                request, step = self.requests.get(slot), self.steps.get(slot, 0)
+                token = self.token(request, step) if request else 1
+                tokens[slot].append(token)
+                self.steps[slot] = step + 1
+                if slot in live and (token in request.stop_ids or step + 1 >= request.max_tokens):
+                    live.discard(slot)
+                    ended = True
+            ran += 1
+            if stop_early and ended:
+                break
+        self.ran.append((steps, ran))
+        return tokens, [[-1.0] * ran for _ in range(self.slots)], ran
 
 
 def text(prompt_ids, generated):
@@ -46,7 +63,7 @@ def text(prompt_ids, generated):
 
 
 def scheduler(slots=2, max_queue=8, steps=3):
-    return Scheduler(FakeBackend(slots), max_queue=max_queue, steps_per_dispatch=steps, bucket_limit=512, text=text)
+    return Scheduler(FakeBackend(slots), max_queue=max_queue, steps_per_dispatch=steps, text=text)
 
 
 def submit(s, prompt, max_tokens=5, **kw):
@@ -89,6 +106,28 @@ def test_admission_is_first_come_first_served_and_slots_refill_at_once():
     run(s)
     assert all(e[-1].finish_reason == "length" for e in events)
     assert [slots for slots, _ in s.backend.inserts] == [[0, 1], [0], [0]]
+
+
+def test_a_decode_call_stops_at_a_finished_request_only_when_another_waits():
+    s = scheduler(slots=2, steps=8)
+    short, long = submit(s, [1, 2], max_tokens=3), submit(s, [3], max_tokens=20)
+    s.step()  # nobody waits: the call runs its 8 steps though the short request ends at its third token
+    assert s.backend.ran == [(8, 8)] and short[-1].finish_reason == "length" and not long[-1].finish_reason
+    s = scheduler(slots=2, steps=8)
+    short, long, waiting = (submit(s, p, max_tokens=n) for p, n in (([1, 2], 3), ([3], 20), ([5], 4)))
+    s.step()  # the third waits for a slot: the call ends at the step the short one finishes
+    assert s.backend.ran == [(8, 2)] and short[-1].finish_reason == "length" and not waiting
+    s.step()
+    assert s.backend.inserts[-1] == ([0], 16)
+    run(s)
+    assert [t for e in waiting for t in e.token_ids] == expected_tokens([5], 4)
+
+
+def test_a_decode_call_ends_when_no_request_is_left():
+    s = scheduler(slots=2, steps=8)
+    submit(s, [1, 2], max_tokens=3)
+    s.step()
+    assert s.backend.ran == [(8, 2)] and not s.busy
 
 
 def test_same_bucket_prompts_share_a_prefill_without_passing_the_head_of_the_queue():

@@ -118,7 +118,7 @@ def test_chat_uses_the_checkpoint_template(client, model_dir):
     expected = llama_jax.generate(loaded, ["What is a cat?"], chat=True, max_new_tokens=24, temperature=0)[0]
     messages = [{"role": "user", "content": "What is a cat?"}]
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=24, temperature=0)
-    assert whole.choices[0].message.content == expected.completion
+    assert whole.choices[0].message.content == expected.text
     streamed = client.chat.completions.create(
         model=MODEL,
         messages=messages,
@@ -128,7 +128,7 @@ def test_chat_uses_the_checkpoint_template(client, model_dir):
         stream_options={"include_usage": True},
     )
     chunks = list(streamed)
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.completion
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
 
 
@@ -206,6 +206,47 @@ def test_bad_requests_get_400_and_an_openai_error_body(server, client):
     assert big.status_code == 413 and "error" in big.json()
     # still serving
     assert client.completions.create(model=MODEL, prompt="Tom", max_tokens=3, temperature=0).choices[0].text
+
+
+def test_the_server_compiles_every_program_before_it_reports_healthy(model_dir):
+    port = free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    command = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(model_dir), "--port", str(port)]
+    process = subprocess.Popen(
+        [*command, "--slots", "2", "--max-len", "100"],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        starting, early = [], None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1][-3000:]
+            try:
+                health = httpx.get(f"{url}/health")
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            if health.status_code == 200:
+                break
+            starting.append(health.json())
+            if early is None:
+                early = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "Tom", "max_tokens": 2})
+        assert starting and all(h["status"] == "starting" for h in starting)  # 503 while compiling
+        assert early.status_code == 503 and "starting" in early.json()["error"]["message"]
+        ready = health.json()
+        assert ready["status"] == "ok" and ready["compiled"] == ready["programs"] > 0
+        for prompt, tokens in (("Tom", 3), ("Once upon a time there was a girl named Lily. " * 3, 20)):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": tokens, "temperature": 0}
+            assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 200
+        assert httpx.get(f"{url}/health").json()["compiled"] == ready["programs"]  # requests compiled nothing
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
 
 
 def test_a_disconnect_frees_the_slot_and_a_full_queue_answers_429(model_dir):

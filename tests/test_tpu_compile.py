@@ -80,17 +80,19 @@ def test_train_and_eval_steps_compile_for_v5e_with_the_splash_kernel(tpu_precisi
 
 
 @needs_libtpu
-def test_prefill_and_decode_compile_for_v4(tpu_precision):
+def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_kernel(tpu_precision):
     from llama_jax.inference.compile import compile_inference
     from llama_jax.sharding import MeshConfig
     from llama_jax.train.init_from import build_model_config
 
     model = build_model_config(load_train_config(None, TINY), "tpu")
-    prefill, decode = compile_inference(
-        model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), batch=4, prompt_len=128, max_new_tokens=64
+    reports = compile_inference(
+        model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), slots=4, prompt_lens=[100, 128], max_new_tokens=64
     )
+    assert [r.name for r in reports] == ["prefill_128", "decode"]  # both prompts fall in one bucket
+    prefill, decode = reports
     assert prefill.fits and decode.fits
-    assert decode.argument_bytes > prefill.argument_bytes  # the cache comes in whole
+    assert prefill.attention == "splash"  # the prompt's self-attention is the Mosaic kernel training uses
 
 
 @needs_libtpu

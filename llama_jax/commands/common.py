@@ -1,5 +1,5 @@
 """What the command lines share: the model flags and loading a model from them; the generation flags and the
-settings they make.
+settings they make; compiling the engine for a TPU slice.
 
     --checkpoint DIR --dtype D --quantize int8 --mesh data=..,fsdp=..,tensor=..   (infer, evaluate, serve)
     --max-new-tokens --temperature --top-p --top-k --seed --batch-size --chat --stop-id   (infer, evaluate generate)
@@ -138,3 +138,43 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
         "seed": settings.seed,
         "stop_ids": sorted(settings.stop_ids),
     }
+
+
+def compile_engine_for(
+    slice_name: str, model, mesh: str, slots: int, prompt_lens: list[int], max_new_tokens: int, dtype: str | None
+) -> int:
+    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice; prints the table and,
+    last, the JSON report. Exit status 1 when they do not fit."""
+    import json
+    import sys
+
+    from llama_jax.aot import report_json, report_table
+    from llama_jax.hardware import tpu_slice
+    from llama_jax.inference.compile import compile_inference
+    from llama_jax.sharding import MeshConfig
+
+    tpu = tpu_slice(slice_name)
+    dtype = dtype or "bfloat16"
+    model = model.replace(dtype=dtype, param_dtype=dtype)
+    reports = compile_inference(model, tpu, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens)
+    print(report_table(tpu, reports))
+    summary = report_json(tpu, reports)
+    print(json.dumps(summary), flush=True)
+    if not summary["fits"]:
+        print(
+            f"error: this setting does not fit in the HBM of a {tpu.name} chip: fewer decode slots, a shorter "
+            "context, or shard more (--mesh tensor=N)",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
+
+
+def describe_program(program: tuple) -> str:
+    """An engine program (`slots.SlotBackend.programs`) in words, for the status line of its compile."""
+    if program[0] == "prefill":
+        _, rows, bucket = program
+        return f"the prefill of {rows} prompt{'s' if rows > 1 else ''} of up to {bucket} tokens"
+    if program[0] == "admit":
+        return f"the sampling of the first token of {program[1]} prompt{'s' if program[1] > 1 else ''}"
+    return "the decode loop"

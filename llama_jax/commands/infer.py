@@ -12,9 +12,10 @@ rerunning the same command continues after the records already there.
 
     python infer.py --compile-for v5e-8 --model llama3-8b --mesh tensor=8 --batch-size 32 --prompt-len 4096
 
-compiles prefill and a decode step of that setting for a TPU slice on this host (needs libtpu; no weights,
-no tokenizer) and prints per-chip memory, whether it fits and a roofline bound; the last line is JSON.
-Exit status 1: it does not fit.
+compiles the engine's own programs for that setting (the prefill of each --prompt-len's bucket, the decode
+loop of --batch-size slots over a cache of the longest prompt + --max-new-tokens) for a TPU slice on this
+host (needs libtpu; no weights, no tokenizer) and prints per-chip memory, whether it fits, the attention
+kernel and a roofline bound; the last line is JSON. Exit status 1: it does not fit.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from llama_jax.commands.cli import ArgumentParser, run_cli
 from llama_jax.commands.common import (
     add_generation_arguments,
     add_model_arguments,
+    compile_engine_for,
+    describe_program,
     generation_settings,
     load_from,
     mesh_from,
@@ -57,7 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--model", metavar="NAME", help="a preset, model YAML or model directory (only its config.json is read)"
     )
     compile_group.add_argument(
-        "--prompt-len", type=int, default=1024, metavar="P", help="prompt tokens per row (default 1024)"
+        "--prompt-len",
+        type=int,
+        nargs="+",
+        default=[1024],
+        metavar="P",
+        help="prompt lengths whose prefill to compile (default 1024); the cache holds the longest + --max-new-tokens",
     )
     args = parser.parse_args(argv)
     if args.compile_for is None and args.checkpoint is None:
@@ -114,6 +122,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> str:
     """Run prompts[first:] through the engine and write their records in input order; returns a summary line."""
+    from tqdm import tqdm
+
     from llama_jax.inference.batch import compiled_buckets, generate_in_order
 
     def write(ready) -> None:
@@ -132,43 +142,30 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             sys.stdout.flush()
 
+    def compiling(program: tuple) -> None:
+        tqdm.write(f"compiling {describe_program(program)}", file=sys.stderr)
+
     loaded = load_from(args, mesh)
-    engine = generate_in_order(loaded, prompt_ids, settings, write, first, progress=args.prompts is not None)
+    engine = generate_in_order(
+        loaded, prompt_ids, settings, write, first, progress=args.prompts is not None, on_compile=compiling
+    )
     return (
         f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
-        f"{settings.batch_size} decode slots; prompt buckets compiled: {compiled_buckets(engine)}"
+        f"{engine.slots} decode slots; prompt buckets compiled: {compiled_buckets(engine)}"
     )
 
 
 def compile_for(args: argparse.Namespace) -> int:
-    from llama_jax.aot import report_json, report_table
     from llama_jax.config import load_model_config
-    from llama_jax.hardware import tpu_slice
-    from llama_jax.inference.compile import compile_inference
     from llama_jax.model_dir import read_model_dir
-    from llama_jax.sharding import MeshConfig
 
-    tpu = tpu_slice(args.compile_for)
     source = args.model or args.checkpoint
     if source is None:
         raise ValueError("--compile-for needs --model NAME (a preset, model YAML or model directory)")
     model = read_model_dir(source).config if Path(source, "config.json").is_file() else load_model_config(source)
-    dtype = args.dtype or "bfloat16"
-    model = model.replace(dtype=dtype, param_dtype=dtype)
-    reports = compile_inference(
-        model, tpu, MeshConfig.parse(args.mesh), args.batch_size, args.prompt_len, args.max_new_tokens
+    return compile_engine_for(
+        args.compile_for, model, args.mesh, args.batch_size, args.prompt_len, args.max_new_tokens, args.dtype
     )
-    print(report_table(tpu, reports))
-    summary = report_json(tpu, reports)
-    print(json.dumps(summary), flush=True)
-    if not summary["fits"]:
-        print(
-            f"error: this setting does not fit in the HBM of a {tpu.name} chip: lower --batch-size or the context, "
-            "or shard more (--mesh tensor=N)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
 
 
 def cli() -> None:

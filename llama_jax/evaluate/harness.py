@@ -28,8 +28,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from llama_jax.inference.decode import bucket_length
 from llama_jax.inference.sampling import SamplingParams
+from llama_jax.inference.slots import bucket_length
 from llama_jax.loss import token_logprobs
 from llama_jax.sharding import named_sharding
 

@@ -1,14 +1,13 @@
-"""Generation: from prompt text to completions on a mesh.
+"""Generation: one engine for every path (infer.py, the server, evaluation, the trainer's samples, the API).
 
 settings.py      GenerationSettings: how to generate, checked once
-sampling.py      greedy, temperature, top-k, top-p; per-prompt random streams
+sampling.py      greedy, temperature, top-k, top-p, a setting per row; per-request random streams
 prompts.py       prompt text → ids (BOS or a chat template), and the room check
-decode.py        the device side of `generator.py`: prefill, decode step, the on-device decode loop
-generator.py     the text-level API: Generator, generate, stream
 scheduler.py     continuous batching, host side: admission, stop ids and strings, cancellation
-slots.py         continuous batching, device side: decode slots over one KV cache
-engine.py        the continuous-batching engine: generate, stream, a background loop for the server
-batch.py         many prompts through the engine, results in input order (infer.py, evaluate generate)
+slots.py         continuous batching, device side: decode slots over one KV cache, the compiled programs
+engine.py        the engine: generate, stream, warm-up, a background loop for the server; Completion
+batch.py         many prompts through the engine, completions in input order (infer.py, evaluate generate)
+api.py           `llama_jax.generate` and `llama_jax.stream`: text in, text out
 prompt_files.py  reading infer.py's prompt files; results_file.py: its resumable JSONL output
-compile.py       `infer.py --compile-for`: prefill and a decode step compiled for a TPU slice
+compile.py       `--compile-for`: the engine's programs compiled for a TPU slice
 """

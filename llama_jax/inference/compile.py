@@ -1,9 +1,9 @@
-"""`infer.py --compile-for SLICE`: compile prefill and one decode step of a serving setting (model, batch,
-prompt length, new tokens) for a TPU slice, on any host, with no weights or tokenizer."""
+"""`infer.py --compile-for SLICE` and `serve --compile-for SLICE`: the engine's own programs — the prefill of
+each prompt bucket given and the decode loop, as `slots.SlotBackend` lowers them for itself before it serves —
+compiled for a TPU slice on any host, with no weights or tokenizer."""
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from llama_jax import flops
@@ -11,60 +11,50 @@ from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
 from llama_jax.hardware import TpuSlice, slice_devices
-from llama_jax.inference.decode import prefill_chunk, prefill_jit, step_jit
-from llama_jax.inference.sampling import SamplingParams
-from llama_jax.kv_cache import CACHE_AXES, KVCache
-from llama_jax.model import abstract_state
-from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform, named_sharding
+from llama_jax.inference.slots import MAX_STEPS, SlotBackend
+from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform
+
+
+def engine_backend(model: ModelConfig, mesh, slots: int, cache_len: int) -> SlotBackend:
+    """The engine's device side for `slots` slots of `cache_len` positions on `mesh`, as shapes."""
+    if cache_len > model.max_seq_len:
+        raise ValueError(f"prompt + new tokens = {cache_len} exceeds the model's max_seq_len {model.max_seq_len}")
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    if slots % rows:
+        raise ValueError(f"--batch-size {slots} (decode slots) must be a multiple of the mesh's data × fsdp = {rows}")
+    return SlotBackend.abstract(model, mesh, slots, cache_len)
 
 
 def compile_inference(
-    model: ModelConfig, tpu: TpuSlice, mesh_config: MeshConfig, batch: int, prompt_len: int, max_new_tokens: int
+    model: ModelConfig,
+    tpu: TpuSlice,
+    mesh_config: MeshConfig,
+    slots: int,
+    prompt_lens: list[int],
+    max_new_tokens: int,
 ) -> list[FunctionReport]:
-    """Prefill of `batch` prompts of `prompt_len` tokens into a cache of prompt_len + max_new_tokens slots,
-    then one decode step over the full cache (the slowest step of a generation)."""
-    cache_len = prompt_len + max_new_tokens
-    if cache_len > model.max_seq_len:
-        raise ValueError(
-            f"prompt_len + max_new_tokens = {cache_len} exceeds the model's max_seq_len {model.max_seq_len}"
-        )
-    key_dtype = jax.random.key(0).dtype  # made before any device of the slice is involved
+    """The prefill of the bucket of each prompt length (all `prefill_rows` rows at once: the most a prefill
+    call holds) and the decode loop of `slots` slots over a cache of the longest prompt + max_new_tokens."""
     mesh = make_mesh(mesh_config, slice_devices(tpu))
-    rows = mesh.shape["data"] * mesh.shape["fsdp"]
-    if batch % rows:
-        raise ValueError(f"batch {batch} must be a multiple of the mesh's data × fsdp = {rows}")
-    graphdef, state = abstract_state(model, mesh)
-
-    def placed(shape, dtype, names):
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, names, shape))
-
-    cache_shape = (model.n_layers, batch, model.n_kv_heads, cache_len, model.head_dim)
-    cache = KVCache(
-        placed(cache_shape, model.dtype, CACHE_AXES),
-        placed(cache_shape, model.dtype, CACHE_AXES),
-        placed((batch,), jnp.int32, ("batch",)),
-    )
-    keys = placed((batch,), key_dtype, ("batch",))
-    greedy = SamplingParams()
-    attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
-    prompts = placed((batch, prompt_len), jnp.int32, ("batch", None))
-    lengths = placed((batch,), jnp.int32, ("batch",))
-    tokens = placed((batch,), jnp.int32, ("batch",))
-    step = jax.ShapeDtypeStruct((), jnp.int32)
-
-    def lower_prefill():
-        return prefill_jit.lower(
-            graphdef, state, prompts, lengths, keys, cache_len=cache_len, chunk=prefill_chunk(batch), sampling=greedy
+    backend = engine_backend(model, mesh, slots, max(prompt_lens) + max_new_tokens)
+    prefill_attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh), differentiable=False)
+    rows = backend.prefill_rows_for(backend.prefill_rows)
+    reports = []
+    for bucket in sorted({backend.bucket(n) for n in prompt_lens}):
+        program = ("prefill", rows, bucket)
+        reports.append(
+            compile_function(
+                f"prefill_{bucket}",
+                lambda program=program: backend.lower(program),
+                mesh,
+                prefill_workload(model, mesh, rows, bucket),
+                prefill_attention,
+            )
         )
-
-    def lower_decode():
-        return step_jit.lower(graphdef, state, tokens, cache, keys, step, sampling=greedy)
-
-    # Decoding attends to the cache through the reference einsums: a few queries over a long cache.
-    return [
-        compile_function("prefill", lower_prefill, mesh, prefill_workload(model, mesh, batch, prompt_len), attention),
-        compile_function("decode_step", lower_decode, mesh, decode_workload(model, mesh, batch, cache_len), "xla"),
-    ]
+    # Decoding reads the cache block by block through einsums (`attention.attend_live_cache`).
+    decode = decode_workload(model, mesh, slots, backend.cache_len)
+    reports.append(compile_function("decode", lambda: backend.lower(("decode",)), mesh, decode, "xla"))
+    return reports
 
 
 def _weight_bytes(model: ModelConfig, mesh) -> float:
@@ -76,16 +66,17 @@ def _cache_bytes(model: ModelConfig, batch: int, length: int) -> float:
     return 2 * model.n_layers * batch * length * model.n_kv_heads * model.head_dim * jnp.dtype(model.dtype).itemsize
 
 
-def prefill_workload(model: ModelConfig, mesh, batch: int, prompt_len: int) -> Workload:
+def prefill_workload(model: ModelConfig, mesh, rows: int, bucket: int) -> Workload:
     chips = mesh.devices.size
-    work = flops.forward_flops_per_token(model, prompt_len) * batch * prompt_len / chips
-    traffic = _weight_bytes(model, mesh) + _cache_bytes(model, batch, prompt_len) / chips
-    return Workload(work, work, traffic, batch * prompt_len)
+    work = flops.forward_flops_per_token(model, bucket) * rows * bucket / chips
+    traffic = _weight_bytes(model, mesh) + _cache_bytes(model, rows, bucket) / chips
+    return Workload(work, work, traffic, rows * bucket)
 
 
-def decode_workload(model: ModelConfig, mesh, batch: int, cache_len: int) -> Workload:
-    """One token per row, attending to a full cache: weights and the whole cache read once."""
+def decode_workload(model: ModelConfig, mesh, slots: int, cache_len: int) -> Workload:
+    """One call: MAX_STEPS steps of one token per slot over a full cache, the weights and the whole cache
+    read once per step."""
     chips = mesh.devices.size
-    work = flops.forward_flops_per_token(model, cache_len) * batch / chips
-    traffic = _weight_bytes(model, mesh) + _cache_bytes(model, batch, cache_len) / chips
-    return Workload(work, work, traffic, batch)
+    work = flops.forward_flops_per_token(model, cache_len) * slots * MAX_STEPS / chips
+    traffic = (_weight_bytes(model, mesh) + _cache_bytes(model, slots, cache_len) / chips) * MAX_STEPS
+    return Workload(work, work, traffic, slots * MAX_STEPS)

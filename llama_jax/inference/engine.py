@@ -1,9 +1,10 @@
-"""The serving engine: continuous batching over a loaded model, for `infer.py`, the server and notebooks.
+"""The inference engine: continuous batching over a loaded model. Every generation path runs on it: infer.py,
+the server, evaluation, the trainer's samples and `llama_jax.generate` / `llama_jax.stream`.
 
     engine = Engine(loaded, slots=8)
-    results = engine.generate([request_a, request_b, ...])        # many, in input order
-    for event in engine.stream(request): print(event.text, end="") # one, token by token
-    engine.start(); handle = engine.submit(request, on_event)      # a background loop (the server)
+    completions = engine.generate([request_a, request_b, ...])     # many, in input order
+    for event in engine.stream(request): print(event.text, end="")  # one, token by token
+    engine.warm_up(); engine.start(); handle = engine.submit(request, on_event)   # the server's background loop
 
 A request's tokens depend only on its prompt, settings, seed and stream number, never on what shares the
 slots or when it arrived (`scheduler.py` decides, `slots.py` computes).
@@ -12,24 +13,39 @@ slots or when it arrived (`scheduler.py` decides, `slots.py` computes).
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from llama_jax.inference.prompts import completion_text
 from llama_jax.inference.scheduler import Event, Handle, Request, Scheduler
-from llama_jax.inference.slots import SlotBackend
+from llama_jax.inference.slots import MAX_STEPS, SlotBackend
 from llama_jax.loading import LoadedModel
 
-STEPS_PER_DISPATCH = 8  # decode steps per device call: the host's work per step is paid once per call
+# Decode steps per device call while nobody waits for a slot: the host's work per call is paid once for them
+# all. A streaming server uses fewer (8): a stream's tokens arrive a call's worth at a time.
+STEPS_PER_DISPATCH = MAX_STEPS
 
 
 @dataclasses.dataclass
-class Result:
+class Completion:
+    """A finished request: what `Engine.generate` and `llama_jax.generate` return (one per prompt)."""
+
     token_ids: list[int]  # generated, without the stop id that ended them
-    text: str
-    logprobs: list[float]  # of each generated token, under the model's own distribution
-    finish_reason: str  # "stop" | "length" | "cancelled"
+    text: str  # the text they add after the prompt (cut before a stop string)
+    finish_reason: str  # "stop" (a stop id or string) | "length" (max tokens) | "cancelled"
+    logprobs: list[float]  # each token's log-probability, when the request asked for them (else empty)
+
+    @classmethod
+    def of(cls, events: list[Event]) -> Completion:
+        return cls(
+            [t for e in events for t in e.token_ids],
+            "".join(e.text for e in events),
+            events[-1].finish_reason,
+            [p for e in events for p in e.logprobs],
+        )
 
 
 class Engine:
@@ -44,23 +60,35 @@ class Engine:
         prefill_rows: int | None = None,
     ):
         """`cache_len`: positions each slot holds, prompt and completion (default: the model's max_seq_len)."""
+        if not 1 <= steps_per_dispatch <= MAX_STEPS:
+            raise ValueError(f"steps_per_dispatch must be in 1..{MAX_STEPS}, got {steps_per_dispatch}")
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_len = min(cache_len or self.config.max_seq_len, self.config.max_seq_len)
-        self.backend = SlotBackend(loaded, slots, self.max_len, prefill_rows)
+        self.backend = SlotBackend.of(loaded, slots, self.max_len, prefill_rows)
         self.scheduler = Scheduler(
-            self.backend,
-            max_queue=max_queue,
-            steps_per_dispatch=steps_per_dispatch,
-            bucket_limit=self.max_len,
-            text=self._text,
+            self.backend, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch, text=self._text
         )
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.ready = True  # False while `start(warm_up=True)` compiles
+        self.warm = (0, 0)  # programs compiled by that warm-up, of how many
 
     @property
     def slots(self) -> int:
         return self.backend.slots
+
+    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+        """Compile every program the engine may call — a prefill per (rows, prompt bucket), the admissions and
+        the decode loop — so that no request waits for a compile. `progress(done, total)` after each. Two are
+        built at a time: the compiler releases the interpreter lock, so one traces while another compiles."""
+        programs = [p for p in self.backend.programs() if p not in self.backend.compiled]
+        done = 0
+        with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
+            for _ in pool.map(self.backend.executable, programs):
+                done += 1
+                if progress is not None:
+                    progress(done, len(programs))
 
     def check(self, request: Request) -> None:
         """ValueError unless the request can run: a prompt, room for its tokens, stop ids in the vocabulary."""
@@ -80,16 +108,21 @@ class Engine:
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
         """Queue a request (`scheduler.QueueFull` when the queue is at its bound); its events go to
-        `on_event`, called from the engine's thread. Needs `start()`, or someone calling `run_until_idle`."""
+        `on_event`, called from the engine's thread (`start()` runs it)."""
         self.check(request)
         handle = self.scheduler.submit(request, on_event)
         with self._wake:
             self._wake.notify()
         return handle
 
-    def start(self) -> None:
-        """Run the engine's loop in a background thread (the server's HTTP handlers only submit and cancel)."""
-        self._thread = threading.Thread(target=self._loop, name="llama_jax-engine", daemon=True)
+    def start(self, warm_up: bool = False, on_ready: Callable[[], None] | None = None) -> None:
+        """Run the engine's loop in a background thread (the server's HTTP handlers only submit and cancel);
+        with `warm_up`, it first compiles every program (`ready` is False until then, `warm` counts them) and
+        then calls `on_ready`."""
+        self.ready = not warm_up
+        self._thread = threading.Thread(
+            target=self._loop, args=(warm_up, on_ready), name="llama_jax-engine", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -99,7 +132,16 @@ class Engine:
         if self._thread is not None:
             self._thread.join()
 
-    def _loop(self) -> None:
+    def _loop(self, warm_up: bool, on_ready: Callable[[], None] | None) -> None:
+        if warm_up:
+
+            def progress(done: int, total: int) -> None:
+                self.warm = (done, total)
+
+            self.warm_up(progress)
+            self.ready = True
+            if on_ready is not None:
+                on_ready()
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._stopping or self.scheduler.busy)
@@ -107,26 +149,21 @@ class Engine:
                     return
             self.scheduler.step()
 
-    def run_until_idle(self) -> None:
-        """Step the engine in this thread until every submitted request has finished."""
-        while self.scheduler.busy:
-            self.scheduler.step()
-
     def generate(
-        self, requests: Sequence[Request], on_result: Callable[[int, Result], None] | None = None
-    ) -> list[Result]:
+        self, requests: Sequence[Request], on_result: Callable[[int, Completion], None] | None = None
+    ) -> list[Completion]:
         """Run `requests` in this thread, feeding the queue as slots free (any number of them), and return
-        their results in input order; `on_result(index, result)` is called as each one finishes."""
+        their completions in input order; `on_result(index, completion)` is called as each one finishes."""
         for request in requests:
             self.check(request)
-        results: list[Result | None] = [None] * len(requests)
+        results: list[Completion | None] = [None] * len(requests)
         pending = iter(enumerate(requests))
 
-        def collect(index: int, handle_events: list[Event]) -> Callable[[Event], None]:
+        def collect(index: int, events: list[Event]) -> Callable[[Event], None]:
             def on_event(event: Event) -> None:
-                handle_events.append(event)
+                events.append(event)
                 if event.finish_reason is not None:
-                    results[index] = _result(handle_events)
+                    results[index] = Completion.of(events)
                     if on_result is not None:
                         on_result(index, results[index])
 
@@ -161,12 +198,3 @@ class Engine:
 
     def _text(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
         return completion_text(self.tokenizer, prompt_ids, generated) if self.tokenizer is not None else ""
-
-
-def _result(events: list[Event]) -> Result:
-    return Result(
-        [t for e in events for t in e.token_ids],
-        "".join(e.text for e in events),
-        [p for e in events for p in e.logprobs],
-        events[-1].finish_reason,
-    )

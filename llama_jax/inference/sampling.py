@@ -1,8 +1,9 @@
-"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), and combinations.
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p (nucleus), and combinations, with a
+setting per row.
 
-Randomness is per row and per step: the key of prompt i at step t is fold_in(fold_in(PRNGKey(seed), i), t),
-so a prompt's sampled tokens depend only on (seed, its index in the input, step), never on which other
-prompts share its batch or how the batch is padded.
+Randomness is per row and per step: a request's key is fold_in(key(seed), stream) and its key at step t is
+fold_in of that with t, so its sampled tokens depend only on (seed, stream, step), never on which other
+requests share the batch or how it is padded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens. Hashable: it is a static argument of the jitted decode functions.
+    """How a request picks its tokens (`RowSampling` carries them to the device, a row per request).
 
     temperature 0 is greedy (argmax; top-k and top-p are then irrelevant). top_k 0 keeps every token;
     top_p 1.0 keeps every token, otherwise only the smallest set of most likely tokens whose probability
@@ -34,52 +35,6 @@ class SamplingParams:
             raise ValueError(f"top_k must be an integer >= 0 (0 turns it off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-def row_keys(seed: int, indices: jax.Array) -> jax.Array:
-    """One key per row from the global seed and each row's prompt index (batch,) → (batch,) keys."""
-    base = jax.random.key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(base, i))(indices)
-
-
-def sample(logits: jax.Array, keys: jax.Array, step: jax.Array | int, params: SamplingParams) -> jax.Array:
-    """Token ids (batch,) int32 from logits (batch, vocab); `keys` are the rows' keys from `row_keys`."""
-    if params.greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    step_keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(keys)
-    scaled = logits.astype(jnp.float32) / params.temperature
-    if params.top_k == 0 and params.top_p == 1.0:
-        return jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
-    candidates, candidate_ids = _sorted_candidates(scaled, params.top_k)
-    if params.top_p < 1.0:
-        candidates = _nucleus(candidates, params.top_p)
-    choice = jax.vmap(jax.random.categorical)(step_keys, candidates)
-    return jnp.take_along_axis(candidate_ids, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-
-def _sorted_candidates(logits: jax.Array, top_k: int) -> tuple[jax.Array, jax.Array]:
-    """The top_k (or all, when 0) logits of each row in decreasing order, and their token ids."""
-    k = logits.shape[-1] if top_k == 0 else min(top_k, logits.shape[-1])
-    return jax.lax.top_k(logits, k)
-
-
-def nucleus_mask(sorted_logits: jax.Array, top_p: float) -> jax.Array:
-    """True for the smallest prefix of `sorted_logits` (decreasing) whose probability mass reaches top_p.
-
-    A token is kept when the mass of the tokens before it is still below top_p, so the first token is
-    always kept and the token that crosses top_p is the last one kept.
-    """
-    probs = jax.nn.softmax(sorted_logits, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    return mass_before < top_p
-
-
-def _nucleus(sorted_logits: jax.Array, top_p: float) -> jax.Array:
-    return jnp.where(nucleus_mask(sorted_logits, top_p), sorted_logits, -jnp.inf)
 
 
 @jax.tree_util.register_dataclass

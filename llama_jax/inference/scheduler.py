@@ -1,14 +1,15 @@
 """Continuous batching, the host side: which request gets which decode slot, and when a request is done.
 
-    scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, bucket_limit=1024, text=decoder)
+    scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, text=decoder)
     handle = scheduler.submit(Request(prompt_ids, max_tokens=64, ...), on_event)
-    while scheduler.busy: scheduler.step()      # one prefill-and-insert and/or one multi-step decode
+    while scheduler.busy: scheduler.step()      # prefill-and-insert, then one multi-step decode call
 
 Each step admits queued requests into free slots, first come first served, prefilling those whose prompts
-fall into the same length bucket together; then runs `steps_per_dispatch` decode steps of every live slot in
-one call to the backend; then hands each request its new tokens, finishing it at a stop id, a stop string
-or its token budget (or when cancelled), which frees its slot for the next admission at once. The rules live
-here, in plain Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
+fall into the same length bucket together; then runs up to `steps_per_dispatch` decode steps of every live
+slot in one call to the backend — fewer when requests are waiting and a slot finishes, so that they get it
+at once; then hands each request its new tokens, finishing it at a stop id, a stop string or its token
+budget (or when cancelled), which frees its slot for the next admission. The rules live here, in plain
+Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
 `slots.SlotBackend` runs them on the model.
 """
 
@@ -20,7 +21,6 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from llama_jax.inference.decode import bucket_length
 from llama_jax.inference.sampling import SamplingParams
 
 
@@ -36,12 +36,14 @@ class Request:
     stream: int = 0  # folded into the seed: infer.py's prompt index, so a file's prompts differ
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
+    logprobs: bool = False  # return each generated token's log-probability
 
 
 @dataclasses.dataclass
 class Event:
     """What a request produced since its last event. The final event has `finish_reason` set:
-    "stop" (a stop id or string), "length" (max_tokens), "cancelled"."""
+    "stop" (a stop id or string), "length" (max_tokens), "cancelled". `logprobs` are the tokens'
+    log-probabilities under the model's own distribution, when the request asked for them (else empty)."""
 
     token_ids: list[int]
     text: str
@@ -69,13 +71,19 @@ class Backend(Protocol):
 
     slots: int
 
+    def bucket(self, n: int) -> int:
+        """The prompt-length bucket of an n-token prompt: prompts of one bucket are prefilled together."""
+
     def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
         """Prefill `requests` (all of prompt bucket `bucket`) into `slots`: each one's first token and its
         log-probability."""
 
-    def decode(self, steps: int, active: Sequence[bool]) -> tuple[list[list[int]], list[list[float]]]:
-        """`steps` decode steps of the `active` slots: (slots, steps) tokens and log-probabilities (free
-        slots' are junk)."""
+    def decode(
+        self, steps: int, active: Sequence[bool], stop_early: bool
+    ) -> tuple[list[list[int]], list[list[float]], int]:
+        """Up to `steps` decode steps of the `active` slots, fewer when `stop_early` and a slot's request
+        ends (a stop id or its budget): (slots, steps run) tokens and log-probabilities (free slots' are junk),
+        and the steps run."""
 
 
 class QueueFull(Exception):
@@ -89,14 +97,12 @@ class Scheduler:
         *,
         max_queue: int,
         steps_per_dispatch: int,
-        bucket_limit: int,
         text: Callable[[Sequence[int], Sequence[int]], str],
     ):
         """`text(prompt_ids, generated_ids)`: the text the generated ids add after the prompt."""
         self.backend = backend
         self.max_queue = max_queue
         self.steps_per_dispatch = steps_per_dispatch
-        self.bucket_limit = bucket_limit
         self.text = text
         self.queue: collections.deque[Handle] = collections.deque()
         self.running: dict[int, Handle] = {}  # slot -> request
@@ -120,7 +126,7 @@ class Scheduler:
         self._admit()
         if self.running:
             active = [slot in self.running for slot in range(self.backend.slots)]
-            tokens, logprobs = self.backend.decode(self.steps_per_dispatch, active)
+            tokens, logprobs, _ = self.backend.decode(self.steps_per_dispatch, active, stop_early=bool(self.queue))
             for slot, handle in list(self.running.items()):
                 self._deliver(slot, handle, tokens[slot], logprobs[slot])
 
@@ -155,7 +161,7 @@ class Scheduler:
             free = [s for s in range(self.backend.slots) if s not in self.running]
 
     def _bucket(self, handle: Handle) -> int:
-        return bucket_length(len(handle.request.prompt_ids), self.bucket_limit)
+        return self.backend.bucket(len(handle.request.prompt_ids))
 
     def _deliver(self, slot: int, handle: Handle, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
         request = handle.request
@@ -167,7 +173,8 @@ class Scheduler:
                 reason = "stop"
                 break
             new_ids.append(int(token))
-            new_logprobs.append(float(logprob))
+            if request.logprobs:
+                new_logprobs.append(float(logprob))
             if len(handle.token_ids) + len(new_ids) == request.max_tokens:
                 reason = "length"
                 break

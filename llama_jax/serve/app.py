@@ -1,13 +1,13 @@
 """The OpenAI-compatible HTTP API over an `Engine`, with FastAPI.
 
     POST /v1/completions, POST /v1/chat/completions (`stream: true`: server-sent events ending in
-    `data: [DONE]`), GET /v1/models, GET /health
+    `data: [DONE]`), GET /v1/models, GET /health (503 {"status": "starting"} while the engine compiles)
 
 Handlers turn a request into engine requests, submit them and wait for their events; the engine's own
 thread runs the model, so no handler ever blocks it, and events cross over through the handler's event loop.
 A client that goes away mid-stream cancels its requests: their slots are free at the engine's next step.
 Every refusal is an OpenAI-style error body: 400 for a bad request, 401 without the API key, 413 for a
-body over the bound, 429 when the queue is full.
+body over the bound, 429 when the queue is full, 503 while the server is still starting.
 """
 
 from __future__ import annotations
@@ -46,6 +46,11 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None, api_k
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
+        if request.url.path.startswith("/v1/") and not engine.ready:
+            done, total = engine.warm
+            return _error(
+                503, f"the server is starting: {done} of {total} programs compiled; retry when /health says ok"
+            )
         if request.url.path.startswith("/v1/"):
             if api_key is not None and not secrets.compare_digest(
                 request.headers.get("authorization", ""), f"Bearer {api_key}"
@@ -74,9 +79,14 @@ def create_app(engine: Engine, model_name: str, chat_template: str | None, api_k
         return _error(error.status, error.message, param=error.param, code=error.code)
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
+    async def health():
+        if not engine.ready:  # compiling its programs: the first requests would wait for them (vLLM's 503)
+            done, total = engine.warm
+            return JSONResponse({"status": "starting", "compiled": done, "programs": total}, status_code=503)
         return {
             "status": "ok",
+            "compiled": len(engine.backend.compiled),
+            "programs": len(engine.backend.programs()),
             "slots": engine.slots,
             "running": len(engine.scheduler.running),
             "waiting": len(engine.scheduler.queue),
@@ -136,6 +146,7 @@ async def _respond(engine: Engine, body, model_name: str, prompts: list[list[int
             0,
             stop_ids,
             body.stop_strings,
+            logprobs=logprobs,
         )
         for ids in prompts
     ]

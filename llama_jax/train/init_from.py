@@ -48,6 +48,11 @@ def build_model_config(
         raise ValueError(f"bad model override: {e}") from None
     if vocab_size is not None and vocab_size > model.vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the model only {model.vocab_size}")
+    if model.attention == "blockwise":
+        raise ValueError(
+            "model.attention=blockwise has no gradient (prefill and scoring use it): train with auto, "
+            "xla, cudnn or splash"
+        )
     if config.seq_len > model.max_seq_len:
         raise ValueError(
             f"seq_len {config.seq_len} exceeds the model's max_seq_len {model.max_seq_len}; "

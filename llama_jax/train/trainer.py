@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 
 from llama_jax import flops
 from llama_jax.config import ModelConfig
-from llama_jax.inference.generator import generate
+from llama_jax.inference.api import generate
 from llama_jax.loading import LoadedModel
 from llama_jax.lora import split_adapters
 from llama_jax.model import abstract_state, create_model, init_adapters
@@ -314,4 +314,4 @@ def _samples(job: _Job) -> list[dict[str, str]]:
         batch_size=len(prompts),
         chat=chat,
     )
-    return [{"prompt": c.prompt, "completion": c.completion} for c in completions]
+    return [{"prompt": prompt, "completion": c.text} for prompt, c in zip(prompts, completions)]
