@@ -40,7 +40,9 @@ from llama_jax.model_dir import CHECKPOINTS_DIR, PARAMS_DIR, read_model_dir, wri
 from llama_jax.param_io import save_params  # noqa: E402
 
 SHARD_BYTES = 10**9
-ASSETS = REPO.parent / "shared" / "assets"
+# Meta's LLaMA 2 tokenizer is not bundled (its license): the folder LLAMA_JAX_META_TOKENIZERS names holds it
+# (assets/README.md); --tokenizer names another.
+META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", "."))
 
 
 def write_random_hf(directory: Path, tokenizer: Path) -> int:
@@ -100,7 +102,7 @@ def peak_rss(*args: str | Path) -> tuple[int, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="where to write the checkpoints (default: a temp dir)")
-    parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model")
+    parser.add_argument("--tokenizer", type=Path, default=META_TOKENIZERS / "llama2_tokenizer.model")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoints")
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="convert_memory-", dir=args.workdir))

@@ -36,7 +36,9 @@ from llama_jax.lora import split_adapters  # noqa: E402
 from llama_jax.model import abstract_state, create_model  # noqa: E402
 from llama_jax.model_dir import write_model_dir  # noqa: E402
 
-ASSETS = REPO.parent / "shared" / "assets"
+# Meta's LLaMA 2 tokenizer is not bundled (its license): the folder LLAMA_JAX_META_TOKENIZERS names holds it
+# (assets/README.md); --tokenizer names another.
+META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", "."))
 ADAPTERS = ["lora.rank=16", f"lora.targets={','.join(LORA_TARGETS)}"]
 MODES = {"full": [], "lora": ADAPTERS, "qlora": [*ADAPTERS, "lora.int8_base=true"]}
 
@@ -90,7 +92,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tokenizer", type=Path, default=ASSETS / "llama2_tokenizer.model")
+    parser.add_argument("--tokenizer", type=Path, default=META_TOKENIZERS / "llama2_tokenizer.model")
     args = parser.parse_args()
     config = preset(args.preset)
     with tempfile.TemporaryDirectory(prefix="finetune_speed-") as tmp:

@@ -12,18 +12,24 @@ from flax import nnx
 
 def transformers_model(loaded, dtype: str, directory: Path):
     """LlamaForCausalLM (SDPA attention, `dtype`) with `loaded`'s parameters, on the GPU when there is one."""
-    import torch
-    import transformers
-
-    from llama_jax.convert.to_hf import export_hf
     from llama_jax.model_dir import write_model_dir
 
     params = jax.tree.map(lambda a: np.asarray(a, np.float32), nnx.to_pure_dict(nnx.state(loaded.model)))
     config = loaded.config.replace(dtype="float32", param_dtype="float32", quantize="none")
     write_model_dir(directory / "model", config, params)
-    export_hf(directory / "model", directory / "hf")
+    return exported_model(directory / "model", directory / "hf", dtype)
+
+
+def exported_model(model_dir: Path, hf_dir: Path, dtype: str):
+    """LlamaForCausalLM (SDPA attention, `dtype`) of a llama_jax model directory, through `to-hf`."""
+    import torch
+    import transformers
+
+    from llama_jax.convert.to_hf import export_hf
+
+    export_hf(model_dir, hf_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.LlamaForCausalLM.from_pretrained(
-        directory / "hf", dtype=getattr(torch, dtype), attn_implementation="sdpa"
+        hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"
     )
     return model.to(device).eval()

@@ -27,14 +27,16 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-ASSETS = REPO.parent / "shared" / "assets"
+# Meta's LLaMA 2 tokenizer is not bundled (its license): the folder LLAMA_JAX_META_TOKENIZERS names holds it
+# (assets/README.md); --tokenizer names another.
+META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", "."))
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a model directory (default: random weights of --preset)")
     parser.add_argument("--preset", default="bench-cpu")
-    parser.add_argument("--tokenizer", default=str(ASSETS / "llama2_tokenizer.model"))
+    parser.add_argument("--tokenizer", default=str(META_TOKENIZERS / "llama2_tokenizer.model"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--prompt-words", type=int, default=60)

@@ -104,6 +104,26 @@ def test_flash_prefill_and_incremental_decoding_give_the_full_forward_logits(mod
         np.testing.assert_allclose(got[row], forward(seq)[n - 1 : n + steps - 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("mesh_config", [MeshConfig(data=2), MeshConfig(data=1, tensor=2)], ids=["data", "tensor"])
+def test_flash_prefill_sharded_equals_one_device(model, mesh_config, monkeypatch):
+    """The prefill's logits and keys and values with the batch over data, or the heads (2 KV heads) over tensor."""
+    monkeypatch.setattr(attention, "_BLOCKWISE_TILE", CONFIG.n_heads * 8 * 8)  # several blocks per prompt
+    ids = jnp.asarray(np.random.default_rng(1).integers(0, CONFIG.vocab_size, (2, 32)), jnp.int32)
+    last = jnp.asarray([[4], [31]])
+
+    def prefill(m):
+        graphdef, state = nnx.split(m)
+        return jax.jit(lambda state: nnx.merge(graphdef, state).prefill(ids, logits_at=last))(state)
+
+    mesh = make_mesh(mesh_config)
+    state = nnx.state(model)
+    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, param_shardings(state, mesh)))
+    with jax.set_mesh(mesh):
+        sharded = prefill(placed)
+    for got, expected in zip(jax.tree.leaves(sharded), jax.tree.leaves(prefill(model))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-5, atol=1e-5)
+
+
 def test_engine_greedy_ids_equal_the_full_forward(model, mesh, prompts, reference_greedy):
     engine = Engine(ids_only(model, mesh), slots=4)
     results = engine.generate(requests(prompts))

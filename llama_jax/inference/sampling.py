@@ -61,7 +61,8 @@ def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowS
 
     Top-k and top-p cut the logits at a threshold found by bisection (`_largest_threshold`) rather than by
     sorting the vocabulary: XLA's sort of (rows, 32000) takes over 100 ms on a CPU, the bisection a few. A
-    token tied with the threshold is kept with it; otherwise the kept sets are those of `sample`.
+    token tied with the threshold is kept with it; otherwise the kept sets are exactly the k largest and the
+    smallest nucleus.
     """
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
