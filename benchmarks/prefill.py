@@ -6,14 +6,17 @@
 Random weights of --preset, made by llama_jax and given to transformers through `to-hf`; prompts of random
 ids; a warm-up first (compiles excluded):
 
-  * llama_jax: what a request pays before its first token — the engine's prefill program (the prompt through
-    the model with the platform's flash attention: the blockwise XLA path on CPU, cuDNN on GPU, splash on TPU;
-    its keys and values written into its slot) and its admission (the first token sampled);
+  * llama_jax: what a request pays before its first token, `Engine.generate` of one request for one token
+    (the prefix cache off): the prompt's first chunk (up to 256 tokens) through the model with the platform's
+    flash attention (the blockwise XLA path on CPU, cuDNN on GPU, splash on TPU) into its slot, the rest chunk
+    by chunk through the cache path, then the first token sampled;
+  * llama_jax, one chunk: the same with the chunk as long as the prompt (`--prefill-chunk`), the whole prompt
+    through flash attention in one call: what chunking costs;
   * transformers forward: `model(ids)`, logits at every position, SDPA attention;
   * transformers prefill: `model(ids, logits_to_keep=1, cache=DynamicCache())`, what its `generate` runs
     before the first token (logits of the last position only, the cache filled).
 
-The three take turns, --repeats times, each keeping its best.
+The four take turns, --repeats times, each keeping its best.
 """
 
 from __future__ import annotations
@@ -63,9 +66,8 @@ def best_times(functions: list, repeats: int) -> list[float]:
 
 
 def engine_prefill(engine: Engine, prompt: list[int]):
-    backend = engine.backend
     request = Request(tuple(prompt), 1)
-    return lambda: backend.insert([0], [request], backend.bucket(len(prompt)))
+    return lambda: engine.generate([request])
 
 
 def torch_passes(model, prompt: list[int]) -> list:
@@ -89,12 +91,16 @@ def torch_passes(model, prompt: list[int]) -> list:
 def main() -> None:
     args = parse_args()
     config = preset(args.preset)
+    # Room for the longest prompt and its first token.
     config = config.replace(
-        dtype=args.dtype, param_dtype=args.dtype, max_seq_len=max(config.max_seq_len, *args.lengths)
+        dtype=args.dtype, param_dtype=args.dtype, max_seq_len=max(config.max_seq_len, max(args.lengths) + 1)
     )
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
-    engine = Engine(loaded, slots=1, cache_len=max(args.lengths) + 1)
+    cache_len = max(args.lengths) + 1
+    chunked = Engine(loaded, slots=1, cache_len=cache_len, prefix_cache_tokens=0)
+    whole_chunk = 1 << (max(args.lengths) - 1).bit_length()
+    whole = Engine(loaded, slots=1, cache_len=cache_len, prefill_chunk=whole_chunk, prefix_cache_tokens=0)
     hf = None
     if not args.no_torch:
         with tempfile.TemporaryDirectory(prefix="llama_jax-prefill-") as scratch:
@@ -105,20 +111,24 @@ def main() -> None:
         f"{jax.devices()[0].device_kind} x{len(jax.devices())}, best of {args.repeats}"
     )
     print(
-        "| prompt tokens | llama_jax prefill ms | llama_jax tokens/s | HF forward ms | HF prefill ms "
-        "| vs HF forward | vs HF prefill |\n|---|---|---|---|---|---|---|"
+        "| prompt tokens | llama_jax prefill ms | llama_jax tokens/s | one chunk ms | HF forward ms "
+        "| HF prefill ms | vs HF forward | vs HF prefill |\n|---|---|---|---|---|---|---|---|"
     )
     for length in args.lengths:
         prompt = rng.integers(3, config.vocab_size, length).tolist()
+        passes = [engine_prefill(chunked, prompt), engine_prefill(whole, prompt)]
         if hf is None:
-            (ours,) = best_times([engine_prefill(engine, prompt)], args.repeats)
-            cells = [f"{ours * 1e3:.1f}", f"{length / ours:,.0f}"] + ["-"] * 4
+            ours, one_chunk = best_times(passes, args.repeats)
+            cells = [f"{ours * 1e3:.1f}", f"{length / ours:,.0f}", f"{one_chunk * 1e3:.1f}"] + ["-"] * 4
         else:
-            ours, forward, prefill = best_times(
-                [engine_prefill(engine, prompt), *torch_passes(hf, prompt)], args.repeats
-            )
-            cells = [f"{ours * 1e3:.1f}", f"{length / ours:,.0f}", f"{forward * 1e3:.1f}", f"{prefill * 1e3:.1f}"]
-            cells += [f"{forward / ours:.2f}x", f"{prefill / ours:.2f}x"]
+            ours, one_chunk, forward, prefill = best_times([*passes, *torch_passes(hf, prompt)], args.repeats)
+            cells = [f"{ours * 1e3:.1f}", f"{length / ours:,.0f}", f"{one_chunk * 1e3:.1f}"]
+            cells += [
+                f"{forward * 1e3:.1f}",
+                f"{prefill * 1e3:.1f}",
+                f"{forward / ours:.2f}x",
+                f"{prefill / ours:.2f}x",
+            ]
         print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
 
 

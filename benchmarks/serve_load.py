@@ -1,14 +1,17 @@
-"""The OpenAI-compatible server under load: concurrent streaming clients, latency and throughput.
+"""The OpenAI-compatible server under load, raced against `transformers serve` on the same weights.
 
-    python benchmarks/serve_load.py                        # bench-cpu random weights, 1, 8 and 32 clients
-    python benchmarks/serve_load.py --checkpoint DIR --clients 1 8 32 64
+    python benchmarks/serve_load.py                         # bench-cpu random weights, 1, 8 and 32 clients
+    python benchmarks/serve_load.py --clients 8 --no-peer   # llama_jax only
+    python benchmarks/serve_load.py --checkpoint DIR        # a model directory of your own
 
-Starts `python -m llama_jax.serve` on a free port (random weights of --preset with the LLaMA 2 tokenizer,
-unless --checkpoint names a model directory), then for each client count runs that many clients at once
-through the async `openai` client, each sending --requests streaming completions one after another (prompts
-of --prompt-words random words, --max-tokens new tokens, temperature 0.8). Reported: completed requests/s,
-generated tokens/s, and p50/p99 of the time to first token and of the time between tokens (the gap between
-stream chunks divided by the tokens in the chunk: the engine hands out 8 tokens per device call).
+Random weights of --preset with the LLaMA 2 tokenizer (or --checkpoint), given to transformers through
+`to-hf`. Each server in turn: `python -m llama_jax.serve --slots S`, then `transformers serve DIR
+--continuous-batching` (transformers' own server, its paged-attention continuous batching). For each client
+count, that many clients at once through the async `openai` client, each sending --requests streaming
+completions one after another (prompts of --prompt-words random words, --max-tokens new tokens, temperature
+0.8). Reported: requests/s, generated tokens/s, time to first token p50 / p99, time between tokens p50 / p99
+(the gap between stream chunks over the tokens a chunk brings: llama_jax sends up to 8 per device call,
+transformers one), and how long GET /health took meanwhile (p99). Each server gets one warm-up request first.
 """
 
 from __future__ import annotations
@@ -16,158 +19,93 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-# Meta's LLaMA 2 tokenizer is not bundled (its license): the folder LLAMA_JAX_META_TOKENIZERS names holds it
-# (assets/README.md); --tokenizer names another.
-META_TOKENIZERS = Path(os.environ.get("LLAMA_JAX_META_TOKENIZERS", "."))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from serving import (  # noqa: E402
+    LLAMA2_TOKENIZER,
+    Load,
+    llama_jax_command,
+    p,
+    random_model,
+    run_clients,
+    server,
+    transformers_command,
+    words,
+)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", help="a model directory (default: random weights of --preset)")
     parser.add_argument("--preset", default="bench-cpu")
-    parser.add_argument("--tokenizer", default=str(META_TOKENIZERS / "llama2_tokenizer.model"))
+    parser.add_argument("--tokenizer", default=str(LLAMA2_TOKENIZER))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=4, help="requests per client")
     parser.add_argument("--prompt-words", type=int, default=60)
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--slots", type=int, default=32, help="llama_jax's decode slots")
+    parser.add_argument("--no-peer", action="store_true", help="skip transformers serve")
     return parser.parse_args()
 
 
-def random_model(preset_name: str, tokenizer: str, out: Path) -> Path:
-    from flax import nnx
-
-    from llama_jax import create_model, preset
-    from llama_jax.model_dir import write_model_dir
-
-    config = preset(preset_name)
-    model = create_model(config)
-    return write_model_dir(out, config, nnx.to_pure_dict(nnx.state(model)), tokenizer)
-
-
-def start_server(model_dir: Path, slots: int) -> tuple[subprocess.Popen, str]:
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "llama_jax.serve",
-            "--checkpoint",
-            str(model_dir),
-            "--port",
-            str(port),
-            "--slots",
-            str(slots),
-            "--max-queue",
-            "1024",
-        ],
-        cwd=REPO,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            if process.poll() is not None:
-                raise RuntimeError("the server did not start") from None
-            time.sleep(0.2)
-
-
-async def client(api, model: str, prompts: list[str], max_tokens: int, stats: dict) -> None:
-    for prompt in prompts:
-        start = last = time.perf_counter()
-        first = None
-        stream = await api.completions.create(
-            model=model, prompt=prompt, max_tokens=max_tokens, temperature=0.8, stream=True, logprobs=0
-        )  # logprobs: each chunk lists its tokens
-        async for chunk in stream:
-            now = time.perf_counter()
-            tokens = len(chunk.choices[0].logprobs.tokens) if chunk.choices and chunk.choices[0].logprobs else 0
-            if not tokens:
-                continue
-            stats["tokens"] += tokens
-            if first is None:
-                first = now
-                stats["first"].append(first - start)
-            else:
-                stats["between"].append((now - last) / tokens)
-            last = now
-        stats["done"] += 1
-
-
-async def load(url: str, model: str, clients: int, args) -> dict:
-    import openai
-
-    rng = np.random.default_rng(clients)
-    words = "time story king river bird cloud light stone happy little run find".split()
-    stats = {"first": [], "between": [], "done": 0, "tokens": 0}
-    async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=600) as api:
-        start = time.perf_counter()
-        await asyncio.gather(
-            *(
-                client(
-                    api,
-                    model,
-                    [" ".join(rng.choice(words, args.prompt_words)) for _ in range(args.requests)],
-                    args.max_tokens,
-                    stats,
-                )
-                for _ in range(clients)
-            )
-        )
-        stats["seconds"] = time.perf_counter() - start
-    return stats
+def race(command, clients: list[int], args) -> dict[int, Load]:
+    rng = np.random.default_rng(0)
+    loads = {}
+    with server(command) as url:
+        asyncio.run(run_clients(url, command.model, [["warm up"]], 4))
+        for n in clients:  # the same prompts for every server
+            prompts = [[words(rng, args.prompt_words) for _ in range(args.requests)] for _ in range(n)]
+            loads[n] = asyncio.run(run_clients(url, command.model, prompts, args.max_tokens))
+            print(f"  {command.name}, {n} clients: {loads[n].tokens_per_s():,.0f} tokens/s", file=sys.stderr)
+    return loads
 
 
 def main() -> None:
     args = parse_args()
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = (
-            Path(args.checkpoint)
-            if args.checkpoint
-            else random_model(args.preset, args.tokenizer, Path(scratch) / "model")
-        )
-        process, url = start_server(model_dir, args.slots)
-        try:
-            asyncio.run(load(url, model_dir.name, 1, argparse.Namespace(**{**vars(args), "requests": 1})))  # compile
+        if args.checkpoint:
+            model_dir = Path(args.checkpoint)
+        else:
+            model_dir = random_model(Path(scratch) / "model", args.preset, Path(args.tokenizer))
+        commands = [llama_jax_command(model_dir, "--slots", str(args.slots), "--max-queue", "1024")]
+        if not args.no_peer:
+            from llama_jax.convert import export_hf
+
+            hf_dir = Path(scratch) / "hf"
+            export_hf(model_dir, hf_dir)
+            commands.append(transformers_command(hf_dir, "--continuous-batching"))
+        results = {command.name: race(command, args.clients, args) for command in commands}
+
+    print(
+        f"{model_dir.name}: prompts of {args.prompt_words} words, {args.max_tokens} new tokens, "
+        f"{args.requests} streaming requests per client; llama_jax with {args.slots} slots"
+    )
+    print(
+        "| server | clients | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | between tokens p50 ms "
+        "| between tokens p99 ms | /health p99 ms |\n|---|---|---|---|---|---|---|---|---|"
+    )
+    for name, loads in results.items():
+        for n, load in loads.items():
+            ttft, between = load.ttft_ms(), load.between_ms()
             print(
-                f"{model_dir.name}: {args.slots} slots, prompts of {args.prompt_words} words, "
-                f"{args.max_tokens} new tokens, {args.requests} requests per client"
+                f"| {name} | {n} | {load.requests_per_s():.2f} | {load.tokens_per_s():,.0f} | {p(ttft, 50):.0f} "
+                f"| {p(ttft, 99):.0f} | {p(between, 50):.1f} | {p(between, 99):.1f} | {p(load.health_ms, 99):.0f} |"
             )
+    if "transformers serve" in results:
+        ours, peer = results["llama_jax"], results["transformers serve"]
+        for n in args.clients:
             print(
-                "| clients | requests/s | tokens/s | TTFT p50 ms | TTFT p99 ms | between tokens p50 ms "
-                "| between tokens p99 ms |\n|---|---|---|---|---|---|---|"
+                f"{n} clients: llama_jax {ours[n].tokens_per_s() / peer[n].tokens_per_s():.2f}x the tokens/s of "
+                f"transformers serve; TTFT p99 {p(ours[n].ttft_ms(), 99):.0f} ms vs {p(peer[n].ttft_ms(), 99):.0f} ms"
             )
-            for clients in args.clients:
-                s = asyncio.run(load(url, model_dir.name, clients, args))
-                first, between = np.asarray(s["first"]) * 1e3, np.asarray(s["between"]) * 1e3
-                print(
-                    f"| {clients} | {s['done'] / s['seconds']:.2f} | {s['tokens'] / s['seconds']:,.0f} "
-                    f"| {np.percentile(first, 50):.0f} | {np.percentile(first, 99):.0f} "
-                    f"| {np.percentile(between, 50):.1f} | {np.percentile(between, 99):.1f} |",
-                    flush=True,
-                )
-        finally:
-            process.terminate()
-            process.wait()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -75,11 +77,16 @@ class FunctionReport:
 
 
 def compile_function(
-    name: str, lower: Callable[[], jax.stages.Lowered], mesh: jax.sharding.Mesh, workload: Workload, attention: str
+    name: str,
+    lower: Callable[[], jax.stages.Lowered],
+    mesh: jax.sharding.Mesh,
+    workload: Workload,
+    attention: str,
+    status: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
 ) -> FunctionReport:
     """Compile what `lower()` lowers (a jitted function over arguments sharded on `mesh`, a TPU slice's) and
     read what it needs. `attention`: the implementation the model was configured with, confirmed from the
-    compiled program for "splash"."""
+    compiled program for "splash". `status` gets a line as compiling starts and one with the time it took."""
     device = mesh.devices.flat[0]
     spec = chip_spec(device.device_kind)
     if spec is None:
@@ -91,15 +98,22 @@ def compile_function(
         mfu_bound=workload.model_flops / spec.peak_bf16_flops / step_seconds,
         tokens_per_second=workload.tokens / step_seconds,
     )
+    # Compiling a large model takes minutes: say what is being compiled, and afterwards how long it took.
+    status(f"compiling {name} for {mesh.size} × {device.device_kind} ...")
+    started = time.perf_counter()
     with jax.set_mesh(mesh):
         lowered = lower()
+    lowered_at = time.perf_counter()
     try:
         compiled = lowered.compile()
     except Exception as e:  # the TPU compiler's RESOURCE_EXHAUSTED arrives as a JaxRuntimeError
         needed = _size(_OOM_NEEDED, str(e))
         if needed is None:
             raise
+        status(f"{name}: does not fit ({time.perf_counter() - started:.1f} s)")
         return FunctionReport(name, attention, 0, 0, needed, hbm, False, **bounds, error="does not fit in HBM")
+    done = time.perf_counter()
+    status(f"{name}: lowered in {lowered_at - started:.1f} s, compiled in {done - lowered_at:.1f} s")
     memory = compiled.memory_analysis()
     peak = getattr(memory, "peak_memory_in_bytes", 0) or (
         memory.argument_size_in_bytes

@@ -40,28 +40,40 @@ class KVCache:
 
 
 def write_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new (batch, n, kv_heads, head_dim) into layer `layer` of the stacked cache (layers, batch,
-    kv_heads, max_len, head_dim) at each row's own start slot.
+    """Write new (batch, n, kv_heads, head_dim) into layer `layer` of the stacked cache (layers, rows,
+    kv_heads, max_len, head_dim) at each row's own start slot: token j of row b goes to slot starts[b] + j of
+    cache row b. The batch may be the cache's first rows only (a decode step of the first few slots).
 
-    Only the new slots are written, so XLA updates the cache buffer in place; the batch axis is a
-    scatter batching dimension, so a batch-sharded cache is written without any communication.
+    Only the new slots are written, so XLA updates the cache buffer in place; when the batch is all the rows,
+    the batch axis is a scatter batching dimension, so a batch-sharded cache is written without any
+    communication. A token whose slot is outside the cache is dropped, token by token: one decoded at slot -1
+    writes nothing (the engine's idle and half-prefilled slots during a decode step), and a padded chunk's tail
+    past the end is dropped while its real tokens land.
     """
-    batch = new.shape[0]
-    indices = jnp.stack([jnp.broadcast_to(layer, (batch,)).astype(jnp.int32), starts.astype(jnp.int32)], axis=1)
-    numbers = jax.lax.ScatterDimensionNumbers(
-        update_window_dims=(1, 2, 3),
-        inserted_window_dims=(0,),
-        scatter_dims_to_operand_dims=(0, 3),
-        operand_batching_dims=(1,),
-        scatter_indices_batching_dims=(0,),
-    )
-    updates = new.transpose(0, 2, 1, 3).astype(cache.dtype)  # (batch, kv_heads, n, head_dim)
+    batch, n = new.shape[:2]
+    slots = starts.astype(jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)
+    layers = jnp.broadcast_to(layer, (batch, n)).astype(jnp.int32)
+    if batch == cache.shape[1]:
+        indices = jnp.stack([layers, slots], axis=-1)
+        numbers = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(2, 3),
+            inserted_window_dims=(0, 3),
+            scatter_dims_to_operand_dims=(0, 3),
+            operand_batching_dims=(1,),
+            scatter_indices_batching_dims=(0,),
+        )
+    else:
+        rows = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, n))
+        indices = jnp.stack([layers, rows, slots], axis=-1)
+        numbers = jax.lax.ScatterDimensionNumbers(
+            update_window_dims=(2, 3), inserted_window_dims=(0, 1, 3), scatter_dims_to_operand_dims=(0, 1, 3)
+        )
     return jax.lax.scatter(
         cache,
         indices,
-        updates,
+        new.astype(cache.dtype),
         numbers,
         indices_are_sorted=True,
         unique_indices=True,
-        mode=jax.lax.GatherScatterMode.CLIP,
+        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
     )

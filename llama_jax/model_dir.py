@@ -43,14 +43,16 @@ def write_model_dir(
     params: dict,
     tokenizer_file: str | Path | None = None,
     chat_template: str | None = None,
+    hf_repo: str | None = None,
 ) -> Path:
-    """Write a model directory (config.json, tokenizer file, params/) atomically."""
+    """Write a model directory (config.json, tokenizer file, params/) atomically. `hf_repo`: the Hugging Face
+    repository id the weights came from, when known (an export of adapters trained on it names it)."""
     with staged_output_dir(out_dir) as staging:
         tokenizer_name = None
         if tokenizer_file is not None:
             tokenizer_name = _tokenizer_file_name(tokenizer_file)
             shutil.copyfile(tokenizer_file, staging / tokenizer_name)
-        write_config(staging, config, tokenizer_name, chat_template)
+        write_config(staging, config, tokenizer_name, chat_template, hf_repo=hf_repo)
         save_params(staging / PARAMS_DIR, params)
         (staging / CHECKSUMS_FILE).write_text(json.dumps(host_checksums(params)) + "\n")
     return Path(out_dir).absolute()
@@ -62,11 +64,15 @@ def write_config(
     tokenizer_name: str | None,
     chat_template: str | None,
     lora_base: Path | None = None,
+    hf_repo: str | None = None,
 ) -> None:
-    """config.json. A LoRA run's (config.lora enabled) names the model directory its adapters sit on."""
+    """config.json. A LoRA run's (config.lora enabled) names the model directory its adapters sit on; a
+    converted model, the Hugging Face repository it came from when known."""
     payload = {"format": FORMAT, "model": config.to_dict(), "tokenizer": tokenizer_name, "chat_template": chat_template}
     if lora_base is not None:
         payload["lora_base"] = str(Path(lora_base).absolute())
+    if hf_repo is not None:
+        payload["hf_repo"] = hf_repo
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
 
 
@@ -83,6 +89,7 @@ class ModelDir:
     tokenizer_path: Path | None
     chat_template: str | None
     lora_base: Path | None = None  # a LoRA run: the model directory its adapters were trained on
+    hf_repo: str | None = None  # converted from this Hugging Face repository ("owner/name")
 
     def tokenizer(self) -> Tokenizer | None:
         """The directory's tokenizer (None if it has none), refused when the model cannot embed its ids."""
@@ -170,6 +177,7 @@ def read_model_dir(path: str | Path) -> ModelDir:
         path / tokenizer if tokenizer else None,
         payload.get("chat_template"),
         Path(lora_base) if config.lora.enabled else None,
+        payload.get("hf_repo") if isinstance(payload.get("hf_repo"), str) else None,
     )
 
 

@@ -59,7 +59,8 @@ class StoredParams:
             self._key, self._value = key, None  # drop the previous parameter before reading the next
             item = self._only(key, lambda a: a)
             restore_args = self._only(key, lambda _: ocp.RestoreArgs(restore_type=np.ndarray))
-            restored = ocp.PyTreeCheckpointer().restore(self._path, args=ocp.args.PyTreeRestore(item, restore_args))
+            with _without_step_metadata_warning():
+                restored = ocp.PyTreeCheckpointer().restore(self._path, args=ocp.args.PyTreeRestore(item, restore_args))
             for part in key.split("/"):
                 restored = restored[part]
             if self._checksums is not None and host_checksums({key: restored})[key] != self._checksums.get(key):
@@ -91,7 +92,8 @@ def read_json_item(path: Path) -> dict:
 def check_param_shapes(params_path: Path, target: dict) -> None:
     """One clear error when the stored tree does not fit the config (orbax's own is pages long)."""
     try:
-        stored = ocp.StandardCheckpointer().metadata(params_path.absolute()).item_metadata
+        with _without_step_metadata_warning():
+            stored = ocp.StandardCheckpointer().metadata(params_path.absolute()).item_metadata
     except Exception as e:  # orbax raises many types for unreadable directories
         raise ValueError(f"cannot read parameters in {params_path}: {one_line(e)}") from None
     stored_shapes = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}

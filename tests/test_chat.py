@@ -235,6 +235,21 @@ def test_llama2_published_chat_ids(llama2_tok, name):
     assert encode_dialog(llama2_tok, "llama2", OV_DIALOGS[name]) == OV_LLAMA2[name]
 
 
+@pytest.mark.parametrize("name", OV_DIALOGS)
+def test_the_published_jinja_templates_give_the_published_ids(llama2_tok, llama3_tok, name):
+    """Meta's Hugging Face templates, rendered as Jinja (what `serve --chat-template FILE.jinja` does)."""
+    assert encode_dialog(llama3_tok, HF_LLAMA3_CHAT_TEMPLATE, OV_DIALOGS[name]) == OV_LLAMA3[name]
+    assert encode_dialog(llama2_tok, HF_LLAMA2_CHAT_TEMPLATE, OV_DIALOGS[name]) == OV_LLAMA2[name]
+
+
+def test_a_jinja_template_that_refuses_the_conversation_says_so(llama2_tok):
+    no_system = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('no system turns') }}{% endif %}"
+    with pytest.raises(ValueError, match="refused the conversation: no system turns"):
+        encode_dialog(llama2_tok, no_system, [SYSTEM, HELLO])
+    with pytest.raises(ValueError, match="not valid Jinja"):
+        encode_dialog(llama2_tok, "{% for m in messages %}", [HELLO])
+
+
 @pytest.fixture(scope="module")
 def hf_llama2(llama2_tokenizer_file):
     transformers = pytest.importorskip("transformers")

@@ -1,4 +1,4 @@
-"""The installed commands: on the path after `pip install`, and train's --help listing every setting, fast."""
+"""The installed commands: on the path after `pip install`, naming themselves as typed, --help fast."""
 
 import dataclasses
 import os
@@ -31,6 +31,21 @@ def test_every_command_is_installed_and_answers_help(tmp_path):
             env={**os.environ, "JAX_PLATFORMS": "cpu"},
         )
         assert result.returncode == 0 and "usage:" in result.stdout, (name, result.stderr)
+        # The usage line names the command as it was typed, not `python train.py`.
+        assert result.stdout.startswith(f"usage: {name}"), (name, result.stdout[:80])
+
+
+@pytest.mark.parametrize("module", ["train", "infer", "convert", "evaluate", "serve"])
+def test_help_does_not_import_jax(module, tmp_path):
+    """--help costs a fraction of a second, not JAX's start-up (convert's once took 4.8 s)."""
+    probe = (
+        f"import sys\nfrom llama_jax.commands import {module}\n"
+        f"try:\n    {module}.main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print('imported jax' if 'jax' in sys.modules else 'no jax')"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("no jax"), result.stdout[-200:]
 
 
 def test_train_help_lists_every_setting_with_its_default_without_importing_jax(tmp_path):

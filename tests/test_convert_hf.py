@@ -23,11 +23,14 @@ from module_runner import assert_one_error_line, run_module
 
 from llama_jax.convert import convert_hf, export_hf, load_hf
 from llama_jax.convert.hf import INDEX_FILE
+from llama_jax.model_dir import read_model_dir
 from llama_jax.tokenizers import load_tokenizer
 
-LLAMA3_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + "
-    "'<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+# The shape of Llama 2 chat's template (its tokenizer here is tok512, which a Llama 3 template would not fit).
+LLAMA2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}{{ bos_token + '[INST] ' + "
+    "message['content'] | trim + ' [/INST]' }}{% else %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
+    "{% endif %}{% endfor %}"
 )
 
 
@@ -41,7 +44,7 @@ def hf_dirs(tmp_path_factory, assets):
         hf_model(variant).save_pretrained(dirs[variant], safe_serialization=True, **sharding)
     # The LLaMA 2 directory also carries what `convert hf` discovers by itself.
     shutil.copyfile(assets / "tok512.bin", dirs["llama2"] / "tokenizer.model")
-    (dirs["llama2"] / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA3_CHAT_TEMPLATE}))
+    (dirs["llama2"] / "tokenizer_config.json").write_text(json.dumps({"chat_template": LLAMA2_CHAT_TEMPLATE}))
     return dirs
 
 
@@ -79,7 +82,7 @@ def test_llama3_rope_scaling_changes_the_reference_logits():
 def test_config_records_discovered_tokenizer_and_chat_template(converted):
     written = json.loads((converted["llama2"] / "config.json").read_text())
     assert written["tokenizer"] == "tokenizer.bin"
-    assert written["chat_template"] == "llama3"
+    assert written["chat_template"] == "llama2"
     assert written["model"]["tie_embeddings"] is False
     assert json.loads((converted["llama3.2"] / "config.json").read_text())["model"]["tie_embeddings"] is True
 
@@ -114,7 +117,7 @@ def test_to_hf_round_trip_loads_in_transformers(variant, converted, tmp_path):
         assert relative_error(our_logits(tmp_path / "again", ids), our_logits(converted[variant], ids)) == 0
 
 
-def test_convert_hf_takes_a_repo_id_from_the_local_cache(hf_dirs, tmp_path, monkeypatch, assets):
+def test_convert_hf_takes_a_repo_id_from_the_local_cache(hf_dirs, converted, tmp_path, monkeypatch, assets):
     """A repo id resolves in the Hugging Face cache layout (models--OWNER--NAME/snapshots/REV, refs/main),
     offline; one that is not cached gets one line saying how to get it."""
     repo = tmp_path / "cache" / "models--someone--tiny-llama"
@@ -124,6 +127,12 @@ def test_convert_hf_takes_a_repo_id_from_the_local_cache(hf_dirs, tmp_path, monk
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))  # read at call time
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     convert_hf("someone/tiny-llama", tmp_path / "ours", tokenizer=assets / "tok512.bin")
+    # The repository is recorded (a PEFT export of adapters trained on this model names it as the base), also
+    # when the source is given as the cache's snapshot directory; a plain directory records none.
+    assert read_model_dir(tmp_path / "ours").hf_repo == "someone/tiny-llama"
+    convert_hf(repo / "snapshots" / "0123abc", tmp_path / "by-path", tokenizer=assets / "tok512.bin")
+    assert read_model_dir(tmp_path / "by-path").hf_repo == "someone/tiny-llama"
+    assert read_model_dir(converted["llama3.2"]).hf_repo is None
     assert (
         relative_error(our_logits(tmp_path / "ours", sample_ids()), hf_logits(hf_model("llama3.2"), sample_ids()))
         <= 1e-5

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from module_runner import run_module
+from module_runner import assert_one_error_line, run_module
 
 from llama_jax.convert import convert_llama2c, load_llama2c
 from llama_jax.loading import load
@@ -182,6 +182,19 @@ def test_greedy_decoding_reproduces_llama2c(stories, assets):
     for case in expected["cases"]:
         assert case["prompt"] == "" and case["temperature"] == 0.0
         assert tokenizer.decode(generated[: case["steps"]]) == case["expected"], case["name"]
+
+
+def test_a_chat_template_is_recorded_when_it_fits_the_tokenizer(assets, tmp_path):
+    """llama2.c files carry no chat template: `--chat-template` records one; one the tokenizer cannot write
+    is refused before anything is written."""
+    source = [assets / "stories260K.bin", "--tokenizer", assets / "tok512.bin"]
+    refused = run_module("llama_jax.convert", "llama2c", *source, "--out", tmp_path / "m", "--chat-template", "llama3")
+    assert_one_error_line(refused, "the llama3 chat template needs the Llama 3 tokenizer")
+    assert not (tmp_path / "m").exists()
+    result = run_module("llama_jax.convert", "llama2c", *source, "--out", tmp_path / "m", "--chat-template", "llama2")
+    assert result.returncode == 0, result.stderr
+    loaded = read_model_dir(tmp_path / "m")
+    assert loaded.chat_template == "llama2"
 
 
 def test_v1_file_gives_the_same_model(stories, assets, tmp_path):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from llama_jax.attention import LiveCache, attend_live_cache, attention, blockwise_attention
+from llama_jax.attention import LONG_ROWS, LiveCache, attend_live_cache, attention, blockwise_attention
 from llama_jax.config import preset
 from llama_jax.inference.compile import engine_backend
 from llama_jax.inference.engine import Engine
@@ -74,15 +74,25 @@ def test_the_decode_loop_stops_early_only_when_a_request_waits(loaded, prompts):
 
 
 def test_live_block_attention_equals_attention_over_the_whole_cache():
+    """Seven query rows over the first seven of eight cache rows; more rows than LONG_ROWS, so the longest
+    read their last blocks on their own."""
     rng = np.random.default_rng(0)
-    layers, batch, kv_heads, max_len, head_dim, heads, block = 2, 3, 2, 64, 8, 6, 16
-    k_all = rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)).astype(np.float32)
-    v_all = rng.normal(size=(layers, batch, kv_heads, max_len, head_dim)).astype(np.float32)
+    layers, rows, kv_heads, max_len, head_dim, heads, block = 2, 8, 2, 64, 8, 6, 16
+    k_all = rng.normal(size=(layers, rows, kv_heads, max_len, head_dim)).astype(np.float32)
+    v_all = rng.normal(size=(layers, rows, kv_heads, max_len, head_dim)).astype(np.float32)
+    q_index = np.asarray([[3, 4], [20, 21], [40, 41], [62, 63], [5, 6], [50, 51], [10, 11]])
+    batch = len(q_index)
+    assert batch > LONG_ROWS + 1
     q = rng.normal(size=(batch, 2, heads, head_dim)).astype(np.float32)
-    q_index = np.asarray([[3, 4], [20, 21], [40, 41]])
-    live = attend_live_cache(
-        jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(q_index, block)
-    )
+
+    def attend(q_index):
+        return np.asarray(
+            attend_live_cache(
+                jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(q_index, block)
+            )
+        )
+
+    live = attend(q_index)
     # numpy reference: query t of row b (head h, KV head h // 3) over cache slots 0..q_index[b, t]
     expected = np.zeros_like(q)
     for b in range(batch):
@@ -93,13 +103,13 @@ def test_live_block_attention_equals_attention_over_the_whole_cache():
                 weights = np.exp(scores - scores.max())
                 expected[b, t, h] = weights @ v_all[1, b, h // 3, : q_index[b, t] + 1] / weights.sum()
     np.testing.assert_allclose(live, expected, rtol=1e-5, atol=1e-6)
-    # a row's result does not change when another row reaches further (more blocks are read)
-    reach = q_index.copy()
-    reach[2] = [62, 63]
-    further = attend_live_cache(
-        jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(reach, block)
-    )
-    np.testing.assert_array_equal(live[:2], further[:2])
+    # A row's result does not change when another reaches further, or stops (more or fewer blocks are read,
+    # and which rows read on their own changes).
+    for row, moved in ((0, [62, 63]), (4, [33, 34]), (3, [-1, -1])):
+        other = q_index.copy()
+        other[row] = moved
+        unchanged = [b for b in range(batch) if b != row]
+        np.testing.assert_array_equal(live[unchanged], attend(other)[unchanged])
 
 
 @pytest.mark.parametrize(

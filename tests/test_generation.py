@@ -132,6 +132,41 @@ def test_engine_greedy_ids_equal_the_full_forward(model, mesh, prompts, referenc
     assert {p for p in engine.backend.compiled if p[0] == "prefill"} >= {("prefill", 4, 16), ("prefill", 1, 64)}
 
 
+@pytest.fixture(scope="module")
+def shared_prefix_prompts():
+    """Prompts longer than a 16-token chunk, three sharing their first 40 tokens (two whole chunks)."""
+    rng = np.random.default_rng(8)
+    prefix = rng.integers(3, CONFIG.vocab_size, 40).tolist()
+    ends = [rng.integers(3, CONFIG.vocab_size, n).tolist() for n in (3, 17, 30)]
+    return [tuple(prefix + end) for end in ends] + [tuple(rng.integers(3, CONFIG.vocab_size, 50).tolist())]
+
+
+def test_chunked_prefill_and_the_prefix_cache_give_the_full_forward_ids(model, mesh, shared_prefix_prompts, forward):
+    """Prompts of 43-70 tokens in chunks of 16, decoding in the other slot between chunks; the second round takes
+    the shared chunks from the cache."""
+    expected = []
+    for prompt in shared_prefix_prompts:
+        seq = list(prompt)
+        for _ in range(NEW):
+            seq.append(int(np.argmax(forward(seq)[-1])))
+        expected.append(seq[len(prompt) :])
+    engine = Engine(ids_only(model, mesh), slots=2, prefill_chunk=16, prefix_cache_tokens=128)
+    for _ in range(2):
+        assert [r.token_ids for r in engine.generate(requests(shared_prefix_prompts))] == expected
+    assert engine.scheduler.prefix.hit_tokens >= 2 * 3 * 32  # each shared prompt's two chunks, the second round
+    assert {p[0] for p in engine.backend.compiled} >= {"extend", "restore", "save"}
+
+
+def test_tokens_are_the_same_with_and_without_the_prefix_cache(model, mesh, shared_prefix_prompts):
+    sampled = SamplingParams(0.9, 40, 0.95)
+    asked = requests(shared_prefix_prompts) + requests(shared_prefix_prompts, sampling=sampled, seed=5)
+    without = Engine(ids_only(model, mesh), slots=1, prefill_chunk=16, prefix_cache_tokens=0)
+    cached = Engine(ids_only(model, mesh), slots=1, prefill_chunk=16, prefix_cache_tokens=128)
+    assert without.backend.pool_size == 0 and cached.backend.pool_size == 8
+    assert [r.token_ids for r in cached.generate(asked)] == [r.token_ids for r in without.generate(asked)]
+    assert cached.scheduler.prefix.hit_tokens > 0
+
+
 def test_requests_stop_independently_on_their_stop_ids(model, mesh, prompts, reference_greedy):
     stop = reference_greedy[1][3]  # the 4th greedy token of prompt 1
     results = Engine(ids_only(model, mesh), slots=4).generate(requests(prompts, stop_ids=(stop,)))

@@ -92,6 +92,12 @@ def test_stories260k_greedy_text_matches_llama2c(stories, assets, tmp_path):
     tokenizer = load_tokenizer(stories / "tokenizer.bin")
     assert tokenizer.decode(record["token_ids"][: cases["greedy_n200"]["steps"]]) == cases["greedy_n200"]["expected"]
     assert "prompt buckets compiled: [16]" in result.stderr
+    # --format text: the story as plain text on stdout, as README shows it.
+    text = run_infer(
+        "--checkpoint", stories, "--prompt", "", "--temperature", "0", "--max-new-tokens", 256, "--format", "text"
+    )
+    assert text.returncode == 0, text.stderr
+    assert text.stdout == cases["greedy_n256"]["expected"] + "\n\n"
 
 
 def test_a_rerun_resumes_after_the_records_already_written(stories, tmp_path):

@@ -121,14 +121,20 @@ def test_the_adapters_load_in_peft_on_the_exported_base(trained, stories_model, 
     peft = pytest.importorskip("peft")
     run_dir, _ = trained
     base_hf = export_hf(stories_model, tmp_path / "base-hf")
-    adapter_dir = export_hf(run_dir, tmp_path / "adapter")
+    adapter_dir = export_hf(run_dir, tmp_path / "adapter", base_hf=base_hf)
     assert sorted(p.name for p in adapter_dir.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
-    model = transformers.LlamaForCausalLM.from_pretrained(base_hf, dtype=torch.float32)
-    adapted = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    # adapter_config.json names the base as transformers can load it: AutoPeftModel finds it on its own.
+    adapted = peft.AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = adapted(torch.from_numpy(IDS).long()).logits.numpy()
     ours = np.asarray(llama_jax.load(run_dir).model(jnp.asarray(IDS))[0])
     assert np.abs(ours - theirs).max() / np.abs(theirs).max() < 1e-4
+    # Without --base-hf, a base converted from llama2.c has no name transformers could resolve: none is
+    # written (never the llama_jax directory's path); a base converted from the hub is named by its repo id.
+    unnamed = json.loads((export_hf(run_dir, tmp_path / "unnamed") / "adapter_config.json").read_text())
+    assert unnamed["base_model_name_or_path"] is None
+    config = json.loads((stories_model / "config.json").read_text())
+    assert read_model_dir(stories_model).hf_repo is None and "hf_repo" not in config
     # and the merged model, exported, loads in plain transformers with the same logits
     merged_hf = export_hf(merge_lora(run_dir, tmp_path / "merged"), tmp_path / "merged-hf")
     with torch.no_grad():

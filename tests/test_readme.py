@@ -4,7 +4,12 @@ Every ```bash / ```python block in README.md is preceded by a marker comment:
 
     <!-- readme-test: run -->                 the block runs, in order, in one scratch working directory
     <!-- readme-test: run if installed: MODULE ... -->   the same, when those optional packages are installed
-    <!-- readme-test: not run: REASON -->     too long for CI or needs hardware/a server; REASON says which
+    <!-- readme-test: not run: REASON -->     too long for CI or needs hardware; REASON says which
+    <!-- readme-test: serve: ... -->          runs like `run`, but its last line stays running in the
+                                              background (a server: until GET /health answers) while the
+                                              next block runs, then it is stopped
+    <!-- readme-test: the output above has these lines -->   (before a ```text block) the previous block's
+                                              stdout has these lines, in this order; "..." stands for any text
 
 Every block, run or not, is also checked against the command lines: each `--flag` written after
 `python train.py`, `python infer.py` or `python -m llama_jax.X` must be one that command's --help lists, and each
@@ -17,13 +22,20 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from functools import cache
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-MARKER = re.compile(r"<!-- readme-test: (run|run if installed: [\w ]+|not run: .+?) -->")
+MARKER = re.compile(
+    r"<!-- readme-test: (run|run if installed: [\w ]+|not run: .+?|serve: .+?|the output above has these lines) -->"
+)
+OUTPUT = "the output above has these lines"
+SERVER = "http://127.0.0.1:8000/health"  # where README's server example listens
 FENCE = re.compile(r"^```(\w*)\s*$")
 COMMAND = re.compile(r"python (train\.py|infer\.py|-m llama_jax\.(?:convert|evaluate|serve))((?: (?!#)\S+)*)")
 
@@ -111,13 +123,77 @@ def test_the_blocks_marked_run_run_as_written(workspace):
     # One device, as a laptop or a Colab CPU runtime has: an example that needs a mesh of several fails here.
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    for line, lang, marker, code in CODE_BLOCKS:
-        if not marker.startswith("run"):
-            continue
-        needs = marker.removeprefix("run").removeprefix(" if installed:").split()
-        if any(importlib.util.find_spec(module) is None for module in needs):
-            continue
-        argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
-        result = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, f"README block at line {line} failed:\n{result.stderr[-3000:]}"
+    env["MY_KEY"] = "sk-readme-test"
+    stdout, ran, server = "", False, None
+    try:
+        for line, lang, marker, code in readme_blocks():
+            if marker == OUTPUT:
+                if ran:  # the block above ran: its stdout shows what README says it shows
+                    assert_has_lines(stdout, code, line)
+                continue
+            ran = False
+            if lang not in ("bash", "python") or not marker.startswith(("run", "serve")):
+                continue
+            needs = (
+                marker.removeprefix("run").removeprefix(" if installed:").split() if marker.startswith("run") else []
+            )
+            if any(importlib.util.find_spec(module) is None for module in needs):
+                continue
+            if marker.startswith("serve"):
+                *first, last = joined_lines(code)
+                run_block(lang, "\n".join(first), line, workspace, env)
+                server = start_server(last, line, workspace, env)
+                continue
+            stdout, ran = run_block(lang, code, line, workspace, env), True
+            if server is not None:
+                stop(server)
+                server = None
+    finally:
+        if server is not None:
+            stop(server)
     shutil.rmtree(workspace / "runs", ignore_errors=True)
+
+
+def run_block(lang: str, code: str, line: int, workspace: Path, env: dict) -> str:
+    argv = ["bash", "-euo", "pipefail", "-c", code] if lang == "bash" else [sys.executable, "-c", code]
+    result = subprocess.run(argv, cwd=workspace, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"README block at line {line} failed:\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def assert_has_lines(stdout: str, shown: str, line: int) -> None:
+    """Each shown line is a line of stdout ("..." matching any text), in the order shown."""
+    printed = stdout.splitlines()
+    at = 0
+    for wanted in shown.splitlines():
+        pattern = re.compile(".*?".join(map(re.escape, wanted.rstrip().split("..."))))
+        found = next((i for i in range(at, len(printed)) if pattern.fullmatch(printed[i].rstrip())), None)
+        assert found is not None, f"README line {line}: the block above did not print {wanted!r}:\n{stdout[-3000:]}"
+        at = found + 1
+
+
+def start_server(command: str, line: int, workspace: Path, env: dict) -> subprocess.Popen:
+    log = open(workspace / "server.log", "w")  # noqa: SIM115 (closed with the process in `stop`)
+    server = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=workspace, env=env, stdout=log, stderr=log)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and server.poll() is None:
+        try:
+            with urllib.request.urlopen(SERVER, timeout=5) as answer:
+                if answer.status == 200:
+                    return server
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.5)
+    stop(server)
+    pytest.fail(
+        f"README line {line}: the server never became healthy:\n{(workspace / 'server.log').read_text()[-3000:]}"
+    )
+
+
+def stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()

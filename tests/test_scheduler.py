@@ -4,7 +4,7 @@ cancellation and fairness."""
 
 import pytest
 
-from llama_jax.inference.scheduler import QueueFull, Request, Scheduler
+from llama_jax.inference.scheduler import PREFILL_BUDGET, QueueFull, Request, Scheduler
 
 STOP = 0
 
@@ -14,13 +14,14 @@ class FakeBackend:
     stop id at step prompt[1]. Like the device loop, a decode call ends when no slot's request is still going,
     or early when asked to and one ends (a stop id, or its last token). Records what it was asked to do."""
 
-    def __init__(self, slots: int):
-        self.slots = slots
+    def __init__(self, slots: int, chunk: int = 1000, pool_size: int = 0):
+        self.slots, self.chunk, self.pool_size = slots, chunk, pool_size
         self.requests = {}
         self.steps = {}
         self.inserts = []  # (slots, bucket)
         self.decodes = []  # active slots per decode
         self.ran = []  # (steps asked, steps run) per decode
+        self.calls = []  # extend, restore and save calls, in order
 
     def bucket(self, n):
         return max(16, 1 << (n - 1).bit_length())
@@ -35,6 +36,19 @@ class FakeBackend:
         for slot, request in zip(slots, requests):
             self.requests[slot], self.steps[slot] = request, 1
         return [self.token(r, 0) for r in requests], [-0.5] * len(requests)
+
+    def extend(self, slot, request, start):
+        self.calls.append(("extend", slot, start))
+        if start + self.chunk < len(request.prompt_ids):
+            return None
+        self.requests[slot], self.steps[slot] = request, 1
+        return self.token(request, 0), -0.5
+
+    def restore(self, slot, entries):
+        self.calls.append(("restore", slot, list(entries)))
+
+    def save(self, slot, entries):
+        self.calls.append(("save", slot, dict(entries)))
 
     def decode(self, steps, active, stop_early):
         self.decodes.append([s for s in range(self.slots) if active[s]])
@@ -62,8 +76,9 @@ def text(prompt_ids, generated):
     return "".join(chr(ord("a") + t % 26) for t in generated)
 
 
-def scheduler(slots=2, max_queue=8, steps=3):
-    return Scheduler(FakeBackend(slots), max_queue=max_queue, steps_per_dispatch=steps, text=text)
+def scheduler(slots=2, max_queue=8, steps=3, chunk=1000, pool_size=0):
+    backend = FakeBackend(slots, chunk, pool_size)
+    return Scheduler(backend, max_queue=max_queue, steps_per_dispatch=steps, text=text)
 
 
 def submit(s, prompt, max_tokens=5, **kw):
@@ -183,3 +198,46 @@ def test_the_queue_is_bounded():
         submit(s, [3])
     s.step()  # one admitted: room again
     submit(s, [3])
+
+
+def test_long_prompts_are_prefilled_a_budget_of_chunks_per_step_between_decode_calls():
+    assert PREFILL_BUDGET == 2  # chunks' worth of prompt tokens per step, as this test counts them
+    s = scheduler(slots=3, steps=20, chunk=4)
+    short = submit(s, [1, 2], max_tokens=40)
+    long = submit(s, list(range(10, 21)), max_tokens=3)  # 11 tokens: chunks at 0, 4, 8
+    other = submit(s, list(range(40, 50)), max_tokens=3)  # 10 tokens: chunks at 0, 4, 8
+    s.step()  # the short prompt is prefilled whole; two chunks of the long one; then 8 decode steps at most
+    assert s.backend.inserts == [([0], 16)] and s.backend.calls == [("extend", 1, 0), ("extend", 1, 4)]
+    assert s.backend.ran == [(8, 8)] and not long
+    s.step()  # the long one's last 3 tokens and the other's first chunk (7 < 8 tokens), then its second
+    assert s.backend.calls[2:] == [("extend", 1, 8), ("extend", 2, 0), ("extend", 2, 4)]
+    assert s.backend.decodes[-1] == [0, 1] and long and not other  # the long one decodes with the short one
+    run(s)
+    assert [t for e in long for t in e.token_ids] == expected_tokens(list(range(10, 21)), 3)
+    assert [t for e in other for t in e.token_ids] == expected_tokens(list(range(40, 50)), 3)
+    assert [t for e in short for t in e.token_ids] == expected_tokens([1, 2], 40)
+
+
+def test_a_prompt_takes_the_cached_chunks_of_its_prefix_and_computes_the_rest():
+    s = scheduler(slots=1, chunk=4, pool_size=8)
+    shared = list(range(30, 39))  # two whole chunks and a token
+    submit(s, shared + [1, 2, 3], max_tokens=2)  # 12 tokens: chunks 0, 1, 2 computed, all three kept
+    run(s)
+    assert s.backend.calls == [("extend", 0, 0), ("extend", 0, 4), ("extend", 0, 8), ("save", 0, {0: 0, 1: 1, 2: 2})]
+    s.backend.calls.clear()
+    events = submit(s, shared + [7], max_tokens=2)  # 10 tokens: chunks 0 and 1 cached, chunk 2 has its last token
+    run(s)
+    assert s.backend.calls == [("restore", 0, [0, 1]), ("extend", 0, 8)]
+    assert [t for e in events for t in e.token_ids] == expected_tokens(shared + [7], 2)
+    assert (s.prefix.hit_tokens, s.prefix.queried_tokens) == (8, 16)
+
+
+def test_a_cancelled_prompt_being_prefilled_frees_its_slot():
+    s = scheduler(slots=1, chunk=4)
+    handle_events = []
+    handle = s.submit(Request(tuple(range(20)), 5), handle_events.append)
+    s.step()
+    handle.cancel()
+    waiting = submit(s, [1], max_tokens=2)
+    s.step()
+    assert handle_events[-1].finish_reason == "cancelled" and waiting[-1].finish_reason == "length"

@@ -4,6 +4,7 @@ HBM reported as not fitting, and the slice names users type."""
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,10 @@ def test_a_batch_beyond_the_chips_memory_is_reported_as_not_fitting(tmp_path):
     assert report["functions"]["train_step"]["per_chip_gib"] > report["functions"]["train_step"]["hbm_gib"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert errors == [result.stderr.strip().splitlines()[-1]] and "does not fit" in errors[0]
+    # Minutes of compiling for a real recipe are never silent: each function is announced, then timed.
+    assert "compiling train_step for 4 × TPU v4 ..." in result.stderr, result.stderr[-3000:]
+    assert re.search(r"train_step: does not fit \(\d+\.\d s\)", result.stderr)
+    assert re.search(r"eval_step: lowered in \d+\.\d s, compiled in \d+\.\d s", result.stderr)
 
 
 def test_a_bad_slice_name_exits_2():

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from typing import NoReturn
@@ -18,6 +19,13 @@ from llama_jax.hardware import quiet_libtpu_without_tpu
 USER_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
 EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError)
+
+
+def program_name(usual: str) -> str:
+    """The command as the user typed it: `llama-jax-train` when run through the installed script, else `usual`
+    (e.g. `python train.py`), so usage and error lines name what to type again."""
+    invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return invoked if invoked.startswith("llama-jax-") else usual
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -141,22 +141,38 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
 
 
 def compile_engine_for(
-    slice_name: str, model, mesh: str, slots: int, prompt_lens: list[int], max_new_tokens: int, dtype: str | None
+    slice_name: str,
+    model,
+    mesh: str,
+    slots: int,
+    prompt_lens: list[int],
+    max_new_tokens: int,
+    dtype: str | None,
+    prefill_chunk: int | None = None,
+    prefix_cache_tokens: int | None = None,
 ) -> int:
-    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice; prints the table and,
-    last, the JSON report. Exit status 1 when they do not fit."""
+    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice (its prefix pool as the
+    engine would size it); prints the table and, last, the JSON report. Exit status 1 when they do not fit."""
     import json
     import sys
 
     from llama_jax.aot import report_json, report_table
     from llama_jax.hardware import tpu_slice
     from llama_jax.inference.compile import compile_inference
+    from llama_jax.inference.engine import default_prefix_cache_tokens
+    from llama_jax.inference.slots import PREFILL_CHUNK
     from llama_jax.sharding import MeshConfig
 
     tpu = tpu_slice(slice_name)
     dtype = dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype)
-    reports = compile_inference(model, tpu, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens)
+    chunk = prefill_chunk or PREFILL_CHUNK
+    cache_len = max(prompt_lens) + max_new_tokens
+    if prefix_cache_tokens is None:
+        prefix_cache_tokens = default_prefix_cache_tokens(slots, cache_len, chunk)
+    reports = compile_inference(
+        model, tpu, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens, chunk, prefix_cache_tokens // chunk
+    )
     print(report_table(tpu, reports))
     summary = report_json(tpu, reports)
     print(json.dumps(summary), flush=True)

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 
 from llama_jax import convert
-from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.chat import CHAT_TEMPLATE_CHOICES
+from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.config import DTYPES
-from llama_jax.convert.common import CHAT_TEMPLATE_CHOICES
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
-        prog="python -m llama_jax.convert",
+        prog=program_name("python -m llama_jax.convert"),
         description=convert.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
 
     llama2c = command("llama2c", "import a llama2.c model file (v0, v1 or v2)", "MODEL.bin")
     llama2c.add_argument("--tokenizer", required=True, help="its llama2.c tokenizer.bin")
+    llama2c.add_argument(
+        "--chat-template",
+        choices=[c for c in CHAT_TEMPLATE_CHOICES if c != "auto"],
+        default="none",
+        help="the chat template to record (llama2.c records none; default none)",
+    )
     hf_help = "import a Hugging Face Llama directory, or a repo id (owner/name) already in the local Hugging Face cache"
     for name, help_text, source in (
         ("hf", hf_help, "HF_DIR_OR_REPO"),
@@ -53,6 +59,12 @@ def _parser() -> argparse.ArgumentParser:
         "DIR",
     )
     to_hf.add_argument("--max-shard-size", default="5GB", help="split the safetensors above this size")
+    to_hf.add_argument(
+        "--base-hf",
+        metavar="HF_DIR",
+        help="a LoRA run: the transformers export of its base (to-hf BASE --out HF_DIR), named in adapter_config.json "
+        "(default: the Hugging Face repository the base was converted from, when known)",
+    )
     command("merge-lora", "merge a LoRA run's adapters into its base model: a plain model directory", "RUN_DIR")
     return parser
 
@@ -60,7 +72,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "llama2c":
-        out = convert.convert_llama2c(args.source, args.tokenizer, args.out, dtype=args.dtype)
+        out = convert.convert_llama2c(args.source, args.tokenizer, args.out, args.dtype, args.chat_template)
     elif args.command == "hf":
         out = convert.convert_hf(args.source, args.out, args.tokenizer, args.chat_template, args.dtype)
     elif args.command == "meta":
@@ -76,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "merge-lora":
         out = convert.merge_lora(args.source, args.out, args.dtype)
     else:
-        out = convert.export_hf(args.source, args.out, args.dtype, args.max_shard_size)
+        out = convert.export_hf(args.source, args.out, args.dtype, args.max_shard_size, args.base_hf)
     print(f"wrote {out}")
     return 0
 

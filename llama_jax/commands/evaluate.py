@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_generation_arguments,
     add_model_arguments,
@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def perplexity(argv: list[str]) -> int:
-    parser = ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(
+        prog=program_name(PROG), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_model_arguments(parser, checkpoint_required=False)
     parser.add_argument("--data", help="UTF-8 text file, scored as one document")
     parser.add_argument(
@@ -103,7 +105,8 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
 
 def generate(argv: list[str]) -> int:
     parser = ArgumentParser(
-        prog=f"{PROG} generate", description="Complete a task's prompts and score them against its references."
+        prog=f"{program_name(PROG)} generate",
+        description="Complete a task's prompts and score them against its references.",
     )
     add_model_arguments(parser)
     parser.add_argument(
@@ -170,7 +173,7 @@ def generate(argv: list[str]) -> int:
 
 def harness(argv: list[str]) -> int:
     parser = ArgumentParser(
-        prog=f"{PROG} harness", description="Run lm-evaluation-harness tasks with a llama_jax model."
+        prog=f"{program_name(PROG)} harness", description="Run lm-evaluation-harness tasks with a llama_jax model."
     )
     add_model_arguments(parser)
     parser.add_argument("--tasks", required=True, help="comma-separated harness task names, e.g. hellaswag,arc_easy")

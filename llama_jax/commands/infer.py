@@ -6,7 +6,8 @@
 
 Prompts come from --prompt (repeatable), a file (one prompt per line, or JSONL with a "prompt" field) or
 standard input. Each output line is a JSON record, in input order: prompt, completion, token_ids (the
-generated ids; a stop id that ends generation is not included) and finish_reason ("stop" | "length").
+generated ids; a stop id that ends generation is not included) and finish_reason ("stop" | "length");
+`--format text` prints each prompt followed by its completion as plain text instead, a blank line after each.
 BOS is prepended to every prompt. With --output, records are written batch by batch as they finish, and
 rerunning the same command continues after the records already there.
 
@@ -25,7 +26,7 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_generation_arguments,
     add_model_arguments,
@@ -41,7 +42,8 @@ from llama_jax.commands.common import (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python infer.py", description="Generate completions of prompts with a llama_jax model directory."
+        prog=program_name("python infer.py"),
+        description="Generate completions of prompts with a llama_jax model directory.",
     )
     add_model_arguments(parser, checkpoint_required=False)
     parser.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt; repeat for several")
@@ -52,6 +54,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--output",
         metavar="FILE.jsonl",
         help="where records go (default: standard output); an existing file is resumed",
+    )
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "text"),
+        default="jsonl",
+        help="jsonl: one JSON record per prompt (default); text: each prompt and its completion as plain text, "
+        "separated by blank lines (standard output only)",
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
     compile_group = parser.add_argument_group("compiling for a TPU slice instead of generating")
@@ -70,6 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.compile_for is None and args.checkpoint is None:
         parser.error("the following arguments are required: --checkpoint")
+    if args.format == "text" and args.output:
+        parser.error("--format text prints to standard output; --output writes JSONL records")
     return args
 
 
@@ -138,6 +149,9 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
         ]
         if output:
             output.write(records)
+        elif args.format == "text":
+            sys.stdout.write("".join(f"{r['prompt']}{r['completion']}\n\n" for r in records))
+            sys.stdout.flush()
         else:
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             sys.stdout.flush()

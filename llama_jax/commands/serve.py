@@ -1,29 +1,37 @@
 """Serve a model directory over an OpenAI-compatible HTTP API.
 
-    python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--slots 8] [--api-key KEY]
+    python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--slots 8] [--api-key-file F]
 
 Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)` with the model name the
 server prints (default: the directory's name). It listens on 127.0.0.1 unless --host says otherwise; exposed
-on another address without --api-key it warns, since anyone who can reach it can use it.
+on another address without an API key it warns, since anyone who can reach it can use it. The key comes from
+--api-key-file (or --api-key, which `ps` shows), or else the LLAMA_JAX_API_KEY environment variable.
 
-Before it reports healthy it compiles every program the engine may run (the prefill of each prompt bucket,
-the decode loop): until then GET /health answers 503 {"status": "starting"}, and the first request after is
-as fast as any other.
+Prompts longer than --prefill-chunk tokens are prefilled a chunk at a time between decode steps, so running
+streams keep producing; whole chunks of prompts are kept in a prefix cache (--prefix-cache-tokens), so
+requests that share a system prompt, few-shot examples or a chat history reuse its keys and values. Chat
+requests use the checkpoint's chat template, or --chat-template llama2|llama3|FILE.jinja.
+
+Before it reports healthy it compiles every program the engine may run: until then GET /health answers 503
+{"status": "starting"}, and the first request after is as fast as any other. GET /metrics serves Prometheus
+metrics; each request leaves one access-log line on stderr (its prompt only with --log-prompts).
 
     python -m llama_jax.serve --checkpoint DIR --slots 32 --max-len 4096 --mesh tensor=8 --compile-for v5e-8
 
-compiles the engine's programs of that setting for a TPU slice instead (only DIR's config.json is read; the
-prefill of the longest prompt and the decode loop) and prints per-chip memory; the last line is JSON.
+compiles the engine's programs of that setting for a TPU slice instead (only DIR's config.json is read) and
+prints per-chip memory; the last line is JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
+import logging
+import os
 import sys
 from pathlib import Path
 
-from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_model_arguments,
     compile_engine_for,
@@ -32,14 +40,18 @@ from llama_jax.commands.common import (
     text_model_dir,
 )
 
+API_KEY_VARIABLE = "LLAMA_JAX_API_KEY"
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python -m llama_jax.serve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=program_name("python -m llama_jax.serve"),
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
-    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
     parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
     parser.add_argument(
         "--max-len",
@@ -54,14 +66,64 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="N",
         help="requests waiting for a slot before new ones get 429 (default 64)",
     )
-    parser.add_argument("--api-key", metavar="KEY", help="require Authorization: Bearer KEY on /v1/")
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="prompt tokens prefilled per step and per cached prefix chunk, a power of two (default 256)",
+    )
+    parser.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        metavar="N",
+        help="prompt tokens the prefix cache keeps (default: a quarter of the slots' positions; 0: none)",
+    )
+    parser.add_argument(
+        "--chat-template",
+        metavar="NAME_OR_FILE",
+        help="llama2, llama3, or a Jinja template file (default: the checkpoint's)",
+    )
+    parser.add_argument("--api-key-file", metavar="FILE", help="require Authorization: Bearer KEY, KEY read from FILE")
+    parser.add_argument(
+        "--api-key", metavar="KEY", help=f"the same, KEY given here (visible in ps; {API_KEY_VARIABLE} too)"
+    )
+    parser.add_argument("--log-prompts", action="store_true", help="write each request's prompt in its access-log line")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
     parser.add_argument("--compile-for", metavar="SLICE", help="compile for a TPU slice instead of serving")
     args = parser.parse_args(argv)
-    for name in ("slots", "max_queue", "port"):
+    for name in ("slots", "max_queue"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.port <= 65535:
+        parser.error(f"--port must be in 1-65535, got {args.port}")
+    if args.api_key is not None and args.api_key_file is not None:
+        parser.error("give the API key with --api-key or --api-key-file, not both")
+    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
+        parser.error("--prefix-cache-tokens must be at least 0")
     return args
+
+
+def api_key(args: argparse.Namespace) -> str | None:
+    """The key clients must send: --api-key, the first line of --api-key-file, or $LLAMA_JAX_API_KEY."""
+    if args.api_key_file is not None:
+        key = Path(args.api_key_file).read_text(encoding="utf-8").strip()
+        if not key:
+            raise ValueError(f"--api-key-file {args.api_key_file} is empty")
+        return key
+    return args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+
+
+def chat_template(args: argparse.Namespace, model_dir) -> str | None:
+    """--chat-template (a name, or the text of a Jinja file), checked; else the checkpoint's."""
+    from llama_jax.chat import TEMPLATES, check_template
+
+    if args.chat_template is None:
+        return model_dir.chat_template
+    template = args.chat_template
+    if template not in TEMPLATES:
+        template = Path(template).read_text(encoding="utf-8")
+    check_template(template)
+    return template
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from llama_jax.inference.api import STREAM_STEPS_PER_DISPATCH
     from llama_jax.inference.engine import Engine
-    from llama_jax.serve.app import create_app
+    from llama_jax.serve.app import access_log, create_app
 
     model_dir = text_model_dir(args.checkpoint, "the server needs one to read text")
     model_dir.tokenizer()  # refused here when it does not fit the model
@@ -80,11 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_for is not None:
         max_len = args.max_len or max_seq_len
         return compile_engine_for(
-            args.compile_for, model_dir.config, args.mesh, args.slots, [max_len - 1], 1, args.dtype
+            args.compile_for,
+            model_dir.config,
+            args.mesh,
+            args.slots,
+            [max_len - 1],
+            1,
+            args.dtype,
+            prefill_chunk=args.prefill_chunk,
+            prefix_cache_tokens=args.prefix_cache_tokens,
         )
-    if not _loopback(args.host) and args.api_key is None:
+    key = api_key(args)
+    template = chat_template(args, model_dir)
+    if not _loopback(args.host) and key is None:
         print(
-            f"warning: listening on {args.host} without --api-key: anyone who can reach it can use it", file=sys.stderr
+            f"warning: listening on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr
         )
     loaded = load_from(args, mesh_from(args))
     engine = Engine(
@@ -93,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         cache_len=args.max_len,
         max_queue=args.max_queue,
         steps_per_dispatch=STREAM_STEPS_PER_DISPATCH,
+        prefix_cache_tokens=args.prefix_cache_tokens,
+        **({"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}),
     )
     name = args.model_name or Path(args.checkpoint).resolve().name
     address = f"http://{args.host}:{args.port}"
@@ -102,9 +176,14 @@ def main(argv: list[str] | None = None) -> int:
     def ready() -> None:
         print(f"serving {name} on {address}/v1 ({args.slots} slots)", file=sys.stderr, flush=True)
 
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    access_log.addHandler(handler)
+    access_log.setLevel(logging.INFO)
+    access_log.propagate = False
     engine.start(warm_up=True, on_ready=ready)
     uvicorn.run(
-        create_app(engine, name, loaded.chat_template, args.api_key),
+        create_app(engine, name, template, key, log_prompts=args.log_prompts),
         host=args.host,
         port=args.port,
         log_level="warning",

@@ -2,7 +2,7 @@
 
     python train.py                                      # the default job: a small model on TinyShakespeare
     python train.py --config configs/tiny_test.yaml steps=50 run_dir=runs/try
-    python train.py --config configs/sft_example.yaml init_from=models/stories260k
+    python train.py --config configs/sft_example.yaml init_from=models/stories260K
     python train.py --config configs/llama3_8b_v5p.yaml --compile-for v5p-128    # will it fit? (needs libtpu)
     python train.py data='/data/*.jsonl' tokenizer=tokenizer.model --write-token-store gs://BUCKET/corpus
 
@@ -27,7 +27,7 @@ import json
 import sys
 from pathlib import Path
 
-from llama_jax.commands.cli import ArgumentParser, run_cli
+from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.train.config import describe_settings, load_train_config
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
@@ -36,7 +36,7 @@ DOES_NOT_FIT_STATUS = 1
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog="python train.py",
+        prog=program_name("python train.py"),
         description=__doc__,
         epilog="settings (key=value):\n" + describe_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

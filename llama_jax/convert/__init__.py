@@ -11,20 +11,24 @@ model directories → Hugging Face.
 Every importer streams: the output tree is allocated once and filled one source tensor at a time.
 """
 
-from llama_jax.convert.hf import convert_hf, load_hf
-from llama_jax.convert.llama2c import convert_llama2c, load_llama2c
-from llama_jax.convert.lora_outputs import export_peft, merge_lora
-from llama_jax.convert.meta import convert_meta, load_meta
-from llama_jax.convert.to_hf import export_hf
+import importlib
 
-__all__ = [
-    "convert_hf",
-    "convert_llama2c",
-    "convert_meta",
-    "export_hf",
-    "export_peft",
-    "load_hf",
-    "load_llama2c",
-    "load_meta",
-    "merge_lora",
-]
+# Imported on first use, so `--help` of the convert command does not pay for importing JAX.
+_EXPORTS = {
+    "convert_hf": "llama_jax.convert.hf",
+    "load_hf": "llama_jax.convert.hf",
+    "convert_llama2c": "llama_jax.convert.llama2c",
+    "load_llama2c": "llama_jax.convert.llama2c",
+    "export_peft": "llama_jax.convert.lora_outputs",
+    "merge_lora": "llama_jax.convert.lora_outputs",
+    "convert_meta": "llama_jax.convert.meta",
+    "load_meta": "llama_jax.convert.meta",
+    "export_hf": "llama_jax.convert.to_hf",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'llama_jax.convert' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -6,13 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from llama_jax.chat import TEMPLATES
+from llama_jax.chat import CHAT_TEMPLATE_CHOICES, encode_dialog
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.model_dir import check_tokenizer_fits, write_model_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
-
-# "auto": detected from the tokenizer and its Hugging Face config; "none": a base model without chat.
-CHAT_TEMPLATE_CHOICES = ("auto", *TEMPLATES, "none")
 
 
 def dtype_name(source: np.dtype, requested: str | None) -> str:
@@ -53,7 +50,16 @@ def chat_template_choice(requested: str, detected: str | None) -> str | None:
 
 
 def write_converted(
-    out: str | Path, config: ModelConfig, params: dict, tokenizer: Tokenizer, chat_template: str | None
+    out: str | Path,
+    config: ModelConfig,
+    params: dict,
+    tokenizer: Tokenizer,
+    chat_template: str | None,
+    hf_repo: str | None = None,
 ) -> Path:
     check_tokenizer_fits(tokenizer, config)
-    return write_model_dir(out, config, params, tokenizer_file=tokenizer.path, chat_template=chat_template)
+    if chat_template is not None:  # refused now, not at the first chat request: the template fits the tokenizer
+        encode_dialog(tokenizer, chat_template, [{"role": "user", "content": "Hi"}])
+    return write_model_dir(
+        out, config, params, tokenizer_file=tokenizer.path, chat_template=chat_template, hf_repo=hf_repo
+    )

@@ -22,6 +22,7 @@ INDEX_FILE = "model.safetensors.index.json"
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # "owner/name" or "owner/name@revision", as on the Hugging Face Hub.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
+_CACHED_SNAPSHOT = re.compile(r"/models--([\w.-]+?)--([\w.-]+)/snapshots/[^/]+/?$")
 
 
 def _read_json(path: Path) -> Any:
@@ -148,6 +149,16 @@ def hf_chat_template(hf_dir: Path) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def hf_repo_of(source: str | Path) -> str | None:
+    """The Hugging Face repository id behind `source`: the id itself ("owner/name"), or a snapshot directory
+    of the Hugging Face cache (.../models--owner--name/snapshots/REVISION); None for any other directory."""
+    path = Path(source)
+    if not path.exists() and _REPO_ID.fullmatch(str(source)):
+        return str(source).partition("@")[0]
+    cached = _CACHED_SNAPSHOT.search(str(path.absolute()))
+    return f"{cached.group(1)}/{cached.group(2)}" if cached else None
+
+
 def resolve_hf_source(source: str | Path) -> Path:
     """A local directory as is; otherwise a Hugging Face repo id ("owner/name", optionally "@revision")
     looked up in the local Hugging Face cache, never downloaded (`hf download` fetches it)."""
@@ -175,8 +186,9 @@ def convert_hf(
     dtype: str | None = None,
 ) -> Path:
     ensure_new_output_dir(out)
+    repo = hf_repo_of(hf_dir)
     hf_dir = resolve_hf_source(hf_dir)
     tok = find_tokenizer(tokenizer, [hf_dir / "tokenizer.model", hf_dir / "original" / "tokenizer.model"], hf_dir)
     template = chat_template_choice(chat_template, detect_chat_template(tok, hf_chat_template(hf_dir)))
     config, params = load_hf(hf_dir, dtype)
-    return write_converted(out, config, params, tok, template)
+    return write_converted(out, config, params, tok, template, hf_repo=repo)

@@ -72,7 +72,7 @@ def write_hf_tokenizer(tokenizer: Tokenizer, chat_template: str | None, director
         **specials,
     }
     if chat_template is not None:
-        config["chat_template"] = JINJA_TEMPLATES[chat_template]
+        config["chat_template"] = JINJA_TEMPLATES.get(chat_template, chat_template)  # a name, or Jinja text
     _write_json(directory / "tokenizer_config.json", config)
     _write_json(directory / "special_tokens_map.json", specials)
     _write_json(directory / "generation_config.json", generation_config(tokenizer, chat_template))

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from llama_jax.config import ModelConfig
-from llama_jax.convert.common import dtype_name, with_dtype, write_converted
+from llama_jax.convert.common import chat_template_choice, dtype_name, with_dtype, write_converted
 from llama_jax.convert.weights import WEIGHT_BY_META, Weight, build_params, meta_name
 from llama_jax.staging import ensure_new_output_dir
 from llama_jax.tokenizers import load_tokenizer
@@ -193,9 +193,15 @@ def load_llama2c(path: str | Path, dtype: str | None = None) -> tuple[ModelConfi
 
 
 def convert_llama2c(
-    model_path: str | Path, tokenizer_path: str | Path, out: str | Path, dtype: str | None = None
+    model_path: str | Path,
+    tokenizer_path: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    chat_template: str = "none",
 ) -> Path:
+    """llama2.c records no chat template: `chat_template` (llama2, llama3 or none) names the one to record."""
     ensure_new_output_dir(out)
     tokenizer = load_tokenizer(tokenizer_path)
+    template = chat_template_choice(chat_template, None)
     config, params = load_llama2c(model_path, dtype)
-    return write_converted(out, config, params, tokenizer, chat_template=None)
+    return write_converted(out, config, params, tokenizer, chat_template=template)

@@ -12,6 +12,7 @@ loads the directory onto the transformers model that `to-hf` exports from the ru
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import jax
@@ -35,9 +36,11 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _HF_MODULE = {w.key.split("/")[-1]: w.hf for w in WEIGHTS if w.per_layer}  # "wq" -> "self_attn.q_proj"
 
 
-def export_peft(source: ModelDir, out: str | Path) -> Path:
-    """The run's newest intact adapters as a PEFT LoRA directory (float32)."""
+def export_peft(source: ModelDir, out: str | Path, base_hf: str | Path | None = None) -> Path:
+    """The run's newest intact adapters as a PEFT LoRA directory (float32), naming the base as transformers can
+    find it (`peft_base_name`)."""
     ensure_new_output_dir(out)
+    base_name = peft_base_name(source, base_hf)
     config, lora = source.config, source.config.lora
     _, abstract = abstract_state(config)
     adapters = source.restore_params(split_adapters(nnx.to_pure_dict(abstract))[0])
@@ -65,7 +68,7 @@ def export_peft(source: ModelDir, out: str | Path) -> Path:
         "use_rslora": False,
         "use_dora": False,
         "target_modules": sorted(_HF_MODULE[LORA_TARGETS[t][1]].split(".")[-1] for t in lora.targets),
-        "base_model_name_or_path": str(source.lora_base),
+        "base_model_name_or_path": base_name,
         "inference_mode": True,
         "init_lora_weights": True,
         "modules_to_save": None,
@@ -75,6 +78,31 @@ def export_peft(source: ModelDir, out: str | Path) -> Path:
         write_file(staging / ADAPTER_WEIGHTS, tensors)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return Path(out).absolute()
+
+
+def peft_base_name(run: ModelDir, base_hf: str | Path | None) -> str | None:
+    """What adapter_config.json names as the base model, for `AutoPeftModelForCausalLM` to load: `base_hf`, a
+    transformers export of the run's base (`to-hf BASE --out HF_DIR`), else the Hugging Face repository the
+    base was converted from. Never the base's llama_jax directory, which transformers cannot read; None, with
+    a warning, when neither is known (`PeftModel.from_pretrained(base_model, ADAPTER_DIR)` still works)."""
+    if base_hf is not None:
+        path = Path(base_hf)
+        if not (path / "config.json").is_file() or not any(path.glob("*.safetensors")):
+            raise ValueError(
+                f"{path} is not a Hugging Face model directory: export the base first "
+                f"(python -m llama_jax.convert to-hf {run.lora_base} --out {path})"
+            )
+        return str(path.absolute())
+    repo = lora_base_dir(run).hf_repo
+    if repo is None:
+        logging.getLogger("llama_jax").warning(
+            "adapter_config.json names no base model: %s was not converted from a Hugging Face repository. "
+            "Export it with `python -m llama_jax.convert to-hf %s --out HF_DIR` and pass --base-hf HF_DIR, "
+            "or load the adapters with PeftModel.from_pretrained(<that model>, ADAPTER_DIR)",
+            run.lora_base,
+            run.lora_base,
+        )
+    return repo
 
 
 def merge_lora(run_dir: str | Path, out: str | Path, dtype: str | None = None) -> Path:

@@ -75,15 +75,23 @@ def hf_config(config: ModelConfig, dtype: str, bos_id: int | None, eos_id: int |
 
 
 def export_hf(
-    model_dir: str | Path, out: str | Path, dtype: str | None = None, max_shard_size: str = DEFAULT_MAX_SHARD_SIZE
+    model_dir: str | Path,
+    out: str | Path,
+    dtype: str | None = None,
+    max_shard_size: str = DEFAULT_MAX_SHARD_SIZE,
+    base_hf: str | Path | None = None,
 ) -> Path:
+    """A model directory in the Hugging Face layout; a LoRA run's adapters as a PEFT adapter directory, naming
+    as its base `base_hf` (the transformers export of the run's base) or the hub repository the base came from."""
     ensure_new_output_dir(out)  # before any work: refuse early
     max_bytes = parse_size(max_shard_size)
     source = read_model_dir(model_dir)
     if source.config.lora.enabled:  # a LoRA run: its adapters, for PEFT on the base model's export
         from llama_jax.convert.lora_outputs import export_peft
 
-        return export_peft(source, out)
+        return export_peft(source, out, base_hf)
+    if base_hf is not None:
+        raise ValueError(f"--base-hf names the base of a LoRA run's adapters; {model_dir} is not a LoRA run")
     config = source.config
     name = dtype_name(np.dtype(jnp.dtype(config.param_dtype)), dtype)
     np_dtype = np.dtype(jnp.dtype(name))

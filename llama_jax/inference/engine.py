@@ -21,12 +21,18 @@ from concurrent.futures import ThreadPoolExecutor
 
 from llama_jax.inference.prompts import completion_text
 from llama_jax.inference.scheduler import Event, Handle, Request, Scheduler
-from llama_jax.inference.slots import MAX_STEPS, SlotBackend
+from llama_jax.inference.slots import MAX_STEPS, PREFILL_CHUNK, SlotBackend
 from llama_jax.loading import LoadedModel
 
 # Decode steps per device call while nobody waits for a slot: the host's work per call is paid once for them
 # all. A streaming server uses fewer (8): a stream's tokens arrive a call's worth at a time.
 STEPS_PER_DISPATCH = MAX_STEPS
+
+
+def default_prefix_cache_tokens(slots: int, cache_len: int, chunk: int) -> int:
+    """The prefix cache's default size: a quarter of the positions the slots hold, none when no prompt can be
+    longer than a chunk."""
+    return slots * cache_len // 4 if cache_len > chunk else 0
 
 
 @dataclasses.dataclass
@@ -58,13 +64,29 @@ class Engine:
         steps_per_dispatch: int = STEPS_PER_DISPATCH,
         max_queue: int = 1024,
         prefill_rows: int | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+        prefix_cache_tokens: int | None = None,
     ):
-        """`cache_len`: positions each slot holds, prompt and completion (default: the model's max_seq_len)."""
+        """`cache_len`: positions each slot holds, prompt and completion (default: the model's max_seq_len).
+        `prefill_chunk`: prompt tokens per prefill call (longer prompts go in chunks between decode calls) and
+        per cached prefix chunk, a power of two. `prefix_cache_tokens`: prompt tokens the prefix cache keeps
+        (default: a quarter of what the slots hold; 0: none)."""
         if not 1 <= steps_per_dispatch <= MAX_STEPS:
             raise ValueError(f"steps_per_dispatch must be in 1..{MAX_STEPS}, got {steps_per_dispatch}")
+        if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
+            raise ValueError(f"the prefill chunk must be a power of two of at least 16 tokens, got {prefill_chunk}")
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
         self.max_len = min(cache_len or self.config.max_seq_len, self.config.max_seq_len)
-        self.backend = SlotBackend.of(loaded, slots, self.max_len, prefill_rows)
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = default_prefix_cache_tokens(slots, self.max_len, prefill_chunk)
+        self.backend = SlotBackend.of(
+            loaded,
+            slots,
+            self.max_len,
+            chunk=prefill_chunk,
+            pool_entries=prefix_cache_tokens // prefill_chunk,
+            prefill_rows=prefill_rows,
+        )
         self.scheduler = Scheduler(
             self.backend, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch, text=self._text
         )

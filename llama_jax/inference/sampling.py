@@ -71,10 +71,23 @@ def sample_rows(logits: jax.Array, keys: jax.Array, steps: jax.Array, rows: RowS
         scaled = logits.astype(jnp.float32) / jnp.where(rows.temperature > 0, rows.temperature, 1.0)[:, None]
         scaled = jax.lax.cond(jnp.any(rows.top_k > 0), _cut_top_k, lambda s, k: s, scaled, rows.top_k)
         scaled = jax.lax.cond(jnp.any(rows.top_p < 1), _cut_top_p, lambda s, p: s, scaled, rows.top_p)
-        drawn = jax.vmap(jax.random.categorical)(step_keys, scaled).astype(jnp.int32)
+        drawn = _inverse_cdf(scaled, jax.vmap(jax.random.uniform)(step_keys))
         return jnp.where(rows.temperature > 0, drawn, greedy)
 
     return jax.lax.cond(jnp.any(rows.temperature > 0), sampled, lambda _: greedy, None)
+
+
+def _inverse_cdf(scaled: jax.Array, uniform: jax.Array) -> jax.Array:
+    """Per row, the first token whose cumulative probability reaches u·total, for u = 1 - uniform in (0, 1]:
+    an exact draw from softmax(scaled) with one random number per row. (`jax.random.categorical` draws a Gumbel
+    number per vocabulary entry: over 32 rows of 32,000 words that took 13 ms of a 20 ms CPU decode step, this
+    3.) Only tokens of positive probability are candidates, so one cut by top-k or top-p is never drawn, even
+    where a parallel cumulative sum rounds differently at it."""
+    probs = jax.nn.softmax(scaled, axis=-1)
+    cdf = jnp.cumsum(probs, axis=-1)
+    possible = probs > 0
+    target = (1.0 - uniform) * jnp.max(jnp.where(possible, cdf, 0.0), axis=-1)
+    return jnp.argmax(possible & (cdf >= target[:, None]), axis=-1).astype(jnp.int32)
 
 
 def _cut_top_k(scaled: jax.Array, top_k: jax.Array) -> jax.Array:

@@ -2,14 +2,19 @@
 
     scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, text=decoder)
     handle = scheduler.submit(Request(prompt_ids, max_tokens=64, ...), on_event)
-    while scheduler.busy: scheduler.step()      # prefill-and-insert, then one multi-step decode call
+    while scheduler.busy: scheduler.step()      # admissions, prefill chunks, then one multi-step decode call
 
-Each step admits queued requests into free slots, first come first served, prefilling those whose prompts
-fall into the same length bucket together; then runs up to `steps_per_dispatch` decode steps of every live
-slot in one call to the backend — fewer when requests are waiting and a slot finishes, so that they get it
-at once; then hands each request its new tokens, finishing it at a stop id, a stop string or its token
-budget (or when cancelled), which frees its slot for the next admission. The rules live here, in plain
-Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
+Each step admits queued requests into free slots, first come first served: prompts of at most one chunk are
+prefilled whole, those of one length bucket together; a longer prompt takes its slot, copies in the chunks of
+its prefix the prefix cache holds (`prefix_cache.py`), and is prefilled chunk by chunk, `PREFILL_BUDGET`
+chunks' worth of prompt tokens per step (the oldest prompt first; one's last, partial chunk and the next one's
+first share a step), so that the slots already decoding keep producing between them (chunked prefill). Then
+the step runs up to
+`steps_per_dispatch` decode steps of every live slot in one call to the backend — at most
+`INTERLEAVED_STEPS` while a prompt is being prefilled, fewer when requests are waiting and a slot finishes so
+that they get it at once — and hands each request its new tokens, finishing it at a stop id, a stop string
+or its token budget (or when cancelled), which frees its slot for the next admission. The rules live here, in
+plain Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
 `slots.SlotBackend` runs them on the model.
 """
 
@@ -21,7 +26,15 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.inference.sampling import SamplingParams
+
+# While prompts are being prefilled, a step computes about PREFILL_BUDGET chunks of them, then INTERLEAVED_STEPS
+# decode steps of the running slots: on the CPU benchmark model (16 slots, chunks of 256) each half takes about
+# as long as the other, so streams keep at least half their speed while long prompts arrive, and those prompts
+# half of the device (benchmarks/serve_chunked_prefill.py).
+PREFILL_BUDGET = 2
+INTERLEAVED_STEPS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +73,7 @@ class Handle:
         self.logprobs: list[float] = []
         self.text = ""  # what has been handed out
         self.cancelled = False
+        self.prefilled = 0  # prompt tokens in its slot so far (a prompt prefilled chunk by chunk)
 
     def cancel(self) -> None:
         """Stop generating: the slot is freed at the next step and a final "cancelled" event sent."""
@@ -70,13 +84,25 @@ class Backend(Protocol):
     """The device side: prompts into slots, and decode steps over all slots."""
 
     slots: int
+    chunk: int  # prompts longer than this are prefilled chunk by chunk; cached prefixes are whole chunks
+    pool_size: int  # chunks the prefix pool holds (0: no prefix cache)
 
     def bucket(self, n: int) -> int:
         """The prompt-length bucket of an n-token prompt: prompts of one bucket are prefilled together."""
 
     def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
-        """Prefill `requests` (all of prompt bucket `bucket`) into `slots`: each one's first token and its
-        log-probability."""
+        """Prefill `requests` (prompts of at most `chunk` tokens, all of bucket `bucket`) into `slots`: each
+        one's first token and its log-probability."""
+
+    def extend(self, slot: int, request: Request, start: int) -> tuple[int, float] | None:
+        """Prefill the chunk of `request`'s prompt from `start` into `slot`; at the prompt's end, its first
+        token and log-probability."""
+
+    def restore(self, slot: int, entries: Sequence[int]) -> None:
+        """Copy prefix pool `entries` into the leading chunks of `slot`."""
+
+    def save(self, slot: int, entries: dict[int, int]) -> None:
+        """Copy chunk i of `slot` into pool entry entries[i]."""
 
     def decode(
         self, steps: int, active: Sequence[bool], stop_early: bool
@@ -105,12 +131,14 @@ class Scheduler:
         self.steps_per_dispatch = steps_per_dispatch
         self.text = text
         self.queue: collections.deque[Handle] = collections.deque()
+        self.prefilling: dict[int, Handle] = {}  # slot -> request whose prompt is going in, oldest first
         self.running: dict[int, Handle] = {}  # slot -> request
         self.lock = threading.Lock()  # submit() and cancel() come from other threads than step()
+        self.prefix = PrefixCache(backend.chunk, backend.pool_size) if backend.pool_size else None
 
     @property
     def busy(self) -> bool:
-        return bool(self.queue or self.running)
+        return bool(self.queue or self.prefilling or self.running)
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
         handle = Handle(request, on_event)
@@ -121,12 +149,14 @@ class Scheduler:
         return handle
 
     def step(self) -> None:
-        """Admit what fits, then decode: one pass of the engine's loop."""
+        """Admit what fits, prefill a chunk, then decode: one pass of the engine's loop."""
         self._drop_cancelled()
         self._admit()
+        self._prefill_chunks()
         if self.running:
             active = [slot in self.running for slot in range(self.backend.slots)]
-            tokens, logprobs, _ = self.backend.decode(self.steps_per_dispatch, active, stop_early=bool(self.queue))
+            steps = min(self.steps_per_dispatch, INTERLEAVED_STEPS) if self.prefilling else self.steps_per_dispatch
+            tokens, logprobs, _ = self.backend.decode(steps, active, stop_early=bool(self.queue))
             for slot, handle in list(self.running.items()):
                 self._deliver(slot, handle, tokens[slot], logprobs[slot])
 
@@ -137,28 +167,72 @@ class Scheduler:
                 self.queue.remove(handle)
         for handle in waiting:
             handle.on_event(Event([], "", [], "cancelled"))
+        for slot, handle in list(self.prefilling.items()):
+            if handle.cancelled:
+                del self.prefilling[slot]
+                handle.on_event(Event([], "", [], "cancelled"))
         for slot, handle in list(self.running.items()):
             if handle.cancelled:
                 self._finish(slot, handle, [], "cancelled")
 
     def _admit(self) -> None:
-        """First come, first served: the longest-waiting request is always admitted first; those behind it in
-        the same prompt bucket join its prefill while slots remain."""
-        free = [s for s in range(self.backend.slots) if s not in self.running]
+        """First come, first served: the longest-waiting request is always admitted first; short prompts behind
+        it in the same prompt bucket join its prefill while slots remain. A long prompt takes a slot of its own
+        and the chunks of its prefix that the cache holds."""
+        free = self._free()
         while free:
             with self.lock:
                 if not self.queue:
                     return
-                bucket = self._bucket(self.queue[0])
-                group = [h for h in self.queue if self._bucket(h) == bucket][: len(free)]
-                for handle in group:
-                    self.queue.remove(handle)
-            slots, free = free[: len(group)], free[len(group) :]
-            first, logprobs = self.backend.insert(slots, [h.request for h in group], bucket)
-            for slot, handle, token, logprob in zip(slots, group, first, logprobs):
+                head = self.queue[0]
+                if len(head.request.prompt_ids) > self.backend.chunk:
+                    group = [self.queue.popleft()]
+                else:
+                    bucket = self._bucket(head)
+                    group = [h for h in self.queue if self._fits(h) and self._bucket(h) == bucket][: len(free)]
+                    for handle in group:
+                        self.queue.remove(handle)
+            if len(head.request.prompt_ids) > self.backend.chunk:
+                self._start_chunked(free[0], head)
+            else:
+                slots = free[: len(group)]
+                first, logprobs = self.backend.insert(slots, [h.request for h in group], bucket)
+                for slot, handle, token, logprob in zip(slots, group, first, logprobs):
+                    self.running[slot] = handle
+                    self._deliver(slot, handle, [token], [logprob])
+            free = self._free()
+
+    def _start_chunked(self, slot: int, handle: Handle) -> None:
+        cached = self.prefix.lookup(handle.request.prompt_ids) if self.prefix is not None else []
+        if cached:
+            self.backend.restore(slot, cached)
+        handle.prefilled = len(cached) * self.backend.chunk
+        self.prefilling[slot] = handle
+
+    def _prefill_chunks(self) -> None:
+        """Chunks of the prompts being prefilled, the oldest first, until PREFILL_BUDGET chunks' worth of tokens
+        are computed; all of them while no slot is decoding."""
+        done = 0
+        while self.prefilling and (done < PREFILL_BUDGET * self.backend.chunk or not self.running):
+            slot, handle = next(iter(self.prefilling.items()))
+            prompt = handle.request.prompt_ids
+            first = self.backend.extend(slot, handle.request, handle.prefilled)
+            done += min(self.backend.chunk, len(prompt) - handle.prefilled)
+            handle.prefilled = min(handle.prefilled + self.backend.chunk, len(prompt))
+            if first is not None:
+                del self.prefilling[slot]
+                if self.prefix is not None:
+                    saved = self.prefix.store(prompt)
+                    if saved:
+                        self.backend.save(slot, saved)
                 self.running[slot] = handle
-                self._deliver(slot, handle, [token], [logprob])
-            free = [s for s in range(self.backend.slots) if s not in self.running]
+                self._deliver(slot, handle, [first[0]], [first[1]])
+
+    def _free(self) -> list[int]:
+        return [s for s in range(self.backend.slots) if s not in self.running and s not in self.prefilling]
+
+    def _fits(self, handle: Handle) -> bool:
+        return len(handle.request.prompt_ids) <= self.backend.chunk
 
     def _bucket(self, handle: Handle) -> int:
         return self.backend.bucket(len(handle.request.prompt_ids))

@@ -1,32 +1,27 @@
-"""Continuous batching, the device side: a fixed number of decode slots over one KV cache, and its programs.
+"""Continuous batching, the device side: a fixed number of decode slots over one KV cache, a pool of cached
+prompt chunks, and the compiled programs that work on them (`programs.py`).
 
-    backend = SlotBackend.of(loaded, slots=8, cache_len=1024)
-    first, logprobs = backend.insert([3, 5], [request_a, request_b], bucket=64)   # prefill into slots 3, 5
-    tokens, logprobs, steps = backend.decode(32, active=[s in (3, 5) for s in range(8)], stop_early=False)
+    backend = SlotBackend.of(loaded, slots=8, cache_len=1024, chunk=256, pool_entries=16)
+    first, logprobs = backend.insert([3, 5], [request_a, request_b], bucket=64)   # short prompts into slots 3, 5
+    backend.restore(2, [7, 1])                     # pool entries 7 and 1: chunks 0 and 1 of slot 2's prompt
+    result = backend.extend(2, long_request, 512)   # its next chunk; at the prompt's end, its first token
+    tokens, logprobs, steps = backend.decode(32, active=[s in (2, 3, 5) for s in range(8)], stop_early=False)
 
-* prefill: `rows` prompts of one length bucket, right-padded, go through the model as one forward pass with
-  the platform's flash attention (`Llama.prefill`: splash on TPU, cuDNN on GPU, blockwise XLA otherwise);
-  their keys and values are copied into their slots. One program per (rows, bucket): rows 1 or
-  `prefill_rows`, buckets powers of two from 16 up to the cache length.
-* admit: each prefilled prompt samples its first token and its slot takes the request's settings (sampling,
-  key, budget, stop ids). One program per row count: sampling is most of a small program's compile time, so
-  it is compiled once per row count rather than once per bucket.
-* decode: up to `MAX_STEPS` decode steps of every slot in one device loop (`lax.while_loop`), each slot
-  sampling with its own settings, key and step and stopping at its own stop ids or token budget; the loop
-  ends after `steps`, when no slot is live, or early when `stop_early` and a slot has finished (a request is
-  waiting for it). The
-  cache is read in blocks, only as far as the longest live slot (`attention.attend_live_cache`).
+A prompt of at most `chunk` tokens is prefilled whole, with prompts of its length bucket (1 or `prefill_rows`
+rows); a longer one chunk by chunk (`chunk` tokens each, at fixed positions 0, chunk, 2·chunk, ...): its first
+chunk like a short prompt, the rest through the model's cache path, so that the engine can decode the other
+slots between them. Whole chunks are what the prefix pool keeps. Programs: a prefill per (rows, bucket up to
+`chunk`), an extend per chunk bucket, an admission per row count, the decode loop, and with a pool a restore
+and a save; `lower()` builds each from shapes alone — how the engine compiles them before serving and how
+`--compile-for` compiles them for a TPU slice — and `executable()` compiles it once per process.
 
-A slot's tokens are those it would get alone: a prompt is its row's only content, and decoding's cache blocks
-a slot cannot see add exactly nothing to it. The programs are plain `jax.jit` over the model's split state
-with the cache and slot state donated (updated in place); `lower()` builds each one from shapes alone, which
-is how the engine compiles them before serving and how `--compile-for` compiles them for a TPU slice.
+A slot's tokens are those it would get alone: a prompt is its row's only content, chunk boundaries do not move,
+no block size depends on the rows beside it, and decoding's cache blocks a slot cannot see add nothing to it.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,182 +30,40 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.config import ModelConfig
-from llama_jax.inference.sampling import RowSampling, SamplingParams, sample_rows
+from llama_jax.inference.programs import (
+    CACHE_BLOCK,
+    DEVICE_STOP_IDS,
+    LOGITS_AXES,
+    MAX_STEPS,
+    POOL_AXES,
+    Admission,
+    Chunk,
+    PrefixPool,
+    Prompts,
+    SlotState,
+    admit_program,
+    decode_program,
+    extend_program,
+    prefill_program,
+    restore_program,
+    save_program,
+)
+from llama_jax.inference.sampling import RowSampling, SamplingParams
 from llama_jax.inference.scheduler import Request
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.loading import LoadedModel
 from llama_jax.model import abstract_state
-from llama_jax.sharding import named_sharding, shard
+from llama_jax.sharding import named_sharding
 
-CACHE_BLOCK = 128  # cache slots read per block in decoding; the cache length is a multiple of it
 MIN_BUCKET = 16
-MAX_STEPS = 64  # decode steps one call may run: the size of its token buffer
-# Stop ids each slot checks on the device (the tokenizer's and a request's own, first ones first). The host
-# checks all of them; a slot that runs past a stop id beyond these only does work that is thrown away.
-DEVICE_STOP_IDS = 8
-LOGITS_AXES = ("batch", "vocab")  # a prefill's logits, as they pass to the admission program
+PREFILL_CHUNK = 256  # prompt tokens per prefill call, and per cached prefix chunk
 KEPT_PROGRAMS = 256  # compiled programs kept for reuse by later engines of the process
 _COMPILED: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
 
 
-def bucket_length(n: int, cache_len: int) -> int:
-    """The padded length of an n-token prompt: a power of two ≥ MIN_BUCKET, or the whole cache length."""
-    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), cache_len)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class SlotState:
-    """What the device keeps per slot between calls, besides the cache."""
-
-    last: jax.Array  # (slots,) the token generated last: the next step's input
-    step: jax.Array  # (slots,) tokens generated so far: the sampling step
-    keys: jax.Array  # (slots,) each request's random key
-    sampling: RowSampling
-    max_tokens: jax.Array  # (slots,) the request's token budget
-    stop_ids: jax.Array  # (slots, DEVICE_STOP_IDS) ids that end the request; -1 pads
-    logprobs: jax.Array  # (slots,) bool: the request wants its tokens' log-probabilities
-    live: jax.Array  # (slots,) bool: still generating (a stop id or the budget clears it)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Prompts:
-    """A prefill call's prompts: `rows` of them right-padded. A row whose slot is the slot count is padding:
-    nothing of it is kept."""
-
-    ids: jax.Array  # (rows, bucket) int32
-    lengths: jax.Array  # (rows,) int32
-    slots: jax.Array  # (rows,) int32
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class Admission:
-    """What the slots of a prefill call's requests take on: their settings, per row."""
-
-    slots: jax.Array  # (rows,) int32, as the prompts'
-    seeds: jax.Array  # (rows,) uint32
-    streams: jax.Array  # (rows,) int32
-    sampling: RowSampling
-    max_tokens: jax.Array  # (rows,) int32
-    stop_ids: jax.Array  # (rows, DEVICE_STOP_IDS) int32
-    logprobs: jax.Array  # (rows,) bool
-
-
-def _chosen_logprob(logits, token, wanted):
-    """log p(token) = logit - logsumexp(logits) where `wanted`, else 0, computed only when some row wants it:
-    over a 32,000-word vocabulary the logsumexp costs a few percent of a small model's decode step."""
-
-    def compute(_):
-        logits32 = logits.astype(jnp.float32)
-        chosen = jnp.take_along_axis(logits32, token[:, None], axis=-1)[:, 0]
-        return jnp.where(wanted, chosen - jax.nn.logsumexp(logits32, axis=-1), 0.0)
-
-    return jax.lax.cond(jnp.any(wanted), compute, lambda _: jnp.zeros(token.shape, jnp.float32), None)
-
-
-def _ends(token, step, stop_ids, max_tokens) -> jax.Array:
-    """(rows,) True where `token`, a row's step-th (0-based), ends its request: a stop id, or the budget spent."""
-    return jnp.any(token[:, None] == stop_ids, axis=-1) | (step + 1 >= max_tokens)
-
-
-def _laid_out(cache: KVCache | None = None, slots: SlotState | None = None) -> tuple:
-    """The cache and slot state constrained to the layout they were created in (`_slot_shapes`): each
-    program's outputs are the next one's inputs, whose compiled layouts must agree."""
-    if cache is not None:
-        cache = KVCache(shard(cache.k, *CACHE_AXES), shard(cache.v, *CACHE_AXES), shard(cache.lengths, "batch"))
-    if slots is not None:
-        slots = jax.tree.map(lambda a: shard(a, "batch", *(None,) * (a.ndim - 1)), slots)
-    return cache, slots
-
-
-def _prefill(graphdef, state, cache: KVCache, prompts: Prompts):
-    """Prefill `prompts` into their slots (cache rows); the logits (rows, vocab) after each one's last token."""
-    rows = prompts.slots
-    logits, (k, v) = nnx.merge(graphdef, state).prefill(prompts.ids, logits_at=(prompts.lengths - 1)[:, None])
-    bucket = prompts.ids.shape[1]
-    # (layers, rows, bucket, kv_heads, head_dim) -> the cache's (layers, slots, kv_heads, length, head_dim)
-    k = cache.k.at[:, rows, :, :bucket].set(k.transpose(0, 1, 3, 2, 4).astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, rows, :, :bucket].set(v.transpose(0, 1, 3, 2, 4).astype(cache.v.dtype), mode="drop")
-    cache, _ = _laid_out(KVCache(k, v, cache.lengths.at[rows].set(prompts.lengths, mode="drop")))
-    return cache, shard(logits[:, 0], *LOGITS_AXES)
-
-
-def _admit(slots: SlotState, logits, admission: Admission):
-    """Each prefilled request's first token (and its log-probability), and its slot's new state."""
-    a = admission
-    keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(a.seeds, a.streams)
-    first = jnp.zeros_like(a.streams)
-    token = sample_rows(logits, keys, first, a.sampling)
-    live = ~_ends(token, first, a.stop_ids, a.max_tokens)
-    new = SlotState(token, first + 1, keys, a.sampling, a.max_tokens, a.stop_ids, a.logprobs, live)
-    _, slots = _laid_out(slots=jax.tree.map(lambda old, value: old.at[a.slots].set(value, mode="drop"), slots, new))
-    return slots, token, _chosen_logprob(logits, token, a.logprobs)
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class _Decoding:
-    """The decode loop's carry."""
-
-    step: jax.Array  # int32: steps run so far in this call
-    cache: KVCache
-    slots: SlotState
-    tokens: jax.Array  # (slots, MAX_STEPS)
-    logprobs: jax.Array  # (slots, MAX_STEPS)
-    finished: jax.Array  # bool: some slot ended in this call
-
-
-def _decode(graphdef, state, cache: KVCache, slots: SlotState, active, steps, stop_early, block: int):
-    """Up to `steps` decode steps of the `active` slots — fewer once none is live, or when `stop_early` and one
-    ends: the (slots, MAX_STEPS) tokens and log-probabilities, of which the first `steps run` columns are real,
-    and that count.
-    Slots that are not live sit at length 0, so the live part of the cache is that of the requests."""
-    model = nnx.merge(graphdef, state)
-    slots = dataclasses.replace(slots, live=slots.live & active)
-
-    def running(d: _Decoding):
-        return (d.step < steps) & jnp.any(d.slots.live) & ~(stop_early & d.finished)
-
-    def advance(d: _Decoding) -> _Decoding:
-        s = d.slots
-        cache = KVCache(d.cache.k, d.cache.v, jnp.where(s.live, d.cache.lengths, 0))
-        logits, cache = model(s.last[:, None], cache=cache, cache_block=block)
-        logits = logits[:, 0]
-        token = sample_rows(logits, s.keys, s.step, s.sampling)
-        ended = s.live & _ends(token, s.step, s.stop_ids, s.max_tokens)
-        logprob = _chosen_logprob(logits, token, s.live & s.logprobs)
-        s = dataclasses.replace(s, last=token, step=s.step + 1, live=s.live & ~ended)
-        return _Decoding(
-            d.step + 1,
-            cache,
-            s,
-            jax.lax.dynamic_update_index_in_dim(d.tokens, token, d.step, axis=1),
-            jax.lax.dynamic_update_index_in_dim(d.logprobs, logprob, d.step, axis=1),
-            d.finished | jnp.any(ended),
-        )
-
-    n = slots.last.shape[0]
-    start = _Decoding(
-        jnp.int32(0),
-        cache,
-        slots,
-        jnp.zeros((n, MAX_STEPS), jnp.int32),
-        jnp.zeros((n, MAX_STEPS), jnp.float32),
-        jnp.bool_(False),
-    )
-    with jax.named_scope("decode"):
-        end = jax.lax.while_loop(running, advance, start)
-    cache, slots = _laid_out(
-        KVCache(end.cache.k, end.cache.v, jnp.where(end.slots.live, end.cache.lengths, 0)), end.slots
-    )
-    return cache, slots, end.tokens, end.logprobs, end.step
-
-
-prefill_program = jax.jit(_prefill, static_argnames=("graphdef",), donate_argnames=("cache",))
-admit_program = jax.jit(_admit, donate_argnames=("slots",))
-decode_program = jax.jit(_decode, static_argnames=("graphdef", "block"), donate_argnames=("cache", "slots"))
+def bucket_length(n: int, limit: int) -> int:
+    """The padded length of n prompt tokens: a power of two ≥ MIN_BUCKET, at most `limit`."""
+    return min(max(MIN_BUCKET, 1 << (n - 1).bit_length()), limit)
 
 
 def _abstract(tree):
@@ -220,26 +73,51 @@ def _abstract(tree):
 
 class SlotBackend:
     """The model behind a `scheduler.Scheduler`: `slots` requests decode together over one cache of
-    `cache_len` positions per slot (rounded up to CACHE_BLOCK). `SlotBackend.of` runs a loaded model;
-    `SlotBackend.abstract` holds only shapes, for compiling the same programs for other devices."""
+    `cache_len` positions per slot (rounded up to whole chunks and CACHE_BLOCKs). `SlotBackend.of` runs a
+    loaded model; `SlotBackend.abstract` holds only shapes, for compiling the same programs for other devices."""
 
-    def __init__(self, graphdef, state, config: ModelConfig, mesh, cache, slot_state, pad_id: int, prefill_rows: int):
+    def __init__(
+        self,
+        graphdef,
+        state,
+        config: ModelConfig,
+        mesh,
+        cache,
+        slot_state,
+        pool,
+        *,
+        pad_id: int,
+        chunk: int,
+        prefill_rows: int,
+    ):
         self.graphdef, self.state, self.config, self.mesh = graphdef, state, config, mesh
-        self.cache, self.slot_state = cache, slot_state
+        self.cache, self.slot_state, self.pool = cache, slot_state, pool
         self.slots, self.cache_len = slot_state.last.shape[0], cache.k.shape[3]
-        self.pad_id, self.prefill_rows = pad_id, prefill_rows
+        self.pool_size = pool.k.shape[1] if pool is not None else 0
+        self.pad_id, self.chunk, self.prefill_rows = pad_id, chunk, prefill_rows
+        self.decode_rows = _decode_rows(self.slots, cache.k.sharding)
         # What the compiled programs are keyed by beside their name: the model and the shapes, dtypes and
-        # shardings of its parameters, cache and slot state. Another backend of the same key reuses them.
-        leaves, tree = jax.tree.flatten(_abstract((state, cache, slot_state)))
+        # shardings of its parameters, cache, slot state and pool. Another backend of the same key reuses them.
+        leaves, tree = jax.tree.flatten(_abstract((state, cache, slot_state, pool)))
         self._signature = (graphdef, tree, tuple(leaves))
-        # The programs this backend holds compiled: ("prefill", rows, bucket), ("admit", rows), ("decode",).
-        # Before one compiles, `on_compile(program)` is told (infer.py says what the wait is for).
+        # The programs this backend holds compiled (`programs()` names them). Before one compiles,
+        # `on_compile(program)` is told (infer.py says what the wait is for).
         self.compiled: set[tuple] = set()
         self.on_compile: Callable[[tuple], None] | None = None
 
     @classmethod
-    def of(cls, loaded: LoadedModel, slots: int, cache_len: int, prefill_rows: int | None = None) -> SlotBackend:
-        """A backend over `loaded`'s parameters with an empty cache of `slots` × `cache_len` positions."""
+    def of(
+        cls,
+        loaded: LoadedModel,
+        slots: int,
+        cache_len: int,
+        *,
+        chunk: int = PREFILL_CHUNK,
+        pool_entries: int = 0,
+        prefill_rows: int | None = None,
+    ) -> SlotBackend:
+        """A backend over `loaded`'s parameters with an empty cache of `slots` × `cache_len` positions and an
+        empty pool of `pool_entries` chunks."""
         graphdef, state = nnx.split(loaded.model)
 
         def zeros(a):
@@ -247,50 +125,98 @@ class SlotBackend:
                 return jax.device_put(jax.random.split(jax.random.key(0), a.shape[0]), a.sharding)
             return jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding)
 
-        cache, slot_state = jax.tree.map(zeros, _slot_shapes(loaded.config, loaded.mesh, slots, cache_len))
+        shapes = _state_shapes(loaded.config, loaded.mesh, slots, cache_len, chunk, pool_entries)
+        cache, slot_state, pool = jax.tree.map(zeros, shapes)
         pad_id = loaded.tokenizer.pad_id if loaded.tokenizer is not None else 0
         return cls(
-            graphdef, state, loaded.config, loaded.mesh, cache, slot_state, pad_id, prefill_rows or min(slots, 4)
+            graphdef,
+            state,
+            loaded.config,
+            loaded.mesh,
+            cache,
+            slot_state,
+            pool,
+            pad_id=pad_id,
+            chunk=chunk,
+            prefill_rows=prefill_rows or min(slots, 4),
         )
 
     @classmethod
-    def abstract(cls, config: ModelConfig, mesh, slots: int, cache_len: int, prefill_rows: int | None = None):
+    def abstract(
+        cls,
+        config: ModelConfig,
+        mesh,
+        slots: int,
+        cache_len: int,
+        *,
+        chunk: int = PREFILL_CHUNK,
+        pool_entries: int = 0,
+        prefill_rows: int | None = None,
+    ) -> SlotBackend:
         """Shapes only, on `mesh` (a TPU slice's devices, say): nothing is allocated, nothing can run."""
         graphdef, state = abstract_state(config, mesh)
-        cache, slot_state = _slot_shapes(config, mesh, slots, cache_len)
-        return cls(graphdef, state, config, mesh, cache, slot_state, 0, prefill_rows or min(slots, 4))
+        cache, slot_state, pool = _state_shapes(config, mesh, slots, cache_len, chunk, pool_entries)
+        return cls(
+            graphdef,
+            state,
+            config,
+            mesh,
+            cache,
+            slot_state,
+            pool,
+            pad_id=0,
+            chunk=chunk,
+            prefill_rows=prefill_rows or min(slots, 4),
+        )
 
     def bucket(self, n: int) -> int:
-        return bucket_length(n, self.cache_len)
+        """The prefill bucket of an n-token prompt (n ≤ chunk: longer ones go chunk by chunk)."""
+        return bucket_length(n, self.chunk)
 
     def prefill_rows_for(self, n: int) -> int:
         """Rows of the prefill program that takes n prompts: one, or all `prefill_rows` (few compiled shapes)."""
         return 1 if n == 1 else self.prefill_rows
 
     def programs(self) -> list[tuple]:
-        """Every program the backend may call: a prefill per (rows, bucket), an admission per rows, the decode
-        loop."""
+        """Every program the backend may call: ("prefill", rows, bucket), ("extend", bucket), ("admit", rows),
+        ("decode", rows), and with a pool ("restore",) and ("save",)."""
         rows = sorted({self.prefill_rows_for(n) for n in range(1, self.prefill_rows + 1)})
-        buckets = sorted({bucket_length(n, self.cache_len) for n in range(1, self.cache_len)})
-        prefills = [("prefill", r, b) for r in rows for b in buckets]
-        return prefills + [("admit", r) for r in rows] + [("decode",)]
+        buckets = sorted({bucket_length(n, self.chunk) for n in range(1, min(self.chunk, self.cache_len) + 1)})
+        programs = [("prefill", r, b) for r in rows for b in buckets]
+        if self.cache_len > self.chunk:
+            programs += [("extend", b) for b in buckets]
+        programs += [("admit", r) for r in rows] + [("decode", r) for r in self.decode_rows]
+        return programs + ([("restore",), ("save",)] if self.pool is not None else [])
 
     def lower(self, program: tuple) -> jax.stages.Lowered:
         """`program` lowered from shapes alone, exactly as a call with real arguments would build it."""
+        kind = program[0]
         with jax.set_mesh(self.mesh):
-            if program[0] == "prefill":
-                _, rows, bucket = program
-                prompts, _ = self._requests([], rows, bucket)
+            if kind == "prefill":
+                prompts = self._prompts([], program[1], program[2])
                 return prefill_program.lower(self.graphdef, self.state, self.cache, _abstract(prompts))
-            if program[0] == "admit":
-                _, admission = self._requests([], program[1], MIN_BUCKET)
+            if kind == "extend":
+                chunk = _abstract(self._chunk(self.slots, Request((0,), 1), 0, program[1]))
+                # A chunk's queries read the cache a chunk at a time (the cache length is a multiple of it):
+                # blocks of 128 took a quarter longer per 2,048-token prompt on the CPU (256 queries each).
+                block = max(CACHE_BLOCK, self.chunk)
+                return extend_program.lower(self.graphdef, self.state, self.cache, chunk, block)
+            if kind == "admit":
+                admission = self._admission([], program[1])
                 shape = (program[1], self.config.vocab_size)
-                logits = jax.ShapeDtypeStruct(
-                    shape, jnp.float32, sharding=named_sharding(self.mesh, LOGITS_AXES, shape)
-                )
+                sharding = named_sharding(self.mesh, LOGITS_AXES, shape)
+                logits = jax.ShapeDtypeStruct(shape, jnp.float32, sharding=sharding)
                 return admit_program.lower(self.slot_state, logits, _abstract(admission))
+            if kind == "restore":
+                entries = _abstract(self._entries({}))
+                return restore_program.lower(self.cache, self.pool, _abstract(np.int32(0)), entries)
+            if kind == "save":
+                entries = _abstract(self._entries({}))
+                return save_program.lower(self.pool, self.cache, _abstract(np.int32(0)), entries)
             inputs = _abstract(self._decode_inputs([], 0, False))
-            return decode_program.lower(self.graphdef, self.state, self.cache, self.slot_state, *inputs, CACHE_BLOCK)
+            return decode_program.lower(
+                self.graphdef, self.state, self.cache, self.slot_state, *inputs, CACHE_BLOCK, program[1]
+            )
 
     def executable(self, program: tuple) -> jax.stages.Compiled:
         """`program` compiled: what every call of the engine runs. Compiled programs are kept for the process
@@ -310,28 +236,68 @@ class SlotBackend:
         return compiled
 
     def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
+        """Prefill whole prompts of at most `chunk` tokens, all of `bucket`, into `slots`: their first tokens."""
         firsts, logprobs = [], []
         for start in range(0, len(requests), self.prefill_rows):
             group, group_slots = requests[start : start + self.prefill_rows], slots[start : start + self.prefill_rows]
             rows = self.prefill_rows_for(len(group))
-            prompts, admission = self._requests(list(zip(group_slots, group)), rows, bucket)
-            prefill, admit = self.executable(("prefill", rows, bucket)), self.executable(("admit", rows))
-            self.cache, logits = prefill(self.state, self.cache, prompts)
-            self.slot_state, token, logprob = admit(self.slot_state, logits, admission)
+            placed = list(zip(group_slots, group))
+            logits = self._prefill(self._prompts([(s, r.prompt_ids) for s, r in placed], rows, bucket), rows, bucket)
+            token, logprob = self._admit(logits, self._admission(placed, rows), rows)
             firsts += np.asarray(token)[: len(group)].tolist()
             logprobs += np.asarray(logprob)[: len(group)].tolist()
         return firsts, logprobs
+
+    def extend(self, slot: int, request: Request, start: int) -> tuple[int, float] | None:
+        """Put the chunk of `request`'s prompt from `start` (a multiple of `chunk`; the slot holds the tokens
+        before it) into `slot`. At the prompt's end: its first token and that token's log-probability."""
+        prompt = request.prompt_ids
+        end = min(start + self.chunk, len(prompt))
+        if start == 0:  # the first chunk: as a short prompt, with the platform's flash attention
+            logits = self._prefill(self._prompts([(slot, prompt[:end])], 1, self.chunk), 1, self.chunk)
+        else:
+            bucket = bucket_length(end - start, self.chunk)
+            extend = self.executable(("extend", bucket))
+            self.cache, logits = extend(self.state, self.cache, self._chunk(slot, request, start, bucket))
+        if end < len(prompt):
+            return None
+        token, logprob = self._admit(logits, self._admission([(slot, request)], 1), 1)
+        return int(np.asarray(token)[0]), float(np.asarray(logprob)[0])
+
+    def restore(self, slot: int, entries: Sequence[int]) -> None:
+        """Copy pool `entries` into chunks 0, 1, ... of `slot`: it then holds that much of its prompt."""
+        restore = self.executable(("restore",))
+        self.cache = restore(self.cache, self.pool, np.int32(slot), self._entries(dict(enumerate(entries))))
+
+    def save(self, slot: int, entries: dict[int, int]) -> None:
+        """Copy chunk i of `slot` into pool entry entries[i]."""
+        save = self.executable(("save",))
+        self.pool = save(self.pool, self.cache, np.int32(slot), self._entries(entries))
 
     def decode(
         self, steps: int, active: Sequence[bool], stop_early: bool
     ) -> tuple[list[list[int]], list[list[float]], int]:
         """Up to `steps` (≤ MAX_STEPS) decode steps of the `active` slots; fewer when `stop_early` and a slot
-        ends. Returns each slot's tokens and log-probabilities and the number of steps run."""
-        decode = self.executable(("decode",))
+        ends. Returns each slot's tokens and log-probabilities and the number of steps run. The step runs the
+        first slots as far as the last active one (the scheduler fills the lowest free slots first)."""
+        last = max((slot for slot, on in enumerate(active) if on), default=0)
+        rows = next(r for r in self.decode_rows if r > last)
+        decode = self.executable(("decode", rows))
         inputs = self._decode_inputs(active, steps, stop_early)
         self.cache, self.slot_state, tokens, logprobs, ran = decode(self.state, self.cache, self.slot_state, *inputs)
         ran = int(ran)
-        return np.asarray(tokens)[:, :ran].tolist(), np.asarray(logprobs)[:, :ran].tolist(), ran
+        idle = [[] for _ in range(self.slots - rows)]
+        return np.asarray(tokens)[:, :ran].tolist() + idle, np.asarray(logprobs)[:, :ran].tolist() + idle, ran
+
+    def _prefill(self, prompts: Prompts, rows: int, bucket: int):
+        prefill = self.executable(("prefill", rows, bucket))
+        self.cache, logits = prefill(self.state, self.cache, prompts)
+        return logits
+
+    def _admit(self, logits, admission: Admission, rows: int):
+        admit = self.executable(("admit", rows))
+        self.slot_state, token, logprob = admit(self.slot_state, logits, admission)
+        return token, logprob
 
     def _decode_inputs(self, active: Sequence[bool], steps: int, stop_early: bool):
         if not 0 <= steps <= MAX_STEPS:
@@ -340,30 +306,65 @@ class SlotBackend:
         mask[: len(active)] = active
         return mask, np.int32(steps), np.bool_(stop_early)
 
-    def _requests(self, placed: list[tuple[int, Request]], rows: int, bucket: int) -> tuple[Prompts, Admission]:
-        """The host arrays of a prefill of `placed` (slot, request) pairs in `rows` rows of `bucket` tokens."""
+    def _entries(self, entries: dict[int, int]) -> np.ndarray:
+        """Pool entries by chunk index (-1: none), one per chunk of a slot."""
+        array = np.full((self.cache_len // self.chunk,), -1, np.int32)
+        for index, entry in entries.items():
+            array[index] = entry
+        return array
+
+    def _chunk(self, slot: int, request: Request, start: int, bucket: int) -> Chunk:
+        piece = request.prompt_ids[start : start + bucket]
+        ids = np.full((1, bucket), self.pad_id, np.int32)
+        ids[0, : len(piece)] = piece
+        return Chunk(
+            ids, np.asarray([slot], np.int32), np.asarray([start], np.int32), np.asarray([len(piece)], np.int32)
+        )
+
+    def _prompts(self, placed: list[tuple[int, Sequence[int]]], rows: int, bucket: int) -> Prompts:
+        """A prefill's host arrays: `placed` (slot, prompt) pairs right-padded in `rows` rows of `bucket`."""
         ids = np.full((rows, bucket), self.pad_id, np.int32)
         lengths = np.ones((rows,), np.int32)
         slots = np.full((rows,), self.slots, np.int32)  # out of range: padding rows are dropped
+        for i, (slot, prompt) in enumerate(placed):
+            ids[i, : len(prompt)], lengths[i], slots[i] = prompt, len(prompt), slot
+        return Prompts(ids, lengths, slots)
+
+    def _admission(self, placed: list[tuple[int, Request]], rows: int) -> Admission:
+        """An admission's host arrays: the settings of `placed` (slot, request) pairs in `rows` rows."""
+        slots = np.full((rows,), self.slots, np.int32)
         seeds, streams = np.zeros((rows,), np.uint32), np.zeros((rows,), np.int32)
         max_tokens = np.ones((rows,), np.int32)
         stop_ids = np.full((rows, DEVICE_STOP_IDS), -1, np.int32)
         logprobs = np.zeros((rows,), bool)
         for i, (slot, request) in enumerate(placed):
-            ids[i, : len(request.prompt_ids)] = request.prompt_ids
-            lengths[i], slots[i], seeds[i], streams[i] = len(request.prompt_ids), slot, request.seed, request.stream
+            slots[i], seeds[i], streams[i] = slot, request.seed, request.stream
             max_tokens[i], logprobs[i] = request.max_tokens, request.logprobs
             own = request.stop_ids[:DEVICE_STOP_IDS]
             stop_ids[i, : len(own)] = own
         sampling = RowSampling.of([r.sampling for _, r in placed] + [SamplingParams()] * (rows - len(placed)))
-        admission = Admission(slots, seeds, streams, sampling, max_tokens, stop_ids, logprobs)
-        return Prompts(ids, lengths, slots), admission
+        return Admission(slots, seeds, streams, sampling, max_tokens, stop_ids, logprobs)
 
 
-def _slot_shapes(config: ModelConfig, mesh, slots: int, cache_len: int) -> tuple[KVCache, SlotState]:
-    """The cache and slot state of `slots` slots as ShapeDtypeStructs placed on `mesh`: the cache is
-    (layers, slots, kv_heads, cache_len rounded up to CACHE_BLOCK, head_dim), its rows sharded like a batch."""
-    cache_len = -(-cache_len // CACHE_BLOCK) * CACHE_BLOCK
+def _decode_rows(slots: int, cache_sharding) -> list[int]:
+    """The row counts decode programs are compiled for: 1, 2, 4, ... and `slots`, so that a step costs the
+    slots in use; only `slots` when the slots are split over devices (the first few rows would sit on some of
+    them only). A row's logits can differ between row counts at float rounding (a matrix-vector product sums
+    in another order than a matrix product), as between one device and several."""
+    spec = getattr(cache_sharding, "spec", None)
+    if spec is not None and len(spec) > 1 and spec[1] is not None:
+        return [slots]
+    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
+
+
+def _state_shapes(config: ModelConfig, mesh, slots: int, cache_len: int, chunk: int, pool_entries: int):
+    """The cache, slot state and prefix pool (None without entries) as ShapeDtypeStructs placed on `mesh`. The
+    cache is (layers, slots, kv_heads, cache_len rounded up to whole chunks and CACHE_BLOCKs, head_dim), its
+    rows sharded like a batch; the pool (layers, entries, kv_heads, chunk, head_dim)."""
+    unit = max(CACHE_BLOCK, chunk)
+    if unit % CACHE_BLOCK or unit % chunk:
+        raise ValueError(f"the prefill chunk must be a power of two, got {chunk}")
+    cache_len = -(-cache_len // unit) * unit
     shape = (config.n_layers, slots, config.n_kv_heads, cache_len, config.head_dim)
 
     def placed(shape, dtype, names):
@@ -387,4 +388,8 @@ def _slot_shapes(config: ModelConfig, mesh, slots: int, cache_len: int) -> tuple
         per_slot(jnp.bool_),
         per_slot(jnp.bool_),
     )
-    return cache, slot_state
+    pool = None
+    if pool_entries:
+        pool_shape = (config.n_layers, pool_entries, config.n_kv_heads, chunk, config.head_dim)
+        pool = PrefixPool(placed(pool_shape, config.dtype, POOL_AXES), placed(pool_shape, config.dtype, POOL_AXES))
+    return cache, slot_state, pool

@@ -1,8 +1,10 @@
 """The OpenAI wire format: request bodies (checked by pydantic) and the JSON of responses and stream chunks.
 
-Only what the engine does is accepted: one choice per prompt (`n` 1), no `echo`, log-probabilities of the
-chosen tokens only. Anything else in a request is refused with a 400 naming the field, never ignored into a
-different answer. `seed` defaults to 0, so a request's tokens depend only on what it says.
+Only what the engine does is accepted. A field this server does not know, or one it knows but does not
+implement with the value given (`frequency_penalty` 2, `best_of` 3, `logit_bias`, `echo`, tools, ...), is
+refused with a 400 that names it, never ignored into a different answer. `n` choices per prompt are `n`
+requests with streams 0..n-1 of the request's seed. `seed` defaults to 0, so a request's tokens depend only on
+what it says.
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_PROMPTS = 16  # prompts in one completions request
+MAX_CHOICES = 64  # prompts × n
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 Temperature = Annotated[float, Field(ge=0, le=100, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+# OpenAI fields whose default is accepted and any other value refused: the engine does not implement them.
+Unimplemented = Literal[0]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -31,7 +36,10 @@ class _Request(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, bool] | None = None
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    frequency_penalty: Unimplemented | None = None
+    presence_penalty: Unimplemented | None = None
+    user: str | None = None  # the caller's label for its end user: it changes no output
 
     @field_validator("stop")
     @classmethod
@@ -52,8 +60,16 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
-    logprobs: int | None = Field(default=None, ge=0, le=5)  # only the chosen tokens' are returned
+    logprobs: Unimplemented | None = None  # 0: the chosen tokens' log-probabilities, no alternatives
     echo: Literal[False] = False
+    best_of: int | None = None
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, best_of, info):
+        if best_of is not None and best_of != info.data.get("n", 1):
+            raise ValueError(f"best_of {best_of} is not supported: only best_of = n (every sample is returned)")
+        return best_of
 
     @property
     def prompts(self) -> list[str]:
@@ -61,17 +77,18 @@ class CompletionRequest(_Request):
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = None  # a participant's label: it changes no output
 
 
 class ChatRequest(_Request):
     messages: Annotated[list[Message], Field(min_length=1, max_length=256)]
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: Literal[0] | None = None
+    top_logprobs: Unimplemented | None = None
 
     @property
     def token_budget(self) -> int | None:

@@ -1,0 +1,120 @@
+"""The server's Prometheus metrics (`GET /metrics`), with prometheus_client, under vLLM's metric names so that
+dashboards and alerts written for vLLM read them:
+
+    vllm:num_requests_running, vllm:num_requests_waiting         requests in slots (prefilling or decoding), queued
+    vllm:kv_cache_usage_perc                                      share of the slots' cache positions in use (0-1)
+    vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total prompt tokens looked up in the prefix cache, found
+    vllm:prompt_tokens_total, vllm:generation_tokens_total        tokens of finished requests
+    vllm:request_success_total{finished_reason}                   finished requests by reason
+    vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
+
+Each metric carries the `model_name` label. The engine's state is read when the metrics are scraped.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+# Buckets in seconds, as vLLM's (their range covers a CPU's tens of milliseconds and an accelerator's few).
+_LATENCY = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_INTER_TOKEN = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0)
+
+
+class ServerMetrics:
+    def __init__(self, engine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.registry.register(_EngineState(engine, model_name))
+        labels = ["model_name"]
+
+        def counter(name, text, extra=()):
+            return Counter(name, text, labels + list(extra), registry=self.registry)
+
+        def histogram(name, text, buckets):
+            return Histogram(name, text, labels, buckets=buckets, registry=self.registry)
+
+        self.model_name = model_name
+        self.prompt_tokens = counter("vllm:prompt_tokens", "Prompt tokens of finished requests.")
+        self.generation_tokens = counter("vllm:generation_tokens", "Generated tokens of finished requests.")
+        self.success = counter("vllm:request_success", "Finished requests.", ["finished_reason"])
+        self.ttft = histogram("vllm:time_to_first_token_seconds", "Time to the first token.", _LATENCY)
+        self.inter_token = histogram("vllm:inter_token_latency_seconds", "Time between tokens.", _INTER_TOKEN)
+        self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.labels(self.model_name).observe(seconds)
+
+    def tokens(self, seconds: float, count: int) -> None:
+        """`count` tokens that arrived `seconds` after the ones before them."""
+        for _ in range(count):
+            self.inter_token.labels(self.model_name).observe(seconds / count)
+
+    def finished(self, prompt_tokens: int, generated: int, seconds: float, reasons: list[str]) -> None:
+        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
+        self.generation_tokens.labels(self.model_name).inc(generated)
+        self.e2e.labels(self.model_name).observe(seconds)
+        for reason in reasons:
+            self.success.labels(self.model_name, reason).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _EngineState:
+    """The gauges and counters the engine keeps itself, read at each scrape."""
+
+    def __init__(self, engine, model_name: str):
+        self.engine, self.model_name = engine, model_name
+
+    def collect(self):
+        scheduler, backend = self.engine.scheduler, self.engine.backend
+        running = list(scheduler.running.values()) + list(scheduler.prefilling.values())
+        held = sum(len(h.request.prompt_ids) + len(h.token_ids) for h in running)
+
+        def gauge(name, text, value):
+            family = GaugeMetricFamily(name, text, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            return family
+
+        def counter(name, text, value):
+            family = CounterMetricFamily(name, text, labels=["model_name"])
+            family.add_metric([self.model_name], value)
+            return family
+
+        yield gauge("vllm:num_requests_running", "Requests in a slot: prefilling or decoding.", len(running))
+        yield gauge("vllm:num_requests_waiting", "Requests queued for a slot.", len(scheduler.queue))
+        yield gauge(
+            "vllm:kv_cache_usage_perc",
+            "Share of the slots' cache positions in use (0-1).",
+            held / (backend.slots * backend.cache_len),
+        )
+        prefix = scheduler.prefix
+        yield counter(
+            "vllm:prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            prefix.queried_tokens if prefix else 0,
+        )
+        yield counter(
+            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", prefix.hit_tokens if prefix else 0
+        )
