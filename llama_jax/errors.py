@@ -15,4 +15,7 @@ def one_line(error: BaseException) -> str:
         where = error.filename if error.filename is not None else ""
         return f"{error.strerror}: {where}" if where else error.strerror
     lines = [line for line in str(error).splitlines() if line.strip()]
-    return " ".join(lines[0].split()) if lines else type(error).__name__
+    if not lines:
+        return type(error).__name__
+    # TensorStore appends a dump of the array's spec to its first line; what failed is said before it.
+    return " ".join(lines[0].split(" See full TensorStore details:")[0].split())

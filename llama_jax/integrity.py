@@ -10,6 +10,9 @@ device arrays (training), so any host of a pod can check any checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -81,3 +84,36 @@ def damage(tree: Any, expected: Checksums | None) -> str | None:
     if not bool(_all_finite(tree)):
         return "it holds values that are not finite (inf or NaN)"
     return None
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a small file (config.json, a tokenizer): what it held when it was written."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def changed_files(directory: Path, digests: dict[str, str]) -> list[str]:
+    """The files of `digests` (name -> SHA-256) in `directory` whose bytes are not those digested."""
+    return [
+        name
+        for name, digest in digests.items()
+        if not (directory / name).is_file() or file_digest(directory / name) != digest
+    ]
+
+
+SEAL = "sha256"
+
+
+def sealed(record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with the SHA-256 of its canonical JSON: an edit to any field (a training step's number, its
+    data position, its checksums) is then detected, not trusted."""
+    return {**record, SEAL: _json_digest(record)}
+
+
+def seal_problem(record: dict[str, Any]) -> str | None:
+    """Why a sealed record cannot be trusted, or None. A record without a seal is reported by the caller."""
+    body = {k: v for k, v in record.items() if k != SEAL}
+    return None if record.get(SEAL) == _json_digest(body) else "it was changed after it was written"
+
+
+def _json_digest(record: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

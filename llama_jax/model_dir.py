@@ -4,7 +4,9 @@
                           "chat_template": "llama3" | "llama2" | null}
     DIR/tokenizer.*      the tokenizer file, copied
     DIR/params/          an orbax checkpoint of the parameter tree (nested dict of arrays)
-    DIR/checksums.json   each parameter's checksum (`integrity.py`), checked when it is read back
+    DIR/checksums.json   {"format": 2, "params": each parameter's checksum (`integrity.py`), checked when it is
+                          read back, "files": SHA-256 of config.json and the tokenizer, checked when the
+                          directory is read}
 
 A training run directory has the same config.json and tokenizer, and its orbax `CheckpointManager`
 steps under DIR/checkpoints/<step>/params (checksums in the step's meta); `ModelDir.restore_params` takes
@@ -23,7 +25,7 @@ from pathlib import Path
 import jax
 
 from llama_jax.config import ModelConfig
-from llama_jax.integrity import Checksums, damage, host_checksums
+from llama_jax.integrity import Checksums, changed_files, damage, file_digest, host_checksums
 from llama_jax.param_io import read_json_item, restore_params, save_params
 from llama_jax.staging import staged_output_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
@@ -31,6 +33,7 @@ from llama_jax.tokenizers import Tokenizer, load_tokenizer
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 CHECKSUMS_FILE = "checksums.json"
+CHECKSUMS_FORMAT = 2  # 1 (no "format" key): the parameters' checksums only
 CHECKPOINTS_DIR = "checkpoints"
 META_ITEM = "meta"  # a training step's JSON item: step, data position, checksums, ...
 FORMAT = "llama_jax"
@@ -54,7 +57,13 @@ def write_model_dir(
             shutil.copyfile(tokenizer_file, staging / tokenizer_name)
         write_config(staging, config, tokenizer_name, chat_template, hf_repo=hf_repo)
         save_params(staging / PARAMS_DIR, params)
-        (staging / CHECKSUMS_FILE).write_text(json.dumps(host_checksums(params)) + "\n")
+        covered = [CONFIG_FILE, *([tokenizer_name] if tokenizer_name else [])]
+        checksums = {
+            "format": CHECKSUMS_FORMAT,
+            "params": host_checksums(params),
+            "files": {name: file_digest(staging / name) for name in covered},
+        }
+        (staging / CHECKSUMS_FILE).write_text(json.dumps(checksums) + "\n")
     return Path(out_dir).absolute()
 
 
@@ -119,8 +128,10 @@ class ModelDir:
     def checksums(self, params_path: Path) -> Checksums | None:
         """The checksums written with the parameters at `params_path`; None where none were (older files)."""
         if params_path.parent == self.path:
-            file = self.path / CHECKSUMS_FILE
-            return json.loads(file.read_text()) if file.is_file() else None
+            stored = _read_checksums(self.path)
+            if stored is None:
+                return None
+            return stored["params"] if "format" in stored else stored
         meta = params_path.parent / META_ITEM
         return read_json_item(meta).get("checksums", {}).get("params") if meta.is_dir() else None
 
@@ -158,6 +169,7 @@ def read_model_dir(path: str | Path) -> ModelDir:
             f"{path} is not a llama_jax model directory (no {CONFIG_FILE}); "
             "convert weights with `python -m llama_jax.convert`"
         )
+    _check_model_files(path)
     try:
         payload = json.loads(config_file.read_text())
         config = ModelConfig.from_dict(payload["model"])
@@ -179,6 +191,48 @@ def read_model_dir(path: str | Path) -> ModelDir:
         Path(lora_base) if config.lora.enabled else None,
         payload.get("hf_repo") if isinstance(payload.get("hf_repo"), str) else None,
     )
+
+
+def _read_checksums(path: Path) -> dict | None:
+    file = path / CHECKSUMS_FILE
+    if not file.is_file():
+        return None
+    try:
+        stored = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is corrupt: {e}") from None
+    if not isinstance(stored, dict) or ("format" in stored and not isinstance(stored.get("params"), dict)):
+        raise ValueError(f"{file} is corrupt: no parameter checksums")
+    return stored
+
+
+def _check_model_files(path: Path) -> None:
+    """A model directory's config.json and tokenizer are what was written with its weights (a one-character
+    edit of norm_eps changes every generation); without checksums.json nothing can be verified: say so."""
+    if not (path / PARAMS_DIR).is_dir():
+        return  # a training run: its steps carry their own checksums
+    stored = _read_checksums(path)
+    if stored is None:
+        _warn_once(
+            f"{path} has no {CHECKSUMS_FILE}: its weights, config and tokenizer cannot be verified, so damaged "
+            "files would go unnoticed (a directory written by llama_jax has one; convert the weights again)"
+        )
+        return
+    changed = changed_files(path, stored.get("files", {}))
+    if changed:
+        raise ValueError(
+            f"{path}: {' and '.join(changed)} changed since the model was written ({CHECKSUMS_FILE} says otherwise); "
+            'restore the original, or if the change is yours, remove its entry under "files" in checksums.json'
+        )
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:

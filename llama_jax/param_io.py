@@ -97,6 +97,8 @@ def check_param_shapes(params_path: Path, target: dict) -> None:
     except Exception as e:  # orbax raises many types for unreadable directories
         raise ValueError(f"cannot read parameters in {params_path}: {one_line(e)}") from None
     stored_shapes = {_key(p): tuple(m.shape) for p, m in jax.tree_util.tree_flatten_with_path(stored)[0]}
+    if not stored_shapes:  # the tree's index lives in the data files
+        raise ValueError(f"{params_path}: no parameters can be read: its data files are missing or damaged")
     wanted = {_key(p): tuple(a.shape) for p, a in jax.tree_util.tree_flatten_with_path(target)[0]}
     for key, shape in wanted.items():
         if key not in stored_shapes:

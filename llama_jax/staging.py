@@ -56,9 +56,22 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
             if not (keep_existing and target.exists()):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-    except BaseException:
+    except BaseException as error:
         _remove_failed_staging(staging)
-        raise
+        named = _naming_target(error, staging, target)
+        if named is None:
+            raise
+        raise named from None
+
+
+def _naming_target(error: BaseException, staging: Path, target: Path) -> Exception | None:
+    """`error` (a failed write: a full disk, say) reworded to name `target`, the path the user gave, instead of
+    the staging directory it happened in, which is gone by now; None when it does not name the staging path."""
+    if not isinstance(error, Exception) or str(staging) not in str(error):
+        return None
+    if isinstance(error, OSError) and error.strerror:
+        return type(error)(error.errno, error.strerror, str(target))
+    return ValueError(f"writing {target} failed: {str(error).replace(str(staging), str(target))}")
 
 
 def _remove_failed_staging(staging: Path, rounds: int = 20) -> None:

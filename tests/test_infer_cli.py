@@ -255,7 +255,8 @@ def bad_inputs(tmp_path_factory):
 ERRORS = {
     "top-p zero": (["--top-p", "0"], "top_p must be in (0, 1]"),
     "top-p above one": (["--top-p", "1.5"], "top_p must be in (0, 1]"),
-    "negative temperature": (["--temperature", "-1"], "temperature must be >= 0"),
+    "negative temperature": (["--temperature", "-1"], "temperature must be a finite number >= 0"),
+    "infinite temperature": (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
     "negative top-k": (["--top-k", "-1"], "top_k must be an integer >= 0"),
     "negative new tokens": (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 1"),
     "zero batch": (["--batch-size", "0"], "batch_size must be an integer >= 1"),

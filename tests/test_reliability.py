@@ -80,6 +80,19 @@ def flip_bytes(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def edit_meta(step_dir: Path, change) -> None:
+    """Edit a step's meta JSON in place, as a person with an editor would."""
+    file = step_dir / "meta" / "metadata"
+    meta = json.loads(file.read_text())
+    change(meta)
+    file.write_text(json.dumps(meta))
+
+
+def unsealed_without_checksums(step_dir: Path) -> None:
+    edit_meta(step_dir, lambda meta: [meta.pop(key) for key in ("sha256", "checksums")])
+    flip_bytes(max(data_files(step_dir / "params"), key=lambda f: f.stat().st_size))
+
+
 DAMAGE = {
     "bytes flipped in params": lambda step: [flip_bytes(f) for f in data_files(step / "params")],
     "params cut short": lambda step: [
@@ -88,6 +101,11 @@ DAMAGE = {
     "opt_state cut short": lambda step: [f.write_bytes(f.read_bytes()[:100]) for f in data_files(step / "opt_state")],
     "meta missing": lambda step: shutil.rmtree(step / "meta"),
     "opt_state missing": lambda step: shutil.rmtree(step / "opt_state"),
+    # a38b2de resumed at the edited step with the old step's weights, or never finished (below the next save)
+    "meta step edited up": lambda step: edit_meta(step, lambda meta: meta.update(step=meta["step"] + 3)),
+    "meta step edited down": lambda step: edit_meta(step, lambda meta: meta.update(step=meta["step"] - 10)),
+    "meta step removed": lambda step: edit_meta(step, lambda meta: meta.pop("step")),  # a KeyError traceback
+    "meta unsealed, checksums removed, params flipped": unsealed_without_checksums,  # "training diverged"
 }
 
 
@@ -97,6 +115,8 @@ DAMAGE = {
         ("bytes flipped in params", "opt_state cut short"),
         ("meta missing", "params cut short"),
         ("opt_state missing", "bytes flipped in params"),
+        ("meta step edited up", "meta step edited down"),
+        ("meta step removed", "meta unsealed, checksums removed, params flipped"),
     ],
 )
 def test_damaged_newest_checkpoints_are_set_aside_and_the_run_recomputes_them(
@@ -118,12 +138,32 @@ def test_damaged_newest_checkpoints_are_set_aside_and_the_run_recomputes_them(
     assert sorted(int(p.name) for p in (run_dir / CHECKPOINTS_DIR).iterdir() if p.name.isdigit()) == [10, 20, 30]
 
 
-def test_a_damaged_model_directory_is_refused_in_one_line(assets, tmp_path):
-    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+def test_a_damaged_model_directory_is_refused_in_one_line_leaving_nothing(assets, tmp_path):
+    """...and the output it was to write does not exist afterwards, so the rerun on a good model is not refused
+    as "results of other settings" (a38b2de left an empty out.jsonl and out.jsonl.run.json)."""
+    good = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "good")
+    model_dir = shutil.copytree(good, tmp_path / "stories")
     flip_bytes(max(data_files(model_dir / "params"), key=lambda f: f.stat().st_size))  # inside the weights
-    result = run_module("infer", "--checkpoint", model_dir, "--prompt", "Once", "--max-new-tokens", "4")
+    out = tmp_path / "out.jsonl"
+    args = ["--prompt", "Once", "--max-new-tokens", "4", "--output", out]
+    result = run_module("infer", "--checkpoint", model_dir, *args)
     assert result.returncode == 2 and result.stdout == ""
     assert "changed since it was saved" in assert_one_error_line(result, "holds no intact parameters")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "stories"]
+    rerun = run_module("infer", "--checkpoint", good, *args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert [json.loads(line)["prompt"] for line in out.read_text().splitlines()] == ["Once"]
+
+
+def test_missing_weight_files_are_one_line_without_stray_output(assets, tmp_path):
+    """orbax leaves the reads of the other arrays unawaited: a38b2de printed ~128 `Exception ignored in:
+    <coroutine ...>` tracebacks after the error line, and the line itself ended in a TensorStore spec dump."""
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    for data in (model_dir / "params" / "ocdbt.process_0" / "d").iterdir():
+        data.unlink()
+    result = run_module("infer", "--checkpoint", model_dir, "--prompt", "Once", "--max-new-tokens", "4")
+    line = assert_one_error_line(result, "holds no intact parameters")
+    assert "Exception ignored" not in result.stderr and "TensorStore" not in line, result.stderr[-2000:]
 
 
 def test_fine_tuning_from_a_damaged_model_directory_is_refused(workdir, assets, tmp_path):
@@ -223,16 +263,88 @@ def test_model_directories_that_lie_about_their_tokenizer_are_refused(assets, wo
     config = json.loads((model_dir / CONFIG_FILE).read_text())
     bigger = tmp_path / "bigger"
     shutil.copytree(model_dir, bigger)
+    (bigger / "checksums.json").unlink()  # else the edited config.json is refused first (below)
     train_sentencepiece([workdir / "shakespeare.txt"], 600, bigger / "tokenizer.model")
     (bigger / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer": "tokenizer.model"}))
     with pytest.raises(ValueError, match="has 600 tokens, more than the model's 512 embeddings"):
         llama_jax.load(bigger)
     escaping = tmp_path / "escaping"
     shutil.copytree(model_dir, escaping)
+    (escaping / "checksums.json").unlink()
     for name in ("../stories/tokenizer.bin", str(model_dir / "tokenizer.bin")):
         (escaping / CONFIG_FILE).write_text(json.dumps({**config, "tokenizer": name}))
         with pytest.raises(ValueError, match="must be a file name inside"):
             llama_jax.load(escaping)
+
+
+def test_sft_whose_rows_hold_no_response_is_refused_before_anything_is_written(finished, workdir, assets, tmp_path):
+    """a38b2de: `sft_example.yaml init_from=<tiny run> lora.rank=4 seq_len=32` trained 40 steps at loss 0.0
+    over 0 tokens and reported eval loss 0.0, perplexity 1.0, exit 0 (every example is longer than a row)."""
+    pristine, _ = finished
+    config = load_train_config(
+        REPO / "configs" / "sft_example.yaml",
+        [f"init_from={pristine}", "lora.rank=4", "seq_len=32", f"run_dir={tmp_path / 'sft'}"]
+        + [f"data_cache={workdir / 'cache'}", "mesh.data=2"],
+    )
+    with pytest.raises(ValueError, match=r"no training row holds a response token to learn: 48\d of 48\d examples"):
+        run(config)
+    assert not (tmp_path / "sft").exists()
+
+
+def test_a_damaged_token_cache_is_reported_and_rebuilt_never_trained_on(finished, workdir, assets, tmp_path, caplog):
+    """The tokenized corpus is shared by every later run on it: a38b2de trained on a tokens.bin cut in half
+    (other losses, exit 0), and flipped validation ids changed the eval loss or made it NaN."""
+    from llama_jax.train.data import prepare_data
+
+    pristine, result = finished
+    cache = shutil.copytree(workdir / "cache", tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    entry = (
+        cache / f"tokens-{prepare_data(tiny(workdir, assets, run_dir, f'data_cache={cache}'), None).corpus.key[:24]}"
+    )
+    tokens = (entry / "tokens.bin").read_bytes()
+    (entry / "tokens.bin").write_bytes(tokens[: len(tokens) // 2])
+    with caplog.at_level(logging.WARNING, logger="llama_jax"):
+        rerun = run(tiny(workdir, assets, run_dir, f"data_cache={cache}"))
+    assert f"the tokenized corpus {entry} is damaged (tokens.bin holds" in caplog.text
+    assert (rerun["train_loss"], rerun["eval_loss"]) == (result["train_loss"], result["eval_loss"])
+    assert (entry / "tokens.bin").read_bytes() == tokens  # built again, whole
+    caplog.clear()
+    flipped = bytearray(tokens)
+    flipped[-64:] = bytes(b ^ 0x5A for b in flipped[-64:])  # the last rows: the validation split's ids
+    (entry / "tokens.bin").write_bytes(bytes(flipped))
+    with caplog.at_level(logging.WARNING, logger="llama_jax"):
+        prepared = prepare_data(tiny(workdir, assets, run_dir, f"data_cache={cache}"), None)
+    assert "(tokens.bin changed since it was written)" in caplog.text
+    assert bytes(np.asarray(prepared.corpus.tokens)) == tokens
+
+
+def test_a_model_directorys_config_and_tokenizer_are_covered_by_its_checksums(assets, tmp_path, caplog):
+    """a38b2de read an edited config.json (a one-character norm_eps change alters every generation) and, with
+    checksums.json gone, flipped weights, without a word."""
+    model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
+    edited = shutil.copytree(model_dir, tmp_path / "edited")
+    text = (edited / CONFIG_FILE).read_text()
+    assert '"norm_eps": 1e-05' in text
+    (edited / CONFIG_FILE).write_text(text.replace('"norm_eps": 1e-05', '"norm_eps": 1e-06'))
+    result = run_module("infer", "--checkpoint", edited, "--prompt", "Once", "--max-new-tokens", "4")
+    assert_one_error_line(result, "config.json changed since the model was written")
+    retokenized = shutil.copytree(model_dir, tmp_path / "retokenized")
+    (retokenized / "tokenizer.bin").write_bytes((assets / "tok512.bin").read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(ValueError, match="tokenizer.bin changed since the model was written"):
+        llama_jax.load(retokenized)
+    unverifiable = shutil.copytree(model_dir, tmp_path / "unverifiable")
+    (unverifiable / "checksums.json").unlink()
+    flip_bytes(max(data_files(unverifiable / "params"), key=lambda f: f.stat().st_size))
+    with caplog.at_level(logging.WARNING, logger="llama_jax"):
+        try:
+            llama_jax.load(unverifiable)
+        except ValueError:
+            pass  # values gone non-finite are still caught; the warning is the point
+    assert any(
+        "has no checksums.json: its weights, config and tokenizer cannot be verified" in r.getMessage()
+        for r in caplog.records
+    ), caplog.text
 
 
 def test_outputs_appear_whole_with_normal_permissions_and_stale_partials_are_cleaned(assets, tmp_path):
@@ -280,4 +392,6 @@ def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(assets, fu
     )
     line = assert_one_error_line(result)
     assert "No space left on device" in line or "RESOURCE_EXHAUSTED" in line or "space" in line.lower(), line
+    # It names the output the user asked for, not the staging directory it was assembled in (gone by now).
+    assert str(full_disk / "stories") in line and ".partial-" not in line, line
     assert sorted(p.name for p in full_disk.iterdir()) == ["filler"]

@@ -50,6 +50,31 @@ def test_sft_rows_hold_whole_examples_padded_and_mask_the_prompt():
     np.testing.assert_array_equal(two_fit.arrays(np.array([0]))["segments"], [[1, 1, 1, 1, 1, 2, 2, 2, 2]])
 
 
+def test_sft_packing_counts_what_it_cuts_and_refuses_rows_with_nothing_to_learn():
+    weights = [0, 0, 1, 1, 1, 0, 0, 1, 1, 0, 0, 0, 1, 1, 1]
+    whole = PackedRows(corpus(weights), seq_len=6, pad_id=0, whole_documents=True, val_fraction=0.3)
+    assert whole.supervision == {
+        "examples": 3,
+        "longer_than_a_row": 0,
+        "targets": 8,
+        "train_targets": 5,
+        "validation_targets": 3,
+    }
+    # Rows of 4 tokens cut the 5- and 6-token examples: their last targets are gone, and said to be.
+    cut = PackedRows(corpus(weights), seq_len=3, pad_id=0, whole_documents=True, val_fraction=0.3)
+    assert (cut.supervision["longer_than_a_row"], cut.supervision["train_targets"]) == (2, 4)
+    assert cut.supervision["validation_targets"] == 1
+    assert cut.supervised_tokens(np.array([0, 1, 2])) == sum(cut.arrays(np.array([0, 1, 2]))["loss_mask"].ravel())
+    assert "2 of 3 examples are longer than a row of 4 tokens and cut short, 3 of their 8 response tokens dropped" in (
+        cut.describe_supervision()
+    )
+    # Rows of 3 tokens keep only prompts: a38b2de trained on them with loss 0.0 over 0 tokens, exit 0.
+    with pytest.raises(ValueError, match="no training row holds a response token to learn: 3 of 3 examples"):
+        late = [0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1]  # each response in the example's last tokens
+        PackedRows(corpus(late), seq_len=2, pad_id=0, whole_documents=True, val_fraction=0.3)
+    assert PackedRows(corpus(), seq_len=4, pad_id=0, whole_documents=False, val_fraction=0.3).supervision is None
+
+
 def test_batches_are_a_pure_function_of_seed_and_step():
     rows = PackedRows(
         TokenizedCorpus(np.zeros(38 * 4 + 1, np.uint16), np.array([0, 38 * 4 + 1]), None, "k"),

@@ -54,9 +54,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
 
 
 def _quiet_closed_event_loops(unraisable) -> None:
-    """A failed orbax read or write leaves tensorstore callbacks that fire into event loops orbax has closed:
-    Python reports each as an unraisable RuntimeError. The command's own error line says what failed."""
-    if not (isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)):
+    """A failed orbax read or write leaves tensorstore callbacks that fire into event loops orbax has closed,
+    and reads of the other arrays that orbax never awaits: Python reports each as an unraisable exception
+    (pages of them for a model whose files are gone). The command's own error line says what failed."""
+    closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+    code = getattr(unraisable.object, "cr_code", None)  # a coroutine's code object
+    orbax_read = code is not None and "orbax" in code.co_filename
+    if not (closed_loop or orbax_read):
         sys.__unraisablehook__(unraisable)
 
 

@@ -57,6 +57,8 @@ def held_out_loss(
     for ids in batches:
         nll, tokens = score(params, {name: jnp.asarray(a) for name, a in rows.arrays(ids).items()})
         total, count = total + float(nll), count + float(tokens)
+    if count == 0:  # every held-out response cut off by packing: there is nothing to score
+        raise ValueError(f"the held-out rows of {run_dir} hold no token to score: {rows.describe_supervision()}")
     nll_per_token = total / count
     return {
         "perplexity": math.exp(min(nll_per_token, 700.0)),

@@ -40,12 +40,15 @@ class JsonlOutput:
                 f"{self.path} exists and was not written by {writer} (no {self.run_path.name} beside "
                 "it); choose another output file"
             )
+        # Files this process creates are removed again if it ends without writing a record (a refused or
+        # failed run leaves nothing that would block the corrected rerun).
+        self._created = not self.path.exists() and not self.run_path.exists()
         self._lock = self._take_lock()
         try:
             stored = self._lock.read()
-            if self.path.exists():
+            if self.path.exists() and self.path.stat().st_size > 0:
                 self._check_settings(stored, settings)
-            else:  # new, or a crash before the first record: these settings now
+            else:  # new, or a run that ended before its first record: these settings now
                 self._lock.truncate(0)
                 self._lock.write(json.dumps({"format": FORMAT, "settings": settings}, indent=2) + "\n")
                 self._lock.flush()
@@ -58,6 +61,9 @@ class JsonlOutput:
                         f.truncate(keep_bytes)
             self._file = open(self.path, "a", encoding="utf-8")
         except BaseException:
+            if self._created:
+                self.path.unlink(missing_ok=True)
+                self.run_path.unlink(missing_ok=True)
             self._lock.close()
             raise
 
@@ -114,4 +120,7 @@ class JsonlOutput:
 
     def close(self) -> None:
         self._file.close()
+        if self._created and self.done == 0:
+            self.path.unlink(missing_ok=True)
+            self.run_path.unlink(missing_ok=True)
         self._lock.close()

@@ -52,6 +52,52 @@ class PackedRows:
                 f"the corpus ({n_tokens} tokens) is too small for seq_len {seq_len}: it makes "
                 f"{self.n_rows} row(s), but training and validation need one each"
             )
+        weights = getattr(corpus, "weights", None) if whole_documents else None
+        # SFT: targets per position (the response tokens); the prefix sums count any span's targets at once.
+        self._targets = None if weights is None else np.concatenate([[0], np.cumsum(weights, dtype=np.int64)])
+        self.supervision = None if self._targets is None else self._supervision(corpus.starts)
+        if self.supervision is not None and self.supervision["train_targets"] == 0:
+            raise ValueError(
+                f"no training row holds a response token to learn: {self._truncation_line()}; "
+                "raise seq_len or shorten the examples"
+            )
+
+    def supervised_tokens(self, row_ids: np.ndarray) -> int | None:
+        """How many targets the loss counts in these rows (SFT; None for pretraining, where every position is
+        one). A row's first token is never a target."""
+        if self._targets is None:
+            return None
+        rows = np.asarray(row_ids).reshape(-1)
+        start, end = self.spans(rows[rows >= 0])
+        return int(np.sum(self._targets[end] - self._targets[np.minimum(start + 1, end)]))
+
+    def _supervision(self, starts: np.ndarray) -> dict[str, int]:
+        lengths = np.diff(starts)
+        return {
+            "examples": len(lengths),
+            "longer_than_a_row": int(np.sum(lengths > self.seq_len + 1)),
+            "targets": int(self._targets[-1]),
+            "train_targets": self.supervised_tokens(np.arange(self.n_train)),
+            "validation_targets": self.supervised_tokens(np.arange(self.n_train, self.n_rows)),
+        }
+
+    def _truncation_line(self) -> str:
+        s = self.supervision
+        kept = s["train_targets"] + s["validation_targets"]
+        return (
+            f"{s['longer_than_a_row']} of {s['examples']} examples are longer than a row of {self.seq_len + 1} "
+            f"tokens and cut short, {s['targets'] - kept:,} of their {s['targets']:,} response tokens dropped"
+        )
+
+    def describe_supervision(self) -> str | None:
+        """What packing did to an SFT corpus, for the run's first line (None for pretraining)."""
+        if self.supervision is None:
+            return None
+        s = self.supervision
+        return (
+            f"{s['train_targets']:,} response tokens to learn in the training rows, "
+            f"{s['validation_targets']:,} in the validation rows ({self._truncation_line()})"
+        )
 
     def spans(self, row_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[start, end) of each row in the token stream; row -1 is empty (all padding)."""

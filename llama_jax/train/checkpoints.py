@@ -3,7 +3,8 @@
     RUN_DIR/checkpoints/<step>/
         params      the pure parameter dict (StandardSave)
         opt_state   the optax state (StandardSave)
-        meta        JSON: step, data position, last train loss, fingerprint, checksums of params and opt_state
+        meta        JSON: step, data position, last train loss, fingerprint, checksums of params and opt_state,
+                    sealed with the SHA-256 of its own content (an edited step number or position is damage)
     RUN_DIR/damaged/<step>/   steps found damaged, moved aside (kept, never deleted)
 
 Saves are asynchronous (training goes on while the arrays are written) and atomic: orbax writes each step
@@ -27,7 +28,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from llama_jax.errors import one_line
-from llama_jax.integrity import damage, device_checksums
+from llama_jax.integrity import SEAL, damage, device_checksums, seal_problem, sealed
 from llama_jax.model_dir import CHECKPOINTS_DIR, META_ITEM
 
 DAMAGED_DIR = "damaged"
@@ -56,7 +57,7 @@ class TrainingCheckpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
                 opt_state=ocp.args.StandardSave(state.opt_state),
-                **{META_ITEM: ocp.args.JsonSave({"step": step, **meta, "checksums": checksums})},
+                **{META_ITEM: ocp.args.JsonSave(sealed({"step": step, **meta, "checksums": checksums}))},
             ),
             force=True,
         )
@@ -94,10 +95,12 @@ class TrainingCheckpoints:
                 ),
             )
             meta = restored[META_ITEM]
-            expected = meta.get("checksums", {})
-            problem = damage(restored.params, expected.get("params")) or damage(
-                restored.opt_state, expected.get("opt_state")
-            )
+            problem = meta_problem(meta, step)
+            if problem is None:
+                expected = meta["checksums"]
+                problem = damage(restored.params, expected["params"]) or damage(
+                    restored.opt_state, expected["opt_state"]
+                )
         except Exception as e:  # orbax and tensorstore raise many types for files cut short or missing
             restored, problem = None, one_line(e)
         if jax.process_count() > 1:  # a file one host could not read damages the step for all of them
@@ -112,3 +115,20 @@ class TrainingCheckpoints:
 
     def close(self) -> None:
         self._manager.close()
+
+
+REQUIRED_META = ("step", "checksums")
+
+
+def meta_problem(meta: dict, step: int) -> str | None:
+    """Why a step's meta cannot be trusted: edited after it was written (its seal), naming another step than
+    its directory, or missing what a resume needs. Steps written before metas were sealed are taken on the
+    other two checks."""
+    if SEAL in meta and seal_problem(meta):
+        return "its meta was changed after it was written"
+    missing = [key for key in REQUIRED_META if key not in meta]
+    if missing or not {"params", "opt_state"} <= set(meta["checksums"]):
+        return f"its meta lacks {', '.join(missing) or 'the checksums of params and opt_state'}"
+    if meta["step"] != step:
+        return f"its meta names step {meta['step']}"
+    return None

@@ -24,7 +24,9 @@ lookup to every random read.)
 
 The cache key hashes the corpus bytes, the tokenizer file and the options that change the tokens, so a
 changed file is re-tokenized and an unchanged one never is. Entries are assembled in a temporary directory
-and renamed into place: a killed tokenization leaves nothing that looks complete.
+and renamed into place: a killed tokenization leaves nothing that looks complete. meta.json keeps a CRC-32 of
+every 16 MiB of tokens.bin and weights.bin and of starts.npy; every run checks them before reading (about a
+second per GB), and an entry that fails (cut short, bytes changed) is reported and built again, never read.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ import dataclasses
 import glob
 import hashlib
 import json
+import logging
 import os
+import shutil
+import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,7 +51,9 @@ from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.token_store import StoreCorpus, store_url, write_store
 
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3  # 3: meta.json holds the files' checksums
+CHECKED_BYTES = 16 << 20  # the cache's files are checksummed this many bytes at a time
+log = logging.getLogger("llama_jax")
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 TRAINED_TOKENIZER_FILE = "tokenizer.model"
 
@@ -245,8 +252,15 @@ def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtyp
     """The cached corpus for `key`, built from `examples` when it is not cached yet. Documents with no
     text (only BOS and EOS) are dropped; a corpus with none left is an error."""
     entry = cache_dir / f"tokens-{key[:24]}"
+    problem = _entry_problem(entry) if (entry / "meta.json").is_file() else None
+    if problem is not None:
+        log.warning("the tokenized corpus %s is damaged (%s): tokenizing it again", entry, problem)
+        shutil.rmtree(entry, ignore_errors=True)
     if not (entry / "meta.json").is_file():
         _build_entry(examples, entry, dtype)
+        problem = _entry_problem(entry)
+        if problem is not None:  # written and at once unreadable: the disk, not the data
+            raise ValueError(f"the tokenized corpus {entry} cannot be read back as written: {problem}")
     meta = json.loads((entry / "meta.json").read_text())
     weights = entry / "weights.bin"
     return TokenizedCorpus(
@@ -278,8 +292,46 @@ def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
             "dtype": np.dtype(dtype).name,
             "tokens": starts[-1],
             "documents": len(starts) - 1,
+            "checksums": {name: _chunk_crcs(staging / name) for name in _ENTRY_FILES if (staging / name).is_file()},
         }
         (staging / "meta.json").write_text(json.dumps(meta) + "\n")
+
+
+_ENTRY_FILES = ("tokens.bin", "weights.bin", "starts.npy")
+
+
+def _chunk_crcs(path: Path) -> list[int]:
+    """CRC-32 of each CHECKED_BYTES of `path` (an empty file: none)."""
+    crcs = []
+    with open(path, "rb") as f:
+        while chunk := f.read(CHECKED_BYTES):
+            crcs.append(zlib.crc32(chunk))
+    return crcs
+
+
+def _entry_problem(entry: Path) -> str | None:
+    """Why a cache entry cannot be read as the corpus it was built from, or None."""
+    try:
+        meta = json.loads((entry / "meta.json").read_text())
+        checksums = meta["checksums"]
+        itemsize = np.dtype(meta["dtype"]).itemsize
+        expected_sizes = {"tokens.bin": meta["tokens"] * itemsize, "weights.bin": meta["tokens"]}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"meta.json is unreadable: {e}"
+    if meta.get("format") != CACHE_FORMAT:
+        return f"it was written in cache format {meta.get('format')}, not {CACHE_FORMAT}"
+    for name, crcs in checksums.items():
+        path = entry / name
+        if not path.is_file():
+            return f"{name} is missing"
+        size = path.stat().st_size
+        if name in expected_sizes and size != expected_sizes[name]:
+            return f"{name} holds {size} bytes, not {expected_sizes[name]}"
+        if _chunk_crcs(path) != crcs:
+            return f"{name} changed since it was written"
+    if "starts.npy" not in checksums or "tokens.bin" not in checksums:
+        return "its checksums are incomplete"
+    return None
 
 
 def sft_records(files: list[Path]) -> Iterator[tuple[str, str, str]]:

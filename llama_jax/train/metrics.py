@@ -71,11 +71,13 @@ class TrainLogger:
         elapsed, steps = now - self._last_time, step - self._last_step
         self._last_time, self._last_step = now, step
         record = dict(metrics)
+        if record.get("tokens") == 0:  # no target in the batch (every response cut off): no loss to report
+            record["loss"] = record["z_loss"] = None
         if steps > 0 and elapsed > 0:
             record["tokens_per_s"] = steps * self.tokens_per_step / elapsed
             if self.peak_flops_total:
                 record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops_total
-        postfix = {"loss": f"{record['loss']:.3f}"}
+        postfix = {"loss": "n/a" if record["loss"] is None else f"{record['loss']:.3f}"}
         if "tokens_per_s" in record:
             postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
         if "mfu" in record:
@@ -99,7 +101,8 @@ class TrainLogger:
         if not self.enabled:
             return
         for name, value in record.items():
-            self._writer.add_scalar(f"{split}/{name}", value, step)
+            if value is not None:
+                self._writer.add_scalar(f"{split}/{name}", value, step)
         self._jsonl.write(json.dumps({"step": step, "split": split, **record}) + "\n")
         self._jsonl.flush()
 
@@ -116,7 +119,9 @@ def plot_losses(run_dir: Path) -> None:
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     figure, axes = pyplot.subplots(figsize=(7, 4))
     for split, style in (("train", "-"), ("eval", "o-")):
-        points = sorted({r["step"]: r["loss"] for r in records if r["split"] == split}.items())
+        points = sorted(
+            {r["step"]: r["loss"] for r in records if r["split"] == split and r["loss"] is not None}.items()
+        )
         if points:
             axes.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
     axes.set_xlabel("step")

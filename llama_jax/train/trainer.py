@@ -89,6 +89,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
         f"tokens in {job.rows.n_train} training and {job.rows.n_val} validation rows of {config.seq_len}"
         + (f"; resuming at step {job.start}" if job.start else "")
     )
+    if job.rows.supervision is not None:
+        logger.message(f"SFT: {job.rows.describe_supervision()}")
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
         try:
             train_loss, eval_loss, preempted = _loop(job, logger, preemption)
@@ -127,6 +129,12 @@ def _prepare(config: TrainConfig) -> _Job:
         config, mesh_platform(mesh), source.config if source else None, data.tokenizer.vocab_size
     )
     rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
+    evaluated = rows.val_rows(config.batch_size, config.eval_batches)
+    if rows.supervised_tokens(np.concatenate(evaluated)) == 0:  # an eval loss over nothing would read 0
+        raise ValueError(
+            f"the validation rows the run evaluates hold no response token: {rows.describe_supervision()}; "
+            "raise seq_len, eval_batches or val_fraction"
+        )
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh)
     fingerprint = run_fingerprint(config, model_config, data.corpus.key)
