@@ -24,18 +24,21 @@ def token_nll(
     segment_ids: jax.Array | None = None,
     chunk: int = LOSS_CHUNK,
     dropout_key: jax.Array | None = None,
+    differentiable: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
     `chunk`: positions per logits chunk; 0 projects the whole sequence at once. `dropout_key`: training's
-    (LoRA dropout)."""
-    hidden, _ = model.hidden_states(ids, positions, segment_ids=segment_ids, dropout_key=dropout_key)
+    (LoRA dropout). `differentiable=False` (evaluation): the platform's flash attention."""
+    hidden, _ = model.hidden_states(
+        ids, positions, segment_ids=segment_ids, dropout_key=dropout_key, differentiable=differentiable
+    )
     return _by_chunks(lambda h, t: _chunk_nll(model, h, t), hidden, targets, chunk)
 
 
 def token_logprobs(model, ids: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probability of `targets` (float32) and whether each is the argmax token, (batch, length):
     what a continuation's score and an evaluation harness's `is_greedy` are made of."""
-    hidden, _ = model.hidden_states(ids, None)
+    hidden, _ = model.hidden_states(ids, None, differentiable=False)
     return _by_chunks(lambda h, t: _chunk_logprobs(model, h, t), hidden, targets, chunk)
 
 
@@ -71,5 +74,20 @@ def _chunk_nll(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array,
 
 def _chunk_logprobs(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = model.logits(hidden).astype(jnp.float32)
+    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
+
+
+def continuation_logprobs(
+    model, inputs: jax.Array, rows: jax.Array, positions: jax.Array, targets: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probabilities of continuations, and whether each token is the argmax, (requests, n) float32 / bool:
+    request r reads row `rows[r]` of `inputs` (rows, length) and scores `targets[r, j]` from the hidden state
+    at `positions[r, j]`. The model runs once per distinct input row (requests that share a context share its
+    row) and the output projection only at the scored positions: a loglikelihood request needs its
+    continuation's few positions, not the whole vocabulary at every position."""
+    hidden, _ = model.hidden_states(inputs, differentiable=False)
+    picked = hidden[rows[:, None], positions]  # (requests, n, dim)
+    logits = model.logits(picked).astype(jnp.float32)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return target_logits - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets

@@ -200,11 +200,13 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         cache_block: int | None = None,
         dropout_key: jax.Array | None = None,
+        differentiable: bool = True,
     ) -> tuple[jax.Array, KVCache | None]:
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
         Training computes the logits from it a chunk at a time (`loss.token_nll`) and passes `dropout_key`
-        when LoRA dropout is on (each layer draws its masks from its own fold of the key)."""
-        implementation = choose_implementation(self.config.attention, self.config.dtype)
+        when LoRA dropout is on (each layer draws its masks from its own fold of the key). Scoring without
+        gradients passes differentiable=False: the platform's flash attention (blockwise XLA on CPU)."""
+        implementation = choose_implementation(self.config.attention, self.config.dtype, differentiable=differentiable)
         return self._forward(ids, positions, cache, segment_ids, cache_block, dropout_key, implementation)
 
     def _forward(self, ids, positions, cache, segment_ids, cache_block, dropout_key, implementation, keep_kv=False):

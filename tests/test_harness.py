@@ -52,22 +52,26 @@ def test_llama_jax_answers_as_the_hf_backend_does(stories_model, hf_dir, monkeyp
     monkeypatch.chdir(REPO)  # the task YAMLs name their data relative to the repository
     ours = run(
         harness.LlamaJaxLM(llama_jax.load(stories_model), batch_size=8, max_length=MAX_LENGTH),
-        ["story_choice", "story_complete", "story_text"],
+        ["story_choice", "story_ending", "story_complete", "story_text"],
     )
     reference = run(
         HFLM(pretrained=str(hf_dir), dtype="float32", batch_size=1, max_length=MAX_LENGTH, device="cpu"),
-        ["story_choice", "story_complete"],
+        ["story_choice", "story_ending", "story_complete"],
     )
     # Multiple choice: every choice's loglikelihood to 1e-4 relative (1e-5 absolute for those near 0, where a
     # relative bound would ask for more than float32's logsumexp gives), the same greedy flags and accuracy.
-    mine, theirs = responses(ours, "story_choice"), responses(reference, "story_choice")
-    assert len(mine) == len(theirs) == 40
-    for doc_mine, doc_theirs in zip(mine, theirs):
-        for [(logprob, greedy)], [(hf_logprob, hf_greedy)] in zip(doc_mine, doc_theirs):
-            assert logprob == pytest.approx(hf_logprob, rel=1e-4, abs=1e-5) and greedy == hf_greedy
+    # story_choice's endings are one word (the choices of a context share one row); story_ending's are
+    # sentences after contexts longer than the window (left-truncated), as HellaSwag and MMLU ask.
+    for task in ("story_choice", "story_ending"):
+        mine, theirs = responses(ours, task), responses(reference, task)
+        assert len(mine) == len(theirs) == 40
+        for doc_mine, doc_theirs in zip(mine, theirs):
+            for [(logprob, greedy)], [(hf_logprob, hf_greedy)] in zip(doc_mine, doc_theirs):
+                assert logprob == pytest.approx(hf_logprob, rel=1e-4, abs=1e-5) and greedy == hf_greedy, task
+        for metric in ("acc,none", "acc_norm,none"):
+            assert ours["results"][task][metric] == reference["results"][task][metric], task
+    mine = responses(ours, "story_choice")
     assert any(greedy for doc in mine for [(_, greedy)] in doc)  # the flag is exercised both ways
-    for metric in ("acc,none", "acc_norm,none"):
-        assert ours["results"]["story_choice"][metric] == reference["results"]["story_choice"][metric]
     # Generation: the same strings, the same exact match.
     generated = responses(ours, "story_complete")
     assert generated == responses(reference, "story_complete")

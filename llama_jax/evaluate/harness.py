@@ -5,9 +5,13 @@ The harness asks three kinds of question; each is answered in batches, never one
 
 * `loglikelihood(context, continuation)`: the harness's own `TemplateLM` tokenizes the pair (BOS, then the
   context; trailing spaces of the context move to the continuation) exactly as its `hf` backend does.
-  Requests are sorted longest first and scored `batch_size` rows at a time, padded to a power-of-two
-  length (one program per length bucket): the continuation's summed log-probability and whether every
-  one of its tokens is the argmax (`is_greedy`).
+  Requests whose model inputs are the same (the choices of a multiple-choice question whose continuations
+  are one token, or share all but their last) share one row; rows are sorted longest first and run
+  `batch_size` at a time, padded to a multiple of `PAD_MULTIPLE` tokens (one program per shape, kept), and
+  the output projection runs only at each request's continuation positions
+  (`loss.continuation_logprobs`): the continuation's summed log-probability and whether every one of its
+  tokens is the argmax (`is_greedy`). Continuations longer than `SHORT_CONTINUATION` (rolling windows) are
+  scored at every position a chunk of logits at a time (`loss.token_logprobs`).
 * `loglikelihood_rolling(text)`: the text's tokens after BOS, in disjoint windows of the model's length,
   each scored with as much preceding context as fits (the harness's own window function), summed. The
   text is encoded without a BOS of its own: the `hf` backend also scores BOS itself after a BOS prefix,
@@ -29,8 +33,7 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.slots import bucket_length
-from llama_jax.loss import token_logprobs
+from llama_jax.loss import continuation_logprobs, token_logprobs
 from llama_jax.sharding import named_sharding
 
 try:
@@ -39,6 +42,10 @@ try:
 except ImportError:  # the `eval` extra is not installed: find_tasks says how to get it
     lm_utils, TemplateLM = None, object
 
+# Rows are padded to a multiple of this many tokens (the longest of a batch rounded up): power-of-two buckets
+# left up to half of each batch as padding. TPU tiles are 128 wide; a CPU or GPU is fine with 32.
+PAD_MULTIPLE = 32
+SHORT_CONTINUATION = 64  # longer continuations (rolling windows) take the all-positions path
 EXTRA_MISSING = 'lm-evaluation-harness is not installed: pip install -e ".[eval]" (or pip install lm-eval)'
 DEFAULT_MAX_GEN_TOKS = 256
 
@@ -58,7 +65,12 @@ class LlamaJaxLM(TemplateLM):
         def score(state, inputs, targets):
             return token_logprobs(nnx.merge(graphdef, state), inputs, targets)
 
+        @jax.jit
+        def score_continuations(state, inputs, rows, positions, targets):
+            return continuation_logprobs(nnx.merge(graphdef, state), inputs, rows, positions, targets)
+
         self._score = score
+        self._score_continuations = score_continuations
 
     # What TemplateLM needs.
     @property
@@ -163,33 +175,89 @@ class LlamaJaxLM(TemplateLM):
         return texts
 
     def _score_rows(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
-        """rows: (ids, n): score ids[-n:] given everything before them. Longest first, batch_size rows per
-        call, each batch padded to the power-of-two bucket of its longest row."""
+        """rows: (ids, n): score ids[-n:] given everything before them."""
+        short = [i for i, (_, n) in enumerate(rows) if n <= SHORT_CONTINUATION]
+        long = [i for i, (_, n) in enumerate(rows) if n > SHORT_CONTINUATION]
+        answers: list[tuple[float, bool] | None] = [None] * len(rows)
+        with jax.set_mesh(self.loaded.mesh):
+            for index, answer in zip(short, self._score_short([rows[i] for i in short], disable_tqdm)):
+                answers[index] = answer
+            for index, answer in zip(long, self._score_whole([rows[i] for i in long], disable_tqdm)):
+                answers[index] = answer
+        return answers
+
+    def _score_short(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """Requests with the same model inputs (ids[:-1]) share a row; `batch_size` distinct rows per call,
+        longest first, with every request on them; logits only at the continuations' positions."""
+        from tqdm import tqdm
+
+        distinct: dict[tuple[int, ...], list[int]] = {}
+        for index, (ids, _) in enumerate(rows):
+            distinct.setdefault(tuple(ids[:-1]), []).append(index)
+        inputs_order = sorted(distinct, key=lambda inputs: -len(inputs))
+        batches = [inputs_order[i : i + self.batch_size] for i in range(0, len(inputs_order), self.batch_size)]
+        answers: list[tuple[float, bool] | None] = [None] * len(rows)
+        pad_id = self.tokenizer.pad_id
+        for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
+            length = min(-(-len(batch[0]) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
+            inputs = np.full((_row_count(len(batch), self.batch_size), length), pad_id, np.int32)
+            requests = [(row, index) for row, key in enumerate(batch) for index in distinct[key]]
+            for row, key in enumerate(batch):
+                inputs[row, : len(key)] = key
+            longest = max(rows[index][1] for _, index in requests)
+            n = min(1 << (longest - 1).bit_length(), SHORT_CONTINUATION)  # positions scored per request
+            count = 1 << (len(requests) - 1).bit_length()  # a power of two of requests
+            request_rows = np.zeros(count, np.int32)
+            positions = np.zeros((count, n), np.int32)
+            targets = np.full((count, n), pad_id, np.int32)
+            for slot, (row, index) in enumerate(requests):
+                ids, k = rows[index]
+                request_rows[slot] = row
+                positions[slot, :k] = np.arange(len(ids) - 1 - k, len(ids) - 1)
+                targets[slot, :k] = ids[-k:]
+            sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
+            logprobs, greedy = self._score_continuations(
+                self._state, jax.device_put(inputs, sharding), request_rows, positions, targets
+            )
+            logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
+            for slot, (_, index) in enumerate(requests):
+                k = rows[index][1]
+                answers[index] = (float(logprobs[slot, :k].sum()), bool(greedy[slot, :k].all()))
+        return answers
+
+    def _score_whole(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
+        """Long continuations: every position scored, a chunk of logits at a time; `batch_size` rows per call,
+        longest first, padded to a multiple of PAD_MULTIPLE."""
         from tqdm import tqdm
 
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         answers: list[tuple[float, bool] | None] = [None] * len(rows)
         pad_id = self.tokenizer.pad_id
         batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        with jax.set_mesh(self.loaded.mesh):
-            for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
-                length = bucket_length(len(rows[batch[0]][0]) - 1, self.max_length)
-                inputs = np.full((self.batch_size, length), pad_id, np.int32)
-                targets = np.full((self.batch_size, length), pad_id, np.int32)
-                for row, index in enumerate(batch):
-                    ids = rows[index][0]
-                    inputs[row, : len(ids) - 1] = ids[:-1]
-                    targets[row, : len(ids) - 1] = ids[1:]
-                sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
-                logprobs, greedy = self._score(
-                    self._state, jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
-                )
-                logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
-                for row, index in enumerate(batch):
-                    ids, n = rows[index]
-                    span = slice(len(ids) - 1 - n, len(ids) - 1)
-                    answers[index] = (float(logprobs[row, span].sum()), bool(greedy[row, span].all()))
+        for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
+            length = min(-(-(len(rows[batch[0]][0]) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
+            inputs = np.full((_row_count(len(batch), self.batch_size), length), pad_id, np.int32)
+            targets = np.full(inputs.shape, pad_id, np.int32)
+            for row, index in enumerate(batch):
+                ids = rows[index][0]
+                inputs[row, : len(ids) - 1] = ids[:-1]
+                targets[row, : len(ids) - 1] = ids[1:]
+            sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
+            logprobs, greedy = self._score(
+                self._state, jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
+            )
+            logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
+            for row, index in enumerate(batch):
+                ids, n = rows[index]
+                span = slice(len(ids) - 1 - n, len(ids) - 1)
+                answers[index] = (float(logprobs[row, span].sum()), bool(greedy[row, span].all()))
         return answers
+
+
+def _row_count(rows: int, batch_size: int) -> int:
+    """Rows of a scoring call: a power of two (one program per count), never more than the batch size: the
+    last, partial batch of a task does not pay for a whole one."""
+    return min(1 << (rows - 1).bit_length(), batch_size)
 
 
 def find_tasks(names: str, include_path: str | None):

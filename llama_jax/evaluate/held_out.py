@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -53,6 +54,7 @@ def held_out_loss(
     graphdef, params = nnx.split(loaded.model)
     score = jax.jit(lambda params, batch: _sums(graphdef, params, batch, config.loss_chunk))
     total = count = 0.0
+    started = time.perf_counter()
     batches = rows.val_rows(config.batch_size, config.eval_batches)
     for ids in batches:
         nll, tokens = score(params, {name: jnp.asarray(a) for name, a in rows.arrays(ids).items()})
@@ -64,6 +66,7 @@ def held_out_loss(
         "perplexity": math.exp(min(nll_per_token, 700.0)),
         "nll_per_token": nll_per_token,
         "tokens": int(count),
+        "tokens_per_second": round(count / (time.perf_counter() - started), 1),
         "rows": int(sum(np.count_nonzero(ids >= 0) for ids in batches)),
     }
 

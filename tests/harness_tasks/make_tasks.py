@@ -5,6 +5,9 @@
                         last words of other sentences
   story_complete.jsonl  generation: a story up to a sentence's last two words; they are the target
   story_text.jsonl      the five stories whole, for rolling loglikelihood (perplexity)
+  story_ending.jsonl    multiple choice as HellaSwag and MMLU ask it: a long shared context (a story up to a
+                        sentence, often longer than the test's 128-token window) and four endings of several
+                        tokens each, the true next sentence and three sentences from elsewhere
 """
 
 import json
@@ -36,6 +39,17 @@ def main() -> None:
     with open(HERE / "story_complete.jsonl", "w", encoding="utf-8") as f:
         for _, _, context, target in cuts[:24]:
             f.write(json.dumps({"context": context, "target": target}) + "\n")
+    sentences = []  # (the story before the sentence, the sentence)
+    for story in stories:
+        for match in re.finditer(r"[^.!?\n]+[.!?]", story):
+            if match.start() > 250:
+                sentences.append((story[: match.start()].rstrip(), match.group(0).strip()))
+    endings = sorted({sentence for _, sentence in sentences})
+    with open(HERE / "story_ending.jsonl", "w", encoding="utf-8") as f:
+        for context, sentence in rng.sample(sentences, 40):
+            choices = [sentence, *rng.sample([e for e in endings if e != sentence], 3)]
+            rng.shuffle(choices)
+            f.write(json.dumps({"context": context, "choices": choices, "label": choices.index(sentence)}) + "\n")
     with open(HERE / "story_text.jsonl", "w", encoding="utf-8") as f:
         for story in stories:
             f.write(json.dumps({"text": story}) + "\n")
