@@ -189,18 +189,13 @@ class LlamaJaxLM(TemplateLM):
     def _score_short(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
         """Requests with the same model inputs (ids[:-1]) share a row; `batch_size` distinct rows per call,
         longest first, with every request on them; logits only at the continuations' positions."""
-        from tqdm import tqdm
-
         distinct: dict[tuple[int, ...], list[int]] = {}
         for index, (ids, _) in enumerate(rows):
             distinct.setdefault(tuple(ids[:-1]), []).append(index)
-        inputs_order = sorted(distinct, key=lambda inputs: -len(inputs))
-        batches = [inputs_order[i : i + self.batch_size] for i in range(0, len(inputs_order), self.batch_size)]
         answers: list[tuple[float, bool] | None] = [None] * len(rows)
         pad_id = self.tokenizer.pad_id
-        for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
-            length = min(-(-len(batch[0]) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
-            inputs = np.full((_row_count(len(batch), self.batch_size), length), pad_id, np.int32)
+        for batch in self._batches(list(distinct), len, disable_tqdm):
+            inputs = np.full(self._shape(len(batch), len(batch[0])), pad_id, np.int32)
             requests = [(row, index) for row, key in enumerate(batch) for index in distinct[key]]
             for row, key in enumerate(batch):
                 inputs[row, : len(key)] = key
@@ -225,18 +220,31 @@ class LlamaJaxLM(TemplateLM):
                 answers[index] = (float(logprobs[slot, :k].sum()), bool(greedy[slot, :k].all()))
         return answers
 
+    def _batches(self, items: list, length, disable_tqdm: bool):
+        """`items` longest first (by `length(item)`, its model input's length), `batch_size` at a time, with a
+        progress bar when there are many."""
+        from tqdm import tqdm
+
+        order = sorted(items, key=lambda item: -length(item))
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        return tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8)
+
+    def _shape(self, rows: int, longest: int) -> tuple[int, int]:
+        """(rows, length) of a scoring call: the rows rounded up to a power of two (one program per count), never
+        more than the batch size, so a task's last, partial batch does not pay for a whole one; the longest
+        input rounded up to a multiple of PAD_MULTIPLE, at most the model's length."""
+        return (
+            min(1 << (rows - 1).bit_length(), self.batch_size),
+            min(-(-longest // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length),
+        )
+
     def _score_whole(self, rows: list[tuple[list[int], int]], disable_tqdm: bool) -> list[tuple[float, bool]]:
         """Long continuations: every position scored, a chunk of logits at a time; `batch_size` rows per call,
         longest first, padded to a multiple of PAD_MULTIPLE."""
-        from tqdm import tqdm
-
-        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         answers: list[tuple[float, bool] | None] = [None] * len(rows)
         pad_id = self.tokenizer.pad_id
-        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-        for batch in tqdm(batches, unit="batch", file=sys.stderr, disable=disable_tqdm or len(batches) < 8):
-            length = min(-(-(len(rows[batch[0]][0]) - 1) // PAD_MULTIPLE) * PAD_MULTIPLE, self.max_length)
-            inputs = np.full((_row_count(len(batch), self.batch_size), length), pad_id, np.int32)
+        for batch in self._batches(list(range(len(rows))), lambda i: len(rows[i][0]) - 1, disable_tqdm):
+            inputs = np.full(self._shape(len(batch), len(rows[batch[0]][0]) - 1), pad_id, np.int32)
             targets = np.full(inputs.shape, pad_id, np.int32)
             for row, index in enumerate(batch):
                 ids = rows[index][0]
@@ -252,12 +260,6 @@ class LlamaJaxLM(TemplateLM):
                 span = slice(len(ids) - 1 - n, len(ids) - 1)
                 answers[index] = (float(logprobs[row, span].sum()), bool(greedy[row, span].all()))
         return answers
-
-
-def _row_count(rows: int, batch_size: int) -> int:
-    """Rows of a scoring call: a power of two (one program per count), never more than the batch size: the
-    last, partial batch of a task does not pay for a whole one."""
-    return min(1 << (rows - 1).bit_length(), batch_size)
 
 
 def find_tasks(names: str, include_path: str | None):

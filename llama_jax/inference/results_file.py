@@ -61,9 +61,7 @@ class JsonlOutput:
                         f.truncate(keep_bytes)
             self._file = open(self.path, "a", encoding="utf-8")
         except BaseException:
-            if self._created:
-                self.path.unlink(missing_ok=True)
-                self.run_path.unlink(missing_ok=True)
+            self._discard_if_created()
             self._lock.close()
             raise
 
@@ -120,7 +118,12 @@ class JsonlOutput:
 
     def close(self) -> None:
         self._file.close()
-        if self._created and self.done == 0:
+        if self.done == 0:
+            self._discard_if_created()
+        self._lock.close()
+
+    def _discard_if_created(self) -> None:
+        """Remove the files this process created (and wrote no record to)."""
+        if self._created:
             self.path.unlink(missing_ok=True)
             self.run_path.unlink(missing_ok=True)
-        self._lock.close()
