@@ -41,11 +41,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     logging.getLogger("absl").setLevel(logging.CRITICAL)
     _warnings_as_lines()
     sys.unraisablehook = _quiet_closed_event_loops
+    logging.getLogger("asyncio").addFilter(_drop_orbax_orphan_reads)
     quiet_libtpu_without_tpu()
     try:
         code = main(argv)
     except EXPECTED_ERRORS as e:
         print(f"error: {one_line(e)}", file=sys.stderr)
+        _quiet_after_the_error_line()
         sys.exit(USER_ERROR_STATUS)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -62,6 +64,22 @@ def _quiet_closed_event_loops(unraisable) -> None:
     orbax_read = code is not None and "orbax" in code.co_filename
     if not (closed_loop or orbax_read):
         sys.__unraisablehook__(unraisable)
+
+
+def _quiet_after_the_error_line() -> None:
+    """The error line is the last thing a failed command says: what the interpreter collects on its way out
+    (orphaned reads of a failed restore, whose exceptions asyncio would log) is a consequence of that error."""
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+    sys.unraisablehook = lambda unraisable: None
+
+
+def _drop_orbax_orphan_reads(record: logging.LogRecord) -> bool:
+    """The same orphaned reads, when their tasks or TensorStore futures are collected before their
+    coroutines: asyncio logs `... exception was never retrieved` with the read's traceback whenever the
+    garbage collector happens to get there first (while an older checkpoint is tried, or at exit)."""
+    message = record.getMessage()
+    orphan = "exception was never retrieved" in message
+    return not (orphan and any(source in message for source in ("orbax", "OCDBT", "TensorStore", "tensorstore")))
 
 
 def _warnings_as_lines() -> None:
