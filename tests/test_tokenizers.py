@@ -83,9 +83,24 @@ def _write_llama2c(path: Path, pieces: list[tuple[str, float]]) -> Path:
     return path
 
 
+def _both_encodes(tok):
+    """`encode` (SentencePiece's C++ for these vocabularies) and run.c's loop in Python must agree: the hand
+    cases below check both."""
+    assert tok._sentencepiece is not None
+    fast_encode = tok.encode
+
+    def encode(text: str, bos: bool = False) -> list[int]:
+        fast, reference = fast_encode(text, bos=bos), tok.encode_like_run_c(text, bos=bos)
+        assert fast == reference, text
+        return fast
+
+    return encode
+
+
 def test_llama2c_merge_order_by_hand(tmp_path):
     pieces = [(" ", -1.0), ("a", -1.0), ("b", -1.0), ("c", -1.0), ("ab", -3.0), ("bc", -2.0), (" ab", -4.0)]
     tok = load_tokenizer(_write_llama2c(tmp_path / "t.bin", pieces))
+    tok.encode = _both_encodes(tok)
     space, a, b, c, ab, bc, space_ab = range(259, 266)
     # " abc" -> [" ", a, b, c]; pairs ab -3, bc -2: the best score wins over the leftmost pair -> [" ", a, bc];
     # " "+"a" and "a"+"bc" are no pieces: done.
@@ -102,6 +117,7 @@ def test_llama2c_merge_order_by_hand(tmp_path):
 def test_llama2c_equal_scores_merge_leftmost_pair(tmp_path):
     pieces = [(" ", -1.0), ("a", -1.0), ("ab", -2.0), ("ba", -2.0), ("b", -1.0)]
     tok = load_tokenizer(_write_llama2c(tmp_path / "t.bin", pieces))
+    tok.encode = _both_encodes(tok)
     space, a, ab, ba, b = range(259, 264)
     # " aba" -> [" ", a, b, a]; ab (pos 1) and ba (pos 2) tie at -2: run.c's strict '>' keeps the first.
     assert tok.encode("aba", bos=False) == [space, ab, a]
@@ -135,11 +151,33 @@ def _run_c_encode(tokenizer_bin: Path, text: str) -> list[int]:
 
 
 def test_llama2c_fast_merge_equals_run_c_loop(tok512, assets):
-    text = (assets / "tinystories_sample.txt").read_text()[:1500] + " naïve 中文 🦙"
+    assert tok512._sentencepiece is not None  # tok512 is encoded by SentencePiece's C++
+    text = (assets / "tinystories_sample.txt").read_text()[:1500] + " naïve 中文 🦙  two\tspaces\n▁"
     for start in range(0, len(text), 150):
         chunk = text[start : start + 150]
-        assert tok512.encode(chunk, bos=False) == _run_c_encode(assets / "tok512.bin", chunk)
+        expected = _run_c_encode(assets / "tok512.bin", chunk)
+        assert tok512.encode(chunk, bos=False) == expected
+        assert tok512.encode_like_run_c(chunk, bos=False) == expected
         assert tok512.decode(tok512.encode(chunk)) == chunk
+    # Whole texts (the SentencePiece path has no length-dependent cost to hide a difference behind).
+    for corpus in ("tinystories_sample.txt", "tinyshakespeare.txt"):
+        lines = (assets / corpus).read_text()[:200_000].splitlines()
+        assert [tok512.encode(line) for line in lines] == [tok512.encode_like_run_c(line) for line in lines]
+
+
+def test_llama2c_vocabularies_sentencepiece_would_read_otherwise_keep_run_c(tmp_path):
+    """A piece run.c can never build (its "é" is no piece: it falls back to bytes) but SentencePiece could,
+    a piece holding "▁", and a repeated piece: such files are encoded by the Python loop, as run.c does."""
+    for name, extra in (("unbuildable", [("éa", -0.5)]), ("escaped", [("▁", -1.0)]), ("repeated", [("a", -2.0)])):
+        pieces = [(" ", -1.0), ("a", -1.0), *extra]
+        tok = load_tokenizer(_write_llama2c(tmp_path / f"{name}.bin", pieces))
+        assert tok._sentencepiece is None, name
+    tok = load_tokenizer(_write_llama2c(tmp_path / "unbuildable.bin", [(" ", -1.0), ("a", -1.0), ("éa", -0.5)]))
+    assert (
+        tok.encode("éa", bos=False)
+        == _run_c_encode(tmp_path / "unbuildable.bin", "éa")
+        == [259, 0xC3 + 3, 0xA9 + 3, 260]
+    )
 
 
 # --- Llama 3 tiktoken ----------------------------------------------------------------------------------------

@@ -100,33 +100,7 @@ def sentencepiece_model(tokenizer: Tokenizer) -> bytes:
     """The serialized SentencePiece model of a SentencePiece or llama2.c tokenizer."""
     if tokenizer.kind == "sentencepiece":
         return tokenizer.path.read_bytes()
-    from sentencepiece import sentencepiece_model_pb2 as pb
-
-    kinds = pb.ModelProto.SentencePiece
-    model = pb.ModelProto()
-    model.trainer_spec.model_type = pb.TrainerSpec.BPE
-    model.trainer_spec.vocab_size = tokenizer.vocab_size
-    model.trainer_spec.byte_fallback = True
-    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = 0, 1, 2
-    model.trainer_spec.pad_id = -1
-    # LLaMA's normalizer: no rewriting, a dummy-prefix space, runs of spaces kept.
-    model.normalizer_spec.name = "identity"
-    model.normalizer_spec.add_dummy_prefix = True
-    model.normalizer_spec.remove_extra_whitespaces = False
-    for token_id in range(tokenizer.vocab_size):
-        piece = model.pieces.add()
-        piece.score = tokenizer.score(token_id)
-        if token_id < 3:
-            piece.piece, piece.type = (
-                ("<unk>", "<s>", "</s>")[token_id],
-                (kinds.UNKNOWN, kinds.CONTROL, kinds.CONTROL)[token_id],
-            )
-        elif token_id < 3 + 256:
-            piece.piece, piece.type = f"<0x{token_id - 3:02X}>", kinds.BYTE
-        else:
-            # llama2.c's export wrote SentencePiece's "▁" as a plain space; put it back.
-            piece.piece, piece.type = tokenizer.id_to_piece(token_id).replace(" ", "\u2581"), kinds.NORMAL
-    return model.SerializeToString()
+    return tokenizer.sentencepiece_model()
 
 
 def sentencepiece_tokenizer_json(model_proto: bytes) -> dict:

@@ -13,6 +13,9 @@ import struct
 from collections.abc import Sequence
 from pathlib import Path
 
+import sentencepiece
+from sentencepiece import sentencepiece_model_pb2
+
 from llama_jax.tokenizers.base import Tokenizer
 
 _UNK, _BOS, _EOS = 0, 1, 2
@@ -70,8 +73,17 @@ class Llama2cTokenizer(Tokenizer):
         self.bos_id, self.eos_id, self.pad_id = _BOS, _EOS, _UNK
         # These models mark story boundaries with BOS and run.c stops generating when BOS comes.
         self.stop_ids = (_BOS, _EOS)
+        self._sentencepiece = _as_sentencepiece(self._pieces, self._scores)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        # SentencePiece reads a "▁" in the text as the space it stands for; run.c as the character it is.
+        if self._sentencepiece is not None and "\u2581" not in text:
+            return [_BOS] * bos + self._sentencepiece.encode(text) + [_EOS] * eos
+        return self.encode_like_run_c(text, bos, eos)
+
+    def encode_like_run_c(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        """run.c's encode in Python: what `encode` runs for a vocabulary SentencePiece cannot stand in for,
+        and the reference the SentencePiece path is tested against."""
         ids: list[int] = []
         # run.c prepends the dummy-prefix space only to non-empty text.
         for char in (" " + text) if text else "":
@@ -145,6 +157,10 @@ class Llama2cTokenizer(Tokenizer):
     def id_to_piece(self, token_id: int) -> str:
         return self._pieces[token_id].decode("utf-8", errors="replace")
 
+    def sentencepiece_model(self) -> bytes:
+        """This vocabulary as the serialized SentencePiece model it was exported from."""
+        return sentencepiece_model(self._pieces, self._scores)
+
     def score(self, token_id: int) -> float:
         """The merge score of a piece (the SentencePiece score llama2.c's export copied)."""
         return self._scores[token_id]
@@ -154,3 +170,61 @@ class Llama2cTokenizer(Tokenizer):
         if name not in specials:
             raise KeyError(f"{self.path}: no special token {name!r}")
         return specials[name]
+
+
+def sentencepiece_model(pieces: list[bytes], scores: list[float]) -> bytes:
+    """The serialized SentencePiece BPE model these pieces were exported from (llama2.c's files are exports
+    of SentencePiece models): LLaMA's normalizer (no rewriting, a dummy-prefix space, runs of spaces kept),
+    byte fallback, the scores as merge priorities. transformers' export reads it too."""
+    Piece = sentencepiece_model_pb2.ModelProto.SentencePiece
+    model = sentencepiece_model_pb2.ModelProto()
+    model.trainer_spec.model_type = sentencepiece_model_pb2.TrainerSpec.BPE
+    model.trainer_spec.vocab_size = len(pieces)
+    model.trainer_spec.byte_fallback = True
+    model.trainer_spec.unk_id, model.trainer_spec.bos_id, model.trainer_spec.eos_id = _UNK, _BOS, _EOS
+    model.trainer_spec.pad_id = -1
+    model.normalizer_spec.name = "identity"
+    model.normalizer_spec.add_dummy_prefix = True
+    model.normalizer_spec.remove_extra_whitespaces = False
+    for name, kind in (("<unk>", Piece.UNKNOWN), ("<s>", Piece.CONTROL), ("</s>", Piece.CONTROL)):
+        model.pieces.add(piece=name, type=kind, score=0.0)
+    for byte in range(256):
+        model.pieces.add(piece=f"<0x{byte:02X}>", type=Piece.BYTE, score=0.0)
+    for piece, score in zip(pieces[_FIRST_BYTE_ID + 256 :], scores[_FIRST_BYTE_ID + 256 :]):
+        # llama2.c's export wrote SentencePiece's "▁" as a plain space; put it back.
+        name = piece.decode("utf-8", errors="replace").replace(" ", "\u2581")
+        model.pieces.add(piece=name, type=Piece.NORMAL, score=score)
+    return model.SerializeToString()
+
+
+def _as_sentencepiece(pieces: list[bytes], scores: list[float]) -> sentencepiece.SentencePieceProcessor | None:
+    """The same encoder in SentencePiece's C++, or None where the vocabulary has something SentencePiece
+    would encode differently from run.c.
+
+    run.c's encode is SentencePiece's BPE: code points (the dummy-prefix space first), byte fallback for
+    those that are not pieces, then the highest-scoring merge first, the leftmost among equal scores.
+    Running it in C++ is what makes encoding fast (the Python loop was a third of an lm-eval run's time on
+    stories260K). The two differ only where a vocabulary is not one SentencePiece could have trained: a piece
+    repeated, empty, not UTF-8, holding "▁", or with a character that is no piece of its own (run.c can never
+    build it, SentencePiece could), or a score at or below run.c's no-merge floor."""
+    first = _FIRST_BYTE_ID + 256
+    if not all(_utf8(piece) for piece in pieces[first:]):
+        return None
+    normal = [piece.decode("utf-8") for piece in pieces[first:]]
+    singles = {name for name in normal if len(name) == 1}
+    if (
+        any(name == "" or "\u2581" in name for name in normal)
+        or len(set(normal)) != len(normal)
+        or any(char not in singles for name in normal for char in name)
+        or any(score <= _NO_MERGE_SCORE for score in scores[first:])
+    ):
+        return None
+    return sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model(pieces, scores))
+
+
+def _utf8(piece: bytes) -> bool:
+    try:
+        piece.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
