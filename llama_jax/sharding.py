@@ -34,15 +34,34 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, tensor) mesh over all devices, or the given ones (e.g. a TPU slice's, from
-    `hardware.slice_devices`); `jax.make_mesh` orders them so that neighbours on the mesh are neighbours
-    on the chips' interconnect."""
+    `hardware.target_devices`); `jax.make_mesh` orders them so that neighbours on the mesh are neighbours
+    on the chips' interconnect.
+
+    Devices of several TPU slices (a Multislice job, or `--compile-for 2xv5p-128`): `config` describes one
+    slice, and the data axis grows by the number of slices, over the data-center network (DCN) — only the
+    gradients' reduction crosses it, as MaxText's `dcn_data_parallelism` does."""
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
+    slices = len({getattr(device, "slice_index", 0) for device in devices})
+    if slices > 1:
+        from jax.experimental import mesh_utils
+
+        if len(devices) % slices:
+            raise ValueError(f"{len(devices)} devices do not divide into {slices} equal slices")
+        shape = config.shape(len(devices) // slices)
+        # Within a slice, mesh axes may split the torus's (as jax.make_mesh lets them, e.g. tensor=2 of a side of 4).
+        grid = mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1), devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
     shape = config.shape(len(devices))
     try:
         return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     except (ValueError, NotImplementedError):  # a subset of a host's devices that has no physical layout
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_slices(mesh: Mesh) -> int:
+    """How many TPU slices (DCN-joined) the mesh spans: 1 for one slice, one host or a CPU."""
+    return len({getattr(device, "slice_index", 0) for device in mesh.devices.flat})
 
 
 def mesh_platform(mesh: Mesh) -> str:

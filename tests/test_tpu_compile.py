@@ -55,10 +55,54 @@ def test_slice_names_give_google_clouds_topologies(name, topology, chips):
     assert tpu.chip_config == ("megacore" if name.startswith(("v4", "v5p")) else "default")
 
 
-@pytest.mark.parametrize("name", ["v5e-3", "v5p-100", "v7-8", "tpu", "v5litepod-16"])
+@pytest.mark.parametrize("name", ["v5e-3", "v5p-100", "v7-8", "tpu", "v5litepod-16", "0xv5p-128", "2x v5p-128"])
 def test_unknown_slices_are_refused(name):
     with pytest.raises(ValueError, match="TPU slice|slice of"):
         tpu_slice(name)
+
+
+def test_several_slices_are_one_slice_shape_times_n():
+    two = tpu_slice("2xV5P-128")
+    assert (two.name, two.topology, two.slices, two.chips_per_slice, two.chips) == (
+        "2xv5p-128",
+        "v5p:4x4x4",
+        2,
+        64,
+        128,
+    )
+    assert tpu_slice("v5p-128").slices == 1
+
+
+@needs_libtpu
+def test_the_data_axis_spans_the_slices_and_the_recipe_mesh_is_one_slices():
+    """The recipe's mesh (fsdp=4 here) describes one slice; devices of two slices double the data axis, and
+    each data row of the mesh lies in one slice, so only what is reduced over data crosses DCN."""
+    from llama_jax.hardware import slice_devices
+    from llama_jax.sharding import MeshConfig, make_mesh, mesh_slices
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=4, tensor=1), slice_devices(tpu_slice("2xv5e-4")))
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1} and mesh_slices(mesh) == 2
+    assert [sorted({d.slice_index for d in row.flat}) for row in mesh.devices] == [[0], [1]]
+
+
+@needs_libtpu
+def test_a_multislice_train_step_reports_what_crosses_dcn_per_micro_batch(tpu_precision):
+    """The bytes come from the compiled program's sends to the Megascale (DCN) runtime, times the trip count of
+    the loops around them: with the accumulation loop of 2 micro-batches, the gradients' all-reduce (bf16, as
+    the weights are used) crosses DCN once per micro-batch; with 1, half as much goes."""
+    from llama_jax.train.compile import compile_training
+    from llama_jax.train.init_from import build_model_config
+
+    sent = {}
+    for accum in (1, 2):
+        config = load_train_config(None, [*TINY, "mesh.data=1", "mesh.fsdp=4", f"grad_accum={accum}", "batch_size=16"])
+        train, evaluate = compile_training(config, tpu_slice("2xv5e-4"))
+        assert train.fits and evaluate.dcn_bytes < 1024  # evaluation's DCN traffic: its loss sums
+        sent[accum] = train.dcn_bytes
+    params = build_model_config(config, "tpu").param_count()
+    bf16_gradient_shard = params * 2 / 4  # each chip's fsdp shard
+    assert bf16_gradient_shard <= sent[1] <= 2.5 * bf16_gradient_shard, (sent, params)
+    assert 1.5 * sent[1] <= sent[2] <= 2.1 * sent[1], sent
 
 
 @pytest.fixture
@@ -108,7 +152,7 @@ def test_a_batch_beyond_the_chips_memory_is_reported_as_not_fitting(tmp_path):
     )
     assert result.returncode == 1 and result.stdout, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["slice"] == "v4-8" and report["chips"] == 4 and not report["fits"]
+    assert report["target"] == "v4-8" and report["chips"] == 4 and not report["fits"]
     assert not report["functions"]["train_step"]["fits"]
     assert report["functions"]["train_step"]["per_chip_gib"] > report["functions"]["train_step"]["hbm_gib"]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -1,5 +1,5 @@
 """What the command lines share: the model flags and loading a model from them; the generation flags and the
-settings they make; compiling the engine for a TPU slice.
+settings they make; compiling the engine for a TPU slice or GPUs.
 
     --checkpoint DIR --dtype D --quantize int8 --mesh data=..,fsdp=..,tensor=..   (infer, evaluate, serve)
     --max-new-tokens --temperature --top-p --top-k --seed --batch-size --chat --stop-id   (infer, evaluate generate)
@@ -141,7 +141,7 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
 
 
 def compile_engine_for(
-    slice_name: str,
+    target_name: str,
     model,
     mesh: str,
     slots: int,
@@ -151,19 +151,19 @@ def compile_engine_for(
     prefill_chunk: int | None = None,
     prefix_cache_tokens: int | None = None,
 ) -> int:
-    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice (its prefix pool as the
+    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice or GPUs (its prefix pool as the
     engine would size it); prints the table and, last, the JSON report. Exit status 1 when they do not fit."""
     import json
     import sys
 
     from llama_jax.aot import report_json, report_table
-    from llama_jax.hardware import tpu_slice
+    from llama_jax.hardware import compile_target
     from llama_jax.inference.compile import compile_inference
     from llama_jax.inference.engine import default_prefix_cache_tokens
     from llama_jax.inference.slots import PREFILL_CHUNK
     from llama_jax.sharding import MeshConfig
 
-    tpu = tpu_slice(slice_name)
+    target = compile_target(target_name)
     dtype = dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype)
     chunk = prefill_chunk or PREFILL_CHUNK
@@ -171,15 +171,15 @@ def compile_engine_for(
     if prefix_cache_tokens is None:
         prefix_cache_tokens = default_prefix_cache_tokens(slots, cache_len, chunk)
     reports = compile_inference(
-        model, tpu, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens, chunk, prefix_cache_tokens // chunk
+        model, target, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens, chunk, prefix_cache_tokens // chunk
     )
-    print(report_table(tpu, reports))
-    summary = report_json(tpu, reports)
+    print(report_table(target, reports))
+    summary = report_json(target, reports)
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
         print(
-            f"error: this setting does not fit in the HBM of a {tpu.name} chip: fewer decode slots, a shorter "
-            "context, or shard more (--mesh tensor=N)",
+            f"error: this setting does not fit in the memory of one chip of {target.name}: fewer decode slots, "
+            "a shorter context, or shard more (--mesh tensor=N)",
             file=sys.stderr,
         )
         return 1

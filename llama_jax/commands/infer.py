@@ -63,8 +63,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "separated by blank lines (standard output only)",
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
-    compile_group = parser.add_argument_group("compiling for a TPU slice instead of generating")
-    compile_group.add_argument("--compile-for", metavar="SLICE", help="a TPU slice, e.g. v5e-8 (needs libtpu)")
+    compile_group = parser.add_argument_group("compiling for a TPU slice or GPUs instead of generating")
+    compile_group.add_argument(
+        "--compile-for", metavar="TARGET", help="a TPU slice, e.g. v5e-8 (needs libtpu), or 1xH100 (needs gpu-compile)"
+    )
     compile_group.add_argument(
         "--model", metavar="NAME", help="a preset, model YAML or model directory (only its config.json is read)"
     )

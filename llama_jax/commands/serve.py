@@ -89,7 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-prompts", action="store_true", help="write each request's prompt in its access-log line")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
-    parser.add_argument("--compile-for", metavar="SLICE", help="compile for a TPU slice instead of serving")
+    parser.add_argument(
+        "--compile-for", metavar="TARGET", help="compile for a TPU slice (v5e-8) or GPUs (1xH100) instead of serving"
+    )
     args = parser.parse_args(argv)
     for name in ("slots", "max_queue"):
         if getattr(args, name) < 1:

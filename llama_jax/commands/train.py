@@ -4,6 +4,7 @@
     python train.py --config configs/tiny_test.yaml steps=50 run_dir=runs/try
     python train.py --config configs/sft_example.yaml init_from=models/stories260K
     python train.py --config configs/llama3_8b_v5p.yaml --compile-for v5p-128    # will it fit? (needs libtpu)
+    python train.py --config configs/llama3_8b_h100.yaml --compile-for 8xH100    # (needs the gpu-compile extra)
     python train.py data='/data/*.jsonl' tokenizer=tokenizer.model --write-token-store gs://BUCKET/corpus
 
 Settings are `key=value` overrides on top of the YAML file on top of the defaults (listed below, and in
@@ -12,9 +13,11 @@ stderr, TensorBoard event files and metrics.jsonl (and a loss-curve PNG) in the 
 a few sample generations and, as its last line, a JSON report:
 {"step", "train_loss", "eval_loss", "eval_perplexity", "vocab_size", "checkpoint", ...}.
 
---compile-for SLICE compiles the train and eval steps for a TPU slice (v4-N, v5p-N, v5e-N, v6e-N) on this
-host, reading no data or weights, and prints per-chip memory, whether it fits, the attention kernel and a
-roofline bound on step time and MFU; the last line is JSON. Exit status 1: it does not fit.
+--compile-for TARGET compiles the train and eval steps for a TPU slice (v4-N, v5p-N, v5e-N, v6e-N), several
+slices joined over DCN (2xv5p-128: the recipe's mesh is one slice's, the data axis spans the slices) or the
+GPUs of one host (1xH100 to 8xH100, 8xH200) on this host, reading no data or weights, and prints per-chip
+memory, whether it fits, the attention kernel, a roofline bound on step time and MFU, and across slices the
+bytes each chip sends over DCN per step; the last line is JSON. Exit status 1: it does not fit.
 
 --write-token-store URL tokenizes the configured data once into a tensorstore token store (gs://, file://
 or a new local directory) that the hosts of a pod read with data=URL, each only its own rows.
@@ -43,7 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--config", metavar="FILE", help="a YAML file of settings (configs/*.yaml)")
     parser.add_argument(
-        "--compile-for", metavar="SLICE", help="compile for a TPU slice (e.g. v5p-128) instead of training"
+        "--compile-for",
+        metavar="TARGET",
+        help="compile for a TPU slice (v5p-128), slices over DCN (2xv5p-128) or GPUs (8xH100) instead of training",
     )
     parser.add_argument(
         "--write-token-store",
@@ -76,21 +81,22 @@ def main(argv: list[str] | None = None) -> int:
     return PREEMPTED_STATUS if result["preempted"] else 0
 
 
-def compile_for(config, slice_name: str) -> int:
+def compile_for(config, target_name: str) -> int:
     from llama_jax.aot import report_json, report_table
-    from llama_jax.hardware import tpu_slice
+    from llama_jax.hardware import compile_target
     from llama_jax.train.compile import compile_training
 
-    tpu = tpu_slice(slice_name)
-    reports = compile_training(config, tpu)
-    print(report_table(tpu, reports))
-    summary = report_json(tpu, reports)
+    target = compile_target(target_name)
+    reports = compile_training(config, target)
+    print(report_table(target, reports))
+    summary = report_json(target, reports)
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
-        too_big = ", ".join(r.name for r in reports if not r.fits)
+        too_big = [r.name for r in reports if not r.fits]
         print(
-            f"error: {too_big} does not fit in the HBM of a {tpu.name} chip: lower the per-chip batch, add remat, "
-            "or shard more (mesh.fsdp, mesh.tensor)",
+            f"error: {', '.join(too_big)} {'does' if len(too_big) == 1 else 'do'} not fit in the memory of one chip "
+            f"of {target.name}: lower the per-chip batch, "
+            "add remat, or shard more (mesh.fsdp, mesh.tensor)",
             file=sys.stderr,
         )
         return DOES_NOT_FIT_STATUS

@@ -1,6 +1,6 @@
-"""`infer.py --compile-for SLICE` and `serve --compile-for SLICE`: the engine's own programs — the prefill of
+"""`infer.py --compile-for TARGET` and `serve --compile-for TARGET`: the engine's own programs — the prefill of
 each prompt bucket given, the chunk extension of longer prompts, the decode loop, and the prefix pool's copies,
-as `slots.SlotBackend` lowers them for itself before it serves — compiled for a TPU slice on any host, with no
+as `slots.SlotBackend` lowers them for itself before it serves — compiled for a TPU slice or GPUs on any host, with no
 weights or tokenizer."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from llama_jax import flops
 from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
-from llama_jax.hardware import TpuSlice, slice_devices
+from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
 from llama_jax.inference.slots import MAX_STEPS, PREFILL_CHUNK, SlotBackend
 from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform
 
@@ -30,7 +30,7 @@ def engine_backend(
 
 def compile_inference(
     model: ModelConfig,
-    tpu: TpuSlice,
+    target: TpuSlice | GpuTarget,
     mesh_config: MeshConfig,
     slots: int,
     prompt_lens: list[int],
@@ -41,7 +41,7 @@ def compile_inference(
     """The prefill of the bucket of each prompt length (up to a chunk; all `prefill_rows` rows at once: the
     most a prefill call holds), the extension by a whole chunk when a prompt is longer, and the decode loop of
     `slots` slots over a cache of the longest prompt + max_new_tokens (and a pool of `pool_entries` chunks)."""
-    mesh = make_mesh(mesh_config, slice_devices(tpu))
+    mesh = make_mesh(mesh_config, target_devices(target))
     backend = engine_backend(model, mesh, slots, max(prompt_lens) + max_new_tokens, chunk, pool_entries)
     prefill_attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh), differentiable=False)
     rows = backend.prefill_rows_for(backend.prefill_rows)

@@ -1,8 +1,9 @@
-"""`train.py --compile-for SLICE`: compile a recipe's train and eval steps for a TPU slice, on any host.
+"""`train.py --compile-for TARGET`: compile a recipe's train and eval steps for a TPU slice (or several over DCN)
+or the GPUs of one host, on any host.
 
 No data, tokenizer or weights are read: the vocabulary comes from the model config (an init_from directory
 contributes its config.json only), the batch and the train state are `jax.ShapeDtypeStruct`s sharded over
-the slice's devices, and nothing runs on them.
+the target's devices, and nothing runs on them.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from llama_jax import flops
 from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
-from llama_jax.hardware import TpuSlice, slice_devices
+from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
 from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train.batching import FIELDS, batch_sharding, check_batch_fits_mesh
@@ -28,8 +29,8 @@ from llama_jax.train.step import make_eval_step, make_train_step, state_layout
 _UPDATE_BYTES_PER_PARAM = 4 + 4 + 4 + 2 * (4 + 4)
 
 
-def compile_training(config: TrainConfig, tpu: TpuSlice) -> list[FunctionReport]:
-    mesh = make_mesh(config.mesh, slice_devices(tpu))
+def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[FunctionReport]:
+    mesh = make_mesh(config.mesh, target_devices(target))
     base = read_model_dir(config.init_from).config if config.init_from else None
     model = build_model_config(config, mesh_platform(mesh), base)
     check_batch_fits_mesh(config, mesh)

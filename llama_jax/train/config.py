@@ -145,8 +145,8 @@ class TrainConfig:
     )
     hardware: str | None = setting(
         None,
-        "where the recipe is meant to run: a TPU slice (v5p-128; check it with "
-        "--compile-for) or e.g. cpu, 8xH100; nothing is chosen by it",
+        "where the recipe is meant to run: cpu, a TPU slice (v5p-128), slices over DCN (2xv5p-256) or GPUs "
+        "(8xH100); check it with --compile-for; nothing is chosen by it",
     )
     # Outputs.
     run_dir: str = setting("runs/default", "outputs; rerunning with the same run_dir resumes it")

@@ -1,8 +1,9 @@
-"""Compile every TPU recipe in configs/ for the slice it names, and the serving settings below, from this host
-(needs libtpu: pip install -e ".[tpu]"; no TPU): the table in README.
+"""Compile every recipe in configs/ for the hardware it names — a TPU slice, slices over DCN, or H100s — and the
+serving settings below, from this host (needs libtpu and JAX's CUDA plugin: pip install -e ".[tpu,gpu-compile]";
+no TPU, no GPU): the tables in README.
 
-    python benchmarks/tpu_recipes.py                 # all of them: ~1-2 min of compiling each on 2 CPU cores
-    python benchmarks/tpu_recipes.py llama3_8b_v5p   # recipes whose file name contains this
+    python benchmarks/compile_recipes.py                 # all of them: ~1-2 min of compiling each on 2 CPU cores
+    python benchmarks/compile_recipes.py llama3_8b_v5p   # recipes (and settings) whose name contains this
 
 Each compile runs `train.py --compile-for` / `infer.py --compile-for` in its own process, as a user would.
 """
@@ -18,7 +19,7 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-# Serving settings: llama3-8b in bf16, 8-way tensor parallel over one host's chips.
+# Serving settings: llama3-8b in bf16, 8-way tensor parallel over one host's TPU chips, or on one H100.
 SERVING = [
     (
         "llama3-8b serving",
@@ -52,9 +53,16 @@ SERVING = [
             "1024",
         ],
     ),
+    (
+        "llama3-8b serving",
+        "1xH100",
+        ["--model", "llama3-8b", "--batch-size", "64", "--prompt-len", "4096", "--max-new-tokens", "1024"],
+    ),
 ]
 # The chunked loss against whole-sequence float32 logits, on the recipe whose logits are largest.
 EXTRA = [("llama3_8b_v5p.yaml", ["loss_chunk=0"], "loss over the whole 8192 x 128256 logits")]
+# The same recipe across two slices: its mesh is one slice's, the data axis spans both.
+OTHER_TARGETS = [("llama3_8b_v5p.yaml", "2xv5p-128")]
 
 
 def compile_once(command: list[str]) -> tuple[dict, float]:
@@ -77,32 +85,37 @@ def rows(name: str, report: dict, seconds: float) -> list[str]:
     out = []
     for function, r in report["functions"].items():
         out.append(
-            f"| {name} | {report['slice']} | {function} | {r['temporaries_gib']:.1f} | {r['per_chip_gib']:.1f} "
+            f"| {name} | {report['target']} | {function} | {r['temporaries_gib']:.1f} | {r['per_chip_gib']:.1f} "
             f"| {r['hbm_gib']:.2f} "
             f"| {'yes' if r['fits'] else '**no**'} | {r['attention']} | {r['mfu_bound']:.0%} "
-            f"| {r['tokens_per_second_bound']:,.0f} | {seconds:.0f} |"
+            f"| {r['tokens_per_second_bound']:,.0f} | {r['dcn_gib_per_chip'] if report['slices'] > 1 else '-'} "
+            f"| {seconds:.0f} |"
         )
     return out
 
 
 def main() -> None:
-    wanted = sys.argv[1] if len(sys.argv) > 1 else ""
+    wanted = sys.argv[1].lower() if len(sys.argv) > 1 else ""
     print(
-        "| recipe | slice | function | temporaries GiB | peak GiB per chip | usable HBM GiB | fits | attention "
-        "| MFU bound | tokens/s bound | compile s |"
+        "| recipe | target | function | temporaries GiB | peak GiB per chip | usable memory GiB | fits | attention "
+        "| MFU bound | tokens/s bound | DCN GiB sent per chip | compile s |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     jobs = []
     for path in sorted((REPO / "configs").glob("*.yaml")):
         hardware = str((yaml.safe_load(path.read_text()) or {}).get("hardware", ""))
-        if hardware.startswith(("v4-", "v5p-", "v5e-", "v6e-")) and wanted in path.name:
-            jobs.append((path.stem, ["train.py", "--config", f"configs/{path.name}", "--compile-for", hardware]))
+        if hardware not in ("", "cpu") and wanted in path.name.lower():
+            command = ["train.py", "--config", f"configs/{path.name}", "--compile-for"]
+            jobs.append((path.stem, [*command, hardware]))
             for file, extra, note in EXTRA:
                 if file == path.name:
-                    jobs.append((f"{path.stem} ({note})", [*jobs[-1][1], *extra]))
-    for name, tpu, args in SERVING:
-        if wanted in name:
-            jobs.append((name, ["infer.py", "--compile-for", tpu, *args]))
+                    jobs.append((f"{path.stem} ({note})", [*command, hardware, *extra]))
+            for file, target in OTHER_TARGETS:
+                if file == path.name:
+                    jobs.append((path.stem, [*command, target]))
+    for name, target, args in SERVING:
+        if wanted in name.lower() or wanted in target.lower():
+            jobs.append((name, ["infer.py", "--compile-for", target, *args]))
     for name, command in jobs:
         report, seconds = compile_once(command)
         print("\n".join(rows(name, report, seconds)), flush=True)
