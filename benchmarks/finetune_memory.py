@@ -1,13 +1,16 @@
 """Fine-tuning Llama 3 8B on one chip: full fine-tuning vs LoRA vs QLoRA, memory per chip from the TPU compiler.
 
     python benchmarks/finetune_memory.py            # needs the tpu extra (libtpu); no TPU, no weights
+    python benchmarks/finetune_memory.py dpo        # the modes whose name contains this
 
 For each single-chip slice (v5e-1: 16 GiB HBM, v6e-1: 32 GiB) and each mode, the real train step of
 `train.py` is compiled for the chip (`--compile-for`'s code) and XLA's peak memory per chip is printed:
   * full:  every parameter trained (float32 master weights, AdamW moments);
   * lora:  rank-16 adapters on q, k, v, o, gate, up, down; the base frozen in bf16;
-  * qlora: the same adapters on an int8 base (per-channel scales).
-One 2048-token sequence per step, full remat, bf16 compute, the splash attention kernel. The model directory
+  * qlora: the same adapters on an int8 base (per-channel scales);
+  * lora-dpo, qlora-dpo: DPO (`objective=dpo`) with those adapters: one preference pair per step (two
+    sequences), the reference being the same frozen base with the adapters off.
+One 2048-token sequence (or pair) per step, full remat, bf16 compute, the splash attention kernel. The model directory
 is a config.json alone (compiling reads no weights).
 """
 
@@ -31,9 +34,12 @@ MODES = {
     "lora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down"],
     "qlora": ["lora.rank=16", "lora.targets=q,k,v,o,gate,up,down", "lora.int8_base=true"],
 }
+MODES["lora-dpo"] = [*MODES["lora"], "objective=dpo", "batch_size=2"]
+MODES["qlora-dpo"] = [*MODES["qlora"], "objective=dpo", "batch_size=2"]
 
 
 def main() -> None:
+    wanted = sys.argv[1] if len(sys.argv) > 1 else ""
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
         write_config(base, preset("llama3-8b").replace(max_seq_len=2048), None, None)
@@ -41,6 +47,8 @@ def main() -> None:
         print("|---|---|---|---|---|---|---|")
         for slice_name in ("v5e-1", "v6e-1"):
             for mode, extra in MODES.items():
+                if wanted not in mode:
+                    continue
                 config = load_train_config(
                     None,
                     [
@@ -50,7 +58,7 @@ def main() -> None:
                         "dtype=bfloat16",
                         "model.remat=full",
                         "data=unused.txt",
-                        *extra,
+                        *extra,  # after batch_size: DPO's pair
                     ],
                 )
                 train = compile_training(config, tpu_slice(slice_name))[0]

@@ -39,6 +39,11 @@ def held_out_loss(
         raise ValueError(f"{run_dir} is not a training run directory (no {RUN_FILE})")
     recorded = json.loads(run_file.read_text())
     config = train_config_from_dict(recorded["settings"])
+    if config.objective == "dpo":
+        raise ValueError(
+            f"{run_dir} is a DPO run: its held-out evaluation is the DPO loss and reward accuracy of its validation "
+            "pairs (eval lines of its metrics.jsonl), not a next-token loss"
+        )
     model_dir = read_model_dir(run_dir)
     # The run's own tokenizer file (a trained one lives in the run directory); the corpus key covers its
     # bytes, so the cached tokens are found again.

@@ -5,6 +5,9 @@ seq_len). Pretraining cuts the stream into back-to-back windows, so documents ar
 one continues in the next row. SFT packs whole examples (in order, as many as fit; an example longer than a
 row is truncated) and pads the rest, so a response is never separated from its prompt.
 
+DPO (`pairs`) puts one example in a row: rows 2i and 2i + 1 are pair i's chosen and rejected examples, and
+batches hold whole pairs, the chosen row first.
+
 Segment ids number the documents inside a row; the model attends only within a segment, positions restart
 at every document start (and at the row start), and the loss mask drops the targets that cross into the
 next document, padding, and SFT prompt tokens.
@@ -40,12 +43,20 @@ class PackedRows:
         pad_id: int,
         whole_documents: bool,
         val_fraction: float,
+        pairs: bool = False,
     ):
-        self.corpus, self.seq_len, self.pad_id = corpus, seq_len, pad_id
+        self.corpus, self.seq_len, self.pad_id, self.pairs = corpus, seq_len, pad_id, pairs
         n_tokens = corpus.n_tokens
-        self._doc_spans = _pack_documents(corpus.starts, seq_len + 1) if whole_documents else None
+        whole_documents = whole_documents or pairs
+        if pairs:
+            self._doc_spans = _one_document_per_row(corpus.starts, seq_len + 1)
+            if len(self._doc_spans) % 2:
+                raise ValueError(f"a preference corpus holds pairs of examples, not {len(self._doc_spans)}")
+        else:
+            self._doc_spans = _pack_documents(corpus.starts, seq_len + 1) if whole_documents else None
         self.n_rows = len(self._doc_spans) if whole_documents else (n_tokens - 1) // seq_len
-        self.n_val = max(1, round(self.n_rows * val_fraction))
+        unit = 2 if pairs else 1  # the validation rows hold whole pairs
+        self.n_val = unit * max(1, round(self.n_rows // unit * val_fraction))
         self.n_train = self.n_rows - self.n_val
         if self.n_train < 1:
             raise ValueError(
@@ -89,11 +100,23 @@ class PackedRows:
             f"tokens and cut short, {s['targets'] - kept:,} of their {s['targets']:,} response tokens dropped"
         )
 
+    def pairs_without_response(self) -> int:
+        """Preference pairs one of whose responses lies wholly beyond seq_len: the loss leaves them out."""
+        start, end = self.spans(np.arange(self.n_rows))
+        targets = self._targets[end] - self._targets[np.minimum(start + 1, end)]
+        return int(np.sum(np.minimum(targets[0::2], targets[1::2]) == 0))
+
     def describe_supervision(self) -> str | None:
-        """What packing did to an SFT corpus, for the run's first line (None for pretraining)."""
+        """What packing did to an SFT or DPO corpus, for the run's first line (None for pretraining)."""
         if self.supervision is None:
             return None
         s = self.supervision
+        if self.pairs:
+            return (
+                f"{self.n_rows // 2:,} preference pairs ({self.n_train // 2:,} training, {self.n_val // 2:,} "
+                f"validation), one example a row; {self.pairs_without_response()} pairs have a response wholly "
+                f"beyond seq_len {self.seq_len} and are left out of the loss ({self._truncation_line()})"
+            )
         return (
             f"{s['train_targets']:,} response tokens to learn in the training rows, "
             f"{s['validation_targets']:,} in the validation rows ({self._truncation_line()})"
@@ -141,12 +164,20 @@ class PackedRows:
         return {name: value.reshape(*shape, self.seq_len) for name, value in fields.items()}
 
     def train_rows(self, step: int, batch_size: int, seed: int) -> np.ndarray:
-        """Row ids of step `step`'s batch (batch_size,): a pure function of (seed, step)."""
+        """Row ids of step `step`'s batch (batch_size,): a pure function of (seed, step). Pairs are drawn whole
+        (batch_size / 2 of them), each as its chosen row then its rejected row."""
+        if self.pairs:
+            pair_rows = 2 * self._permuted(step, batch_size // 2, self.n_train // 2, seed)
+            return np.stack([pair_rows, pair_rows + 1], axis=1).reshape(-1)
+        return self._permuted(step, batch_size, self.n_train, seed)
+
+    @staticmethod
+    def _permuted(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
         sample = step * batch_size + np.arange(batch_size, dtype=np.int64)
-        epoch, index = np.divmod(sample, self.n_train)
+        epoch, index = np.divmod(sample, n)
         rows = np.empty_like(index)
         for e in np.unique(epoch):
-            rows[epoch == e] = feistel_permutation(index[epoch == e], self.n_train, (seed << 32) + int(e))
+            rows[epoch == e] = feistel_permutation(index[epoch == e], n, (seed << 32) + int(e))
         return rows
 
     def val_rows(self, batch_size: int, n_batches: int) -> list[np.ndarray]:
@@ -156,6 +187,11 @@ class PackedRows:
         count = min(self.n_val, len(ids))
         ids[:count] = self.n_train + np.arange(count)
         return list(ids.reshape(n_batches, batch_size))
+
+
+def _one_document_per_row(starts: np.ndarray, row_len: int) -> np.ndarray:
+    """Each document alone in a row (cut at row_len tokens): (n_docs, 2) spans."""
+    return np.stack([starts[:-1], np.minimum(starts[1:], starts[:-1] + row_len)], axis=1).astype(np.int64)
 
 
 def _pack_documents(starts: np.ndarray, row_len: int) -> np.ndarray:

@@ -35,7 +35,8 @@ def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[
     model = build_model_config(config, mesh_platform(mesh), base)
     check_batch_fits_mesh(config, mesh)
     optimizer = make_optimizer(config)
-    layout = state_layout(model, optimizer, mesh)
+    dpo = config.dpo if config.objective == "dpo" else None
+    layout = state_layout(model, optimizer, mesh, reference=dpo is not None)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     sharding = batch_sharding(mesh, batch_shape)
     batch = {
@@ -52,8 +53,9 @@ def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[
         learning_rate(config),
         config.loss_chunk,
         config.seed if model.lora.dropout else None,
+        dpo,
     )
-    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
+    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk, dpo)
     return [
         compile_function(
             "train_step",
@@ -79,6 +81,8 @@ def train_workload(model: ModelConfig, config: TrainConfig, mesh) -> Workload:
     tokens = config.batch_size * config.seq_len
     chips = mesh.devices.size
     useful = flops.training_flops_per_token(model, config.seq_len) * tokens
+    if config.objective == "dpo":  # the reference model's forward pass over the same tokens
+        useful += flops.forward_flops_per_token(model, config.seq_len) * tokens
     recomputed = flops.remat_flops_per_token(model, config.seq_len) * tokens
     passes = 3 if model.remat == "full" else 2
     params = model.param_count()

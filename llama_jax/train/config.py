@@ -60,6 +60,19 @@ class LoraSettings:
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class DpoSettings:
+    """Direct Preference Optimization (Rafailov et al. 2023), `objective=dpo`: the loss of TRL's DPOTrainer."""
+
+    beta: float = 0.1  # how far the policy may move from the reference: the implicit reward's scale
+    loss: str = "sigmoid"  # sigmoid: the paper's -log σ(β·margin); ipo: (margin - 1/(2β))² on mean log-probs
+    label_smoothing: float = 0.0  # the share of pairs assumed to be labelled the wrong way round (cDPO)
+
+
+DPO_LOSSES = ("sigmoid", "ipo")
+OBJECTIVES = ("lm", "dpo")
+
+
 def _model_settings_class() -> type:
     """`model.*`: a preset (or model YAML) plus an optional override of every ModelConfig field. Built from
     ModelConfig's own fields, so a field added there is a settable key here with nothing else to change.
@@ -111,6 +124,15 @@ class TrainConfig:
         "init_from's, else train:<the model's vocab_size>",
     )
     sft: bool = setting(False, "JSONL prompt/response records; the loss is on response tokens only")
+    objective: str = setting(
+        "lm",
+        "lm: next-token loss (pretraining, or SFT with sft=true); dpo: Direct Preference Optimization on "
+        "JSONL prompt/chosen/rejected records against init_from as the frozen reference",
+    )
+    dpo: DpoSettings = setting(
+        DpoSettings(),
+        "dpo.beta (default 0.1), dpo.loss (sigmoid or ipo), dpo.label_smoothing (default 0): objective=dpo",
+    )
     chat_template: str | None = setting(None, "SFT prompts as a chat: llama2, llama3, or auto (init_from's)")
     val_fraction: float = setting(0.05, "the last rows of the packed corpus held out for validation")
     data_cache: str = setting("~/.cache/llama_jax", "tokenized corpora and trained tokenizers, by content")
@@ -197,7 +219,25 @@ class TrainConfig:
             self.chat_template is None or self.chat_template in templates,
             f"chat_template must be one of {templates} or null, got {self.chat_template!r}",
         )
-        _check(self.chat_template is None or self.sft, "chat_template applies to SFT data: set sft=true")
+        _check(
+            self.chat_template is None or self.sft or self.objective == "dpo",
+            "chat_template applies to SFT and DPO data: set sft=true or objective=dpo",
+        )
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "dpo":
+            _check(not self.sft, "objective=dpo reads prompt/chosen/rejected records: drop sft=true")
+            _check(self.init_from is not None, "DPO trains against a reference model: set init_from")
+            _check(
+                self.micro_batch % 2 == 0,
+                f"DPO rows come in pairs (chosen, rejected): batch_size / grad_accum ({self.micro_batch}) must be even",
+            )
+            _check(self.dpo.beta > 0, f"dpo.beta must be positive, got {self.dpo.beta}")
+            _check(self.dpo.loss in DPO_LOSSES, f"dpo.loss must be one of {DPO_LOSSES}, got {self.dpo.loss!r}")
+            _check(
+                0 <= self.dpo.label_smoothing < 0.5,
+                f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}",
+            )
+            _check(self.z_loss == 0, "z_loss applies to the next-token loss, not to DPO: set z_loss=0")
         _check(
             self.chat_template != CHAT_TEMPLATE_AUTO or self.init_from is not None,
             "chat_template=auto takes the template of init_from's checkpoint: set init_from",

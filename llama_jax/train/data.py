@@ -5,6 +5,12 @@ Supervised fine-tuning (SFT) reads JSONL prompt/response records:
 
     {"prompt": "What is the capital of France?", "response": "Paris."}
 
+Direct Preference Optimization (`objective=dpo`) reads JSONL preference records:
+
+    {"prompt": "Is this a question? ...", "chosen": "Yes", "rejected": "No"}
+
+each becoming two consecutive documents, prompt + chosen then prompt + rejected, encoded as SFT examples are.
+
 Without a chat template an SFT example is BOS + prompt + response + EOS, the text simply continued. With one
 ("llama2", "llama3") the prompt is the user's message in that template, exactly as `infer.py --chat`
 builds it, and the response ends with the template's end-of-turn token, which the model must learn to
@@ -107,6 +113,8 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
     raw_key = corpus_hash(files)
 
     def texts() -> Iterator[str]:
+        if config.objective == "dpo":
+            return (text for _, *texts in dpo_records(files) for text in texts)
         return sft_texts(files) if config.sft else documents(files, config.doc_separator)
 
     if config.trained_vocab_size is not None:
@@ -118,7 +126,9 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
             raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
     tokenizer = load_tokenizer(tokenizer_path)
     key = _corpus_key(raw_key, tokenizer_path, corpus_options(config, chat_template))
-    if config.sft:
+    if config.objective == "dpo":
+        examples = dpo_examples(tokenizer, files, chat_template)
+    elif config.sft:
         examples = sft_examples(tokenizer, files, chat_template)
     else:
         examples = ((tokenizer.encode(text, bos=True, eos=True), None) for text in texts() if text.strip())
@@ -128,7 +138,9 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
 
 def corpus_options(config: TrainConfig, chat_template: str | None) -> dict:
     """The settings that change the tokens of a corpus."""
-    return {"sft": config.sft, "chat_template": chat_template, "doc_separator": config.doc_separator}
+    options = {"sft": config.sft, "chat_template": chat_template, "doc_separator": config.doc_separator}
+    # Only preference corpora say so: the keys of every other corpus stay those they were cached under.
+    return options | ({"objective": "dpo"} if config.objective == "dpo" else {})
 
 
 def build_token_store(config: TrainConfig, chat_template: str | None, url: str) -> dict:
@@ -374,3 +386,28 @@ def sft_examples(
         if not response.strip():
             raise ValueError(f"{where}: the response is empty, nothing to learn from")
         yield encode_example(tokenizer, prompt, response, chat_template)
+
+
+def dpo_records(files: list[Path]) -> Iterator[tuple[str, str, str, str]]:
+    """(where, prompt, chosen, rejected) for every preference record; one clear error for anything else."""
+    for path in files:
+        if not is_jsonl(path):
+            raise ValueError(
+                f'DPO data must be JSONL files of {{"prompt": ..., "chosen": ..., "rejected": ...}} records; got {path}'
+            )
+        for where, record in jsonl_records(path):
+            fields = [record.get(name) for name in ("prompt", "chosen", "rejected")]
+            if not all(isinstance(field, str) for field in fields):
+                raise ValueError(f'{where}: a DPO record needs string "prompt", "chosen" and "rejected" fields')
+            if not fields[1].strip() or not fields[2].strip():
+                raise ValueError(f"{where}: the chosen or the rejected response is empty")
+            yield where, *fields
+
+
+def dpo_examples(
+    tokenizer: Tokenizer, files: list[Path], chat_template: str | None
+) -> Iterator[tuple[list[int], list[int]]]:
+    """Two examples per record, the chosen one first: consecutive documents of the corpus, one row each."""
+    for _, prompt, chosen, rejected in dpo_records(files):
+        yield encode_example(tokenizer, prompt, chosen, chat_template)
+        yield encode_example(tokenizer, prompt, rejected, chat_template)

@@ -86,11 +86,16 @@ class TrainLogger:
         self._write(step, record, "train")
         return record
 
-    def eval(self, step: int, loss: float) -> None:
-        self._write(step, {"loss": loss, "perplexity": math.exp(min(loss, 700.0))}, "eval")
+    def eval(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> None:
+        """An evaluation: the next-token loss (and its perplexity), or a DPO loss with its `metrics`."""
+        perplexity = math.exp(min(loss, 700.0))
+        others = metrics if metrics else {"perplexity": perplexity}
+        self._write(step, {"loss": loss, **others}, "eval")
         if self.enabled:
+            shown = ", ".join(f"{name.replace('_', ' ')} {value:.4f}" for name, value in others.items())
             self._bar.write(
-                f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(min(loss, 700.0)):.2f}", file=sys.stderr
+                f"step {step}: eval loss {loss:.4f}, " + (shown if metrics else f"perplexity {perplexity:.2f}"),
+                file=sys.stderr,
             )
 
     def message(self, text: str) -> None:

@@ -70,7 +70,10 @@ def run_fingerprint(config: TrainConfig, model_config: ModelConfig, corpus_key: 
     """What a rerun must match to resume: the model's shape, the corpus as tokenized (its key covers the
     data bytes, the tokenizer and the tokenizing options) and the optimisation settings."""
     model = {k: v for k, v in model_config.to_dict().items() if k not in COMPUTE_FIELDS}
-    return {"model": model, "corpus": corpus_key, **{k: getattr(config, k) for k in TRAJECTORY_KEYS}}
+    fingerprint = {"model": model, "corpus": corpus_key, **{k: getattr(config, k) for k in TRAJECTORY_KEYS}}
+    if config.objective != "lm":  # (absent for next-token runs, so that runs made before DPO existed still resume)
+        fingerprint |= {"objective": config.objective, "dpo": dataclasses.asdict(config.dpo)}
+    return fingerprint
 
 
 def open_run_dir(run_dir: Path, files: RunFiles) -> TextIO:

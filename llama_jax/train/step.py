@@ -15,6 +15,13 @@ place, never held twice.
 
 With LoRA (`config.lora`), `params` are the adapters alone, the only values with gradients and optimizer
 moments; the frozen base weights ride along in `frozen`, read but never differentiated, updated or saved.
+
+DPO (`objective=dpo`, `preference.py`) scores each micro-batch's pairs under the policy and under the frozen
+reference, init_from: with LoRA the same frozen base with the adapters off (their B matrices zero: no second
+copy of the weights), without it a copy of init_from's parameters in `reference`, sharded like the policy and,
+like `frozen`, never saved (a resumed run reads it from init_from again). The copy costs 4 bytes a parameter,
+a quarter of what AdamW's state already holds; reference log-probabilities computed once before training would
+save it but tie a stored array to the corpus, the tokenizer and seq_len, and cost an extra pass first.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from llama_jax.lora import join, split_adapters
 from llama_jax.loss import token_nll
 from llama_jax.model import abstract_state
 from llama_jax.train.batching import FIELDS, batch_sharding
+from llama_jax.train.config import DpoSettings
+from llama_jax.train.preference import PAIR_METRICS, pair_losses, response_logprobs
 
 
 @jax.tree_util.register_dataclass
@@ -42,10 +51,17 @@ class TrainState:
     params: dict  # the trained parameters, a pure dict (nnx.to_pure_dict layout): all, or LoRA's adapters
     opt_state: Any
     frozen: dict = dataclasses.field(default_factory=dict)  # LoRA's base weights: never updated or saved
+    reference: dict = dataclasses.field(default_factory=dict)  # DPO without LoRA: init_from's, never saved
 
     def model_params(self) -> dict:
         """Every parameter of the model (the trained ones joined with the frozen ones)."""
         return join(self.frozen, self.params)
+
+    def reference_params(self) -> dict:
+        """DPO's reference model: init_from's parameters, or with LoRA the frozen base with the adapters off."""
+        if self.reference:
+            return self.reference
+        return join(self.frozen, jax.tree.map(jnp.zeros_like, self.params))
 
 
 def token_losses(
@@ -73,9 +89,12 @@ class StateLayout:
     shardings: TrainState  # the NamedShardings alone
 
 
-def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+def state_layout(
+    config: ModelConfig, optimizer: optax.GradientTransformation, mesh: Mesh, reference: bool = False
+) -> StateLayout:
     """The layout of a train state for `config` on `mesh`. Optimizer moments are sharded like their
-    parameters; scalars (counters) are replicated. Nothing touches a device, so `mesh` may hold the
+    parameters; scalars (counters) are replicated. `reference`: a DPO reference copy of the parameters
+    (full fine-tuning; with LoRA the frozen base serves). Nothing touches a device, so `mesh` may hold the
     devices of a TPU topology that this host does not have."""
     graphdef, abstract = abstract_state(config, mesh)
     params = nnx.to_pure_dict(abstract)
@@ -89,12 +108,20 @@ def state_layout(config: ModelConfig, optimizer: optax.GradientTransformation, m
     opt_shardings = optax.tree_map_params(
         optimizer, lambda _, s: s, opt_abstract, param_shardings, transform_non_params=lambda _: replicated
     )
-    shardings = TrainState(replicated, param_shardings, opt_shardings, jax.tree.map(lambda a: a.sharding, frozen))
+    reference_params = params if reference and not config.lora.enabled else {}
+    shardings = TrainState(
+        replicated,
+        param_shardings,
+        opt_shardings,
+        jax.tree.map(lambda a: a.sharding, frozen),
+        jax.tree.map(lambda a: a.sharding, reference_params),
+    )
     abstract_train = TrainState(
         jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
         params,
         jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), opt_abstract, opt_shardings),
         frozen,
+        reference_params,
     )
     return StateLayout(graphdef, abstract_train, shardings)
 
@@ -108,10 +135,13 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     loss_chunk: int = LOSS_CHUNK,
     dropout_seed: int | None = None,
+    dpo: DpoSettings | None = None,
 ):
     """`train_step(state, batch) -> (state, metrics)`, jitted with the state donated. Metrics (float32
     scalars): loss (mean token NLL), z_loss, grad_norm (before clipping), learning_rate, tokens, skipped (1
-    when the loss or gradient was not finite and the update was not applied).
+    when the loss or gradient was not finite and the update was not applied). With `dpo`: loss is the mean
+    DPO loss of the batch's pairs, beside the mean rewards_chosen, rewards_rejected, reward_accuracy and
+    reward_margin and the pairs counted (`preference.py`).
 
     `dropout_seed` (LoRA dropout): each micro-batch's masks come from the seed, the step number and the
     micro-batch's index, so a resumed run draws the masks the uninterrupted one would have."""
@@ -124,28 +154,46 @@ def make_train_step(
         z_sum = jnp.sum(jnp.square(log_z) * mask)
         return (nll_sum + z_loss * z_sum) / total_tokens, (nll_sum, z_sum)
 
-    grad_fn = jax.grad(loss_of, has_aux=True)
+    def dpo_loss_of(params, frozen, micro, total_pairs, dropout_key, reference_logprobs):
+        nll, _ = token_losses(graphdef, join(frozen, params), micro, loss_chunk, dropout_key)
+        mask = micro["loss_mask"]
+        policy = response_logprobs(nll, mask, mean=dpo.loss == "ipo")
+        per_pair = pair_losses(policy, reference_logprobs, jnp.sum(mask, axis=-1), dpo)
+        sums = {name: jnp.sum(value) for name, value in per_pair.items()}
+        return sums["loss"] / total_pairs, sums
+
+    grad_fn = jax.grad(loss_of if dpo is None else dpo_loss_of, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         tokens = jnp.sum(batch["loss_mask"])
-        total_tokens = jnp.maximum(tokens, 1.0)
+        if dpo is None:
+            total = jnp.maximum(tokens, 1.0)  # the loss is a mean over the batch's tokens
+            sums0 = (jnp.float32(0), jnp.float32(0))
+        else:
+            counted = jnp.sum(batch["loss_mask"], axis=-1)  # (grad_accum, rows): response tokens per row
+            total = jnp.maximum(jnp.sum((counted[:, 0::2] > 0) & (counted[:, 1::2] > 0)), 1.0)  # over its pairs
+            sums0 = {name: jnp.float32(0) for name in (*PAIR_METRICS, "pairs")}
 
         def accumulate(carry, micro_and_index):
-            grads, nll_sum, z_sum = carry
+            grads, sums = carry
             micro, index = micro_and_index
             dropout_key = None
             if dropout_seed is not None:
                 dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), index)
-            micro_grads, (micro_nll, micro_z) = grad_fn(state.params, state.frozen, micro, total_tokens, dropout_key)
+            extra = ()
+            if dpo is not None:  # the reference's log-probabilities: no gradient, no dropout
+                reference_nll, _ = token_losses(graphdef, state.reference_params(), micro, loss_chunk)
+                mask = micro["loss_mask"]
+                extra = (jax.lax.stop_gradient(response_logprobs(reference_nll, mask, mean=dpo.loss == "ipo")),)
+            micro_grads, micro_sums = grad_fn(state.params, state.frozen, micro, total, dropout_key, *extra)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
-            return (grads, nll_sum + micro_nll, z_sum + micro_z), None
+            return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
         zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
         micro_indices = jnp.arange(batch_shape[0])
-        (grads, nll_sum, z_sum), _ = jax.lax.scan(
-            accumulate, (zeros, jnp.float32(0), jnp.float32(0)), (batch, micro_indices)
-        )
+        (grads, sums), _ = jax.lax.scan(accumulate, (zeros, sums0), (batch, micro_indices))
+        nll_sum, z_sum = sums if dpo is None else (sums["loss"], jnp.float32(0))
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -157,14 +205,18 @@ def make_train_step(
             lambda new, old: jnp.where(finite, new, old), (params, opt_state), (state.params, state.opt_state)
         )
         metrics = {
-            "loss": nll_sum / total_tokens,
-            "z_loss": z_sum / total_tokens,
+            "loss": nll_sum / total,
             "grad_norm": grad_norm,
             "learning_rate": schedule(state.step) if schedule is not None else jnp.float32(0.0),
             "tokens": tokens,
             "skipped": (~finite).astype(jnp.float32),
         }
-        return TrainState(state.step + 1, params, opt_state, state.frozen), metrics
+        if dpo is None:
+            metrics["z_loss"] = z_sum / total
+        else:
+            metrics |= {name: sums[name] / total for name in PAIR_METRICS if name != "loss"}
+            metrics["pairs"] = sums["pairs"]
+        return TrainState(state.step + 1, params, opt_state, state.frozen, state.reference), metrics
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
@@ -173,19 +225,35 @@ def make_train_step(
     )
 
 
-def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int, int], loss_chunk: int = LOSS_CHUNK):
-    """`eval_step(state, batch) -> (nll_sum, token_count)` over all micro-batches of the batch."""
+def make_eval_step(
+    layout: StateLayout,
+    mesh: Mesh,
+    batch_shape: tuple[int, int, int],
+    loss_chunk: int = LOSS_CHUNK,
+    dpo: DpoSettings | None = None,
+):
+    """`eval_step(state, batch) -> sums` over all micro-batches of the batch: {"nll", "tokens"}; with `dpo`
+    the DPO loss and rewards summed over the batch's pairs, and "pairs"."""
     graphdef = layout.graphdef
 
     def eval_step(state: TrainState, batch):
         params = state.model_params()
+        reference = state.reference_params() if dpo is not None else None
 
-        def one(carry, micro):
+        def one(sums, micro):
             nll, _ = token_losses(graphdef, params, micro, loss_chunk)
-            return (carry[0] + jnp.sum(nll * micro["loss_mask"]), carry[1] + jnp.sum(micro["loss_mask"])), None
+            mask = micro["loss_mask"]
+            if dpo is None:
+                return jax.tree.map(jnp.add, sums, {"nll": jnp.sum(nll * mask), "tokens": jnp.sum(mask)}), None
+            reference_nll, _ = token_losses(graphdef, reference, micro, loss_chunk)
+            mean = dpo.loss == "ipo"
+            policy, reference_logprobs = (response_logprobs(n, mask, mean) for n in (nll, reference_nll))
+            per_pair = pair_losses(policy, reference_logprobs, jnp.sum(mask, axis=-1), dpo)
+            return jax.tree.map(lambda a, b: a + jnp.sum(b), sums, per_pair), None
 
-        (nll_sum, count), _ = jax.lax.scan(one, (jnp.float32(0), jnp.float32(0)), batch)
-        return nll_sum, count
+        names = ("nll", "tokens") if dpo is None else (*PAIR_METRICS, "pairs")
+        sums, _ = jax.lax.scan(one, {name: jnp.float32(0) for name in names}, batch)
+        return sums
 
     replicated = NamedSharding(mesh, PartitionSpec())
     batch_shardings = {name: batch_sharding(mesh, batch_shape) for name in FIELDS}
@@ -193,9 +261,13 @@ def make_eval_step(layout: StateLayout, mesh: Mesh, batch_shape: tuple[int, int,
 
 
 def init_state(
-    params: dict, optimizer: optax.GradientTransformation, shardings: TrainState, frozen: dict | None = None
+    params: dict,
+    optimizer: optax.GradientTransformation,
+    shardings: TrainState,
+    frozen: dict | None = None,
+    reference: dict | None = None,
 ) -> TrainState:
     """A fresh TrainState around `params` (already placed), the optimizer state created in place."""
     opt_state = jax.jit(optimizer.init, out_shardings=shardings.opt_state)(params)
     step = jax.device_put(jnp.int32(0), shardings.step)
-    return TrainState(step, params, opt_state, frozen or {})
+    return TrainState(step, params, opt_state, frozen or {}, reference or {})

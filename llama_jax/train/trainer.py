@@ -90,7 +90,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         + (f"; resuming at step {job.start}" if job.start else "")
     )
     if job.rows.supervision is not None:
-        logger.message(f"SFT: {job.rows.describe_supervision()}")
+        logger.message(f"{'DPO' if job.rows.pairs else 'SFT'}: {job.rows.describe_supervision()}")
     with jax.set_mesh(job.mesh), PreemptionNotice() as preemption:
         try:
             train_loss, eval_loss, preempted = _loop(job, logger, preemption)
@@ -101,11 +101,14 @@ def run(config: TrainConfig) -> dict[str, Any]:
             if job.lock is not None:
                 job.lock.close()
     samples = [] if preempted else _samples(job)
+    eval_loss, eval_metrics = eval_loss
     return {
         "step": int(jax.device_get(job.state.step)),
         "train_loss": train_loss,
         "eval_loss": eval_loss,
-        "eval_perplexity": math.exp(min(eval_loss, 700.0)),
+        # A DPO loss is no next-token loss: its evaluation reports the pairs' rewards instead.
+        "eval_perplexity": None if eval_metrics else math.exp(min(eval_loss, 700.0)),
+        **{f"eval_{name}": value for name, value in eval_metrics.items()},
         "vocab_size": job.model_config.vocab_size,
         "checkpoint": str(job.run_dir),
         "checkpoint_step": job.checkpoints.latest_step(),
@@ -128,7 +131,8 @@ def _prepare(config: TrainConfig) -> _Job:
     model_config = build_model_config(
         config, mesh_platform(mesh), source.config if source else None, data.tokenizer.vocab_size
     )
-    rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction)
+    dpo = config.objective == "dpo"
+    rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction, dpo)
     evaluated = rows.val_rows(config.batch_size, config.eval_batches)
     if rows.supervised_tokens(np.concatenate(evaluated)) == 0:  # an eval loss over nothing would read 0
         raise ValueError(
@@ -136,11 +140,13 @@ def _prepare(config: TrainConfig) -> _Job:
             "raise seq_len, eval_batches or val_fraction"
         )
     optimizer = make_optimizer(config)
-    layout = state_layout(model_config, optimizer, mesh)
+    layout = state_layout(model_config, optimizer, mesh, reference=dpo)
     fingerprint = run_fingerprint(config, model_config, data.corpus.key)
     # init_from's parameters are read (and checked) before the run directory exists, unless it will resume.
     # LoRA freezes them (all of them, every run); full fine-tuning starts from them.
     frozen = _frozen_base(source, model_config, mesh, layout) if model_config.lora.enabled else {}
+    # DPO's reference without LoRA: init_from's parameters, read again on every start (they are never saved).
+    reference = source.restore_params(layout.abstract.reference) if layout.abstract.reference else {}
     start_params = (
         source.restore_params(layout.abstract.params)
         if source is not None and not model_config.lora.enabled and not has_checkpoints(run_dir)
@@ -165,6 +171,7 @@ def _prepare(config: TrainConfig) -> _Job:
 
     checkpoints = TrainingCheckpoints(run_dir, config.keep_checkpoints)
     state, meta = _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout, checkpoints)
+    state = dataclasses.replace(state, reference=reference)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
     train_step = make_train_step(
         layout,
@@ -175,8 +182,9 @@ def _prepare(config: TrainConfig) -> _Job:
         learning_rate(config),
         config.loss_chunk,
         config.seed if model_config.lora.dropout else None,
+        config.dpo if dpo else None,
     )
-    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk)
+    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk, config.dpo if dpo else None)
     return _Job(
         config,
         run_dir,
@@ -197,8 +205,9 @@ def _prepare(config: TrainConfig) -> _Job:
     )
 
 
-def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple[float | None, float, bool]:
-    """Train from job.start to config.steps (or a preemption): (last train loss, eval loss, preempted)."""
+def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple[float | None, tuple, bool]:
+    """Train from job.start to config.steps (or a preemption): (last train loss, the last evaluation,
+    preempted)."""
     config, train_loss, eval_loss, preempted = job.config, job.train_loss, None, False
     nonfinite = NonFiniteWatch(job.run_dir, MAX_NONFINITE_STEPS)
     for step in range(job.start, config.steps):
@@ -217,7 +226,7 @@ def _loop(job: _Job, logger: TrainLogger, preemption: PreemptionNotice) -> tuple
             train_loss = logger.train(done, {k: float(v) for k, v in jax.device_get(metrics).items()})["loss"]
         if last or done % config.eval_every == 0:
             eval_loss = _evaluate(job)
-            logger.eval(done, eval_loss)
+            logger.eval(done, *eval_loss)
         if save:
             nonfinite.settle()  # never save past a diverged step
             position = {"seed": config.seed, "samples_seen": done * config.batch_size}
@@ -259,14 +268,19 @@ class NonFiniteWatch:
             )
 
 
-def _evaluate(job: _Job) -> float:
-    """Mean next-token loss over the validation rows (the same rows every time)."""
-    total = count = 0.0
+def _evaluate(job: _Job) -> tuple[float, dict[str, float]]:
+    """(loss, other metrics) over the validation rows (the same rows every time): the mean next-token loss;
+    for DPO the mean DPO loss of the validation pairs and their mean rewards and reward accuracy."""
+    sums: dict[str, float] = {}
     for ids in job.rows.val_rows(job.config.batch_size, job.config.eval_batches):
         batch = global_batch(job.rows, ids.reshape(job.config.grad_accum, -1), job.mesh)
-        nll, tokens = job.eval_step(job.state, batch)
-        total, count = total + nll, count + tokens
-    return float(total) / max(float(count), 1.0)
+        for name, value in jax.device_get(job.eval_step(job.state, batch)).items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+    if "pairs" not in sums:
+        return sums["nll"] / max(sums["tokens"], 1.0), {}
+    pairs = max(sums.pop("pairs"), 1.0)
+    means = {name: value / pairs for name, value in sums.items()}
+    return means.pop("loss"), means
 
 
 def _initial_state(config, model_config, start_params, frozen, mesh, optimizer, layout: StateLayout, checkpoints):
@@ -312,7 +326,7 @@ def _samples(job: _Job) -> list[dict[str, str]]:
     prompts = list(config.sample_prompts or [""])
     prompts = (prompts * config.samples)[: config.samples]
     # A model fine-tuned on chat-formatted records is asked in the same format (as `infer.py --chat`).
-    chat = config.sft and job.chat_template is not None
+    chat = (config.sft or config.objective == "dpo") and job.chat_template is not None
     completions = generate(
         loaded,
         prompts,
