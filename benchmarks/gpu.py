@@ -41,7 +41,7 @@ FULL = {
 SMOKE = {
     "decode": ["--small", "--batches", "1", "4", "--prompt-len", "8", "--new-tokens", "4", "--dtype", "float32"],
     "train": ["--small", "--seq-len", "32", "--batch-size", "2", "--steps", "1", "--warmup", "1", "--dtype", "float32"],
-    "ragged": ["--prompts", "2", "--batch", "2"],
+    "ragged": ["--prompts", "2", "--batch", "2", "--max-new", "8"],
 }
 SMOKE_EXTRA = {"decode": ["--repeats", "1", "--no-baseline"], "train": [], "ragged": ["--no-baseline"]}
 ROOFLINE = re.compile(r"= (\d+)% of the bandwidth roofline")

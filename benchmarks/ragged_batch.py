@@ -52,6 +52,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers paths")
     parser.add_argument("--baseline", default=BASELINE, help=f"the earlier commit to compare with (default {BASELINE})")
     parser.add_argument("--no-baseline", action="store_true", help="skip the earlier commit")
+    parser.add_argument("--max-new", type=int, default=256, help="cap the completions (smoke runs; drawn as before)")
     return parser.parse_args()
 
 
@@ -137,6 +138,7 @@ def main() -> None:
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
     prompts, wanted = job(config, args.prompts)
+    wanted = [min(w, args.max_new) for w in wanted]
     useful = sum(wanted)
     print(
         f"{args.preset} ({config.param_count() / 1e6:.1f}M params, {args.dtype}), {args.prompts} prompts of "
