@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_tpu_compile import TINY as TPU_TINY
 
 from llama_jax.hardware import GPU_DEVICES, MiB, compile_target, gpu_target, gpu_target_config, has_cuda_plugin
 
@@ -16,19 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 needs_cuda_plugin = pytest.mark.skipif(
     not has_cuda_plugin(), reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu-compile]')"
 )
-# The tiny model of test_tpu_compile: 128-wide heads, which cuDNN's flash attention takes.
-TINY = [
-    "model=tiny",
-    "model.dim=256",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.ffn_dim=512",
-    "model.vocab_size=1024",
-    "model.max_seq_len=256",
-    "seq_len=256",
-    "batch_size=8",
-    "dtype=bfloat16",
-]
+# The tiny model of test_tpu_compile (128-wide heads, which cuDNN's flash attention takes), in bf16 as on a GPU.
+TINY = [*TPU_TINY, "dtype=bfloat16"]
 
 
 @pytest.mark.parametrize("name, gpu, count", [("1xH100", "H100", 1), ("8xh100", "H100", 8), ("8xH200", "H200", 8)])
