@@ -79,8 +79,12 @@ class PackedRows:
         if self._targets is None:
             return None
         rows = np.asarray(row_ids).reshape(-1)
-        start, end = self.spans(rows[rows >= 0])
-        return int(np.sum(self._targets[end] - self._targets[np.minimum(start + 1, end)]))
+        return int(np.sum(self._targets_per_row(rows[rows >= 0])))
+
+    def _targets_per_row(self, row_ids: np.ndarray) -> np.ndarray:
+        """Each row's count of targets (response tokens after its first token)."""
+        start, end = self.spans(row_ids)
+        return self._targets[end] - self._targets[np.minimum(start + 1, end)]
 
     def _supervision(self, starts: np.ndarray) -> dict[str, int]:
         lengths = np.diff(starts)
@@ -102,8 +106,7 @@ class PackedRows:
 
     def pairs_without_response(self) -> int:
         """Preference pairs one of whose responses lies wholly beyond seq_len: the loss leaves them out."""
-        start, end = self.spans(np.arange(self.n_rows))
-        targets = self._targets[end] - self._targets[np.minimum(start + 1, end)]
+        targets = self._targets_per_row(np.arange(self.n_rows))
         return int(np.sum(np.minimum(targets[0::2], targets[1::2]) == 0))
 
     def describe_supervision(self) -> str | None:
