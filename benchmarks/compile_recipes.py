@@ -29,7 +29,7 @@ SERVING = [
             "llama3-8b",
             "--mesh",
             "tensor=8",
-            "--batch-size",
+            "--max-num-seqs",
             "32",
             "--prompt-len",
             "2048",
@@ -45,7 +45,7 @@ SERVING = [
             "llama3-8b",
             "--mesh",
             "tensor=8",
-            "--batch-size",
+            "--max-num-seqs",
             "64",
             "--prompt-len",
             "4096",
@@ -56,7 +56,7 @@ SERVING = [
     (
         "llama3-8b serving",
         "1xH100",
-        ["--model", "llama3-8b", "--batch-size", "64", "--prompt-len", "4096", "--max-new-tokens", "1024"],
+        ["--model", "llama3-8b", "--max-num-seqs", "64", "--prompt-len", "4096", "--max-new-tokens", "1024"],
     ),
 ]
 # The chunked loss against whole-sequence float32 logits, on the recipe whose logits are largest.

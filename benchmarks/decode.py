@@ -93,7 +93,8 @@ def measure_llama_jax(args) -> None:
     from llama_jax import LoadedModel, create_model, make_mesh, preset
     from llama_jax.hardware import chip_spec
     from llama_jax.inference.engine import Engine
-    from llama_jax.inference.scheduler import Request
+    from llama_jax.inference.settings import EngineSettings
+    from llama_jax.inference.types import Request
     from llama_jax.model import abstract_state
     from llama_jax.quantize import quantize_params
 
@@ -112,7 +113,7 @@ def measure_llama_jax(args) -> None:
         loaded = LoadedModel(nnx.merge(graphdef, state), config, mesh)
 
     def engine_time(rows, new_tokens: int) -> float:
-        engine = Engine(loaded, slots=len(rows), cache_len=len(rows[0]) + new_tokens)
+        engine = Engine(loaded, EngineSettings(max_num_seqs=len(rows), max_model_len=len(rows[0]) + new_tokens))
         requests = [Request(tuple(p), new_tokens, stream=i) for i, p in enumerate(rows)]
 
         def run():

@@ -38,7 +38,8 @@ from same_weights import transformers_model  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
 from llama_jax.inference.engine import Engine  # noqa: E402
-from llama_jax.inference.scheduler import Request  # noqa: E402
+from llama_jax.inference.settings import EngineSettings  # noqa: E402
+from llama_jax.inference.types import Request  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
@@ -98,9 +99,12 @@ def main() -> None:
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
     cache_len = max(args.lengths) + 1
-    chunked = Engine(loaded, slots=1, cache_len=cache_len, prefix_cache_tokens=0)
+    chunked = Engine(loaded, EngineSettings(max_num_seqs=1, max_model_len=cache_len, prefix_cache_tokens=0))
     whole_chunk = 1 << (max(args.lengths) - 1).bit_length()
-    whole = Engine(loaded, slots=1, cache_len=cache_len, prefill_chunk=whole_chunk, prefix_cache_tokens=0)
+    whole = Engine(
+        loaded,
+        EngineSettings(max_num_seqs=1, max_model_len=cache_len, prefill_chunk=whole_chunk, prefix_cache_tokens=0),
+    )
     hf = None
     if not args.no_torch:
         with tempfile.TemporaryDirectory(prefix="llama_jax-prefill-") as scratch:

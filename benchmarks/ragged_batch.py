@@ -38,7 +38,8 @@ from same_weights import transformers_model  # noqa: E402
 
 from llama_jax import LoadedModel, create_model, make_mesh, preset  # noqa: E402
 from llama_jax.inference.engine import Engine  # noqa: E402
-from llama_jax.inference.scheduler import Request  # noqa: E402
+from llama_jax.inference.settings import EngineSettings  # noqa: E402
+from llama_jax.inference.types import Request  # noqa: E402
 
 BASELINE = "a38b2de"  # the previous release: the last with the static-batch generator
 
@@ -146,7 +147,7 @@ def main() -> None:
         f"({useful:,} tokens), batch/slots {args.batch}, device {jax.devices()[0].device_kind}",
         flush=True,
     )
-    engine = Engine(loaded, slots=args.batch, cache_len=512 + 256)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=args.batch, max_model_len=512 + 256))
     rows = [("llama_jax engine (continuous batching)", timed(lambda: engine_job(engine, prompts, wanted)))]
     if not args.no_torch:
         import transformers
@@ -162,7 +163,9 @@ def main() -> None:
         rows += earlier_rows(args)
     print("| path | seconds | useful tokens/s | engine speed-up |\n|---|---|---|---|")
     for name, seconds in rows:
-        print(f"| {name} | {seconds:.1f} | {useful / seconds:,.0f} | {seconds / rows[0][1]:.2f}x |")
+        rate = useful / seconds  # below 10, three figures: a smoke run's few tokens must not print as 0
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.3g}"
+        print(f"| {name} | {seconds:.1f} | {shown} | {seconds / rows[0][1]:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def main() -> None:
     long_prompts = [text_of_tokens(tokenizer, rng, args.long_tokens - 1) for _ in range(16)]
     max_len = str(args.long_tokens + args.stream_tokens + 32)
     slots = str(args.streams + args.senders)
-    flags = ["--slots", slots, "--max-len", max_len, "--max-queue", "1024"]
+    flags = ["--max-num-seqs", slots, "--max-model-len", max_len, "--max-queue", "1024"]
+    baseline_flags = ["--slots", slots, "--max-len", max_len, "--max-queue", "1024"]  # the names it knew
     results = {}
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model(Path(scratch) / "model", args.preset, Path(args.tokenizer), max_seq_len=4096)
@@ -110,7 +111,7 @@ def main() -> None:
 
         if not args.no_baseline:
             with checkout(args.baseline) as tree:
-                run(f"{args.baseline} (whole prompts)", llama_jax_command(model_dir, *flags, tree=tree))
+                run(f"{args.baseline} (whole prompts)", llama_jax_command(model_dir, *baseline_flags, tree=tree))
         one_chunk = ["--prefill-chunk", str(1 << (args.long_tokens - 1).bit_length())]
         run("one chunk per prompt", llama_jax_command(model_dir, *flags, *one_chunk))
         run("chunks of 256", llama_jax_command(model_dir, *flags))

@@ -5,7 +5,7 @@
     python benchmarks/serve_load.py --checkpoint DIR        # a model directory of your own
 
 Random weights of --preset with the LLaMA 2 tokenizer (or --checkpoint), given to transformers through
-`to-hf`. Each server in turn: `python -m llama_jax.serve --slots S`, then `transformers serve DIR
+`to-hf`. Each server in turn: `python -m llama_jax.serve --max-num-seqs S`, then `transformers serve DIR
 --continuous-batching` (transformers' own server, its paged-attention continuous batching). For each client
 count, that many clients at once through the async `openai` client, each sending --requests streaming
 completions one after another (prompts of --prompt-words random words, --max-tokens new tokens, temperature
@@ -75,7 +75,7 @@ def main() -> None:
             model_dir = Path(args.checkpoint)
         else:
             model_dir = random_model(Path(scratch) / "model", args.preset, Path(args.tokenizer))
-        commands = [llama_jax_command(model_dir, "--slots", str(args.slots), "--max-queue", "1024")]
+        commands = [llama_jax_command(model_dir, "--max-num-seqs", str(args.slots), "--max-queue", "1024")]
         if not args.no_peer:
             from llama_jax.convert import export_hf
 

@@ -6,7 +6,7 @@
 Random weights of --preset with the LLaMA 2 tokenizer. One system prompt of about --system-tokens tokens of
 random words, then each request's own question of about --question-tokens tokens; --clients clients at once,
 each sending --requests streaming completions one after another (--max-tokens new tokens, temperature 0.8),
-through the async `openai` client. The same load against `python -m llama_jax.serve --slots S` twice: with
+through the async `openai` client. The same load against `python -m llama_jax.serve --max-num-seqs S` twice: with
 `--prefix-cache-tokens 0` (off) and with the default cache. Reported: time to first token p50 / p99, tokens/s,
 and the share of prompt tokens the cache served (its Prometheus counters).
 """
@@ -79,7 +79,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         model_dir = random_model(Path(scratch) / "model", args.preset, Path(args.tokenizer))
         for name, flags in (("off", ["--prefix-cache-tokens", "0"]), ("on", [])):
-            command = llama_jax_command(model_dir, "--slots", str(args.slots), "--max-queue", "1024", *flags)
+            command = llama_jax_command(model_dir, "--max-num-seqs", str(args.slots), "--max-queue", "1024", *flags)
             with server(command) as url:
                 asyncio.run(run_clients(url, command.model, [["warm up"]], 4))
                 load = asyncio.run(run_clients(url, command.model, prompts, args.max_tokens))

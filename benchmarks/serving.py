@@ -2,7 +2,7 @@
 server process — llama_jax's, an earlier commit's, or `transformers serve` — and streaming clients driving it
 through the async `openai` client, with what each stream saw.
 
-    with server(llama_jax_command(model_dir, "--slots", "16")) as url:
+    with server(llama_jax_command(model_dir, "--max-num-seqs", "16")) as url:
         load = asyncio.run(run_clients(url, model_dir.name, [[prompt] * 4] * 8, max_tokens=64))
     load.ttft_ms(), load.between_ms(), load.tokens_per_s()
 """

@@ -92,8 +92,10 @@ def measure_jax(args) -> dict:
     from llama_jax.sharding import make_mesh
     from llama_jax.train.batching import FIELDS, batch_sharding
     from llama_jax.train.config import TrainConfig
+    from llama_jax.train.objectives import NextTokenLoss
     from llama_jax.train.optimizer import make_optimizer
-    from llama_jax.train.step import init_state, make_train_step, state_layout
+    from llama_jax.train.state import init_state, state_layout
+    from llama_jax.train.step import make_train_step
 
     config = model_config(args).replace(dtype=args.dtype, remat=args.remat, attention=args.attention)
     train_config = TrainConfig(steps=1000, warmup=10, batch_size=args.batch_size, seq_len=args.seq_len)
@@ -108,7 +110,7 @@ def measure_jax(args) -> dict:
     train_state = init_state(params, optimizer, layout.shardings)
     del model, params
     shape = (1, args.batch_size, args.seq_len)
-    step = make_train_step(layout, optimizer, mesh, shape)
+    step = make_train_step(layout, optimizer, mesh, shape, NextTokenLoss())
     ids = token_batch(args, config.vocab_size)[None]
     host = {
         "inputs": ids[..., :-1],

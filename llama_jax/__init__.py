@@ -9,9 +9,8 @@ Names are imported on first use, so `import llama_jax.tokenizers` (or a command 
 flag) does not pay for importing JAX.
 """
 
-import importlib
-
 from llama_jax.hardware import quiet_libtpu_without_tpu
+from llama_jax.lazy import lazy_exports
 
 quiet_libtpu_without_tpu()  # before JAX starts: a CPU host with the `tpu` extra stays quiet
 
@@ -31,11 +30,13 @@ _EXPORTS = {
     "load_tokenizer": "llama_jax.tokenizers",
     "generate": "llama_jax.inference.api",
     "stream": "llama_jax.inference.api",
-    "Completion": "llama_jax.inference.engine",
-    "Event": "llama_jax.inference.scheduler",
+    "Completion": "llama_jax.inference.types",
+    "Event": "llama_jax.inference.types",
     "GenerationSettings": "llama_jax.inference.settings",
     "Engine": "llama_jax.inference.engine",
-    "Request": "llama_jax.inference.scheduler",
+    "EngineSettings": "llama_jax.inference.settings",
+    "Request": "llama_jax.inference.types",
+    "make_request": "llama_jax.inference.types",
     "SamplingParams": "llama_jax.inference.sampling",
     "perplexity": "llama_jax.evaluate.perplexity",
     "TrainConfig": "llama_jax.train.config",
@@ -45,11 +46,4 @@ _EXPORTS = {
 _SUBPACKAGES = ("commands", "convert", "evaluate", "inference", "serve", "tokenizers", "train")
 
 __all__ = sorted(_EXPORTS) + list(_SUBPACKAGES)
-
-
-def __getattr__(name: str):
-    if name in _SUBPACKAGES:
-        return importlib.import_module(f"llama_jax.{name}")
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llama_jax' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS, _SUBPACKAGES)

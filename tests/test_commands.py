@@ -63,3 +63,41 @@ def test_train_help_lists_every_setting_with_its_default_without_importing_jax(t
             assert f"\n  {field.name}" in settings, field.name
         else:
             assert f"\n  {field.name} (default {field.default!r})" in settings, field.name
+
+
+@pytest.mark.parametrize(
+    "module, old, new",
+    [
+        ("infer", "--batch-size", "--max-num-seqs"),
+        ("serve", "--slots", "--max-num-seqs"),
+        ("serve", "--max-len", "--max-model-len"),
+        ("evaluate", "--seq-len", "--max-model-len"),
+    ],
+)
+def test_a_settings_old_flag_still_works_for_a_release_and_says_its_new_name(module, old, new, capsys):
+    """One name per setting in every command (vLLM's); the names they replace set the same value, with a warning."""
+    from llama_jax.commands import evaluate, infer, serve
+    from llama_jax.commands.common import add_generation_arguments, add_max_model_len_argument
+
+    if module == "serve":
+        args = serve.parse_args(["--checkpoint", "DIR", old, "5"])
+    elif module == "infer":
+        args = infer.parse_args(["--checkpoint", "DIR", old, "5"])
+    else:
+        parser = evaluate.ArgumentParser(prog="test")
+        add_max_model_len_argument(parser, "--seq-len", "window length")
+        add_generation_arguments(parser, temperature=0.0, max_new_tokens=8)
+        args = parser.parse_args([old, "5"])
+    assert getattr(args, new.removeprefix("--").replace("-", "_")) == 5
+    assert f"warning: {old} is now {new}" in capsys.readouterr().err
+    help_text = {"infer": infer.parse_args, "serve": serve.parse_args}.get(module)
+    if help_text is not None:
+        with pytest.raises(SystemExit):
+            help_text(["--help"])
+        shown = capsys.readouterr().out
+        assert new in shown and old not in shown  # the old name is read, not advertised
+
+
+def test_compile_for_is_declared_once():
+    sources = [Path(__file__).parents[1] / "llama_jax" / "commands" / f"{m}.py" for m in ("train", "infer", "serve")]
+    assert all('"--compile-for"' not in path.read_text() for path in sources)

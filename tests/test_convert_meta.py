@@ -76,7 +76,7 @@ def test_llama2_layout_through_the_cli(tmp_path, assets):
     write_meta_checkpoint(model, tmp_path / "meta", params, embedding_split_dim=1)
     shutil.copyfile(assets / "tok512.bin", tmp_path / "meta" / "tokenizer.model")
     result = run_module(
-        "llama_jax.convert", "meta", tmp_path / "meta", "--out", tmp_path / "ours", "--max-seq-len", "64"
+        "llama_jax.convert", "meta", tmp_path / "meta", "--out", tmp_path / "ours", "--max-model-len", "64"
     )
     assert result.returncode == 0, result.stderr
     written = json.loads((tmp_path / "ours" / "config.json").read_text())["model"]

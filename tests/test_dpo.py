@@ -16,7 +16,9 @@ import pytest
 
 from llama_jax.train import run
 from llama_jax.train.config import DpoSettings, load_train_config
-from llama_jax.train.preference import pair_losses, response_logprobs
+from llama_jax.train.preference import pair_losses, response_logprobs, valid_pairs
+
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
 
 STEPS = 16
 
@@ -105,6 +107,8 @@ def test_a_pair_with_an_empty_side_counts_nowhere():
     per_pair = pair_losses(jnp.zeros(4), jnp.zeros(4), jnp.asarray([3.0, 0.0, 2.0, 5.0]), DpoSettings())
     assert per_pair["pairs"].tolist() == [0.0, 1.0]
     assert per_pair["loss"][0] == 0 and per_pair["loss"][1] == pytest.approx(math.log(2))
+    # The data counts the pairs it cut off by the same rule, on numpy counts.
+    assert valid_pairs(np.asarray([[3, 0, 2, 5]])).tolist() == [[False, True]]
 
 
 # --- training on the real stories260K ------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 to results, the device loop stops early only when asked, the attention paths equal the reference, every
 program it runs is compiled by its warm-up, and `--compile-for` lowers exactly those programs."""
 
+import threading
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,10 +11,12 @@ import pytest
 
 from llama_jax.attention import LONG_ROWS, LiveCache, attend_live_cache, attention, blockwise_attention
 from llama_jax.config import preset
-from llama_jax.inference.compile import engine_backend
+from llama_jax.inference.compiled import EnginePrograms
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.scheduler import Request
+from llama_jax.inference.settings import EngineSettings
+from llama_jax.inference.slots import SlotBackend
+from llama_jax.inference.types import Program, Request
 from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh
@@ -43,17 +47,18 @@ def ids(results):
 
 def test_a_requests_tokens_depend_on_nothing_else(loaded, prompts):
     sampled = requests(prompts, sampling=SamplingParams(0.9, 40, 0.95), seed=7)
-    engine = Engine(loaded, slots=4)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=4))
     crowded = ids(engine.generate(sampled))
-    alone = Engine(loaded, slots=1)
+    alone = Engine(loaded, EngineSettings(max_num_seqs=1))
     assert crowded[:2] == [ids(alone.generate([r]))[0] for r in sampled[:2]]
     assert crowded == ids(engine.generate(sampled[::-1]))[::-1]  # other neighbours, other arrival order
     other_seed = requests(prompts, sampling=SamplingParams(0.9, 40, 0.95), seed=8)
     assert crowded != ids(engine.generate(other_seed))
 
 
+@pytest.mark.slow
 def test_streaming_events_add_up_to_the_result(loaded, prompts):
-    engine = Engine(loaded, slots=4, steps_per_dispatch=4)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=4, steps_per_dispatch=4))
     request = requests(prompts)[4]
     events = list(engine.stream(request))
     result = engine.generate([request])[0]
@@ -62,9 +67,9 @@ def test_streaming_events_add_up_to_the_result(loaded, prompts):
     assert events[-1].finish_reason == result.finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_the_decode_loop_stops_early_only_when_a_request_waits(loaded, prompts):
-    engine = Engine(loaded, slots=2)
-    backend = engine.backend
+    backend = SlotBackend.of(loaded, EngineSettings(max_num_seqs=2).resolve(CONFIG))
     backend.insert([0, 1], [Request(prompts[1], 3), Request(prompts[2], 30)], bucket=16)
     *_, ran = backend.decode(20, [True, True], stop_early=True)
     assert ran == 2  # slot 0's third token ends it
@@ -112,6 +117,7 @@ def test_live_block_attention_equals_attention_over_the_whole_cache():
         np.testing.assert_array_equal(live[unchanged], attend(other)[unchanged])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "batch, length, heads, kv_heads, block",
     [(2, 48, 6, 2, 16), (1, 64, 4, 4, 16), (3, 32, 8, 1, 8), (2, 48, 6, 2, None)],
@@ -135,8 +141,9 @@ def test_blockwise_flash_attention_equals_the_reference(batch, length, heads, kv
     np.testing.assert_array_equal(alone[0], together[-1])
 
 
+@pytest.mark.slow
 def test_warm_up_compiles_every_program_the_engine_then_runs(loaded, prompts):
-    engine = Engine(loaded, slots=4, cache_len=64)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=4, max_model_len=64))
     engine.warm_up()
     compiles = []
     listener = lambda name, *_, **__: compiles.append(name) if name.endswith("backend_compile_duration") else None  # noqa: E731
@@ -147,17 +154,66 @@ def test_warm_up_compiles_every_program_the_engine_then_runs(loaded, prompts):
             Request(p, 8, sampling=sampled if i % 2 else SamplingParams(), stream=i) for i, p in enumerate(prompts)
         ]
         engine.generate(mixed + mixed[:1])  # one prompt alone and groups, every bucket these prompts fall in
-        assert {p[0] for p in engine.backend.compiled} == {"prefill", "admit", "decode"}
+        status = engine.status()
+        assert {p.kind for p in status.compiled} == {"prefill", "admit", "decode"}
+        assert set(status.compiled) == set(status.programs)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
 
 
 def test_compile_for_lowers_the_engines_own_programs(loaded):
-    engine = Engine(loaded, slots=4, cache_len=64)
-    abstract = engine_backend(CONFIG, loaded.mesh, slots=4, cache_len=64)
-    programs = engine.backend.programs()
-    assert programs == abstract.programs()
-    assert {p[0] for p in programs} == {"prefill", "admit", "decode"}
+    settings = EngineSettings(max_num_seqs=4, max_model_len=64)
+    abstract = EnginePrograms.abstract(CONFIG, loaded.mesh, settings)
+    running = SlotBackend.of(loaded, settings.resolve(CONFIG)).programs
+    programs = Engine(loaded, settings).status().programs
+    assert list(programs) == abstract.all() == running.all()
+    assert {p.kind for p in programs} == {"prefill", "admit", "decode"}
     for program in (programs[0], programs[-2], programs[-1]):
-        assert abstract.lower(program).as_text() == engine.backend.lower(program).as_text(), program
+        assert abstract.lower(program).as_text() == running.lower(program).as_text(), program
+
+
+def test_settings_are_checked_once_and_shared_by_every_user():
+    """What the engine refuses, --compile-for refuses too: both take EngineSettings."""
+    for bad, message in (
+        ({"prefill_chunk": 8}, "prefill_chunk must be a power of two of at least 16"),
+        ({"prefill_chunk": 48}, "prefill_chunk must be a power of two"),
+        ({"max_num_seqs": 0}, "max_num_seqs must be an integer >= 1"),
+        ({"steps_per_dispatch": 65}, "steps_per_dispatch must be an integer in"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            EngineSettings(**bad)
+    with pytest.raises(ValueError, match="max_model_len 300 exceeds the model's max_seq_len 256"):
+        EngineSettings(max_model_len=300).resolve(CONFIG)
+    resolved = EngineSettings(max_num_seqs=3, max_model_len=100).resolve(CONFIG, batch_shards=2)
+    assert (resolved.max_num_seqs, resolved.prefill_rows, resolved.prefix_cache_tokens) == (4, 4, 0)
+    assert Program("extend", 1, 256).describe() == "the prefill of a long prompt's next 256 tokens"
+    assert Program("decode", 8).name == "decode" and Program("prefill", 4, 64).name == "prefill_64"
+
+
+def test_one_thread_steps_an_engine(loaded, prompts):
+    engine = Engine(loaded, EngineSettings(max_num_seqs=2))
+    engine.start()
+    try:
+        with pytest.raises(RuntimeError, match="runs in a thread of its own"):
+            engine.generate(requests(prompts[:1]))
+        with pytest.raises(RuntimeError, match="runs in a thread of its own"):
+            next(engine.stream(requests(prompts[:1])[0]))
+        done, both = [], threading.Event()
+
+        def on_event(index, event):
+            if event.finish_reason:
+                done.append(index)
+                if len(done) == 2:
+                    both.set()
+
+        engine.submit(requests(prompts[:2]), on_event)
+        assert both.wait(timeout=120)
+    finally:
+        engine.stop()
+    streaming = engine.stream(requests(prompts[:1])[0])
+    next(streaming)
+    with pytest.raises(RuntimeError, match="another thread is generating"):
+        engine.generate(requests(prompts[:1]))
+    streaming.close()
+    assert engine.generate(requests(prompts[:1]))[0].finish_reason == "length"

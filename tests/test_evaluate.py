@@ -53,7 +53,7 @@ def test_cli_matches_transformers(setup, assets):
         model_dir,
         "--data",
         data,
-        "--seq-len",
+        "--max-model-len",
         SEQ_LEN,
         "--batch-size",
         2,
@@ -98,8 +98,8 @@ def test_bad_input_is_one_error_line(setup, tmp_path, capsys):
         "is empty": ["--checkpoint", model_dir, "--data", empty],
         "not valid UTF-8": ["--checkpoint", model_dir, "--data", binary],
         "no such file": ["--checkpoint", model_dir, "--data", tmp_path / "missing.txt"],
-        "between 2 and": ["--checkpoint", model_dir, "--data", data, "--seq-len", 1],
-        "max_seq_len 64": ["--checkpoint", model_dir, "--data", data, "--seq-len", 65],
+        "between 2 and": ["--checkpoint", model_dir, "--data", data, "--max-model-len", 1],
+        "max_seq_len 64": ["--checkpoint", model_dir, "--data", data, "--max-model-len", 65],
         "unrecognized arguments": ["--checkpoint", model_dir, "--data", data, "--bogus"],
     }
     for message, argv in cases.items():

@@ -81,7 +81,7 @@ def test_generate_scores_every_record_and_resumes_without_redoing_finished_ones(
         "24",
         "--stop",
         "\n",
-        "--batch-size",
+        "--max-num-seqs",
         "4",
     ]
     assert evaluate.main(argv) == 0

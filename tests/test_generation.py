@@ -11,10 +11,11 @@ from flax import nnx
 from llama_jax import attention
 from llama_jax.config import preset
 from llama_jax.inference.api import generate, stream
+from llama_jax.inference.compiled import bucket_length
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.scheduler import Request
-from llama_jax.inference.slots import bucket_length
+from llama_jax.inference.settings import EngineSettings
+from llama_jax.inference.types import Program, Request, make_request
 from llama_jax.kv_cache import KVCache
 from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
@@ -104,6 +105,7 @@ def test_flash_prefill_and_incremental_decoding_give_the_full_forward_logits(mod
         np.testing.assert_allclose(got[row], forward(seq)[n - 1 : n + steps - 1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_config", [MeshConfig(data=2), MeshConfig(data=1, tensor=2)], ids=["data", "tensor"])
 def test_flash_prefill_sharded_equals_one_device(model, mesh_config, monkeypatch):
     """The prefill's logits and keys and values with the batch over data, or the heads (2 KV heads) over tensor."""
@@ -125,11 +127,11 @@ def test_flash_prefill_sharded_equals_one_device(model, mesh_config, monkeypatch
 
 
 def test_engine_greedy_ids_equal_the_full_forward(model, mesh, prompts, reference_greedy):
-    engine = Engine(ids_only(model, mesh), slots=4)
+    engine = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=4))
     results = engine.generate(requests(prompts))
     assert [r.token_ids for r in results] == reference_greedy
     assert all(r.finish_reason == "length" for r in results)
-    assert {p for p in engine.backend.compiled if p[0] == "prefill"} >= {("prefill", 4, 16), ("prefill", 1, 64)}
+    assert set(engine.status().compiled) >= {Program("prefill", 4, 16), Program("prefill", 1, 64)}
 
 
 @pytest.fixture(scope="module")
@@ -150,26 +152,30 @@ def test_chunked_prefill_and_the_prefix_cache_give_the_full_forward_ids(model, m
         for _ in range(NEW):
             seq.append(int(np.argmax(forward(seq)[-1])))
         expected.append(seq[len(prompt) :])
-    engine = Engine(ids_only(model, mesh), slots=2, prefill_chunk=16, prefix_cache_tokens=128)
+    engine = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=2, prefill_chunk=16, prefix_cache_tokens=128))
     for _ in range(2):
         assert [r.token_ids for r in engine.generate(requests(shared_prefix_prompts))] == expected
-    assert engine.scheduler.prefix.hit_tokens >= 2 * 3 * 32  # each shared prompt's two chunks, the second round
-    assert {p[0] for p in engine.backend.compiled} >= {"extend", "restore", "save"}
+    status = engine.status()
+    assert status.prefix_hit_tokens >= 2 * 3 * 32  # each shared prompt's two chunks, the second round
+    assert {p.kind for p in status.compiled} >= {"extend", "restore", "save"}
 
 
+@pytest.mark.slow
 def test_tokens_are_the_same_with_and_without_the_prefix_cache(model, mesh, shared_prefix_prompts):
     sampled = SamplingParams(0.9, 40, 0.95)
     asked = requests(shared_prefix_prompts) + requests(shared_prefix_prompts, sampling=sampled, seed=5)
-    without = Engine(ids_only(model, mesh), slots=1, prefill_chunk=16, prefix_cache_tokens=0)
-    cached = Engine(ids_only(model, mesh), slots=1, prefill_chunk=16, prefix_cache_tokens=128)
-    assert without.backend.pool_size == 0 and cached.backend.pool_size == 8
+    without = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=1, prefill_chunk=16, prefix_cache_tokens=0))
+    cached = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=1, prefill_chunk=16, prefix_cache_tokens=128))
+    assert without.settings.prefix_cache_chunks == 0 and cached.settings.prefix_cache_chunks == 8
     assert [r.token_ids for r in cached.generate(asked)] == [r.token_ids for r in without.generate(asked)]
-    assert cached.scheduler.prefix.hit_tokens > 0
+    assert cached.status().prefix_hit_tokens > 0
 
 
 def test_requests_stop_independently_on_their_stop_ids(model, mesh, prompts, reference_greedy):
     stop = reference_greedy[1][3]  # the 4th greedy token of prompt 1
-    results = Engine(ids_only(model, mesh), slots=4).generate(requests(prompts, stop_ids=(stop,)))
+    results = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=4)).generate(
+        requests(prompts, stop_ids=(stop,))
+    )
     for result, expected in zip(results, reference_greedy):
         if stop in expected:  # the stop id is not included
             assert (result.token_ids, result.finish_reason) == (expected[: expected.index(stop)], "stop")
@@ -178,29 +184,33 @@ def test_requests_stop_independently_on_their_stop_ids(model, mesh, prompts, ref
     assert results[1].token_ids == reference_greedy[1][:3]
 
 
+@pytest.mark.slow
 def test_logprobs_are_the_full_forwards(model, mesh, prompts, forward):
     sampled = requests(prompts[:3], sampling=SamplingParams(0.9), seed=4, logprobs=True)
-    for prompt, result in zip(prompts, Engine(ids_only(model, mesh), slots=2).generate(sampled)):
+    for prompt, result in zip(prompts, Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=2)).generate(sampled)):
         log_probs = np.asarray(jax.nn.log_softmax(forward(list(prompt) + result.token_ids)))
         expected = [log_probs[len(prompt) - 1 + i, t] for i, t in enumerate(result.token_ids)]
         np.testing.assert_allclose(result.logprobs, expected, rtol=1e-5, atol=1e-5)
-    assert Engine(ids_only(model, mesh), slots=2).generate(requests(prompts[:1]))[0].logprobs == []
+    assert (
+        Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=2)).generate(requests(prompts[:1]))[0].logprobs == []
+    )
 
 
 def test_sampled_streams_follow_the_seed_and_stream_not_the_batch(model, mesh, prompts):
-    engine = Engine(ids_only(model, mesh), slots=4)
+    engine = Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=4))
     sampled = requests(prompts, sampling=SamplingParams(0.8, 40, 0.95), seed=1)
     batch = [r.token_ids for r in engine.generate(sampled)]
     assert [r.token_ids for r in engine.generate([sampled[2], sampled[0]])] == [batch[2], batch[0]]
     assert [r.token_ids for r in engine.generate(requests(prompts, sampling=sampled[0].sampling, seed=2))] != batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_config", [MeshConfig(data=2), MeshConfig(data=1, tensor=2)], ids=["data", "tensor"])
 def test_sharded_generation_equals_single_device(model, prompts, reference_greedy, mesh_config):
     mesh = make_mesh(mesh_config)
     state = nnx.state(model)
     placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, param_shardings(state, mesh)))
-    results = Engine(ids_only(placed, mesh), slots=4).generate(requests(prompts))
+    results = Engine(ids_only(placed, mesh), EngineSettings(max_num_seqs=4)).generate(requests(prompts))
     assert [r.token_ids for r in results] == reference_greedy
 
 
@@ -209,15 +219,15 @@ def text_model(model, mesh, assets):
     return LoadedModel(model, CONFIG, mesh, load_tokenizer(assets / "tok512.bin"), "llama2")
 
 
+@pytest.mark.slow
 def test_text_api_and_streaming_agree_with_the_engine(text_model):
     texts = ["Once upon a time", "", "Tom and Lily", "The sun"]
-    completions = generate(text_model, texts, max_new_tokens=NEW, batch_size=4)
+    completions = generate(text_model, texts, max_new_tokens=NEW, max_num_seqs=4)
     tokenizer = text_model.tokenizer
     engine_requests = [
-        Request(tuple(tokenizer.encode(t)), NEW, stream=i, stop_ids=tuple(tokenizer.stop_ids))
-        for i, t in enumerate(texts)
+        make_request(tokenizer.encode(t), NEW, tokenizer=tokenizer, stream=i) for i, t in enumerate(texts)
     ]
-    direct = Engine(text_model, slots=2).generate(engine_requests)
+    direct = Engine(text_model, EngineSettings(max_num_seqs=2)).generate(engine_requests)
     assert [(c.token_ids, c.finish_reason, c.text) for c in completions] == [
         (d.token_ids, d.finish_reason, d.text) for d in direct
     ]
@@ -236,11 +246,11 @@ def test_prompt_buckets_stay_few():
 
 def test_bad_requests_are_refused_with_a_clear_message(model, mesh, text_model):
     with pytest.raises(ValueError, match="the prompt has 125 tokens; with max_tokens 8 it needs 133"):
-        Engine(ids_only(model, mesh), slots=1).generate([Request((1,) * 125, 8)])
+        Engine(ids_only(model, mesh), EngineSettings(max_num_seqs=1)).generate([Request((1,) * 125, 8)])
     with pytest.raises(ValueError, match="max_new_tokens must be an integer >= 1"):
         generate(text_model, ["x"], max_new_tokens=0)
-    with pytest.raises(ValueError, match="batch_size"):
-        generate(text_model, ["x"], batch_size=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        generate(text_model, ["x"], max_num_seqs=0)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         generate(text_model, ["x"], stop_ids=(512,))
     with pytest.raises(ValueError, match="leaves no room for a prompt"):

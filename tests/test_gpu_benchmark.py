@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 pytest.importorskip("torch", reason="the benchmark races transformers: pip install -e '.[parity]'")
 

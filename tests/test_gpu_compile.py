@@ -13,6 +13,8 @@ from test_tpu_compile import TINY as TPU_TINY
 
 from llama_jax.hardware import GPU_DEVICES, MiB, compile_target, gpu_target, gpu_target_config, has_cuda_plugin
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 needs_cuda_plugin = pytest.mark.skipif(
     not has_cuda_plugin(), reason="JAX's CUDA plugin is not installed (pip install -e '.[gpu-compile]')"
@@ -63,14 +65,14 @@ def test_train_and_eval_steps_compile_for_8xh100_with_cudnn_flash_attention():
 @needs_cuda_plugin
 def test_the_engines_programs_compile_for_one_h100():
     from llama_jax.inference.compile import compile_inference
+    from llama_jax.inference.settings import EngineSettings
     from llama_jax.sharding import MeshConfig
     from llama_jax.train.config import load_train_config
     from llama_jax.train.init_from import build_model_config
 
     model = build_model_config(load_train_config(None, TINY), "gpu")
-    reports = compile_inference(
-        model, compile_target("1xH100"), MeshConfig(), slots=4, prompt_lens=[100], max_new_tokens=64
-    )
+    settings = EngineSettings(max_num_seqs=4, max_model_len=164)
+    reports = compile_inference(model, compile_target("1xH100"), MeshConfig(), settings, prompt_lens=[100])
     assert [r.name for r in reports] == ["prefill_128", "decode"] and all(r.fits for r in reports)
     assert reports[0].attention == "cudnn"
 

@@ -21,6 +21,8 @@ from llama_jax.commands import evaluate  # noqa: E402
 from llama_jax.convert import export_hf  # noqa: E402
 from llama_jax.evaluate import harness  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "harness_tasks"
 MAX_LENGTH = 128  # shorter than the stories: rolling windows and left truncation both happen

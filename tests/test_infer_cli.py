@@ -23,12 +23,15 @@ from llama_jax.config import preset
 from llama_jax.convert import convert_llama2c
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.results_file import JsonlOutput
-from llama_jax.inference.scheduler import Request
+from llama_jax.inference.settings import EngineSettings
+from llama_jax.inference.types import make_request
 from llama_jax.loading import load
 from llama_jax.model import create_model
 from llama_jax.model_dir import write_model_dir
 from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.tokenizers import load_tokenizer
+
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,7 +111,7 @@ def test_a_rerun_resumes_after_the_records_already_written(stories, tmp_path):
         stories,
         "--prompts",
         tmp_path / "prompts.txt",
-        "--batch-size",
+        "--max-num-seqs",
         "2",
         "--max-new-tokens",
         "12",
@@ -150,7 +153,7 @@ def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_pat
         "0",
         "--max-new-tokens",
         "6",
-        "--batch-size",
+        "--max-num-seqs",
         "2",
         stdin=stdin,
     )
@@ -160,8 +163,8 @@ def test_chat_prompts_from_stdin_use_the_checkpoint_template(chat_model, tmp_pat
     loaded = load(chat_model, mesh=make_mesh(MeshConfig(), jax.devices()[:1]))
     ids = [encode_dialog(loaded.tokenizer, "llama2", [{"role": "user", "content": m}]) for m in messages]
     assert ids[0][:1] == [loaded.tokenizer.bos_id]
-    stop_ids = tuple(loaded.tokenizer.stop_ids)
-    expected = Engine(loaded, slots=1).generate([Request(tuple(i), 6, stop_ids=stop_ids) for i in ids])
+    asked = [make_request(i, 6, tokenizer=loaded.tokenizer) for i in ids]
+    expected = Engine(loaded, EngineSettings(max_num_seqs=1)).generate(asked)
     assert [(r["token_ids"], r["finish_reason"]) for r in got] == [(e.token_ids, e.finish_reason) for e in expected]
     assert [r["prompt"] for r in got] == messages
 
@@ -259,7 +262,7 @@ ERRORS = {
     "infinite temperature": (["--temperature", "inf"], "temperature must be a finite number >= 0, got inf"),
     "negative top-k": (["--top-k", "-1"], "top_k must be an integer >= 0"),
     "negative new tokens": (["--max-new-tokens", "-5"], "max_new_tokens must be an integer >= 1"),
-    "zero batch": (["--batch-size", "0"], "batch_size must be an integer >= 1"),
+    "zero sequences": (["--max-num-seqs", "0"], "max_num_seqs must be an integer >= 1"),
     "negative seed": (["--seed", "-1"], "seed must be an integer in [0, 4294967295]"),
     "seed beyond 32 bits": (["--seed", str(2**32)], "seed must be an integer in [0, 4294967295]"),
     "not a number": (["--max-new-tokens", "many"], "invalid int value"),

@@ -23,6 +23,8 @@ from llama_jax.model_dir import read_model_dir
 from llama_jax.train import run
 from llama_jax.train.config import load_train_config
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 STEPS = 16
 IDS = np.array([[1, 403, 407, 261, 378, 270, 288, 45, 99, 310, 12, 77]], np.int32)
 

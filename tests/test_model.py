@@ -82,6 +82,7 @@ def test_scan_equals_loop(model, ids):
     np.testing.assert_allclose(forward(looped, ids), forward(model, ids), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "save_dots"])
 def test_remat_leaves_values_and_gradients_unchanged(model, ids, policy):
     def loss_and_grads(m):
@@ -137,6 +138,7 @@ def test_cached_chunks_equal_the_full_forward(model, ids):
     np.testing.assert_array_equal(np.asarray(cache.lengths), [LENGTH, LENGTH])
 
 
+@pytest.mark.slow
 def test_library_attention_path_equals_reference():
     """The cudnn path's plumbing (layout, grouped KV heads, segment masks) through
     jax.nn.dot_product_attention, run with its XLA kernel on CPU; on a GPU the same call runs cuDNN."""
@@ -153,6 +155,7 @@ def test_library_attention_path_equals_reference():
         )
 
 
+@pytest.mark.slow
 def test_splash_attention_matches_reference_with_gradients(model):
     """The TPU kernel in Pallas interpret mode, under shard_map with heads split over a 2-device tensor
     mesh, with packed segments."""

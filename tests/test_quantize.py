@@ -4,6 +4,7 @@ logits within a stated bound of float32, and the real stories260K model's perple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import llama_jax
@@ -19,6 +20,7 @@ def test_per_channel_int8_round_trips_within_half_a_step():
     assert float(jnp.max(jnp.abs(q.astype(jnp.float32) * scale[:, None] - w) / scale[:, None])) <= 0.5 + 1e-6
 
 
+@pytest.mark.slow
 def test_int8_model_logits_bytes_and_perplexity(stories_model, assets):
     full = llama_jax.load(stories_model)
     quantized = llama_jax.load(stories_model, quantize="int8")

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 MARKER = re.compile(
     r"<!-- readme-test: (run|run if installed: [\w ]+|not run: .+?|serve: .+?|the output above has these lines) -->"

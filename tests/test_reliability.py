@@ -20,6 +20,8 @@ from llama_jax.tokenizers.training import train_sentencepiece
 from llama_jax.train.config import load_train_config
 from llama_jax.train.trainer import run
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 STEPS = 30
 
 
@@ -362,9 +364,15 @@ def test_outputs_appear_whole_with_normal_permissions_and_stale_partials_are_cle
 def test_evaluate_refuses_a_zero_window(assets, tmp_path):
     model_dir = convert_llama2c(assets / "stories260K.bin", assets / "tok512.bin", tmp_path / "stories")
     result = run_module(
-        "llama_jax.evaluate", "--checkpoint", model_dir, "--data", assets / "tinystories_sample.txt", "--seq-len", "0"
+        "llama_jax.evaluate",
+        "--checkpoint",
+        model_dir,
+        "--data",
+        assets / "tinystories_sample.txt",
+        "--max-model-len",
+        "0",
     )
-    assert_one_error_line(result, "--seq-len must be between 2 and the model's max_seq_len 512, got 0")
+    assert_one_error_line(result, "--max-model-len must be between 2 and the model's max_seq_len 512, got 0")
 
 
 @pytest.fixture

@@ -30,7 +30,10 @@ from llama_jax.convert import convert_llama2c
 from llama_jax.convert.hf_tokenizer import JINJA_TEMPLATES
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.scheduler import Request
+from llama_jax.inference.settings import EngineSettings
+from llama_jax.inference.types import make_request
+
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
 
 openai = pytest.importorskip("openai")
 KEY = "test-key"
@@ -91,7 +94,14 @@ def start_server(model_dir, *args, log=None, env=()):
 
 @pytest.fixture(scope="module")
 def server(model_dir, server_files):
-    args = ["--slots", "4", "--api-key-file", server_files / "key", "--chat-template", server_files / "llama2.jinja"]
+    args = [
+        "--max-num-seqs",
+        "4",
+        "--api-key-file",
+        server_files / "key",
+        "--chat-template",
+        server_files / "llama2.jinja",
+    ]
     process, url = start_server(model_dir, *map(str, args), "--prefill-chunk", str(CHUNK), log=server_files / "log")
     yield url
     process.terminate()
@@ -296,10 +306,10 @@ def test_chunked_prefill_and_the_prefix_cache_give_the_engines_tokens(server, cl
     loaded = llama_jax.load(model_dir)
     tokenizer = loaded.tokenizer
     assert all(len(tokenizer.encode(p)) > 2 * CHUNK for p in prompts)
-    engine = Engine(loaded, slots=1, prefill_chunk=CHUNK, prefix_cache_tokens=0)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=1, prefill_chunk=CHUNK, prefix_cache_tokens=0))
     settings = [SamplingParams(0.0), SamplingParams(0.8)]
     asked = [
-        Request(tuple(tokenizer.encode(p)), 12, s, seed=3, stop_ids=tuple(tokenizer.stop_ids))
+        make_request(tokenizer.encode(p), 12, tokenizer=tokenizer, sampling=s, seed=3)
         for s in settings
         for p in prompts
     ]
@@ -374,7 +384,7 @@ def test_the_server_compiles_every_program_before_it_reports_healthy(model_dir):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
     command = [sys.executable, "-m", "llama_jax.serve", "--checkpoint", str(model_dir), "--port", str(port)]
     process = subprocess.Popen(
-        [*command, "--slots", "2", "--max-len", "100"],
+        [*command, "--max-num-seqs", "2", "--max-model-len", "100"],
         cwd=REPO,
         env=env,
         text=True,
@@ -412,7 +422,9 @@ def test_the_server_compiles_every_program_before_it_reports_healthy(model_dir):
 
 def test_a_disconnect_frees_the_slot_and_a_full_queue_answers_429(model_dir):
     """With the API key from the environment (not on the command line, where `ps` shows it)."""
-    process, url = start_server(model_dir, "--slots", "1", "--max-queue", "1", env={"LLAMA_JAX_API_KEY": "env-key"})
+    process, url = start_server(
+        model_dir, "--max-num-seqs", "1", "--max-queue", "1", env={"LLAMA_JAX_API_KEY": "env-key"}
+    )
     headers = {"authorization": "Bearer env-key"}
     try:
         refused = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 1})

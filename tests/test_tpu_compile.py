@@ -15,6 +15,8 @@ import pytest
 from llama_jax.hardware import tpu_slice
 from llama_jax.train.config import load_train_config
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 needs_libtpu = pytest.mark.skipif(
     importlib.util.find_spec("libtpu") is None, reason="libtpu is not installed (pip install -e '.[tpu]')"
@@ -127,13 +129,13 @@ def test_train_and_eval_steps_compile_for_v5e_with_the_splash_kernel(tpu_precisi
 @needs_libtpu
 def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_kernel(tpu_precision):
     from llama_jax.inference.compile import compile_inference
+    from llama_jax.inference.settings import EngineSettings
     from llama_jax.sharding import MeshConfig
     from llama_jax.train.init_from import build_model_config
 
     model = build_model_config(load_train_config(None, TINY), "tpu")
-    reports = compile_inference(
-        model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), slots=4, prompt_lens=[100, 128], max_new_tokens=64
-    )
+    settings = EngineSettings(max_num_seqs=4, max_model_len=128 + 64)
+    reports = compile_inference(model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), settings, [100, 128])
     assert [r.name for r in reports] == ["prefill_128", "decode"]  # both prompts fall in one bucket
     prefill, decode = reports
     assert prefill.fits and decode.fits

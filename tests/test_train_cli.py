@@ -15,6 +15,8 @@ import pytest
 from llama_jax.commands import train as train_cli
 from llama_jax.commands.cli import run_cli
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 40
 

@@ -11,7 +11,9 @@ from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.tokenizers import load_tokenizer
 from llama_jax.train.batching import PackedRows, feistel_permutation, global_batch
 from llama_jax.train.config import load_train_config
-from llama_jax.train.data import TokenizedCorpus, encode_example, prepare_data
+from llama_jax.train.corpus_cache import TokenizedCorpus
+from llama_jax.train.data import prepare_data
+from llama_jax.train.examples import encode_example
 
 # Three documents [BOS ... EOS] in one stream: 5 + 4 + 6 tokens.
 STREAM = np.array([1, 10, 11, 12, 2, 1, 20, 21, 2, 1, 30, 31, 32, 33, 2], np.uint16)
@@ -151,7 +153,9 @@ def test_tokenized_corpus_is_cached_by_content(tmp_path, assets, monkeypatch):
     first = prepare_data(_config(tmp_path, path, f"tokenizer={tokenizer}"), None)
     expected = load_tokenizer(tokenizer).encode(path.read_text(), bos=True, eos=True)
     assert np.asarray(first.corpus.tokens).tolist() == expected
-    monkeypatch.setattr("llama_jax.train.data._build_entry", lambda *a: pytest.fail("re-tokenized a cached corpus"))
+    monkeypatch.setattr(
+        "llama_jax.train.corpus_cache._build_entry", lambda *a: pytest.fail("re-tokenized a cached corpus")
+    )
     moved = tmp_path / "moved.txt"
     moved.write_text(path.read_text())
     assert prepare_data(_config(tmp_path, moved, f"tokenizer={tokenizer}"), None).corpus.key == first.corpus.key

@@ -16,6 +16,8 @@ from llama_jax.train.config import load_train_config
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.trainer import run
 
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
 STEPS = 40
 
 

@@ -14,8 +14,10 @@ from llama_jax.model import abstract_state, create_model
 from llama_jax.sharding import MeshConfig, make_mesh
 from llama_jax.train.batching import batch_sharding
 from llama_jax.train.config import TrainConfig
+from llama_jax.train.objectives import NextTokenLoss
 from llama_jax.train.optimizer import decay_mask, learning_rate, make_optimizer
-from llama_jax.train.step import init_state, make_train_step, state_layout, token_losses
+from llama_jax.train.state import init_state, state_layout
+from llama_jax.train.step import make_train_step, token_losses
 
 # dim 48, 6 query / 2 KV heads, ffn 80, vocab 98: every axis splits in two, none equals another
 MODEL = preset("tiny").replace(vocab_size=98)
@@ -65,7 +67,7 @@ def run_steps(
     layout = state_layout(MODEL, optimizer, mesh)
     state = init_state(jax.device_put(initial_params, layout.shardings.params), optimizer, layout.shardings)
     shape = (grad_accum, BATCH // grad_accum, SEQ)
-    step = make_train_step(layout, optimizer, mesh, shape, z_loss, learning_rate(CONFIG))
+    step = make_train_step(layout, optimizer, mesh, shape, NextTokenLoss(z_loss), learning_rate(CONFIG))
     losses = []
     with jax.set_mesh(mesh):
         for batch in batches:
@@ -89,6 +91,7 @@ def _assert_same_training(a, b):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "layout, sharded_axis", [("data=2", None), ("fsdp=2,data=1", "fsdp"), ("tensor=2,data=1", "tensor")]
 )
@@ -121,6 +124,7 @@ def _reference_loss(params, batch, z_loss):
     return (nll + z_loss * jnp.sum(log_z**2 * mask)) / jnp.sum(mask), nll / jnp.sum(mask)
 
 
+@pytest.mark.slow
 def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):
     z_loss = 0.1
     sgd = optax.sgd(1.0)  # parameters after one step = parameters - gradient

@@ -1,20 +1,67 @@
-"""What the command lines share: the model flags and loading a model from them; the generation flags and the
-settings they make; compiling the engine for a TPU slice or GPUs.
+"""What the command lines share: the model flags and loading a model from them; the generation and engine
+flags and the settings they make; `--compile-for` and compiling the engine for a TPU slice or GPUs.
 
     --checkpoint DIR --dtype D --quantize int8 --mesh data=..,fsdp=..,tensor=..   (infer, evaluate, serve)
-    --max-new-tokens --temperature --top-p --top-k --seed --batch-size --chat --stop-id   (infer, evaluate generate)
+    --max-new-tokens --temperature --top-p --top-k --seed --chat --stop-id --max-num-seqs   (infer, evaluate
+                                                                                  generate)
+    --max-num-seqs --max-model-len --max-queue --prefill-chunk --prefix-cache-tokens   (serve)
+    --compile-for TARGET                                                          (train, infer, serve)
 
-Nothing here imports JAX at module level: `--help` and a mistyped flag answer before JAX starts.
+A setting has one flag in every command, vLLM's name where it has one (`--max-num-seqs`, `--max-model-len`);
+the flags they replace are still read for a release, with a warning. Nothing here imports JAX at module
+level: `--help` and a mistyped flag answer before JAX starts.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import sys
 from pathlib import Path
+from typing import Any
 
 from llama_jax.config import DTYPES, QUANTIZE_MODES
 
 CHECKPOINT_HELP = "a model directory (from llama_jax.convert) or a training run directory"
+COMPILE_FOR_HELP = (
+    "compile for a TPU slice (v5e-8; needs libtpu), slices over DCN (2xv5p-128) or the GPUs of one host "
+    "(8xH100; needs the gpu-compile extra) on this host, and report per-chip memory, instead of running"
+)
+
+
+class _RenamedFlag(argparse.Action):
+    """A flag's old spelling, kept for a release: it sets the new flag's value and says so on stderr."""
+
+    def __init__(self, option_strings, dest, renamed_to: str, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.renamed_to = renamed_to
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(
+            f"warning: {option_string} is now {self.renamed_to}; the old name will go in a later release",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed_flag(parser: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """`old` as a hidden alias of the flag `new` (added before it), e.g. --slots of --max-num-seqs."""
+    dest = new.removeprefix("--").replace("-", "_")
+    parser.add_argument(
+        old, dest=dest, action=_RenamedFlag, renamed_to=new, default=argparse.SUPPRESS, help=argparse.SUPPRESS, **kwargs
+    )
+
+
+def add_compile_for_argument(parser) -> None:
+    """--compile-for TARGET (a parser or an argument group)."""
+    parser.add_argument("--compile-for", metavar="TARGET", help=COMPILE_FOR_HELP)
+
+
+def add_max_model_len_argument(parser, old: str | None, help: str) -> None:
+    """--max-model-len N: the positions a sequence may use (context length); `old`: its former name here."""
+    parser.add_argument("--max-model-len", type=int, metavar="N", help=help)
+    if old is not None:
+        add_renamed_flag(parser, old, "--max-model-len", type=int, metavar="N")
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bool = True) -> None:
@@ -61,38 +108,17 @@ def text_model_dir(path: str | Path, purpose: str):
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float, max_new_tokens: int) -> None:
-    """The generation settings' flags: infer.py's defaults sample, `evaluate generate`'s are greedy and shorter."""
-    parser.add_argument(
-        "--max-new-tokens",
-        type=int,
-        default=max_new_tokens,
-        metavar="N",
-        help=f"most tokens generated per prompt (default {max_new_tokens})",
-    )
-    parser.add_argument(
-        "--temperature", type=float, default=temperature, metavar="T", help=f"0 is greedy (default {temperature:g})"
-    )
-    parser.add_argument(
-        "--top-p", type=float, default=0.9, metavar="P", help="nucleus mass in (0, 1]; 1 turns it off (default 0.9)"
-    )
-    parser.add_argument(
-        "--top-k", type=int, default=0, metavar="K", help="keep the K most likely tokens; 0 turns it off (default)"
-    )
-    parser.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        metavar="S",
-        help="a prompt's samples depend only on the seed and its position in the input",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=int,
-        default=8,
-        metavar="B",
-        help="decode slots: prompts decoded together, each refilled when its completion ends "
-        "(default 8; results never depend on it)",
-    )
+    """The generation settings' flags and --max-num-seqs (formerly --batch-size here): infer.py's defaults
+    sample, `evaluate generate`'s are greedy and shorter."""
+    _add_max_num_seqs(parser, "--batch-size")
+    for flag, kind, default, metavar, text in (
+        ("--max-new-tokens", int, max_new_tokens, "N", f"most tokens generated per prompt (default {max_new_tokens})"),
+        ("--temperature", float, temperature, "T", f"0 is greedy (default {temperature:g})"),
+        ("--top-p", float, 0.9, "P", "nucleus mass in (0, 1]; 1 turns it off (default 0.9)"),
+        ("--top-k", int, 0, "K", "keep the K most likely tokens; 0 turns it off (default)"),
+        ("--seed", int, 0, "S", "a prompt's samples depend only on the seed and its position in the input"),
+    ):
+        parser.add_argument(flag, type=kind, default=default, metavar=metavar, help=text)
     parser.add_argument(
         "--chat", action="store_true", help="wrap each prompt as a user message in the checkpoint's chat template"
     )
@@ -106,6 +132,54 @@ def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float
     )
 
 
+def _add_max_num_seqs(parser: argparse.ArgumentParser, old: str) -> None:
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=8,
+        metavar="N",
+        help="sequences decoded together (decode slots), each refilled when its request ends "
+        "(default 8; results never depend on it)",
+    )
+    add_renamed_flag(parser, old, "--max-num-seqs", type=int, metavar="N")
+
+
+def add_server_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """A server's engine: --max-num-seqs (formerly --slots), --max-model-len (formerly --max-len), --max-queue,
+    --prefill-chunk and --prefix-cache-tokens."""
+    _add_max_num_seqs(parser, "--slots")
+    add_max_model_len_argument(parser, "--max-len", "prompt + completion positions per sequence (default: the model's)")
+    parser.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        metavar="N",
+        help="requests waiting for a slot before new ones get 429 (default 64)",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=int,
+        metavar="N",
+        help="prompt tokens prefilled per step and per cached prefix chunk, a power of two (default 256)",
+    )
+    parser.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        metavar="N",
+        help="prompt tokens the prefix cache keeps (default: a quarter of the slots' positions; 0: none)",
+    )
+
+
+def engine_settings(args: argparse.Namespace, **fixed):
+    """The engine's settings from its flags (those a command has), checked once here: their errors name the
+    setting (max_num_seqs for --max-num-seqs). `fixed`: settings the command chooses itself."""
+    from llama_jax.inference.settings import EngineSettings
+
+    flags = ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk", "prefix_cache_tokens")
+    given = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
+    return EngineSettings(**(given | fixed))
+
+
 def generation_settings(args: argparse.Namespace):
     """The settings, checked once here (their errors name the setting: top_p for --top-p)."""
     from llama_jax.inference.sampling import SamplingParams
@@ -115,10 +189,34 @@ def generation_settings(args: argparse.Namespace):
         args.max_new_tokens,
         SamplingParams(args.temperature, args.top_k, args.top_p),
         args.seed,
-        args.batch_size,
         args.chat,
         tuple(args.stop_id),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationJob:
+    """What infer.py and `evaluate generate` know before they load any weights: every setting checked, the
+    model directory read, the prompts encoded (each checked to leave room for max_new_tokens)."""
+
+    settings: Any  # GenerationSettings
+    engine: Any  # EngineSettings
+    mesh: Any
+    model_dir: Any  # model_dir.ModelDir
+    prompt_ids: list[list[int]]
+
+
+def generation_job(args: argparse.Namespace, prompts: list[str], purpose: str) -> GenerationJob:
+    """The job of `prompts` with the generation, engine and model flags; `purpose` says why the model
+    directory needs a tokenizer."""
+    from llama_jax.inference.prompts import PromptEncoder, chat_template_for
+
+    settings, engine, mesh = generation_settings(args), engine_settings(args), mesh_from(args)
+    model_dir = text_model_dir(args.checkpoint, purpose)
+    settings.check_model(model_dir.config)
+    template = chat_template_for(model_dir.chat_template, settings.chat)
+    encoder = PromptEncoder(model_dir.tokenizer(), template, model_dir.config.max_seq_len, settings.max_new_tokens)
+    return GenerationJob(settings, engine, mesh, model_dir, [encoder.encode(p, i) for i, p in enumerate(prompts)])
 
 
 def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
@@ -140,57 +238,29 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
     }
 
 
-def compile_engine_for(
-    target_name: str,
-    model,
-    mesh: str,
-    slots: int,
-    prompt_lens: list[int],
-    max_new_tokens: int,
-    dtype: str | None,
-    prefill_chunk: int | None = None,
-    prefix_cache_tokens: int | None = None,
-) -> int:
-    """infer.py and serve --compile-for: the engine's programs compiled for a TPU slice or GPUs (its prefix pool as the
-    engine would size it); prints the table and, last, the JSON report. Exit status 1 when they do not fit."""
+def compile_engine_for(target_name: str, model, mesh: str, settings, prompt_lens: list[int], dtype: str | None) -> int:
+    """infer.py and serve --compile-for: the engine's programs for `settings` (EngineSettings) compiled for a
+    TPU slice or GPUs, the prefill of each of `prompt_lens`; prints the table and, last, the JSON report. Exit
+    status 1 when they do not fit."""
     import json
-    import sys
 
     from llama_jax.aot import report_json, report_table
     from llama_jax.hardware import compile_target
     from llama_jax.inference.compile import compile_inference
-    from llama_jax.inference.engine import default_prefix_cache_tokens
-    from llama_jax.inference.slots import PREFILL_CHUNK
     from llama_jax.sharding import MeshConfig
 
     target = compile_target(target_name)
     dtype = dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype)
-    chunk = prefill_chunk or PREFILL_CHUNK
-    cache_len = max(prompt_lens) + max_new_tokens
-    if prefix_cache_tokens is None:
-        prefix_cache_tokens = default_prefix_cache_tokens(slots, cache_len, chunk)
-    reports = compile_inference(
-        model, target, MeshConfig.parse(mesh), slots, prompt_lens, max_new_tokens, chunk, prefix_cache_tokens // chunk
-    )
+    reports = compile_inference(model, target, MeshConfig.parse(mesh), settings, prompt_lens)
     print(report_table(target, reports))
     summary = report_json(target, reports)
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
         print(
-            f"error: this setting does not fit in the memory of one chip of {target.name}: fewer decode slots, "
-            "a shorter context, or shard more (--mesh tensor=N)",
+            f"error: this setting does not fit in the memory of one chip of {target.name}: fewer sequences "
+            "(--max-num-seqs), a shorter context, or shard more (--mesh tensor=N)",
             file=sys.stderr,
         )
         return 1
     return 0
-
-
-def describe_program(program: tuple) -> str:
-    """An engine program (`slots.SlotBackend.programs`) in words, for the status line of its compile."""
-    if program[0] == "prefill":
-        _, rows, bucket = program
-        return f"the prefill of {rows} prompt{'s' if rows > 1 else ''} of up to {bucket} tokens"
-    if program[0] == "admit":
-        return f"the sampling of the first token of {program[1]} prompt{'s' if program[1] > 1 else ''}"
-    return "the decode loop"

@@ -7,6 +7,7 @@ import argparse
 from llama_jax import convert
 from llama_jax.chat import CHAT_TEMPLATE_CHOICES
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
+from llama_jax.commands.common import add_max_model_len_argument
 from llama_jax.config import DTYPES
 
 
@@ -47,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
             help="chat template to record (default: detected from the tokenizer and its config)",
         )
         if name == "meta":
-            sub.add_argument("--max-seq-len", type=int, help="context length (params.json does not record it)")
+            add_max_model_len_argument(sub, "--max-seq-len", "context length (params.json does not record it)")
             sub.add_argument(
                 "--rope-scaling-factor",
                 type=float,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             args.tokenizer,
             args.chat_template,
             args.dtype,
-            args.max_seq_len,
+            args.max_model_len,
             args.rope_scaling_factor,
         )
     elif args.command == "merge-lora":

@@ -1,12 +1,14 @@
 """`python -m llama_jax.evaluate`: scoring a model (installed as `llama-jax-eval`).
 
-    python -m llama_jax.evaluate --checkpoint DIR --data FILE [--seq-len N] [--dtype float32]
+    python -m llama_jax.evaluate --checkpoint DIR --data FILE [--max-model-len N] [--dtype float32]
                                  [--batch-size B] [--mesh data=..,fsdp=..,tensor=..]
     python -m llama_jax.evaluate --held-out RUN_DIR [--dtype float32] [--mesh ...]
     python -m llama_jax.evaluate generate --checkpoint DIR --data TASK.jsonl [--output OUT.jsonl]
-                                 [--metrics bleu,rouge,exact_match] [--chat] [--stop TEXT] [sampling flags]
+                                 [--metrics bleu,rouge,exact_match] [--chat] [--stop TEXT] [--max-num-seqs N]
+                                 [sampling flags]
     python -m llama_jax.evaluate harness --checkpoint DIR --tasks hellaswag,arc_easy [--num-fewshot N]
                                  [--limit N] [--include-path DIR] [--output FILE] [--batch-size B]
+                                 [--max-model-len N]
 
 Perplexity of FILE as one document (llama_jax/evaluate/perplexity.py says how), or of the validation rows a
 training run held out, exactly as its evaluation scored them (llama_jax/evaluate/held_out.py); the last
@@ -31,8 +33,9 @@ from pathlib import Path
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_generation_arguments,
+    add_max_model_len_argument,
     add_model_arguments,
-    generation_settings,
+    generation_job,
     load_from,
     mesh_from,
     run_settings,
@@ -62,12 +65,14 @@ def perplexity(argv: list[str]) -> int:
         metavar="RUN_DIR",
         help="instead: the training run's own validation rows, scored by its newest checkpoint",
     )
-    parser.add_argument("--seq-len", type=int, help="window length (default: the model's max_seq_len)")
+    add_max_model_len_argument(parser, "--seq-len", "window length (default: the model's max_seq_len)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
     args = parser.parse_args(argv)
     if args.held_out is not None:
-        if args.checkpoint or args.data or args.seq_len or args.batch_size:
-            raise ValueError("--held-out scores the run's own rows: drop --checkpoint, --data, --seq-len, --batch-size")
+        if args.checkpoint or args.data or args.max_model_len or args.batch_size:
+            raise ValueError(
+                "--held-out scores the run's own rows: drop --checkpoint, --data, --max-model-len, --batch-size"
+            )
     elif not (args.checkpoint and args.data):
         raise ValueError(
             "give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, harness)"
@@ -88,9 +93,9 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
     model_dir = text_model_dir(args.checkpoint, "cannot encode the data")
     tokenizer = model_dir.tokenizer()
     max_len = model_dir.config.max_seq_len
-    seq_len = max_len if args.seq_len is None else args.seq_len
+    seq_len = max_len if args.max_model_len is None else args.max_model_len
     if not 2 <= seq_len <= max_len:
-        raise ValueError(f"--seq-len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}")
+        raise ValueError(f"--max-model-len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}")
     text = Path(args.data).read_text(encoding="utf-8")
     if not text.strip():
         raise ValueError(f"data file {args.data} is empty")
@@ -135,33 +140,22 @@ def generate(argv: list[str]) -> int:
     # Everything a user can get wrong is checked before the parameters load.
     from llama_jax.evaluate.generation_task import read_task, run_task
     from llama_jax.evaluate.text_metrics import TextScorer, parse_metrics
-    from llama_jax.inference.prompts import PromptEncoder, chat_template_for
     from llama_jax.inference.results_file import JsonlOutput
 
     metrics = parse_metrics(args.metrics)
     if any(not stop for stop in args.stop):
         raise ValueError("--stop needs a non-empty string")
-    settings = generation_settings(args)
-    mesh = mesh_from(args)
     records = read_task(args.data)
-    model_dir = text_model_dir(args.checkpoint, "cannot encode the prompts")
-    settings.check_model(model_dir.config)
-    encoder = PromptEncoder(
-        model_dir.tokenizer(),
-        chat_template_for(model_dir.chat_template, settings.chat),
-        model_dir.config.max_seq_len,
-        settings.max_new_tokens,
-    )
-    prompt_ids = [encoder.encode(record.prompt, i) for i, record in enumerate(records)]
+    job = generation_job(args, [record.prompt for record in records], "cannot encode the prompts")
     scorer = TextScorer(metrics)
     output = None
     if args.output:
-        stored = {**run_settings(args, model_dir, settings), "stop": args.stop, "metrics": list(metrics)}
+        stored = {**run_settings(args, job.model_dir, job.settings), "stop": args.stop, "metrics": list(metrics)}
         output = JsonlOutput(args.output, [r.prompt for r in records], stored, writer="evaluate generate")
     try:
         finished = output is not None and output.done == len(records)
-        loaded = None if finished else load_from(args, mesh)
-        summary = run_task(loaded, records, prompt_ids, settings, scorer, tuple(args.stop), output)
+        loaded = None if finished else load_from(args, job.mesh)
+        summary = run_task(loaded, records, job.prompt_ids, job.settings, job.engine, scorer, tuple(args.stop), output)
     finally:
         if output:
             output.close()
@@ -189,7 +183,7 @@ def harness(argv: list[str]) -> int:
     parser.add_argument(
         "--batch-size", type=int, default=16, metavar="B", help="requests scored per forward pass (default 16)"
     )
-    parser.add_argument("--max-length", type=int, metavar="N", help="context length (default: the model's)")
+    add_max_model_len_argument(parser, "--max-length", "context length (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="the harness's seeds (few-shot sampling)")
     args = parser.parse_args(argv)
     from llama_jax.evaluate.harness import evaluate_tasks, find_tasks, metric_values, write_results
@@ -206,7 +200,7 @@ def harness(argv: list[str]) -> int:
         tasks,
         task_manager,
         batch_size=args.batch_size,
-        max_length=args.max_length,
+        max_length=args.max_model_len,
         num_fewshot=args.num_fewshot,
         limit=args.limit,
         seed=args.seed,

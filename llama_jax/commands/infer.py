@@ -11,11 +11,11 @@ generated ids; a stop id that ends generation is not included) and finish_reason
 BOS is prepended to every prompt. With --output, records are written batch by batch as they finish, and
 rerunning the same command continues after the records already there.
 
-    python infer.py --compile-for v5e-8 --model llama3-8b --mesh tensor=8 --batch-size 32 --prompt-len 4096
+    python infer.py --compile-for v5e-8 --model llama3-8b --mesh tensor=8 --max-num-seqs 32 --prompt-len 4096
 
 compiles the engine's own programs for that setting (the prefill of each --prompt-len's bucket, the decode
-loop of --batch-size slots over a cache of the longest prompt + --max-new-tokens) for a TPU slice on this
-host (needs libtpu; no weights, no tokenizer) and prints per-chip memory, whether it fits, the attention
+loop of --max-num-seqs sequences over a cache of the longest prompt + --max-new-tokens) for a TPU slice on
+this host (needs libtpu; no weights, no tokenizer) and prints per-chip memory, whether it fits, the attention
 kernel and a roofline bound; the last line is JSON. Exit status 1: it does not fit.
 """
 
@@ -28,15 +28,18 @@ from pathlib import Path
 
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
+    add_compile_for_argument,
     add_generation_arguments,
     add_model_arguments,
     compile_engine_for,
-    describe_program,
-    generation_settings,
+    engine_settings,
+    generation_job,
     load_from,
-    mesh_from,
     run_settings,
-    text_model_dir,
+)
+
+PROMPT_LEN_HELP = (
+    "prompt lengths whose prefill to compile (default 1024); the cache holds the longest + --max-new-tokens"
 )
 
 
@@ -64,20 +67,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
     compile_group = parser.add_argument_group("compiling for a TPU slice or GPUs instead of generating")
-    compile_group.add_argument(
-        "--compile-for", metavar="TARGET", help="a TPU slice, e.g. v5e-8 (needs libtpu), or 1xH100 (needs gpu-compile)"
-    )
+    add_compile_for_argument(compile_group)
     compile_group.add_argument(
         "--model", metavar="NAME", help="a preset, model YAML or model directory (only its config.json is read)"
     )
-    compile_group.add_argument(
-        "--prompt-len",
-        type=int,
-        nargs="+",
-        default=[1024],
-        metavar="P",
-        help="prompt lengths whose prefill to compile (default 1024); the cache holds the longest + --max-new-tokens",
-    )
+    compile_group.add_argument("--prompt-len", type=int, nargs="+", default=[1024], metavar="P", help=PROMPT_LEN_HELP)
     args = parser.parse_args(argv)
     if args.compile_for is None and args.checkpoint is None:
         parser.error("the following arguments are required: --checkpoint")
@@ -91,28 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile_for is not None:
         return compile_for(args)
     # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
-    from llama_jax.inference.prompts import PromptEncoder, chat_template_for
     from llama_jax.inference.results_file import JsonlOutput
 
-    settings = generation_settings(args)
-    mesh = mesh_from(args)
     prompts = read_prompts(args)
-    model_dir = text_model_dir(args.checkpoint, "infer.py needs one to read text prompts")
-    settings.check_model(model_dir.config)
-    encoder = PromptEncoder(
-        model_dir.tokenizer(),
-        chat_template_for(model_dir.chat_template, settings.chat),
-        model_dir.config.max_seq_len,
-        settings.max_new_tokens,
-    )
-    prompt_ids = [encoder.encode(p, i) for i, p in enumerate(prompts)]
-    output = JsonlOutput(args.output, prompts, run_settings(args, model_dir, settings)) if args.output else None
+    job = generation_job(args, prompts, "infer.py needs one to read text prompts")
+    output = JsonlOutput(args.output, prompts, run_settings(args, job.model_dir, job.settings)) if args.output else None
     first = output.done if output else 0
     if first == len(prompts):
         print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
         return 0
     try:
-        summary = run_generation(args, settings, mesh, prompts, prompt_ids, first, output)
+        summary = run_generation(args, job, prompts, first, output)
     finally:
         if output:
             output.close()
@@ -133,11 +116,11 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
     return read_prompt_file(args.prompts)
 
 
-def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> str:
+def run_generation(args, job, prompts, first, output) -> str:
     """Run prompts[first:] through the engine and write their records in input order; returns a summary line."""
     from tqdm import tqdm
 
-    from llama_jax.inference.batch import compiled_buckets, generate_in_order
+    from llama_jax.inference.batch import generate_in_order
 
     def write(ready) -> None:
         records = [
@@ -158,16 +141,24 @@ def run_generation(args, settings, mesh, prompts, prompt_ids, first, output) -> 
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             sys.stdout.flush()
 
-    def compiling(program: tuple) -> None:
-        tqdm.write(f"compiling {describe_program(program)}", file=sys.stderr)
+    def compiling(program) -> None:
+        tqdm.write(f"compiling {program.describe()}", file=sys.stderr)
 
-    loaded = load_from(args, mesh)
-    engine = generate_in_order(
-        loaded, prompt_ids, settings, write, first, progress=args.prompts is not None, on_compile=compiling
+    loaded = load_from(args, job.mesh)
+    progress = args.prompts is not None
+    status = generate_in_order(
+        loaded,
+        job.prompt_ids,
+        job.settings,
+        write,
+        engine=job.engine,
+        first=first,
+        progress=progress,
+        on_compile=compiling,
     )
     return (
         f"{len(prompts) - first} completions{f' written to {args.output}' if output else ''}; "
-        f"{engine.slots} decode slots; prompt buckets compiled: {compiled_buckets(engine)}"
+        f"{status.max_num_seqs} decode slots; prompt buckets compiled: {status.prefill_buckets()}"
     )
 
 
@@ -179,9 +170,13 @@ def compile_for(args: argparse.Namespace) -> int:
     if source is None:
         raise ValueError("--compile-for needs --model NAME (a preset, model YAML or model directory)")
     model = read_model_dir(source).config if Path(source, "config.json").is_file() else load_model_config(source)
-    return compile_engine_for(
-        args.compile_for, model, args.mesh, args.batch_size, args.prompt_len, args.max_new_tokens, args.dtype
-    )
+    needed = max(args.prompt_len) + args.max_new_tokens
+    if needed > model.max_seq_len:
+        raise ValueError(
+            f"--prompt-len + --max-new-tokens = {needed} exceeds the model's max_seq_len {model.max_seq_len}"
+        )
+    settings = engine_settings(args, max_model_len=needed)
+    return compile_engine_for(args.compile_for, model, args.mesh, settings, args.prompt_len, args.dtype)
 
 
 def cli() -> None:

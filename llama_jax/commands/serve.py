@@ -1,6 +1,6 @@
 """Serve a model directory over an OpenAI-compatible HTTP API.
 
-    python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--slots 8] [--api-key-file F]
+    python -m llama_jax.serve --checkpoint DIR [--host 127.0.0.1] [--port 8000] [--max-num-seqs 8] [--api-key-file F]
 
 Then any OpenAI client: `OpenAI(base_url="http://127.0.0.1:8000/v1", api_key=KEY)` with the model name the
 server prints (default: the directory's name). It listens on 127.0.0.1 unless --host says otherwise; exposed
@@ -16,7 +16,8 @@ Before it reports healthy it compiles every program the engine may run: until th
 {"status": "starting"}, and the first request after is as fast as any other. GET /metrics serves Prometheus
 metrics; each request leaves one access-log line on stderr (its prompt only with --log-prompts).
 
-    python -m llama_jax.serve --checkpoint DIR --slots 32 --max-len 4096 --mesh tensor=8 --compile-for v5e-8
+    python -m llama_jax.serve --checkpoint DIR --max-num-seqs 32 --max-model-len 4096 --mesh tensor=8 \
+        --compile-for v5e-8
 
 compiles the engine's programs of that setting for a TPU slice instead (only DIR's config.json is read) and
 prints per-chip memory; the last line is JSON.
@@ -33,8 +34,11 @@ from pathlib import Path
 
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
+    add_compile_for_argument,
     add_model_arguments,
+    add_server_engine_arguments,
     compile_engine_for,
+    engine_settings,
     load_from,
     mesh_from,
     text_model_dir,
@@ -52,32 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this host only)")
     parser.add_argument("--port", type=int, default=8000, help="1-65535 (default 8000)")
-    parser.add_argument("--slots", type=int, default=8, help="requests decoded together (default 8)")
-    parser.add_argument(
-        "--max-len",
-        type=int,
-        metavar="N",
-        help="prompt + completion positions per slot (default: the model's max_seq_len)",
-    )
-    parser.add_argument(
-        "--max-queue",
-        type=int,
-        default=64,
-        metavar="N",
-        help="requests waiting for a slot before new ones get 429 (default 64)",
-    )
-    parser.add_argument(
-        "--prefill-chunk",
-        type=int,
-        metavar="N",
-        help="prompt tokens prefilled per step and per cached prefix chunk, a power of two (default 256)",
-    )
-    parser.add_argument(
-        "--prefix-cache-tokens",
-        type=int,
-        metavar="N",
-        help="prompt tokens the prefix cache keeps (default: a quarter of the slots' positions; 0: none)",
-    )
+    add_server_engine_arguments(parser)
     parser.add_argument(
         "--chat-template",
         metavar="NAME_OR_FILE",
@@ -89,19 +68,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--log-prompts", action="store_true", help="write each request's prompt in its access-log line")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
-    parser.add_argument(
-        "--compile-for", metavar="TARGET", help="compile for a TPU slice (v5e-8) or GPUs (1xH100) instead of serving"
-    )
+    add_compile_for_argument(parser)
     args = parser.parse_args(argv)
-    for name in ("slots", "max_queue"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in 1-65535, got {args.port}")
     if args.api_key is not None and args.api_key_file is not None:
         parser.error("give the API key with --api-key or --api-key-file, not both")
-    if args.prefix_cache_tokens is not None and args.prefix_cache_tokens < 0:
-        parser.error("--prefix-cache-tokens must be at least 0")
     return args
 
 
@@ -132,51 +104,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import uvicorn
 
-    from llama_jax.inference.api import STREAM_STEPS_PER_DISPATCH
     from llama_jax.inference.engine import Engine
+    from llama_jax.inference.settings import STREAM_STEPS_PER_DISPATCH
     from llama_jax.serve.app import access_log, create_app
 
+    settings = engine_settings(args, steps_per_dispatch=STREAM_STEPS_PER_DISPATCH)
     model_dir = text_model_dir(args.checkpoint, "the server needs one to read text")
     model_dir.tokenizer()  # refused here when it does not fit the model
-    max_seq_len = model_dir.config.max_seq_len
-    if args.max_len is not None and not 2 <= args.max_len <= max_seq_len:
-        raise ValueError(f"--max-len must be between 2 and the model's max_seq_len {max_seq_len}")
+    max_len = settings.resolve(model_dir.config).max_model_len  # refused here when over the model's
     if args.compile_for is not None:
-        max_len = args.max_len or max_seq_len
-        return compile_engine_for(
-            args.compile_for,
-            model_dir.config,
-            args.mesh,
-            args.slots,
-            [max_len - 1],
-            1,
-            args.dtype,
-            prefill_chunk=args.prefill_chunk,
-            prefix_cache_tokens=args.prefix_cache_tokens,
-        )
+        return compile_engine_for(args.compile_for, model_dir.config, args.mesh, settings, [max_len - 1], args.dtype)
     key = api_key(args)
     template = chat_template(args, model_dir)
     if not _loopback(args.host) and key is None:
         print(
             f"warning: listening on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr
         )
-    loaded = load_from(args, mesh_from(args))
-    engine = Engine(
-        loaded,
-        slots=args.slots,
-        cache_len=args.max_len,
-        max_queue=args.max_queue,
-        steps_per_dispatch=STREAM_STEPS_PER_DISPATCH,
-        prefix_cache_tokens=args.prefix_cache_tokens,
-        **({"prefill_chunk": args.prefill_chunk} if args.prefill_chunk else {}),
-    )
+    engine = Engine(load_from(args, mesh_from(args)), settings)
     name = args.model_name or Path(args.checkpoint).resolve().name
     address = f"http://{args.host}:{args.port}"
-    programs = len(engine.backend.programs())
+    programs = len(engine.status().programs)
     print(f"compiling {programs} programs before {address}/health reports ready", file=sys.stderr, flush=True)
 
     def ready() -> None:
-        print(f"serving {name} on {address}/v1 ({args.slots} slots)", file=sys.stderr, flush=True)
+        slots = engine.settings.max_num_seqs
+        print(f"serving {name} on {address}/v1 ({slots} slots)", file=sys.stderr, flush=True)
 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))

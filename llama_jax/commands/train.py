@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
+from llama_jax.commands.common import add_compile_for_argument
 from llama_jax.train.config import describe_settings, load_train_config
 
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
@@ -45,11 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", metavar="FILE", help="a YAML file of settings (configs/*.yaml)")
-    parser.add_argument(
-        "--compile-for",
-        metavar="TARGET",
-        help="compile for a TPU slice (v5p-128), slices over DCN (2xv5p-128) or GPUs (8xH100) instead of training",
-    )
+    add_compile_for_argument(parser)
     parser.add_argument(
         "--write-token-store",
         metavar="URL",

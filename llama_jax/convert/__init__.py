@@ -11,7 +11,7 @@ model directories → Hugging Face.
 Every importer streams: the output tree is allocated once and filled one source tensor at a time.
 """
 
-import importlib
+from llama_jax.lazy import lazy_exports
 
 # Imported on first use, so `--help` of the convert command does not pay for importing JAX.
 _EXPORTS = {
@@ -26,9 +26,4 @@ _EXPORTS = {
     "export_hf": "llama_jax.convert.to_hf",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llama_jax.convert' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -1,8 +1,11 @@
-"""Steps every importer takes around the weights: dtypes, the tokenizer, and writing the model directory."""
+"""Steps every importer takes around the weights: the source's description file, dtypes, the tokenizer, and
+writing the model directory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,6 +13,25 @@ from llama_jax.chat import CHAT_TEMPLATE_CHOICES, encode_dialog
 from llama_jax.config import DTYPES, ModelConfig
 from llama_jax.model_dir import check_tokenizer_fits, write_model_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
+
+
+def source_description(directory: str | Path, file_name: str, kind: str) -> tuple[Path, Any]:
+    """(path, parsed JSON) of the file describing a source checkpoint (`config.json`, `params.json`), with one
+    clear error when the directory is missing, is no `kind` directory, or the file is not JSON."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(2, f"{kind} directory not found", str(directory))
+    path = directory / file_name
+    if not path.is_file():
+        raise ValueError(f"{directory} has no {file_name}: not a {kind} directory")
+    return path, read_json(path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def dtype_name(source: np.dtype, requested: str | None) -> str:

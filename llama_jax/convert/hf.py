@@ -4,14 +4,21 @@ its own from its byte range (see `safetensors_io`)."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
 
 from llama_jax.chat import detect_chat_template
 from llama_jax.config import ModelConfig, RopeScaling
-from llama_jax.convert.common import chat_template_choice, dtype_name, find_tokenizer, with_dtype, write_converted
+from llama_jax.convert.common import (
+    chat_template_choice,
+    dtype_name,
+    find_tokenizer,
+    read_json,
+    source_description,
+    with_dtype,
+    write_converted,
+)
 from llama_jax.convert.safetensors_io import TensorEntry, read_header, read_tensor
 from llama_jax.convert.weights import Weight, build_params, hf_name, weights_for
 from llama_jax.staging import ensure_new_output_dir
@@ -23,13 +30,6 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 # "owner/name" or "owner/name@revision", as on the Hugging Face Hub.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?")
 _CACHED_SNAPSHOT = re.compile(r"/models--([\w.-]+?)--([\w.-]+)/snapshots/[^/]+/?$")
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def config_from_hf(values: dict[str, Any], source: Path) -> ModelConfig:
@@ -82,7 +82,7 @@ def tensor_index(hf_dir: Path) -> dict[str, TensorEntry]:
     """Every tensor of the checkpoint, by name, located in its file."""
     index_path = hf_dir / INDEX_FILE
     if index_path.is_file():
-        weight_map = _read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index_path} has no weight_map")
         files = sorted(set(weight_map.values()))
@@ -108,12 +108,8 @@ def tensor_index(hf_dir: Path) -> dict[str, TensorEntry]:
 def load_hf(hf_dir: str | Path, dtype: str | None = None) -> tuple[ModelConfig, dict]:
     """The model config and parameter tree (numpy) of a Hugging Face Llama directory."""
     hf_dir = Path(hf_dir)
-    if not hf_dir.is_dir():
-        raise FileNotFoundError(2, "Hugging Face model directory not found", str(hf_dir))
-    config_path = hf_dir / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{hf_dir} has no config.json: not a Hugging Face model directory")
-    config = config_from_hf(_read_json(config_path), config_path)
+    config_path, values = source_description(hf_dir, "config.json", "Hugging Face model")
+    config = config_from_hf(values, config_path)
     entries = tensor_index(hf_dir)
     expected = {
         hf_name(w, layer) for w in weights_for(config) for layer in (range(config.n_layers) if w.per_layer else [None])
@@ -142,7 +138,7 @@ def hf_chat_template(hf_dir: Path) -> str | None:
     config_path = hf_dir / "tokenizer_config.json"
     if not config_path.is_file():
         return None
-    template = _read_json(config_path).get("chat_template")
+    template = read_json(config_path).get("chat_template")
     if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")

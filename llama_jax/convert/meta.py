@@ -12,7 +12,6 @@ for this format only and is imported when it is used.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,14 @@ import numpy as np
 
 from llama_jax.chat import detect_chat_template
 from llama_jax.config import ModelConfig, RopeScaling, ffn_dim_for
-from llama_jax.convert.common import chat_template_choice, dtype_name, find_tokenizer, with_dtype, write_converted
+from llama_jax.convert.common import (
+    chat_template_choice,
+    dtype_name,
+    find_tokenizer,
+    source_description,
+    with_dtype,
+    write_converted,
+)
 from llama_jax.convert.weights import Weight, build_params, meta_name
 from llama_jax.staging import ensure_new_output_dir
 
@@ -169,15 +175,7 @@ def load_meta(
 ) -> tuple[ModelConfig, dict]:
     """The model config and parameter tree (numpy) of a Meta checkpoint directory."""
     meta_dir = Path(meta_dir)
-    if not meta_dir.is_dir():
-        raise FileNotFoundError(2, "Meta checkpoint directory not found", str(meta_dir))
-    params_path = meta_dir / "params.json"
-    if not params_path.is_file():
-        raise ValueError(f"{meta_dir} has no params.json: not a Meta checkpoint directory")
-    try:
-        params = json.loads(params_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{params_path} is not valid JSON: {e}") from None
+    params_path, params = source_description(meta_dir, "params.json", "Meta checkpoint")
     shards = _Shards(meta_dir)
     config = config_from_meta(params, shards, params_path, max_seq_len, rope_scaling_factor)
     source_dtype = _numpy(shards.first("tok_embeddings.weight")[:1]).dtype

@@ -50,13 +50,15 @@ def run_task(
     records: list[TaskRecord],
     prompt_ids: list[list[int]],
     settings,
+    engine,
     scorer: TextScorer,
     stop_strings: tuple[str, ...],
     output=None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Complete and score the records not yet in `output` (a results_file.JsonlOutput, or None); returns
-    the summary over all records: `examples` and one key per metric (0-100)."""
+    """Complete and score the records not yet in `output` (a results_file.JsonlOutput, or None) with the
+    generation `settings` on an engine of `engine` settings; returns the summary over all records: `examples`
+    and one key per metric (0-100)."""
     from llama_jax.inference.batch import generate_in_order
 
     first = output.done if output else 0
@@ -80,7 +82,16 @@ def run_task(
             output.write(batch)
 
     if first < len(records):
-        generate_in_order(loaded, prompt_ids, settings, write, first, stop_strings, progress)
+        generate_in_order(
+            loaded,
+            prompt_ids,
+            settings,
+            write,
+            engine=engine,
+            first=first,
+            stop_strings=stop_strings,
+            progress=progress,
+        )
     summary = scorer.corpus(
         [r["completion"] for r in scored], [r["references"] for r in scored], [r["scores"] for r in scored]
     )

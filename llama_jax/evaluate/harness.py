@@ -126,7 +126,8 @@ class LlamaJaxLM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         from llama_jax.inference.engine import Engine
-        from llama_jax.inference.scheduler import Request
+        from llama_jax.inference.settings import EngineSettings
+        from llama_jax.inference.types import make_request
 
         engine_requests, untils = [], []
         for index, (context, gen_kwargs) in enumerate(request.args for request in requests):
@@ -151,18 +152,17 @@ class LlamaJaxLM(TemplateLM):
             # As the hf backend: the prompt keeps its last tokens, leaving room for max_gen_toks.
             prompt = self.tok_encode(context)[-(self.max_length - max_tokens) :]
             engine_requests.append(
-                Request(
-                    tuple(prompt),
+                make_request(
+                    prompt,
                     max_tokens,
-                    sampling,
-                    seed=0,
+                    tokenizer=self.tokenizer,
+                    sampling=sampling,
                     stream=index,
-                    stop_ids=tuple(self.tokenizer.stop_ids),
-                    stop_strings=tuple(u for u in until if u),
+                    stop_strings=[u for u in until if u],
                 )
             )
             untils.append(until)
-        engine = Engine(self.loaded, slots=self.batch_size, cache_len=self.max_length)
+        engine = Engine(self.loaded, EngineSettings(max_num_seqs=self.batch_size, max_model_len=self.max_length))
         results = engine.generate(engine_requests)
         texts = []
         for request, result, until in zip(requests, results, untils):

@@ -4,12 +4,13 @@ done, so a file written from them is always a complete prefix of the input (and 
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 
-from llama_jax.inference.engine import Completion, Engine
-from llama_jax.inference.scheduler import Request
-from llama_jax.inference.settings import GenerationSettings
+from llama_jax.inference.engine import Engine
+from llama_jax.inference.settings import DEFAULT_ENGINE, EngineSettings, GenerationSettings
+from llama_jax.inference.types import Completion, EngineStatus, Program, make_request
 from llama_jax.loading import LoadedModel
 
 
@@ -18,31 +19,36 @@ def generate_in_order(
     prompt_ids: Sequence[Sequence[int]],
     settings: GenerationSettings,
     on_ready: Callable[[list[tuple[int, Completion]]], None],
+    *,
+    engine: EngineSettings = DEFAULT_ENGINE,
     first: int = 0,
     stop_strings: tuple[str, ...] = (),
     progress: bool = True,
-    on_compile: Callable[[tuple], None] | None = None,
-) -> Engine:
-    """Generate prompts[first:] with `settings.batch_size` decode slots, each refilled as its completion ends;
-    `on_ready([(index, completion), ...])` gets them in input order; `on_compile(program)` hears of each
-    program before it compiles. Returns the engine (its compiled programs say which prompt buckets ran)."""
+    on_compile: Callable[[Program], None] | None = None,
+) -> EngineStatus:
+    """Generate prompts[first:] with up to `engine.max_num_seqs` decode slots, each refilled as its completion
+    ends; `on_ready([(index, completion), ...])` gets them in input order; `on_compile(program)` hears of each
+    program before it compiles. Each slot holds the longest prompt and its new tokens. Returns the engine's
+    final status (its compiled programs say which prompt buckets ran)."""
     from tqdm import tqdm
 
-    own = loaded.tokenizer.stop_ids if loaded.tokenizer is not None else ()
-    stop_ids = tuple(sorted({*own, *settings.stop_ids}))
     longest = max(len(ids) for ids in prompt_ids[first:])
-    slots = min(settings.batch_size, len(prompt_ids) - first)
-    engine = Engine(loaded, slots=slots, cache_len=longest + settings.max_new_tokens)
-    engine.backend.on_compile = on_compile
+    sized = dataclasses.replace(
+        engine,
+        max_num_seqs=min(engine.max_num_seqs, len(prompt_ids) - first),
+        max_model_len=longest + settings.max_new_tokens,
+    )
+    runner = Engine(loaded, sized, on_compile)
     # A prompt's random stream is its index in the whole input: resuming after `first` changes no sample.
     requests = [
-        Request(
-            tuple(ids),
+        make_request(
+            ids,
             settings.max_new_tokens,
-            settings.sampling,
-            settings.seed,
+            tokenizer=loaded.tokenizer,
+            sampling=settings.sampling,
+            seed=settings.seed,
             stream=index,
-            stop_ids=stop_ids,
+            stop_ids=settings.stop_ids,
             stop_strings=stop_strings,
         )
         for index, ids in enumerate(prompt_ids)
@@ -64,10 +70,5 @@ def generate_in_order(
             on_ready(ready)
 
     with bar:
-        engine.generate(requests, on_result)
-    return engine
-
-
-def compiled_buckets(engine: Engine) -> list[int]:
-    """The prompt-length buckets the engine compiled a prefill program for."""
-    return sorted({program[2] for program in engine.backend.compiled if program[0] == "prefill"})
+        runner.generate(requests, on_result)
+    return runner.status()

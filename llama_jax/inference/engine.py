@@ -1,18 +1,24 @@
 """The inference engine: continuous batching over a loaded model. Every generation path runs on it: infer.py,
 the server, evaluation, the trainer's samples and `llama_jax.generate` / `llama_jax.stream`.
 
-    engine = Engine(loaded, slots=8)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=8))
     completions = engine.generate([request_a, request_b, ...])     # many, in input order
     for event in engine.stream(request): print(event.text, end="")  # one, token by token
-    engine.warm_up(); engine.start(); handle = engine.submit(request, on_event)   # the server's background loop
+    engine.start(warm_up=True); handle = engine.submit(requests, on_event)    # the server's background loop
+    engine.status()                                                  # slots, queue, programs compiled
 
-A request's tokens depend only on its prompt, settings, seed and stream number, never on what shares the
-slots or when it arrived (`scheduler.py` decides, `slots.py` computes).
+Its users see only values (`types.py`: requests, events, completions, status; `settings.EngineSettings`);
+the scheduler that decides and the slots that compute stay behind this class. A request's tokens depend
+only on its prompt, settings, seed and stream number, never on what shares the slots or when it arrived.
+
+One thread steps the engine at a time: `generate` and `stream` step it in the caller's thread, `start()` in a
+thread of its own; a second driver is refused (RuntimeError) rather than left to corrupt the slots.
+`submit` may come from any thread.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import os
 import queue
 import threading
@@ -20,128 +26,79 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from llama_jax.inference.prompts import completion_text
-from llama_jax.inference.scheduler import Event, Handle, Request, Scheduler
-from llama_jax.inference.slots import MAX_STEPS, PREFILL_CHUNK, SlotBackend
+from llama_jax.inference.scheduler import Scheduler
+from llama_jax.inference.settings import DEFAULT_ENGINE, EngineSettings
+from llama_jax.inference.slots import SlotBackend
+from llama_jax.inference.types import Completion, EngineStatus, Event, Handle, Program, Request
 from llama_jax.loading import LoadedModel
-
-# Decode steps per device call while nobody waits for a slot: the host's work per call is paid once for them
-# all. A streaming server uses fewer (8): a stream's tokens arrive a call's worth at a time.
-STEPS_PER_DISPATCH = MAX_STEPS
-
-
-def default_prefix_cache_tokens(slots: int, cache_len: int, chunk: int) -> int:
-    """The prefix cache's default size: a quarter of the positions the slots hold, none when no prompt can be
-    longer than a chunk."""
-    return slots * cache_len // 4 if cache_len > chunk else 0
-
-
-@dataclasses.dataclass
-class Completion:
-    """A finished request: what `Engine.generate` and `llama_jax.generate` return (one per prompt)."""
-
-    token_ids: list[int]  # generated, without the stop id that ended them
-    text: str  # the text they add after the prompt (cut before a stop string)
-    finish_reason: str  # "stop" (a stop id or string) | "length" (max tokens) | "cancelled"
-    logprobs: list[float]  # each token's log-probability, when the request asked for them (else empty)
-
-    @classmethod
-    def of(cls, events: list[Event]) -> Completion:
-        return cls(
-            [t for e in events for t in e.token_ids],
-            "".join(e.text for e in events),
-            events[-1].finish_reason,
-            [p for e in events for p in e.logprobs],
-        )
 
 
 class Engine:
     def __init__(
         self,
         loaded: LoadedModel,
-        *,
-        slots: int = 8,
-        cache_len: int | None = None,
-        steps_per_dispatch: int = STEPS_PER_DISPATCH,
-        max_queue: int = 1024,
-        prefill_rows: int | None = None,
-        prefill_chunk: int = PREFILL_CHUNK,
-        prefix_cache_tokens: int | None = None,
+        settings: EngineSettings = DEFAULT_ENGINE,
+        on_compile: Callable[[Program], None] | None = None,
     ):
-        """`cache_len`: positions each slot holds, prompt and completion (default: the model's max_seq_len).
-        `prefill_chunk`: prompt tokens per prefill call (longer prompts go in chunks between decode calls) and
-        per cached prefix chunk, a power of two. `prefix_cache_tokens`: prompt tokens the prefix cache keeps
-        (default: a quarter of what the slots hold; 0: none)."""
-        if not 1 <= steps_per_dispatch <= MAX_STEPS:
-            raise ValueError(f"steps_per_dispatch must be in 1..{MAX_STEPS}, got {steps_per_dispatch}")
-        if prefill_chunk < 16 or prefill_chunk & (prefill_chunk - 1):
-            raise ValueError(f"the prefill chunk must be a power of two of at least 16 tokens, got {prefill_chunk}")
+        """`settings` are resolved for the model and mesh (`EngineSettings.resolve`): `self.settings` says
+        what the engine holds. `on_compile(program)` hears of each program before its first compile."""
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
-        self.max_len = min(cache_len or self.config.max_seq_len, self.config.max_seq_len)
-        if prefix_cache_tokens is None:
-            prefix_cache_tokens = default_prefix_cache_tokens(slots, self.max_len, prefill_chunk)
-        self.backend = SlotBackend.of(
-            loaded,
-            slots,
-            self.max_len,
-            chunk=prefill_chunk,
-            pool_entries=prefix_cache_tokens // prefill_chunk,
-            prefill_rows=prefill_rows,
-        )
-        self.scheduler = Scheduler(
-            self.backend, max_queue=max_queue, steps_per_dispatch=steps_per_dispatch, text=self._text
+        self.settings = settings.resolve(loaded.config, loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"])
+        self._backend = SlotBackend.of(loaded, self.settings, on_compile)
+        self._programs = self._backend.programs
+        self._scheduler = Scheduler(
+            self._backend,
+            max_queue=self.settings.max_queue,
+            steps_per_dispatch=self.settings.steps_per_dispatch,
+            text=self._text,
         )
         self._wake = threading.Condition()
+        self._driver = threading.Lock()  # held by whoever steps the scheduler
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self.ready = True  # False while `start(warm_up=True)` compiles
-        self.warm = (0, 0)  # programs compiled by that warm-up, of how many
+        self._ready = True  # False while `start(warm_up=True)` compiles
 
-    @property
-    def slots(self) -> int:
-        return self.backend.slots
+    def status(self) -> EngineStatus:
+        running, used = self._scheduler.held()
+        prefix = self._scheduler.prefix
+        return EngineStatus(
+            ready=self._ready,
+            programs=tuple(self._programs.all()),
+            compiled=tuple(sorted(self._programs.compiled)),
+            max_num_seqs=self.settings.max_num_seqs,
+            running=running,
+            waiting=len(self._scheduler.queue),
+            positions=self.settings.max_num_seqs * self._programs.cache_len,
+            positions_used=used,
+            prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
+            prefix_hit_tokens=prefix.hit_tokens if prefix else 0,
+        )
 
-    def warm_up(self, progress: Callable[[int, int], None] | None = None) -> None:
+    def warm_up(self) -> None:
         """Compile every program the engine may call — a prefill per (rows, prompt bucket), the admissions and
-        the decode loop — so that no request waits for a compile. `progress(done, total)` after each. Two are
+        the decode loops — so that no request waits for a compile (`status().compiled` counts them). Two are
         built at a time: the compiler releases the interpreter lock, so one traces while another compiles."""
-        programs = [p for p in self.backend.programs() if p not in self.backend.compiled]
-        done = 0
+        programs = [p for p in self._programs.all() if p not in self._programs.compiled]
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
-            for _ in pool.map(self.backend.executable, programs):
-                done += 1
-                if progress is not None:
-                    progress(done, len(programs))
+            list(pool.map(self._programs.executable, programs))
 
-    def check(self, request: Request) -> None:
-        """ValueError unless the request can run: a prompt, room for its tokens, stop ids in the vocabulary."""
-        if not request.prompt_ids:
-            raise ValueError("the prompt is empty: it needs at least the BOS token")
-        if request.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
-        needed = len(request.prompt_ids) + request.max_tokens
-        if needed > self.max_len:
-            raise ValueError(
-                f"the prompt has {len(request.prompt_ids)} tokens; with max_tokens {request.max_tokens} "
-                f"it needs {needed} positions, but the model allows {self.max_len}"
-            )
-        bad = [i for i in (*request.stop_ids, *request.prompt_ids) if not 0 <= i < self.config.vocab_size]
-        if bad:
-            raise ValueError(f"token ids {bad[:3]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
-
-    def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
-        """Queue a request (`scheduler.QueueFull` when the queue is at its bound); its events go to
-        `on_event`, called from the engine's thread (`start()` runs it)."""
-        self.check(request)
-        handle = self.scheduler.submit(request, on_event)
+    def submit(self, requests: Sequence[Request], on_event: Callable[[int, Event], None]) -> Handle:
+        """Queue `requests`, all or none: ValueError for one that cannot run (naming it), QueueFull when the
+        queue has no room for them all. Request i's events go to on_event(i, event), called from the thread
+        that steps the engine (`start()` runs one)."""
+        for request in requests:
+            self._check(request)
+        handle = self._scheduler.submit_all(requests, on_event)
         with self._wake:
             self._wake.notify()
         return handle
 
     def start(self, warm_up: bool = False, on_ready: Callable[[], None] | None = None) -> None:
-        """Run the engine's loop in a background thread (the server's HTTP handlers only submit and cancel);
-        with `warm_up`, it first compiles every program (`ready` is False until then, `warm` counts them) and
-        then calls `on_ready`."""
-        self.ready = not warm_up
+        """Step the engine in a background thread (the server's HTTP handlers only submit and cancel); with
+        `warm_up`, it first compiles every program (`status().ready` is False until then) and then calls
+        `on_ready`."""
+        self._take_driver("start() runs the engine's loop")
+        self._ready = not warm_up
         self._thread = threading.Thread(
             target=self._loop, args=(warm_up, on_ready), name="llama_jax-engine", daemon=True
         )
@@ -153,23 +110,8 @@ class Engine:
             self._wake.notify()
         if self._thread is not None:
             self._thread.join()
-
-    def _loop(self, warm_up: bool, on_ready: Callable[[], None] | None) -> None:
-        if warm_up:
-
-            def progress(done: int, total: int) -> None:
-                self.warm = (done, total)
-
-            self.warm_up(progress)
-            self.ready = True
-            if on_ready is not None:
-                on_ready()
-        while True:
-            with self._wake:
-                self._wake.wait_for(lambda: self._stopping or self.scheduler.busy)
-                if self._stopping:
-                    return
-            self.scheduler.step()
+            self._thread = None
+            self._driver.release()
 
     def generate(
         self, requests: Sequence[Request], on_result: Callable[[int, Completion], None] | None = None
@@ -177,46 +119,85 @@ class Engine:
         """Run `requests` in this thread, feeding the queue as slots free (any number of them), and return
         their completions in input order; `on_result(index, completion)` is called as each one finishes."""
         for request in requests:
-            self.check(request)
+            self._check(request)
         results: list[Completion | None] = [None] * len(requests)
-        pending = iter(enumerate(requests))
+        events: dict[int, list[Event]] = {}
 
-        def collect(index: int, events: list[Event]) -> Callable[[Event], None]:
-            def on_event(event: Event) -> None:
-                events.append(event)
-                if event.finish_reason is not None:
-                    results[index] = Completion.of(events)
-                    if on_result is not None:
-                        on_result(index, results[index])
+        def on_event(index: int, event: Event) -> None:
+            events.setdefault(index, []).append(event)
+            if event.finish_reason is not None:
+                results[index] = Completion.of(events.pop(index))
+                if on_result is not None:
+                    on_result(index, results[index])
 
-            return on_event
-
-        def refill() -> None:
-            while len(self.scheduler.queue) < self.slots:
-                item = next(pending, None)
-                if item is None:
-                    return
-                index, request = item
-                self.scheduler.submit(request, collect(index, []))
-
-        refill()
-        while self.scheduler.busy:
-            self.scheduler.step()
-            refill()
+        with self._driving("generate()"):
+            pending = 0
+            while pending < len(requests) or self._scheduler.busy:
+                room = min(self.settings.max_num_seqs, self.settings.max_queue) - len(self._scheduler.queue)
+                if room > 0 and pending < len(requests):
+                    batch = requests[pending : pending + room]
+                    self._scheduler.submit_all(batch, lambda i, e, first=pending: on_event(first + i, e))
+                    pending += len(batch)
+                self._scheduler.step()
         return results
 
     def stream(self, request: Request) -> Iterator[Event]:
         """The events of one request as they come, stepping the engine in this thread."""
+        self._check(request)
         events: queue.SimpleQueue[Event] = queue.SimpleQueue()
-        self.check(request)
-        self.scheduler.submit(request, events.put)
+        with self._driving("stream()"):
+            self._scheduler.submit(request, events.put)
+            while True:
+                while events.empty():
+                    self._scheduler.step()
+                event = events.get()
+                yield event
+                if event.finish_reason is not None:
+                    return
+
+    def _check(self, request: Request) -> None:
+        """ValueError unless the request can run: a prompt, room for its tokens, stop ids in the vocabulary."""
+        if not request.prompt_ids:
+            raise ValueError("the prompt is empty: it needs at least the BOS token")
+        if request.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {request.max_tokens}")
+        needed = len(request.prompt_ids) + request.max_tokens
+        if needed > self.settings.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(request.prompt_ids)} tokens; with max_tokens {request.max_tokens} "
+                f"it needs {needed} positions, but the model allows {self.settings.max_model_len}"
+            )
+        bad = [i for i in (*request.stop_ids, *request.prompt_ids) if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:3]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+
+    def _take_driver(self, who: str) -> None:
+        if self._driver.acquire(blocking=False):
+            return
+        if self._thread is not None:
+            raise RuntimeError(f"{who}: this engine's loop runs in a thread of its own (start()); submit() to it")
+        raise RuntimeError(f"{who}: another thread is generating with this engine; one thread steps it at a time")
+
+    @contextlib.contextmanager
+    def _driving(self, who: str):
+        self._take_driver(who)
+        try:
+            yield
+        finally:
+            self._driver.release()
+
+    def _loop(self, warm_up: bool, on_ready: Callable[[], None] | None) -> None:
+        if warm_up:
+            self.warm_up()
+            self._ready = True
+            if on_ready is not None:
+                on_ready()
         while True:
-            while events.empty():
-                self.scheduler.step()
-            event = events.get()
-            yield event
-            if event.finish_reason is not None:
-                return
+            with self._wake:
+                self._wake.wait_for(lambda: self._stopping or self._scheduler.busy)
+                if self._stopping:
+                    return
+            self._scheduler.step()
 
     def _text(self, prompt_ids: Sequence[int], generated: Sequence[int]) -> str:
         return completion_text(self.tokenizer, prompt_ids, generated) if self.tokenizer is not None else ""

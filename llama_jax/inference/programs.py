@@ -13,7 +13,8 @@ state, and prefix pool) donated, so every call updates them in place:
 * restore / save: whole chunks of prompt keys and values copied from the prefix pool into a slot, and from a
   slot into the pool.
 
-`slots.SlotBackend` holds the state and calls them.
+`compiled.EnginePrograms` lays out the state they work on and compiles them; `slots.SlotBackend` holds that
+state and calls them.
 """
 
 from __future__ import annotations
@@ -25,12 +26,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama_jax.inference.sampling import RowSampling, sample_rows
+from llama_jax.inference.settings import MAX_STEPS
 from llama_jax.kv_cache import CACHE_AXES, KVCache
 from llama_jax.sharding import shard
 
 CACHE_BLOCK = 128  # cache slots read per block in decoding; the cache length is a multiple of it
-MAX_STEPS = 64  # decode steps one call may run: the size of its token buffer
-# Stop ids each slot checks on the device (the tokenizer's and a request's own, first ones first). The host
+# Stop ids each slot checks on the device (a request's first ones: the tokenizer's, then its own). The host
 # checks all of them; a slot that runs past a stop id beyond these only does work that is thrown away.
 DEVICE_STOP_IDS = 8
 LOGITS_AXES = ("batch", "vocab")  # a prefill's logits, as they pass to the admission program
@@ -94,7 +95,7 @@ def _ends(token, step, stop_ids, max_tokens) -> jax.Array:
 
 
 def _laid_out(cache: KVCache | None = None, slots: SlotState | None = None) -> tuple:
-    """The cache and slot state constrained to the layout they were created in (`_slot_shapes`): each
+    """The cache and slot state constrained to the layout they were created in (`compiled.state_shapes`): each
     program's outputs are the next one's inputs, whose compiled layouts must agree."""
     if cache is not None:
         cache = KVCache(shard(cache.k, *CACHE_AXES), shard(cache.v, *CACHE_AXES), shard(cache.lengths, "batch"))

@@ -1,7 +1,7 @@
 """Continuous batching, the host side: which request gets which decode slot, and when a request is done.
 
     scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, text=decoder)
-    handle = scheduler.submit(Request(prompt_ids, max_tokens=64, ...), on_event)
+    handle = scheduler.submit_all([Request(prompt_ids, max_tokens=64, ...)], on_event)   # on_event(0, event)
     while scheduler.busy: scheduler.step()      # admissions, prefill chunks, then one multi-step decode call
 
 Each step admits queued requests into free slots, first come first served: prompts of at most one chunk are
@@ -15,19 +15,18 @@ the step runs up to
 that they get it at once — and hands each request its new tokens, finishing it at a stop id, a stop string
 or its token budget (or when cancelled), which frees its slot for the next admission. The rules live here, in
 plain Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
-`slots.SlotBackend` runs them on the model.
+`slots.SlotBackend` runs them on the model. The engine (`engine.py`) is the only user of this class.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from llama_jax.inference.prefix_cache import PrefixCache
-from llama_jax.inference.sampling import SamplingParams
+from llama_jax.inference.types import Event, Handle, QueueFull, Request
 
 # While prompts are being prefilled, a step computes about PREFILL_BUDGET chunks of them, then INTERLEAVED_STEPS
 # decode steps of the running slots: on the CPU benchmark model (16 slots, chunks of 256) each half takes about
@@ -37,47 +36,19 @@ PREFILL_BUDGET = 2
 INTERLEAVED_STEPS = 8
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """What to generate. The tokens depend only on these fields: the random stream is (seed, stream) and
-    the step, never the other requests sharing the slots."""
+class _Live:
+    """A submitted request as the scheduler follows it."""
 
-    prompt_ids: tuple[int, ...]
-    max_tokens: int
-    sampling: SamplingParams = SamplingParams()
-    seed: int = 0
-    stream: int = 0  # folded into the seed: infer.py's prompt index, so a file's prompts differ
-    stop_ids: tuple[int, ...] = ()
-    stop_strings: tuple[str, ...] = ()
-    logprobs: bool = False  # return each generated token's log-probability
-
-
-@dataclasses.dataclass
-class Event:
-    """What a request produced since its last event. The final event has `finish_reason` set:
-    "stop" (a stop id or string), "length" (max_tokens), "cancelled". `logprobs` are the tokens'
-    log-probabilities under the model's own distribution, when the request asked for them (else empty)."""
-
-    token_ids: list[int]
-    text: str
-    logprobs: list[float]
-    finish_reason: str | None = None
-
-
-class Handle:
-    """A submitted request: its events arrive through `on_event` (called from the engine's thread)."""
-
-    def __init__(self, request: Request, on_event: Callable[[Event], None]):
-        self.request, self.on_event = request, on_event
+    def __init__(self, request: Request, on_event: Callable[[Event], None], handle: Handle):
+        self.request, self.on_event, self.handle = request, on_event, handle
         self.token_ids: list[int] = []  # generated so far (stop ids excluded)
         self.logprobs: list[float] = []
         self.text = ""  # what has been handed out
-        self.cancelled = False
         self.prefilled = 0  # prompt tokens in its slot so far (a prompt prefilled chunk by chunk)
 
-    def cancel(self) -> None:
-        """Stop generating: the slot is freed at the next step and a final "cancelled" event sent."""
-        self.cancelled = True
+    @property
+    def cancelled(self) -> bool:
+        return self.handle.cancelled
 
 
 class Backend(Protocol):
@@ -112,10 +83,6 @@ class Backend(Protocol):
         and the steps run."""
 
 
-class QueueFull(Exception):
-    """The queue of waiting requests is at its bound: come back later (HTTP 429)."""
-
-
 class Scheduler:
     def __init__(
         self,
@@ -130,9 +97,9 @@ class Scheduler:
         self.max_queue = max_queue
         self.steps_per_dispatch = steps_per_dispatch
         self.text = text
-        self.queue: collections.deque[Handle] = collections.deque()
-        self.prefilling: dict[int, Handle] = {}  # slot -> request whose prompt is going in, oldest first
-        self.running: dict[int, Handle] = {}  # slot -> request
+        self.queue: collections.deque[_Live] = collections.deque()
+        self.prefilling: dict[int, _Live] = {}  # slot -> request whose prompt is going in, oldest first
+        self.running: dict[int, _Live] = {}  # slot -> request
         self.lock = threading.Lock()  # submit() and cancel() come from other threads than step()
         self.prefix = PrefixCache(backend.chunk, backend.pool_size) if backend.pool_size else None
 
@@ -141,12 +108,22 @@ class Scheduler:
         return bool(self.queue or self.prefilling or self.running)
 
     def submit(self, request: Request, on_event: Callable[[Event], None]) -> Handle:
-        handle = Handle(request, on_event)
+        return self.submit_all([request], lambda _, event: on_event(event))
+
+    def submit_all(self, requests: Sequence[Request], on_event: Callable[[int, Event], None]) -> Handle:
+        """Queue all of `requests` or none (QueueFull); request i's events go to on_event(i, event)."""
+        handle = Handle()
+        live = [_Live(r, lambda event, i=i: on_event(i, event), handle) for i, r in enumerate(requests)]
         with self.lock:
-            if len(self.queue) >= self.max_queue:
+            if len(self.queue) + len(live) > self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are waiting already")
-            self.queue.append(handle)
+            self.queue.extend(live)
         return handle
+
+    def held(self) -> tuple[int, int]:
+        """(requests in a slot, cache positions their prompts and tokens hold)."""
+        live = [*self.running.values(), *self.prefilling.values()]  # one copy each: step() may change them
+        return len(live), sum(len(h.request.prompt_ids) + len(h.token_ids) for h in live)
 
     def step(self) -> None:
         """Admit what fits, prefill a chunk, then decode: one pass of the engine's loop."""
@@ -157,23 +134,23 @@ class Scheduler:
             active = [slot in self.running for slot in range(self.backend.slots)]
             steps = min(self.steps_per_dispatch, INTERLEAVED_STEPS) if self.prefilling else self.steps_per_dispatch
             tokens, logprobs, _ = self.backend.decode(steps, active, stop_early=bool(self.queue))
-            for slot, handle in list(self.running.items()):
-                self._deliver(slot, handle, tokens[slot], logprobs[slot])
+            for slot, live in list(self.running.items()):
+                self._deliver(slot, live, tokens[slot], logprobs[slot])
 
     def _drop_cancelled(self) -> None:
         with self.lock:
             waiting = [h for h in self.queue if h.cancelled]
-            for handle in waiting:
-                self.queue.remove(handle)
-        for handle in waiting:
-            handle.on_event(Event([], "", [], "cancelled"))
-        for slot, handle in list(self.prefilling.items()):
-            if handle.cancelled:
+            for live in waiting:
+                self.queue.remove(live)
+        for live in waiting:
+            live.on_event(Event([], "", [], "cancelled"))
+        for slot, live in list(self.prefilling.items()):
+            if live.cancelled:
                 del self.prefilling[slot]
-                handle.on_event(Event([], "", [], "cancelled"))
-        for slot, handle in list(self.running.items()):
-            if handle.cancelled:
-                self._finish(slot, handle, [], "cancelled")
+                live.on_event(Event([], "", [], "cancelled"))
+        for slot, live in list(self.running.items()):
+            if live.cancelled:
+                self._finish(slot, live, [], "cancelled")
 
     def _admit(self) -> None:
         """First come, first served: the longest-waiting request is always admitted first; short prompts behind
@@ -190,55 +167,55 @@ class Scheduler:
                 else:
                     bucket = self._bucket(head)
                     group = [h for h in self.queue if self._fits(h) and self._bucket(h) == bucket][: len(free)]
-                    for handle in group:
-                        self.queue.remove(handle)
+                    for live in group:
+                        self.queue.remove(live)
             if len(head.request.prompt_ids) > self.backend.chunk:
                 self._start_chunked(free[0], head)
             else:
                 slots = free[: len(group)]
                 first, logprobs = self.backend.insert(slots, [h.request for h in group], bucket)
-                for slot, handle, token, logprob in zip(slots, group, first, logprobs):
-                    self.running[slot] = handle
-                    self._deliver(slot, handle, [token], [logprob])
+                for slot, live, token, logprob in zip(slots, group, first, logprobs):
+                    self.running[slot] = live
+                    self._deliver(slot, live, [token], [logprob])
             free = self._free()
 
-    def _start_chunked(self, slot: int, handle: Handle) -> None:
-        cached = self.prefix.lookup(handle.request.prompt_ids) if self.prefix is not None else []
+    def _start_chunked(self, slot: int, live: _Live) -> None:
+        cached = self.prefix.lookup(live.request.prompt_ids) if self.prefix is not None else []
         if cached:
             self.backend.restore(slot, cached)
-        handle.prefilled = len(cached) * self.backend.chunk
-        self.prefilling[slot] = handle
+        live.prefilled = len(cached) * self.backend.chunk
+        self.prefilling[slot] = live
 
     def _prefill_chunks(self) -> None:
         """Chunks of the prompts being prefilled, the oldest first, until PREFILL_BUDGET chunks' worth of tokens
         are computed; all of them while no slot is decoding."""
         done = 0
         while self.prefilling and (done < PREFILL_BUDGET * self.backend.chunk or not self.running):
-            slot, handle = next(iter(self.prefilling.items()))
-            prompt = handle.request.prompt_ids
-            first = self.backend.extend(slot, handle.request, handle.prefilled)
-            done += min(self.backend.chunk, len(prompt) - handle.prefilled)
-            handle.prefilled = min(handle.prefilled + self.backend.chunk, len(prompt))
+            slot, live = next(iter(self.prefilling.items()))
+            prompt = live.request.prompt_ids
+            first = self.backend.extend(slot, live.request, live.prefilled)
+            done += min(self.backend.chunk, len(prompt) - live.prefilled)
+            live.prefilled = min(live.prefilled + self.backend.chunk, len(prompt))
             if first is not None:
                 del self.prefilling[slot]
                 if self.prefix is not None:
                     saved = self.prefix.store(prompt)
                     if saved:
                         self.backend.save(slot, saved)
-                self.running[slot] = handle
-                self._deliver(slot, handle, [first[0]], [first[1]])
+                self.running[slot] = live
+                self._deliver(slot, live, [first[0]], [first[1]])
 
     def _free(self) -> list[int]:
         return [s for s in range(self.backend.slots) if s not in self.running and s not in self.prefilling]
 
-    def _fits(self, handle: Handle) -> bool:
-        return len(handle.request.prompt_ids) <= self.backend.chunk
+    def _fits(self, live: _Live) -> bool:
+        return len(live.request.prompt_ids) <= self.backend.chunk
 
-    def _bucket(self, handle: Handle) -> int:
-        return self.backend.bucket(len(handle.request.prompt_ids))
+    def _bucket(self, live: _Live) -> int:
+        return self.backend.bucket(len(live.request.prompt_ids))
 
-    def _deliver(self, slot: int, handle: Handle, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
-        request = handle.request
+    def _deliver(self, slot: int, live: _Live, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
+        request = live.request
         new_ids: list[int] = []
         new_logprobs: list[float] = []
         reason = None
@@ -249,37 +226,37 @@ class Scheduler:
             new_ids.append(int(token))
             if request.logprobs:
                 new_logprobs.append(float(logprob))
-            if len(handle.token_ids) + len(new_ids) == request.max_tokens:
+            if len(live.token_ids) + len(new_ids) == request.max_tokens:
                 reason = "length"
                 break
-        handle.token_ids += new_ids
-        handle.logprobs += new_logprobs
-        text = self.text(request.prompt_ids, handle.token_ids)
+        live.token_ids += new_ids
+        live.logprobs += new_logprobs
+        text = self.text(request.prompt_ids, live.token_ids)
         stop_at = min((i for i in (text.find(s) for s in request.stop_strings) if i >= 0), default=-1)
         if stop_at >= 0:
             text, reason = text[:stop_at], "stop"
         if reason is not None:
-            self._finish(slot, handle, new_ids, reason, new_logprobs, text)
+            self._finish(slot, live, new_ids, reason, new_logprobs, text)
             return
         # Hold back what may still turn into a stop string, and a character still missing bytes.
         hold = max((len(s) - 1 for s in request.stop_strings), default=0)
-        shown = text[: max(len(handle.text), len(text) - hold)]
+        shown = text[: max(len(live.text), len(text) - hold)]
         while shown.endswith("\ufffd"):
             shown = shown[:-1]
         if new_ids:
-            handle.on_event(Event(new_ids, shown[len(handle.text) :], new_logprobs))
-            handle.text = shown
+            live.on_event(Event(new_ids, shown[len(live.text) :], new_logprobs))
+            live.text = shown
 
     def _finish(
         self,
         slot: int,
-        handle: Handle,
+        live: _Live,
         new_ids: list[int],
         reason: str,
         new_logprobs: Sequence[float] = (),
         text: str | None = None,
     ) -> None:
         del self.running[slot]
-        text = handle.text if text is None else text
-        handle.on_event(Event(new_ids, text[len(handle.text) :], list(new_logprobs), reason))
-        handle.text = text
+        text = live.text if text is None else text
+        live.on_event(Event(new_ids, text[len(live.text) :], list(new_logprobs), reason))
+        live.text = text

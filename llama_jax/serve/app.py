@@ -21,7 +21,7 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,8 +31,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from llama_jax.chat import encode_dialog
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.scheduler import Event, QueueFull
-from llama_jax.inference.scheduler import Request as EngineRequest
+from llama_jax.inference.types import EngineStatus, Event, QueueFull, make_request
+from llama_jax.inference.types import Request as EngineRequest
 from llama_jax.serve import protocol
 from llama_jax.serve.metrics import CONTENT_TYPE, ServerMetrics
 from llama_jax.serve.protocol import ChatRequest, CompletionRequest, error_body
@@ -51,23 +51,41 @@ class _Refused(Exception):
 def create_app(
     engine: Engine, model_name: str, chat_template: str | None, api_key: str | None = None, log_prompts: bool = False
 ) -> FastAPI:
+    """The app over `engine` (started by the caller): handlers submit requests and read its status."""
     app = FastAPI(title="llama_jax", docs_url=None, redoc_url=None)
-    tokenizer = engine.tokenizer
-    metrics = ServerMetrics(engine, model_name)
+    metrics = ServerMetrics(engine.status, model_name)
+    _guard(app, engine.status, api_key)
+    _refuse_as_openai_does(app)
+    _status_routes(app, engine.status, metrics, model_name)
+    _generation_routes(app, engine, metrics, model_name, chat_template, log_prompts)
+    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
+    return app
+
+
+def _guard(app: FastAPI, status: Callable[[], EngineStatus], api_key: str | None) -> None:
+    """/v1/ requests wait for the engine's programs (503) and need the API key (401)."""
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
         path = request.url.path
-        if path.startswith("/v1/") and not engine.ready:
-            done, total = engine.warm
-            message = f"the server is starting: {done} of {total} programs compiled; retry when /health says ok"
-            return _logged(path, _error(503, message))
+        if path.startswith("/v1/"):
+            now = status()
+            if not now.ready:
+                message = (
+                    f"the server is starting: {len(now.compiled)} of {len(now.programs)} programs compiled; "
+                    "retry when /health says ok"
+                )
+                return _logged(path, _error(503, message))
         if path.startswith("/v1/") and api_key is not None:
             if not secrets.compare_digest(request.headers.get("authorization", ""), f"Bearer {api_key}"):
                 message = "missing or wrong API key: send Authorization: Bearer KEY"
                 return _logged(path, _error(401, message, kind="authentication_error", code="invalid_api_key"))
         response = await call_next(request)
         return _logged(path, response) if path.startswith("/v1/") and response.status_code != 200 else response
+
+
+def _refuse_as_openai_does(app: FastAPI) -> None:
+    """Bad bodies and refused requests as OpenAI-style error bodies; a field the server lacks is named."""
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, error: RequestValidationError):
@@ -85,18 +103,21 @@ def create_app(
     async def refused(request: Request, error: _Refused):
         return _error(error.status, error.message, param=error.param, code=error.code)
 
+
+def _status_routes(app: FastAPI, status: Callable[[], EngineStatus], metrics: ServerMetrics, model_name: str) -> None:
     @app.get("/health")
     async def health():
-        if not engine.ready:  # compiling its programs: the first requests would wait for them (vLLM's 503)
-            done, total = engine.warm
-            return JSONResponse({"status": "starting", "compiled": done, "programs": total}, status_code=503)
+        now = status()
+        if not now.ready:  # compiling its programs: the first requests would wait for them (vLLM's 503)
+            body = {"status": "starting", "compiled": len(now.compiled), "programs": len(now.programs)}
+            return JSONResponse(body, status_code=503)
         return {
             "status": "ok",
-            "compiled": len(engine.backend.compiled),
-            "programs": len(engine.backend.programs()),
-            "slots": engine.slots,
-            "running": len(engine.scheduler.running) + len(engine.scheduler.prefilling),
-            "waiting": len(engine.scheduler.queue),
+            "compiled": len(now.compiled),
+            "programs": len(now.programs),
+            "slots": now.max_num_seqs,
+            "running": now.running,
+            "waiting": now.waiting,
         }
 
     @app.get("/metrics")
@@ -109,6 +130,12 @@ def create_app(
             "object": "list",
             "data": [{"id": model_name, "object": "model", "owned_by": "llama_jax", "created": 0}],
         }
+
+
+def _generation_routes(
+    app: FastAPI, engine: Engine, metrics: ServerMetrics, model_name: str, chat_template: str | None, log_prompts: bool
+) -> None:
+    tokenizer = engine.tokenizer
 
     def exchange(path: str, body, chat: bool) -> _Exchange:
         _check_model(body.model, model_name)
@@ -132,9 +159,6 @@ def create_app(
         except ValueError as e:
             raise _Refused(400, str(e), "messages") from None
         return await call.respond(body, [prompt], logprobs=body.logprobs)
-
-    app.add_middleware(BodyLimit, limit=MAX_BODY_BYTES)
-    return app
 
 
 class BodyLimit:
@@ -195,26 +219,26 @@ class _Exchange:
         requests = self._requests(body, prompts, logprobs)
         loop = asyncio.get_running_loop()
         queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in requests]
-        handles = []
+
+        def on_event(index: int, event: Event) -> None:  # in the engine's thread
+            loop.call_soon_threadsafe(queues[index].put_nowait, event)
+
         try:
-            for request, events in zip(requests, queues):
-                handles.append(
-                    self.engine.submit(request, lambda event, q=events: loop.call_soon_threadsafe(q.put_nowait, event))
-                )
+            handle = self.engine.submit(requests, on_event)
+        except ValueError as e:  # a prompt or max_tokens beyond the context, ids outside the vocabulary
+            param = "max_tokens" if (body.token_budget if self.chat else body.max_tokens) else "prompt"
+            raise _Refused(400, str(e), param, "context_length_exceeded") from None
         except QueueFull as e:
-            for handle in handles:
-                handle.cancel()
             raise _Refused(429, f"the server is busy ({e}); retry later", code="rate_limit_exceeded") from None
         prompt_tokens = sum(len(ids) for ids in prompts)
         pieces = _Pieces(self.engine.tokenizer)
         if body.stream:
-            stream = self._stream(prompt_tokens, queues, handles, pieces, logprobs, body.include_usage)
+            stream = self._stream(prompt_tokens, queues, handle, pieces, logprobs, body.include_usage)
             return StreamingResponse(stream, media_type="text/event-stream")
         try:
             events = [await self._all_events(q) for q in queues]
-        finally:
-            for handle in handles:  # the client went away while waiting: free the slots
-                handle.cancel()
+        finally:  # the client went away while waiting: free the slots
+            handle.cancel()
         texts = ["".join(e.text for e in evs) for evs in events]
         ids = [[t for e in evs for t in e.token_ids] for evs in events]
         lps = [
@@ -234,21 +258,21 @@ class _Exchange:
             raise _Refused(400, f"{len(prompts)} prompts × n {body.n} exceeds {protocol.MAX_CHOICES} choices", "n")
         budget = body.token_budget if self.chat else body.max_tokens
         sampling = SamplingParams(body.temperature, body.top_k, body.top_p)
-        stop_ids = tuple(self.engine.tokenizer.stop_ids)
-        requests = []
-        for ids in prompts:
-            tokens = budget or max(1, min(DEFAULT_MAX_TOKENS, self.engine.max_len - len(ids)))
-            for stream in range(body.n):
-                request = EngineRequest(
-                    tuple(ids), tokens, sampling, body.seed, stream, stop_ids, body.stop_strings, logprobs=logprobs
-                )
-                try:
-                    self.engine.check(request)
-                except ValueError as e:
-                    param = "max_tokens" if budget else "prompt"
-                    raise _Refused(400, str(e), param, "context_length_exceeded") from None
-                requests.append(request)
-        return requests
+        max_len = self.engine.settings.max_model_len
+        return [
+            make_request(
+                ids,
+                budget or max(1, min(DEFAULT_MAX_TOKENS, max_len - len(ids))),
+                tokenizer=self.engine.tokenizer,
+                sampling=sampling,
+                seed=body.seed,
+                stream=stream,
+                stop_strings=body.stop_strings,
+                logprobs=logprobs,
+            )
+            for ids in prompts
+            for stream in range(body.n)
+        ]
 
     def _observe(self, event: Event) -> None:
         now = time.perf_counter()
@@ -268,7 +292,7 @@ class _Exchange:
             self._observe(collected[-1])
         return collected
 
-    async def _stream(self, prompt_tokens, queues, handles, pieces, logprobs, include_usage) -> AsyncIterator[str]:
+    async def _stream(self, prompt_tokens, queues, handle, pieces, logprobs, include_usage) -> AsyncIterator[str]:
         """Server-sent events of every choice as its tokens come, then `data: [DONE]`."""
 
         def sse(payload: dict) -> str:
@@ -309,8 +333,7 @@ class _Exchange:
         finally:  # finished, or the client disconnected: either way nothing more is wanted
             for task in pending:
                 task.cancel()
-            for handle in handles:
-                handle.cancel()
+            handle.cancel()
             self._finished(prompt_tokens, generated, reasons or ["cancelled"])
 
     def _finished(self, prompt_tokens: int, generated: int, reasons: list[str]) -> None:

@@ -8,13 +8,18 @@ dashboards and alerts written for vLLM read them:
     vllm:request_success_total{finished_reason}                   finished requests by reason
     vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
 
-Each metric carries the `model_name` label. The engine's state is read when the metrics are scraped.
+Each metric carries the `model_name` label. The engine's status (`EngineStatus`) is read when the metrics are
+scraped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from llama_jax.inference.types import EngineStatus
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Buckets in seconds, as vLLM's (their range covers a CPU's tens of milliseconds and an accelerator's few).
@@ -43,9 +48,10 @@ _INTER_TOKEN = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 
 
 class ServerMetrics:
-    def __init__(self, engine, model_name: str):
+    def __init__(self, status: Callable[[], EngineStatus], model_name: str):
+        """`status()`: the engine's, read at each scrape."""
         self.registry = CollectorRegistry()
-        self.registry.register(_EngineState(engine, model_name))
+        self.registry.register(_EngineState(status, model_name))
         labels = ["model_name"]
 
         def counter(name, text, extra=()):
@@ -84,37 +90,26 @@ class ServerMetrics:
 class _EngineState:
     """The gauges and counters the engine keeps itself, read at each scrape."""
 
-    def __init__(self, engine, model_name: str):
-        self.engine, self.model_name = engine, model_name
+    def __init__(self, status: Callable[[], EngineStatus], model_name: str):
+        self.status, self.model_name = status, model_name
 
     def collect(self):
-        scheduler, backend = self.engine.scheduler, self.engine.backend
-        running = list(scheduler.running.values()) + list(scheduler.prefilling.values())
-        held = sum(len(h.request.prompt_ids) + len(h.token_ids) for h in running)
+        now = self.status()
 
-        def gauge(name, text, value):
-            family = GaugeMetricFamily(name, text, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            return family
+        def family(kind, name, text, value):
+            metric = kind(name, text, labels=["model_name"])
+            metric.add_metric([self.model_name], value)
+            return metric
 
-        def counter(name, text, value):
-            family = CounterMetricFamily(name, text, labels=["model_name"])
-            family.add_metric([self.model_name], value)
-            return family
-
-        yield gauge("vllm:num_requests_running", "Requests in a slot: prefilling or decoding.", len(running))
-        yield gauge("vllm:num_requests_waiting", "Requests queued for a slot.", len(scheduler.queue))
-        yield gauge(
-            "vllm:kv_cache_usage_perc",
-            "Share of the slots' cache positions in use (0-1).",
-            held / (backend.slots * backend.cache_len),
+        yield family(
+            GaugeMetricFamily, "vllm:num_requests_running", "Requests in a slot: prefilling or decoding.", now.running
         )
-        prefix = scheduler.prefix
-        yield counter(
-            "vllm:prefix_cache_queries",
-            "Prompt tokens looked up in the prefix cache.",
-            prefix.queried_tokens if prefix else 0,
+        yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests queued for a slot.", now.waiting)
+        usage = now.positions_used / now.positions
+        yield family(
+            GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Share of the slots' cache positions in use (0-1).", usage
         )
-        yield counter(
-            "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", prefix.hit_tokens if prefix else 0
-        )
+        queried = "Prompt tokens looked up in the prefix cache."
+        yield family(CounterMetricFamily, "vllm:prefix_cache_queries", queried, now.prefix_queried_tokens)
+        hits = "Prompt tokens found in the prefix cache."
+        yield family(CounterMetricFamily, "vllm:prefix_cache_hits", hits, now.prefix_hit_tokens)

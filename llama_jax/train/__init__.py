@@ -2,11 +2,16 @@
 
     config.py     TrainConfig: the settings, from YAML and key=value (OmegaConf)
     init_from.py  the model, tokenizer and chat template a run starts from
-    data.py       corpora (pretraining text, SFT and preference records) tokenized once into a cache
+    data.py       the corpus a run trains on: tokenized once through the cache, or a token store
+    sources.py    data files and their records: documents, SFT and preference records
+    examples.py   SFT and preference records encoded as token ids and target weights
+    corpus_cache.py  the tokenized-corpus cache entry: built once, checksummed, memory-mapped
     token_store.py   tensorstore token stores: a corpus for the hosts of a pod, each reading its rows
     batching.py   packed rows, the train/validation split, the batch of any step
-    step.py       the jitted train and eval steps over the mesh
+    objectives.py    training objectives as values: the next-token loss, DPO
     preference.py    DPO: the losses and rewards of (chosen, rejected) pairs
+    state.py      the train state and its layout over the mesh
+    step.py       the jitted train and eval steps over the mesh, built for a run
     optimizer.py  AdamW with warmup and cosine decay
     run_dir.py    the run directory: created whole, resumed only by the same run
     checkpoints.py   orbax checkpoints of the train state
@@ -18,7 +23,7 @@
 Names are imported on first use: `llama_jax.train.config` (and `train.py --help`) does not import JAX.
 """
 
-import importlib
+from llama_jax.lazy import lazy_exports
 
 _EXPORTS = {
     "run": "llama_jax.train.trainer",
@@ -27,9 +32,4 @@ _EXPORTS = {
 }
 
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'llama_jax.train' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__ = lazy_exports(__name__, _EXPORTS)

@@ -28,11 +28,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama_jax.sharding import logical_to_spec
 from llama_jax.train.config import TrainConfig
-from llama_jax.train.data import TokenizedCorpus
+from llama_jax.train.corpus_cache import TokenizedCorpus
+from llama_jax.train.preference import valid_pairs
 from llama_jax.train.token_store import StoreCorpus
 
 BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
-FIELDS = ("inputs", "targets", "positions", "segments", "loss_mask")
+# A batch's fields and their dtypes (`PackedRows.arrays`), each (micro-batches, rows, seq_len).
+FIELDS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segments": np.int32, "loss_mask": np.float32}
 
 
 class PackedRows:
@@ -107,7 +109,7 @@ class PackedRows:
     def pairs_without_response(self) -> int:
         """Preference pairs one of whose responses lies wholly beyond seq_len: the loss leaves them out."""
         targets = self._targets_per_row(np.arange(self.n_rows))
-        return int(np.sum(np.minimum(targets[0::2], targets[1::2]) == 0))
+        return int(np.sum(~valid_pairs(targets)))
 
     def describe_supervision(self) -> str | None:
         """What packing did to an SFT or DPO corpus, for the run's first line (None for pretraining)."""

@@ -18,11 +18,11 @@ from llama_jax.config import ModelConfig
 from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
 from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
-from llama_jax.train.batching import FIELDS, batch_sharding, check_batch_fits_mesh
+from llama_jax.train.batching import batch_sharding, check_batch_fits_mesh
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.init_from import build_model_config
-from llama_jax.train.optimizer import learning_rate, make_optimizer
-from llama_jax.train.step import make_eval_step, make_train_step, state_layout
+from llama_jax.train.objectives import Objective
+from llama_jax.train.step import train_steps
 
 # Bytes per parameter the optimizer update moves: the float32 parameter read and written, its float32
 # gradient read, AdamW's two float32 moments read and written.
@@ -34,39 +34,24 @@ def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[
     base = read_model_dir(config.init_from).config if config.init_from else None
     model = build_model_config(config, mesh_platform(mesh), base)
     check_batch_fits_mesh(config, mesh)
-    optimizer = make_optimizer(config)
-    dpo = config.dpo if config.objective == "dpo" else None
-    layout = state_layout(model, optimizer, mesh, reference=dpo is not None)
-    batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
-    sharding = batch_sharding(mesh, batch_shape)
+    steps = train_steps(config, model, mesh)
+    sharding = batch_sharding(mesh, steps.batch_shape)
     batch = {
-        name: jax.ShapeDtypeStruct(batch_shape, jnp.float32 if name == "loss_mask" else jnp.int32, sharding=sharding)
-        for name in FIELDS
+        name: jax.ShapeDtypeStruct(steps.batch_shape, dtype, sharding=sharding)
+        for name, dtype in steps.objective.batch_fields.items()
     }
     attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
-    train_step = make_train_step(
-        layout,
-        optimizer,
-        mesh,
-        batch_shape,
-        config.z_loss,
-        learning_rate(config),
-        config.loss_chunk,
-        config.seed if model.lora.dropout else None,
-        dpo,
-    )
-    eval_step = make_eval_step(layout, mesh, batch_shape, config.loss_chunk, dpo)
     return [
         compile_function(
             "train_step",
-            lambda: train_step.lower(layout.abstract, batch),
+            lambda: steps.train_step.lower(steps.layout.abstract, batch),
             mesh,
-            train_workload(model, config, mesh),
+            train_workload(model, config, mesh, steps.objective),
             attention,
         ),
         compile_function(
             "eval_step",
-            lambda: eval_step.lower(layout.abstract, batch),
+            lambda: steps.eval_step.lower(steps.layout.abstract, batch),
             mesh,
             eval_workload(model, config, mesh),
             attention,
@@ -74,14 +59,14 @@ def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[
     ]
 
 
-def train_workload(model: ModelConfig, config: TrainConfig, mesh) -> Workload:
+def train_workload(model: ModelConfig, config: TrainConfig, mesh, objective: Objective) -> Workload:
     """One optimizer step per chip. Each micro-batch reads the layer weights in the forward and again in the
     backward (a third time under full remat): all of them, since FSDP gathers the shards it needs; tensor
     parallelism splits them. Activation traffic is left out, so the time is a lower bound."""
     tokens = config.batch_size * config.seq_len
     chips = mesh.devices.size
     useful = flops.training_flops_per_token(model, config.seq_len) * tokens
-    if config.objective == "dpo":  # the reference model's forward pass over the same tokens
+    if objective.uses_reference:  # the reference model's forward pass over the same tokens
         useful += flops.forward_flops_per_token(model, config.seq_len) * tokens
     recomputed = flops.remat_flops_per_token(model, config.seq_len) * tokens
     passes = 3 if model.remat == "full" else 2

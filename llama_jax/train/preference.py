@@ -18,11 +18,19 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from llama_jax.train.config import DpoSettings
 
 # What the train step reports of DPO, summed over a batch's pairs (then divided by their count).
 PAIR_METRICS = ("loss", "rewards_chosen", "rewards_rejected", "reward_accuracy", "reward_margin")
+
+
+def valid_pairs(response_tokens: np.ndarray | jax.Array) -> np.ndarray | jax.Array:
+    """A pair counts only if both its rows hold a response token: (..., pairs) booleans from each row's count
+    of response tokens (..., rows), the rows interleaved chosen / rejected. numpy or jax arrays alike, so the
+    data's count of the pairs it cut off and the loss apply the same rule."""
+    return (response_tokens[..., 0::2] > 0) & (response_tokens[..., 1::2] > 0)
 
 
 def response_logprobs(nll: jax.Array, mask: jax.Array, mean: bool) -> jax.Array:
@@ -47,7 +55,7 @@ def pair_losses(
         losses = -(1 - smoothing) * jax.nn.log_sigmoid(beta * margin) - smoothing * jax.nn.log_sigmoid(-beta * margin)
     chosen = jax.lax.stop_gradient(beta * (policy_chosen - reference_chosen))
     rejected = jax.lax.stop_gradient(beta * (policy_rejected - reference_rejected))
-    valid = ((counted[0::2] > 0) & (counted[1::2] > 0)).astype(jnp.float32)
+    valid = valid_pairs(counted).astype(jnp.float32)
     return {
         "loss": losses * valid,
         "rewards_chosen": chosen * valid,

@@ -1,0 +1,239 @@
+"""Which device programs an engine of given settings runs, each lowered from shapes alone and compiled once.
+
+    programs = EnginePrograms.abstract(config, mesh, settings)     # shapes only: any devices, a TPU slice's too
+    programs.all()                          # [Program("prefill", 4, 16), ..., Program("decode", 8), ...]
+    programs.lower(Program("decode", 8))    # what --compile-for compiles for a slice
+    programs.executable(Program("decode", 8))   # what the engine calls (compiled on first use, then kept)
+
+The engine's device state — the KV cache, the slots' sampling state and the prefix pool — is laid out here
+(`state_shapes`), so the engine's arrays and the lowering of its programs agree by construction.
+
+Compiled programs are kept for the process in one bounded table (`KEPT_PROGRAMS`, least recently used out),
+keyed by the model and the shapes, dtypes and shardings of everything a program takes: a second engine over
+the same model and settings — `llama_jax.generate` called again in a notebook, evaluation after training —
+compiles nothing.
+"""
+
+from __future__ import annotations
+
+import collections
+import threading
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llama_jax.config import ModelConfig
+from llama_jax.inference.packing import Packer
+from llama_jax.inference.programs import (
+    CACHE_BLOCK,
+    DEVICE_STOP_IDS,
+    LOGITS_AXES,
+    POOL_AXES,
+    PrefixPool,
+    SlotState,
+    admit_program,
+    decode_program,
+    extend_program,
+    prefill_program,
+    restore_program,
+    save_program,
+)
+from llama_jax.inference.sampling import RowSampling
+from llama_jax.inference.settings import MIN_PREFILL_CHUNK, EngineSettings
+from llama_jax.inference.types import Program
+from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.model import abstract_state
+from llama_jax.sharding import named_sharding
+
+KEPT_PROGRAMS = 256  # compiled programs the process keeps for later engines
+
+
+def bucket_length(n: int, limit: int) -> int:
+    """The padded length of n prompt tokens: a power of two ≥ MIN_PREFILL_CHUNK, at most `limit`."""
+    return min(max(MIN_PREFILL_CHUNK, 1 << (n - 1).bit_length()), limit)
+
+
+def abstract(tree):
+    """ShapeDtypeStructs of a tree of arrays, keeping each one's sharding."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=getattr(a, "sharding", None)), tree)
+
+
+class _ProcessTable:
+    """Compiled programs by (program, signature), least recently used first; compiles run outside the lock
+    (two programs compile at once during a warm-up)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self._programs: collections.OrderedDict[tuple, jax.stages.Compiled] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> jax.stages.Compiled | None:
+        with self._lock:
+            compiled = self._programs.get(key)
+            if compiled is not None:
+                self._programs.move_to_end(key)
+            return compiled
+
+    def put(self, key: tuple, compiled: jax.stages.Compiled) -> None:
+        with self._lock:
+            self._programs[key] = compiled
+            while len(self._programs) > self.limit:
+                self._programs.popitem(last=False)
+
+
+_TABLE = _ProcessTable(KEPT_PROGRAMS)
+
+
+class EnginePrograms:
+    """The programs of one engine: a model (graph and parameter shapes) on a mesh, with `settings` (resolved)
+    deciding the slots, cache length, chunk and pool. `on_compile(program)` hears of each program before its
+    first compile."""
+
+    def __init__(
+        self,
+        graphdef,
+        params,
+        config: ModelConfig,
+        mesh,
+        settings: EngineSettings,
+        on_compile: Callable[[Program], None] | None = None,
+    ):
+        self.graphdef, self.config, self.mesh, self.settings = graphdef, config, mesh, settings
+        self.shapes = state_shapes(config, mesh, settings)  # (cache, slot state, pool or None)
+        cache = self.shapes[0]
+        self.slots, self.cache_len, self.chunk = settings.max_num_seqs, cache.k.shape[3], settings.prefill_chunk
+        self.prefill_rows = settings.prefill_rows
+        self.decode_rows = _decode_rows(self.slots, cache.k.sharding)
+        self.packer = Packer(self.slots, self.cache_len, self.chunk)
+        self.on_compile = on_compile
+        self.compiled: set[Program] = set()  # held compiled by this engine
+        self._params = abstract(params)
+        # What compiled programs are keyed by beside their name: the model and the shapes, dtypes and
+        # shardings of its parameters, cache, slot state and pool. Another engine of the same key reuses them.
+        leaves, tree = jax.tree.flatten((self._params, self.shapes))
+        self._signature = (graphdef, tree, tuple(leaves))
+
+    @classmethod
+    def abstract(cls, config: ModelConfig, mesh, settings: EngineSettings) -> EnginePrograms:
+        """Shapes only, on `mesh` (a TPU slice's devices, say): nothing is allocated, nothing can run."""
+        graphdef, params = abstract_state(config, mesh)
+        return cls(graphdef, params, config, mesh, settings.resolve(config, _batch_shards(mesh)))
+
+    def bucket(self, n: int) -> int:
+        """The prefill bucket of an n-token prompt (n ≤ chunk: longer ones go chunk by chunk)."""
+        return bucket_length(n, self.chunk)
+
+    def prefill_rows_for(self, n: int) -> int:
+        """Rows of the prefill program that takes n prompts: one, or all `prefill_rows` (few compiled shapes)."""
+        return 1 if n == 1 else self.prefill_rows
+
+    def all(self) -> list[Program]:
+        """Every program the engine may call: a prefill per (rows, bucket), an extend per bucket when prompts
+        can be longer than a chunk, an admission per row count, a decode loop per row count, and with a pool
+        its restore and save."""
+        rows = sorted({self.prefill_rows_for(n) for n in range(1, self.prefill_rows + 1)})
+        buckets = sorted({bucket_length(n, self.chunk) for n in range(1, min(self.chunk, self.cache_len) + 1)})
+        programs = [Program("prefill", r, b) for r in rows for b in buckets]
+        if self.cache_len > self.chunk:
+            programs += [Program("extend", 1, b) for b in buckets]
+        programs += [Program("admit", r) for r in rows] + [Program("decode", r) for r in self.decode_rows]
+        return programs + ([Program("restore"), Program("save")] if self.shapes[2] is not None else [])
+
+    def lower(self, program: Program) -> jax.stages.Lowered:
+        """`program` lowered from shapes alone, exactly as a call with real arguments would build it."""
+        cache, slot_state, pool = self.shapes
+        pack, params, graphdef = self.packer, self._params, self.graphdef
+        with jax.set_mesh(self.mesh):
+            if program.kind == "prefill":
+                prompts = abstract(pack.prompts([], program.rows, program.bucket))
+                return prefill_program.lower(graphdef, params, cache, prompts)
+            if program.kind == "extend":
+                return extend_program.lower(
+                    graphdef, params, cache, abstract(pack.chunk_of(self.slots, None, 0, program.bucket)), self.block
+                )
+            if program.kind == "admit":
+                shape = (program.rows, self.config.vocab_size)
+                logits = jax.ShapeDtypeStruct(
+                    shape, jnp.float32, sharding=named_sharding(self.mesh, LOGITS_AXES, shape)
+                )
+                return admit_program.lower(slot_state, logits, abstract(pack.admission([], program.rows)))
+            if program.kind in ("restore", "save"):
+                entries, slot = abstract(pack.entries({})), abstract(np.int32(0))
+                if program.kind == "restore":
+                    return restore_program.lower(cache, pool, slot, entries)
+                return save_program.lower(pool, cache, slot, entries)
+            inputs = abstract(pack.decode_inputs([], 0, False))
+            return decode_program.lower(graphdef, params, cache, slot_state, *inputs, CACHE_BLOCK, program.rows)
+
+    @property
+    def block(self) -> int:
+        """Cache positions an extend call's queries read at a time (the cache length is a multiple of it):
+        blocks of 128 took a quarter longer per 2,048-token prompt on the CPU (256 queries each)."""
+        return max(CACHE_BLOCK, self.chunk)
+
+    def executable(self, program: Program) -> jax.stages.Compiled:
+        """`program` compiled: what every call of the engine runs, compiled the first time the process needs
+        it."""
+        key = (program, self._signature)
+        compiled = _TABLE.get(key)
+        if compiled is None:
+            if self.on_compile is not None:
+                self.on_compile(program)
+            compiled = self.lower(program).compile()
+            _TABLE.put(key, compiled)
+        self.compiled.add(program)
+        return compiled
+
+
+def _batch_shards(mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def _decode_rows(slots: int, cache_sharding) -> list[int]:
+    """The row counts decode programs are compiled for: 1, 2, 4, ... and `slots`, so that a step costs the
+    slots in use; only `slots` when the slots are split over devices (the first few rows would sit on some of
+    them only). A row's logits can differ between row counts at float rounding (a matrix-vector product sums
+    in another order than a matrix product), as between one device and several."""
+    spec = getattr(cache_sharding, "spec", None)
+    if spec is not None and len(spec) > 1 and spec[1] is not None:
+        return [slots]
+    return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
+
+
+def state_shapes(config: ModelConfig, mesh, settings: EngineSettings):
+    """The cache, slot state and prefix pool (None without entries) as ShapeDtypeStructs placed on `mesh`. The
+    cache is (layers, slots, kv_heads, max_model_len rounded up to whole chunks and CACHE_BLOCKs, head_dim),
+    its rows sharded like a batch; the pool (layers, entries, kv_heads, chunk, head_dim)."""
+    slots, chunk = settings.max_num_seqs, settings.prefill_chunk
+    unit = max(CACHE_BLOCK, chunk)  # both powers of two: a multiple of either
+    cache_len = -(-settings.max_model_len // unit) * unit
+    shape = (config.n_layers, slots, config.n_kv_heads, cache_len, config.head_dim)
+
+    def placed(shape, dtype, names):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, names, shape))
+
+    def per_slot(dtype, *rest):
+        return placed((slots, *rest), dtype, ("batch",) + (None,) * len(rest))
+
+    key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
+    cache = KVCache(
+        placed(shape, config.dtype, CACHE_AXES), placed(shape, config.dtype, CACHE_AXES), per_slot(jnp.int32)
+    )
+    sampling = RowSampling(per_slot(jnp.float32), per_slot(jnp.int32), per_slot(jnp.float32))
+    slot_state = SlotState(
+        per_slot(jnp.int32),
+        per_slot(jnp.int32),
+        per_slot(key_dtype),
+        sampling,
+        per_slot(jnp.int32),
+        per_slot(jnp.int32, DEVICE_STOP_IDS),
+        per_slot(jnp.bool_),
+        per_slot(jnp.bool_),
+    )
+    pool = None
+    if settings.prefix_cache_chunks:
+        pool_shape = (config.n_layers, settings.prefix_cache_chunks, config.n_kv_heads, chunk, config.head_dim)
+        pool = PrefixPool(placed(pool_shape, config.dtype, POOL_AXES), placed(pool_shape, config.dtype, POOL_AXES))
+    return cache, slot_state, pool
