@@ -238,6 +238,7 @@ def report_json(target: TpuSlice | GpuTarget, reports: list[FunctionReport]) -> 
     return {
         "target": target.name,
         "chips": target.chips,
+        "hosts": target.hosts,
         "slices": target.slices,
         "fits": all(r.fits for r in reports),
         "functions": {r.name: r.to_json() for r in reports},

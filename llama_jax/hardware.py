@@ -71,9 +71,15 @@ class TpuSlice:
     def chips(self) -> int:
         return self.chips_per_slice * self.slices
 
+    @property
+    def hosts(self) -> int:
+        """The TPU VMs of the job: one process each (a command runs on every worker)."""
+        return self.chips // math.prod(self.chips_per_host)
+
     def describe(self) -> str:
         one = f"{self.chips_per_slice} chips ({self.topology})"
-        return one if self.slices == 1 else f"{self.slices} slices of {one} over DCN, {self.chips} chips"
+        hosts = f", {self.hosts} hosts" if self.hosts > 1 else ""
+        return one + hosts if self.slices == 1 else f"{self.slices} slices of {one} over DCN, {self.chips} chips{hosts}"
 
 
 # v5e and v6e (2-D): chips -> (topology, wraparound links), as Google Cloud defines the pod slices.
@@ -153,6 +159,8 @@ class GpuTarget:
     @property
     def chips(self) -> int:
         return self.count
+
+    hosts = 1
 
     def describe(self) -> str:
         return f"{self.count} × {self.gpu} of one host"

@@ -114,6 +114,18 @@ def named_sharding(mesh: Mesh, names: Sequence[str | None], shape: Sequence[int]
     return NamedSharding(mesh, logical_to_spec(names, shape, mesh))
 
 
+def global_array(host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """`host`, the same on every process, as an array laid out by `sharding`: each process places only the
+    pieces its own devices hold, so the sharding may span the devices of several hosts (where `device_put`
+    would need them all)."""
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """Every device holds all of it: what each process of a job can read whole on its own."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
 def shard(x: jax.Array, *names: str | None) -> jax.Array:
     """Constrain an activation's sharding by logical axis names, under the mesh set with `jax.set_mesh`.
 

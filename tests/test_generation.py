@@ -261,3 +261,24 @@ def test_bad_requests_are_refused_with_a_clear_message(model, mesh, text_model):
         generate(text_model, ["x"], top_p=0)
     with pytest.raises(ValueError, match="prompt 1 has"):
         generate(text_model, ["story " * 200], max_new_tokens=8)
+
+
+def test_kv_heads_spread_over_a_wider_tensor_axis_give_the_same_tokens(tmp_path, prompts):
+    """One KV head on a tensor axis of 2: `load` repeats it so that each device holds one head of the cache (as
+    vLLM does) instead of all of it, and the logits and greedy tokens are those of the one-head model."""
+    from llama_jax.loading import load
+    from llama_jax.model_dir import write_model_dir
+
+    config = CONFIG.replace(n_heads=4, n_kv_heads=1)
+    one_device = make_mesh(MeshConfig(), jax.devices()[:1])
+    write_model_dir(tmp_path / "mqa", config, nnx.to_pure_dict(nnx.state(create_model(config, one_device, seed=4))))
+    alone = load(tmp_path / "mqa", mesh=one_device)
+    spread = load(tmp_path / "mqa", mesh=make_mesh(MeshConfig(data=1, tensor=2)))
+    assert (alone.config.n_kv_heads, spread.config.n_kv_heads) == (1, 2)
+    assert spread.model.layers.attention.wk[...].sharding.spec[2] == "tensor"  # (layers, embed, kv_heads, ...)
+    ids = jnp.asarray([prompts[2]], jnp.int32)
+    np.testing.assert_allclose(alone.model(ids)[0], spread.model(ids)[0], rtol=1e-5, atol=1e-5)
+    asked = requests(prompts)
+    settings = EngineSettings(max_num_seqs=4)
+    same = [r.token_ids for r in Engine(spread, settings).generate(asked)]
+    assert same == [r.token_ids for r in Engine(alone, settings).generate(asked)]

@@ -143,6 +143,24 @@ def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_kernel(tp
 
 
 @needs_libtpu
+def test_infer_compiles_for_a_slice_of_four_hosts(tmp_path):
+    """v5e-16: four TPU VMs of four chips each, which a multi-host infer.py or server runs on: the engine's
+    programs compile for all 16 chips, and the report says how many hosts they span."""
+    result = subprocess.run(
+        [sys.executable, "infer.py", "--compile-for", "v5e-16", "--model", "tiny", "--mesh", "data=4,tensor=4"]
+        + ["--max-num-seqs", "8", "--prompt-len", "32", "--max-new-tokens", "16"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.splitlines()[-1])
+    assert (report["chips"], report["hosts"], report["fits"]) == (16, 4, True)
+    assert set(report["functions"]) == {"prefill_32", "decode"}
+
+
+@needs_libtpu
 def test_a_batch_beyond_the_chips_memory_is_reported_as_not_fitting(tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", "--compile-for", "v4-8", *TINY, "batch_size=65536"],

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
+from llama_jax.commands.hosts import PROGRAM_VARIABLE, is_job_process
 from llama_jax.errors import one_line
 from llama_jax.hardware import quiet_libtpu_without_tpu
 
@@ -24,6 +25,9 @@ EXPECTED_ERRORS = (ValueError, OSError, UnicodeDecodeError)
 def program_name(usual: str) -> str:
     """The command as the user typed it: `llama-jax-train` when run through the installed script, else `usual`
     (e.g. `python train.py`), so usage and error lines name what to type again."""
+    typed = os.environ.get(PROGRAM_VARIABLE)  # a job's process, started by its host's command (`hosts.py`)
+    if typed:
+        return typed
     invoked = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return invoked if invoked.startswith("llama-jax-") else usual
 
@@ -52,6 +56,13 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         sys.exit(INTERRUPTED_STATUS)
+    except Exception as e:
+        if not (is_job_process() and type(e).__name__ == "JaxRuntimeError"):
+            raise
+        # A process of a multi-host job whose collective failed: another process stopped. Its host's command
+        # (`hosts.py`) names which one when the coordination service says, and shows this line otherwise.
+        print(f"error: a computation across the job's processes failed: {one_line(e)}", file=sys.stderr)
+        sys.exit(1)
     sys.exit(code or 0)
 
 

@@ -64,6 +64,68 @@ def add_max_model_len_argument(parser, old: str | None, help: str) -> None:
         add_renamed_flag(parser, old, "--max-model-len", type=int, metavar="N")
 
 
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """--coordinator, --num-processes, --process-id: joining a multi-host job where JAX cannot find it."""
+    group = parser.add_argument_group(
+        "joining a multi-host job (automatic on Cloud TPU VMs, SLURM and Open MPI; run the command on every host)"
+    )
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same on every process")
+    group.add_argument("--num-processes", type=int, metavar="N", help="the processes of the job, one per host")
+    group.add_argument(
+        "--process-id", type=int, metavar="I", help="this process's index, 0 to N-1 (0 reads inputs, writes outputs)"
+    )
+
+
+def job_process(args: argparse.Namespace, module: str, argv: list[str], program: str) -> int | None:
+    """On a host of a multi-host job, run this command's work in a child process (`hosts.py`: a lost host
+    then ends it with one line) and return the exit status; None: carry on in this process (one process, or
+    already the job's child). `module` runs the command (`python -m`); `program` is its name as typed."""
+    explicit = (args.coordinator, args.num_processes, args.process_id)
+    if any(value is not None for value in explicit):
+        if None in explicit:
+            raise ValueError("--coordinator, --num-processes and --process-id go together: give all three")
+        if not 0 <= args.process_id < args.num_processes:
+            raise ValueError(f"--process-id must be in [0, {args.num_processes}), got {args.process_id}")
+    return run_on_this_host(explicit, module, argv, program)
+
+
+def run_on_this_host(explicit: tuple, module: str, argv: list[str], program: str) -> int | None:
+    """`job_process` for a job described by (coordinator, num_processes, process_id) — given, or all None for
+    the environment's — (train.py's `distributed.*` keys, checked by its config)."""
+    from llama_jax.commands.hosts import is_job_process, keep_stdout_for_python, run_as_job_process
+
+    if is_job_process():
+        keep_stdout_for_python()
+        return None
+    size = _job_size(explicit)
+    if size is None:
+        return None
+    num_processes, process_id = size
+    return run_as_job_process(["-m", module, *argv], program, process_id, num_processes)
+
+
+def _job_size(explicit: tuple) -> tuple[int, int] | None:
+    """(processes, this one's index) of the job given or the environment describes; None for one process."""
+    _, num_processes, process_id = explicit
+    if num_processes is not None:
+        return (num_processes, process_id) if num_processes > 1 else None
+    try:  # JAX's own detection (Cloud TPU VMs, SLURM, MPI), as `jax.distributed.initialize()` runs it; no device
+        from jax._src.clusters import ClusterEnv
+
+        detected = ClusterEnv.auto_detect_unset_distributed_params(None, None, None, None, None, 300)
+    except Exception:  # another JAX's internals: the job is still joined (in this process) by `join_job`
+        return None
+    _, num_processes, process_id, _ = detected
+    return (num_processes, process_id) if num_processes and num_processes > 1 else None
+
+
+def join_job(args: argparse.Namespace) -> None:
+    """Join the job (`distributed.join`) before anything touches a device; alone, stay one process."""
+    from llama_jax.distributed import join
+
+    join(args.coordinator, args.num_processes, args.process_id)
+
+
 def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required: bool = True) -> None:
     """--checkpoint, --dtype, --quantize, --mesh."""
     parser.add_argument("--checkpoint", metavar="DIR", required=checkpoint_required, help=CHECKPOINT_HELP)
@@ -238,10 +300,13 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
     }
 
 
-def compile_engine_for(target_name: str, model, mesh: str, settings, prompt_lens: list[int], dtype: str | None) -> int:
+def compile_engine_for(
+    target_name: str, model, mesh: str, settings, prompt_lens: list[int], dtype: str | None, quantize: str = "none"
+) -> int:
     """infer.py and serve --compile-for: the engine's programs for `settings` (EngineSettings) compiled for a
-    TPU slice or GPUs, the prefill of each of `prompt_lens`; prints the table and, last, the JSON report. Exit
-    status 1 when they do not fit."""
+    TPU slice (of any number of hosts) or GPUs, the prefill of each of `prompt_lens`, the weights in `dtype`
+    (int8 projections with `quantize`); prints the table and, last, the JSON report. Exit status 1 when they do
+    not fit."""
     import json
 
     from llama_jax.aot import report_json, report_table
@@ -251,7 +316,7 @@ def compile_engine_for(target_name: str, model, mesh: str, settings, prompt_lens
 
     target = compile_target(target_name)
     dtype = dtype or "bfloat16"
-    model = model.replace(dtype=dtype, param_dtype=dtype)
+    model = model.replace(dtype=dtype, param_dtype=dtype, quantize=quantize)
     reports = compile_inference(model, target, MeshConfig.parse(mesh), settings, prompt_lens)
     print(report_table(target, reports))
     summary = report_json(target, reports)

@@ -33,9 +33,12 @@ from pathlib import Path
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_generation_arguments,
+    add_job_arguments,
     add_max_model_len_argument,
     add_model_arguments,
     generation_job,
+    job_process,
+    join_job,
     load_from,
     mesh_from,
     run_settings,
@@ -48,13 +51,22 @@ PROG = "python -m llama_jax.evaluate"
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "generate":
-        return generate(argv[1:])
+        return generate(argv[1:], argv)
     if argv and argv[0] == "harness":
-        return harness(argv[1:])
-    return perplexity(argv[1:] if argv and argv[0] == "perplexity" else argv)
+        return harness(argv[1:], argv)
+    return perplexity(argv[1:] if argv and argv[0] == "perplexity" else argv, argv)
 
 
-def perplexity(argv: list[str]) -> int:
+def _on_every_host(args: argparse.Namespace, command: list[str]) -> int | None:
+    """This host's share of a multi-host job: its work in a child process (the exit status), or None to go
+    on here, joined. Every process scores the same inputs in lockstep; process 0 reads them and prints."""
+    status = job_process(args, "llama_jax.commands.evaluate", command, program_name(PROG))
+    if status is None:
+        join_job(args)
+    return status
+
+
+def perplexity(argv: list[str], command: list[str]) -> int:
     parser = ArgumentParser(
         prog=program_name(PROG), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -67,6 +79,7 @@ def perplexity(argv: list[str]) -> int:
     )
     add_max_model_len_argument(parser, "--seq-len", "window length (default: the model's max_seq_len)")
     parser.add_argument("--batch-size", type=int, help="windows per step (default: one per data-parallel device)")
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
     if args.held_out is not None:
         if args.checkpoint or args.data or args.max_model_len or args.batch_size:
@@ -77,17 +90,25 @@ def perplexity(argv: list[str]) -> int:
         raise ValueError(
             "give --checkpoint DIR --data FILE, or --held-out RUN_DIR (or a subcommand: generate, harness)"
         )
+    status = _on_every_host(args, command)
+    if status is not None:
+        return status
+    from llama_jax.distributed import is_leader
+
     mesh = mesh_from(args)
     if args.held_out is not None:
         from llama_jax.evaluate.held_out import held_out_loss
 
-        print(json.dumps(held_out_loss(args.held_out, mesh, args.dtype, args.quantize)))
-        return 0
-    print(json.dumps(_perplexity_of_file(args, mesh)))
+        report = held_out_loss(args.held_out, mesh, args.dtype, args.quantize)
+    else:
+        report = _perplexity_of_file(args, mesh)
+    if is_leader():
+        print(json.dumps(report))
     return 0
 
 
 def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
+    from llama_jax.distributed import Shared, is_leader
     from llama_jax.evaluate.perplexity import perplexity, windows
 
     model_dir = text_model_dir(args.checkpoint, "cannot encode the data")
@@ -96,19 +117,24 @@ def _perplexity_of_file(args: argparse.Namespace, mesh) -> dict:
     seq_len = max_len if args.max_model_len is None else args.max_model_len
     if not 2 <= seq_len <= max_len:
         raise ValueError(f"--max-model-len must be between 2 and the model's max_seq_len {max_len}, got {seq_len}")
-    text = Path(args.data).read_text(encoding="utf-8")
-    if not text.strip():
-        raise ValueError(f"data file {args.data} is empty")
+    text = Shared("perplexity").value(lambda: _document(args.data))
     ids = tokenizer.encode(text, bos=True)
     batch_size = args.batch_size
     if batch_size is None:
         batch_size = min(mesh.shape["data"] * mesh.shape["fsdp"], len(windows(ids, seq_len)))
     if batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    return perplexity(load_from(args, mesh), ids, seq_len, batch_size, progress=True)
+    return perplexity(load_from(args, mesh), ids, seq_len, batch_size, progress=is_leader())
 
 
-def generate(argv: list[str]) -> int:
+def _document(path: str) -> str:
+    text = Path(path).read_text(encoding="utf-8")
+    if not text.strip():
+        raise ValueError(f"data file {path} is empty")
+    return text
+
+
+def generate(argv: list[str], command: list[str]) -> int:
     parser = ArgumentParser(
         prog=f"{program_name(PROG)} generate",
         description="Complete a task's prompts and score them against its references.",
@@ -136,36 +162,51 @@ def generate(argv: list[str]) -> int:
         help="a string that ends a completion (not included); repeat for several",
     )
     add_generation_arguments(parser, temperature=0.0, max_new_tokens=64)
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
+    status = _on_every_host(args, command)
+    if status is not None:
+        return status
     # Everything a user can get wrong is checked before the parameters load.
-    from llama_jax.evaluate.generation_task import read_task, run_task
+    from llama_jax.distributed import Shared, is_leader
+    from llama_jax.evaluate.generation_task import TaskRecord, read_task, run_task
     from llama_jax.evaluate.text_metrics import TextScorer, parse_metrics
     from llama_jax.inference.results_file import JsonlOutput
 
     metrics = parse_metrics(args.metrics)
     if any(not stop for stop in args.stop):
         raise ValueError("--stop needs a non-empty string")
-    records = read_task(args.data)
+    shared = Shared("evaluate-generate")
+    task = shared.value(lambda: [[r.prompt, list(r.references)] for r in read_task(args.data)])
+    records = [TaskRecord(prompt, tuple(references)) for prompt, references in task]
     job = generation_job(args, [record.prompt for record in records], "cannot encode the prompts")
     scorer = TextScorer(metrics)
     output = None
-    if args.output:
+
+    def resume_point() -> int:
+        nonlocal output
         stored = {**run_settings(args, job.model_dir, job.settings), "stop": args.stop, "metrics": list(metrics)}
         output = JsonlOutput(args.output, [r.prompt for r in records], stored, writer="evaluate generate")
+        return output.done
+
+    first = shared.value(resume_point) if args.output else 0
     try:
-        finished = output is not None and output.done == len(records)
-        loaded = None if finished else load_from(args, job.mesh)
-        summary = run_task(loaded, records, job.prompt_ids, job.settings, job.engine, scorer, tuple(args.stop), output)
+        loaded = None if first == len(records) else load_from(args, job.mesh)
+        summary = run_task(
+            loaded, records, job.prompt_ids, job.settings, job.engine, scorer, tuple(args.stop), output, first=first
+        )
     finally:
         if output:
             output.close()
+    if not is_leader():
+        return 0
     if "bleu_signature" in summary:
         print(f"sacrebleu signature: {summary['bleu_signature']}", file=sys.stderr)
     print(json.dumps(summary))
     return 0
 
 
-def harness(argv: list[str]) -> int:
+def harness(argv: list[str], command: list[str]) -> int:
     parser = ArgumentParser(
         prog=f"{program_name(PROG)} harness", description="Run lm-evaluation-harness tasks with a llama_jax model."
     )
@@ -185,13 +226,19 @@ def harness(argv: list[str]) -> int:
     )
     add_max_model_len_argument(parser, "--max-length", "context length (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="the harness's seeds (few-shot sampling)")
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
-    from llama_jax.evaluate.harness import evaluate_tasks, find_tasks, metric_values, write_results
-
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    if args.output and Path(args.output).exists():
-        raise ValueError(f"{args.output} exists; choose another output file")
+    status = _on_every_host(args, command)
+    if status is not None:
+        return status
+    # Every process builds the same tasks (their documents, few-shot examples, seeds) and asks the model the
+    # same questions in the same order, so their scoring runs in lockstep; process 0 prints and writes.
+    from llama_jax.distributed import Shared, is_leader
+    from llama_jax.evaluate.harness import evaluate_tasks, find_tasks, metric_values, write_results
+
+    Shared("harness").value(lambda: _new_output(args.output))
     tasks, task_manager = find_tasks(args.tasks, args.include_path)
     mesh = mesh_from(args)
     text_model_dir(args.checkpoint, "the harness works on text")
@@ -206,6 +253,8 @@ def harness(argv: list[str]) -> int:
         seed=args.seed,
         log_samples=bool(args.output),
     )
+    if not is_leader():
+        return 0
     from lm_eval.utils import make_table
 
     print(make_table(results))
@@ -215,5 +264,14 @@ def harness(argv: list[str]) -> int:
     return 0
 
 
+def _new_output(path: str | None) -> None:
+    if path and Path(path).exists():
+        raise ValueError(f"{path} exists; choose another output file")
+
+
 def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":  # a multi-host job's process (`hosts.py`)
+    cli()

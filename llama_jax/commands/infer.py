@@ -30,14 +30,18 @@ from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_compile_for_argument,
     add_generation_arguments,
+    add_job_arguments,
     add_model_arguments,
     compile_engine_for,
     engine_settings,
     generation_job,
+    job_process,
+    join_job,
     load_from,
     run_settings,
 )
 
+PROGRAM = "python infer.py"
 PROMPT_LEN_HELP = (
     "prompt lengths whose prefill to compile (default 1024); the cache holds the longest + --max-new-tokens"
 )
@@ -45,7 +49,7 @@ PROMPT_LEN_HELP = (
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog=program_name("python infer.py"),
+        prog=program_name(PROGRAM),
         description="Generate completions of prompts with a llama_jax model directory.",
     )
     add_model_arguments(parser, checkpoint_required=False)
@@ -66,6 +70,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "separated by blank lines (standard output only)",
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
+    add_job_arguments(parser)
     compile_group = parser.add_argument_group("compiling for a TPU slice or GPUs instead of generating")
     add_compile_for_argument(compile_group)
     compile_group.add_argument(
@@ -81,25 +86,42 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.compile_for is not None:
         return compile_for(args)
-    # Everything a user can get wrong is checked before the parameters are loaded and anything compiles.
+    status = job_process(args, "llama_jax.commands.infer", argv, program_name(PROGRAM))
+    if status is not None:
+        return status
+    join_job(args)
+    # Everything a user can get wrong is checked before the parameters are loaded and anything compiles. On a
+    # multi-host job process 0 reads the prompts and the output (every process runs the same engine steps over
+    # them) and writes the records; the other processes write nothing.
+    from llama_jax.distributed import Shared, is_leader
     from llama_jax.inference.results_file import JsonlOutput
 
-    prompts = read_prompts(args)
+    shared = Shared("infer")
+    prompts = shared.value(lambda: read_prompts(args))
     job = generation_job(args, prompts, "infer.py needs one to read text prompts")
-    output = JsonlOutput(args.output, prompts, run_settings(args, job.model_dir, job.settings)) if args.output else None
-    first = output.done if output else 0
+    output = None
+
+    def resume_point() -> int:
+        nonlocal output
+        output = JsonlOutput(args.output, prompts, run_settings(args, job.model_dir, job.settings))
+        return output.done
+
+    first = shared.value(resume_point) if args.output else 0
     if first == len(prompts):
-        print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
+        if is_leader():
+            print(f"all {len(prompts)} records are already in {args.output}", file=sys.stderr)
         return 0
     try:
         summary = run_generation(args, job, prompts, first, output)
     finally:
         if output:
             output.close()
-    print(summary, file=sys.stderr)
+    if is_leader():
+        print(summary, file=sys.stderr)
     return 0
 
 
@@ -117,12 +139,18 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 
 
 def run_generation(args, job, prompts, first, output) -> str:
-    """Run prompts[first:] through the engine and write their records in input order; returns a summary line."""
+    """Run prompts[first:] through the engine and write their records in input order (process 0 of a
+    multi-host job; the others only compute); returns a summary line."""
     from tqdm import tqdm
 
+    from llama_jax.distributed import is_leader
     from llama_jax.inference.batch import generate_in_order
 
+    leader = is_leader()
+
     def write(ready) -> None:
+        if not leader:
+            return
         records = [
             {
                 "prompt": prompts[index],
@@ -142,10 +170,11 @@ def run_generation(args, job, prompts, first, output) -> str:
             sys.stdout.flush()
 
     def compiling(program) -> None:
-        tqdm.write(f"compiling {program.describe()}", file=sys.stderr)
+        if leader:
+            tqdm.write(f"compiling {program.describe()}", file=sys.stderr)
 
     loaded = load_from(args, job.mesh)
-    progress = args.prompts is not None
+    progress = args.prompts is not None and leader
     status = generate_in_order(
         loaded,
         job.prompt_ids,
@@ -176,8 +205,12 @@ def compile_for(args: argparse.Namespace) -> int:
             f"--prompt-len + --max-new-tokens = {needed} exceeds the model's max_seq_len {model.max_seq_len}"
         )
     settings = engine_settings(args, max_model_len=needed)
-    return compile_engine_for(args.compile_for, model, args.mesh, settings, args.prompt_len, args.dtype)
+    return compile_engine_for(args.compile_for, model, args.mesh, settings, args.prompt_len, args.dtype, args.quantize)
 
 
 def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":  # a multi-host job's process (`hosts.py`)
+    cli()

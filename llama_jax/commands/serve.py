@@ -35,21 +35,25 @@ from pathlib import Path
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
 from llama_jax.commands.common import (
     add_compile_for_argument,
+    add_job_arguments,
     add_model_arguments,
     add_server_engine_arguments,
     compile_engine_for,
     engine_settings,
+    job_process,
+    join_job,
     load_from,
     mesh_from,
     text_model_dir,
 )
 
 API_KEY_VARIABLE = "LLAMA_JAX_API_KEY"
+PROGRAM = "python -m llama_jax.serve"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog=program_name("python -m llama_jax.serve"),
+        prog=program_name(PROGRAM),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -69,6 +73,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--log-prompts", action="store_true", help="write each request's prompt in its access-log line")
     parser.add_argument("--model-name", metavar="NAME", help="the name clients ask for (default: DIR's name)")
     add_compile_for_argument(parser)
+    add_job_arguments(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be in 1-65535, got {args.port}")
@@ -101,9 +106,16 @@ def chat_template(args: argparse.Namespace, model_dir) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    if args.compile_for is None:
+        status = job_process(args, "llama_jax.commands.serve", argv, program_name(PROGRAM))
+        if status is not None:
+            return status
+        join_job(args)
     import uvicorn
 
+    from llama_jax.distributed import is_leader
     from llama_jax.inference.engine import Engine
     from llama_jax.inference.settings import STREAM_STEPS_PER_DISPATCH
     from llama_jax.serve.app import access_log, create_app
@@ -113,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     model_dir.tokenizer()  # refused here when it does not fit the model
     max_len = settings.resolve(model_dir.config).max_model_len  # refused here when over the model's
     if args.compile_for is not None:
-        return compile_engine_for(args.compile_for, model_dir.config, args.mesh, settings, [max_len - 1], args.dtype)
+        return compile_engine_for(
+            args.compile_for, model_dir.config, args.mesh, settings, [max_len - 1], args.dtype, args.quantize
+        )
     key = api_key(args)
     template = chat_template(args, model_dir)
     if not _loopback(args.host) and key is None:
@@ -121,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: listening on {args.host} without an API key: anyone who can reach it can use it", file=sys.stderr
         )
     engine = Engine(load_from(args, mesh_from(args)), settings)
+    if not is_leader():  # another host of the job: its engine follows process 0's, step by step
+        engine.start(warm_up=True)
+        engine.join()
+        return 0
     name = args.model_name or Path(args.checkpoint).resolve().name
     address = f"http://{args.host}:{args.port}"
     programs = len(engine.status().programs)
@@ -136,13 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     access_log.setLevel(logging.INFO)
     access_log.propagate = False
     engine.start(warm_up=True, on_ready=ready)
-    uvicorn.run(
-        create_app(engine, name, template, key, log_prompts=args.log_prompts),
-        host=args.host,
-        port=args.port,
-        log_level="warning",
-    )
-    engine.stop()
+    try:
+        uvicorn.run(
+            create_app(engine, name, template, key, log_prompts=args.log_prompts),
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+        )
+    finally:  # on a multi-host job, this ends the other processes' engines too
+        engine.stop()
     return 0
 
 
@@ -157,3 +177,7 @@ def _loopback(host: str) -> bool:
 
 def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":  # a multi-host job's process (`hosts.py`)
+    cli()

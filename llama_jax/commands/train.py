@@ -31,16 +31,17 @@ import sys
 from pathlib import Path
 
 from llama_jax.commands.cli import ArgumentParser, program_name, run_cli
-from llama_jax.commands.common import add_compile_for_argument
+from llama_jax.commands.common import add_compile_for_argument, run_on_this_host
 from llama_jax.train.config import describe_settings, load_train_config
 
+PROGRAM = "python train.py"
 PREEMPTED_STATUS = 143  # 128 + SIGTERM: the job did not finish, a scheduler should run it again
 DOES_NOT_FIT_STATUS = 1
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = ArgumentParser(
-        prog=program_name("python train.py"),
+        prog=program_name(PROGRAM),
         description=__doc__,
         epilog="settings (key=value):\n" + describe_settings(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -60,12 +61,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     config = load_train_config(args.config, args.overrides)
     if args.compile_for is not None:
         return compile_for(config, args.compile_for)
     if args.write_token_store is not None:
         return write_token_store(config, args.write_token_store)
+    job = (config.distributed.coordinator, config.distributed.num_processes, config.distributed.process_id)
+    if None not in job or job == (None, None, None):  # a half-given job is refused by `multihost.initialize`
+        status = run_on_this_host(job, "llama_jax.commands.train", argv, program_name(PROGRAM))
+        if status is not None:
+            return status
     from llama_jax.train import multihost
     from llama_jax.train.trainer import run
 
@@ -114,3 +121,7 @@ def write_token_store(config, location: str) -> int:
 
 def cli() -> None:
     run_cli(main)
+
+
+if __name__ == "__main__":  # a multi-host job's process (`hosts.py`)
+    cli()

@@ -55,13 +55,16 @@ def run_task(
     stop_strings: tuple[str, ...],
     output=None,
     progress: bool = True,
+    first: int | None = None,
 ) -> dict[str, Any]:
-    """Complete and score the records not yet in `output` (a results_file.JsonlOutput, or None) with the
-    generation `settings` on an engine of `engine` settings; returns the summary over all records: `examples`
-    and one key per metric (0-100)."""
+    """Complete and score the records from `first` on (default: those not yet in `output`, a
+    results_file.JsonlOutput, or None) with the generation `settings` on an engine of `engine` settings;
+    returns the summary over all records: `examples` and one key per metric (0-100). (The processes of a
+    multi-host job other than 0 have no output: they compute the same completions and score what they saw.)"""
     from llama_jax.inference.batch import generate_in_order
 
-    first = output.done if output else 0
+    if first is None:
+        first = output.done if output else 0
     scored: list[dict[str, Any]] = read_done(output.path, first) if output else []
 
     def write(ready) -> None:

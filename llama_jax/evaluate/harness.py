@@ -23,6 +23,7 @@ The harness asks three kinds of question; each is answered in batches, never one
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from pathlib import Path
@@ -34,7 +35,7 @@ from flax import nnx
 
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.loss import continuation_logprobs, token_logprobs
-from llama_jax.sharding import named_sharding
+from llama_jax.sharding import global_array, named_sharding, replicated
 
 try:
     from lm_eval import utils as lm_utils
@@ -61,11 +62,12 @@ class LlamaJaxLM(TemplateLM):
         graphdef, state = nnx.split(loaded.model)
         self._state = state
 
-        @jax.jit
+        # Scores replicated: every process of a multi-host job reads all of them and answers the harness alike.
+        @functools.partial(jax.jit, out_shardings=replicated(loaded.mesh))
         def score(state, inputs, targets):
             return token_logprobs(nnx.merge(graphdef, state), inputs, targets)
 
-        @jax.jit
+        @functools.partial(jax.jit, out_shardings=replicated(loaded.mesh))
         def score_continuations(state, inputs, rows, positions, targets):
             return continuation_logprobs(nnx.merge(graphdef, state), inputs, rows, positions, targets)
 
@@ -212,7 +214,7 @@ class LlamaJaxLM(TemplateLM):
                 targets[slot, :k] = ids[-k:]
             sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
             logprobs, greedy = self._score_continuations(
-                self._state, jax.device_put(inputs, sharding), request_rows, positions, targets
+                self._state, global_array(inputs, sharding), request_rows, positions, targets
             )
             logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
             for slot, (_, index) in enumerate(requests):
@@ -251,9 +253,7 @@ class LlamaJaxLM(TemplateLM):
                 inputs[row, : len(ids) - 1] = ids[:-1]
                 targets[row, : len(ids) - 1] = ids[1:]
             sharding = named_sharding(self.loaded.mesh, ("batch", "length"), inputs.shape)
-            logprobs, greedy = self._score(
-                self._state, jax.device_put(inputs, sharding), jax.device_put(targets, sharding)
-            )
+            logprobs, greedy = self._score(self._state, global_array(inputs, sharding), global_array(targets, sharding))
             logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
             for row, index in enumerate(batch):
                 ids, n = rows[index]

@@ -18,6 +18,7 @@ from flax import nnx
 
 from llama_jax.loading import load
 from llama_jax.model_dir import read_model_dir
+from llama_jax.sharding import global_array, named_sharding
 from llama_jax.train.batching import PackedRows
 from llama_jax.train.config import train_config_from_dict
 from llama_jax.train.data import prepare_data
@@ -62,7 +63,9 @@ def held_out_loss(
     started = time.perf_counter()
     batches = rows.val_rows(config.batch_size, config.eval_batches)
     for ids in batches:
-        nll, tokens = score(params, {name: jnp.asarray(a) for name, a in rows.arrays(ids).items()})
+        fields = rows.arrays(ids)
+        sharding = named_sharding(loaded.mesh, ("batch", "length"), fields["inputs"].shape)
+        nll, tokens = score(params, {name: global_array(a, sharding) for name, a in fields.items()})
         total, count = total + float(nll), count + float(tokens)
     if count == 0:  # every held-out response cut off by packing: there is nothing to score
         raise ValueError(f"the held-out rows of {run_dir} hold no token to score: {rows.describe_supervision()}")

@@ -11,6 +11,7 @@ only: loading the model is not counted, its one compile is).
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import time
@@ -23,7 +24,7 @@ from flax import nnx
 from tqdm import tqdm
 
 from llama_jax.loss import token_nll
-from llama_jax.sharding import named_sharding
+from llama_jax.sharding import global_array, named_sharding, replicated
 
 _PROGRESS_MIN_BATCHES = 8
 
@@ -54,7 +55,8 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
     """Score `ids` (BOS already first) with a loaded model (`llama_jax.load`) on its mesh."""
     graphdef, state = nnx.split(loaded.model)
 
-    @jax.jit
+    # Each window's sum, replicated: every process of a multi-host job reads all of them.
+    @functools.partial(jax.jit, out_shardings=replicated(loaded.mesh))
     def window_nll(state, inputs, targets, mask):
         nll, _ = token_nll(nnx.merge(graphdef, state), inputs, targets, differentiable=False)
         return jnp.sum(nll * mask, axis=-1)
@@ -69,7 +71,7 @@ def perplexity(loaded, ids: Sequence[int], seq_len: int, batch_size: int, progre
     started = time.perf_counter()
     with jax.set_mesh(loaded.mesh), bar:
         for inputs, targets, mask in batches(chunks, seq_len, batch_size, loaded.tokenizer.pad_id):
-            placed = [jax.device_put(a, sharding) for a in (inputs, targets, mask)]
+            placed = [global_array(a, sharding) for a in (inputs, targets, mask)]
             total_nll += float(np.sum(np.asarray(window_nll(state, *placed), np.float64)))
             total_tokens += int(mask.sum())
             bar.update()

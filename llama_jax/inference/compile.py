@@ -15,6 +15,7 @@ from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
 from llama_jax.inference.compiled import EnginePrograms
 from llama_jax.inference.settings import MAX_STEPS, EngineSettings
 from llama_jax.inference.types import Program
+from llama_jax.loading import spread_kv_heads
 from llama_jax.sharding import MeshConfig, make_mesh, mesh_platform
 
 
@@ -29,6 +30,7 @@ def compile_inference(
     most a prefill call holds), the extension by a whole chunk when a prompt is longer, and the decode loop of
     all the slots, for an engine of `settings` (their max_model_len: the cache of one sequence)."""
     mesh = make_mesh(mesh_config, target_devices(target))
+    model = spread_kv_heads(model, mesh)  # as `load` would place the weights on this mesh
     programs = EnginePrograms.abstract(model, mesh, settings)
     prefill_attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh), differentiable=False)
     rows = programs.prefill_rows_for(programs.prefill_rows)

@@ -14,6 +14,9 @@ only on its prompt, settings, seed and stream number, never on what shares the s
 One thread steps the engine at a time: `generate` and `stream` step it in the caller's thread, `start()` in a
 thread of its own; a second driver is refused (RuntimeError) rather than left to corrupt the slots.
 `submit` may come from any thread.
+
+On a multi-host job every process runs the engine: `generate` and `stream` with the same requests on every
+process; a server's `start()` on every process, requests submitted to process 0 only (`lockstep.py`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,9 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
+
+from llama_jax.inference.lockstep import Lockstep
 from llama_jax.inference.prompts import completion_text
 from llama_jax.inference.scheduler import Scheduler
 from llama_jax.inference.settings import DEFAULT_ENGINE, EngineSettings
@@ -53,6 +59,7 @@ class Engine:
             text=self._text,
         )
         self._wake = threading.Condition()
+        self._lockstep = Lockstep(self._scheduler, self._wake) if jax.process_count() > 1 else None
         self._driver = threading.Lock()  # held by whoever steps the scheduler
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -88,6 +95,8 @@ class Engine:
         that steps the engine (`start()` runs one)."""
         for request in requests:
             self._check(request)
+        if self._lockstep is not None:
+            return self._lockstep.submit(requests, on_event)
         handle = self._scheduler.submit_all(requests, on_event)
         with self._wake:
             self._wake.notify()
@@ -105,6 +114,9 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """End the loop `start()` began (on a multi-host job: process 0 ends every process's)."""
+        if self._lockstep is not None and self._lockstep.leader:
+            self._lockstep.stop()
         with self._wake:
             self._stopping = True
             self._wake.notify()
@@ -186,12 +198,21 @@ class Engine:
         finally:
             self._driver.release()
 
+    def join(self) -> None:
+        """Wait for the loop `start()` began to end (a process other than 0 of a multi-host job: until process
+        0 stops its engine)."""
+        if self._thread is not None:
+            self._thread.join()
+
     def _loop(self, warm_up: bool, on_ready: Callable[[], None] | None) -> None:
         if warm_up:
             self.warm_up()
             self._ready = True
             if on_ready is not None:
                 on_ready()
+        if self._lockstep is not None:
+            self._lockstep.run()
+            return
         while True:
             with self._wake:
                 self._wake.wait_for(lambda: self._stopping or self._scheduler.busy)

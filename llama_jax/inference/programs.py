@@ -94,6 +94,12 @@ def _ends(token, step, stop_ids, max_tokens) -> jax.Array:
     return jnp.any(token[:, None] == stop_ids, axis=-1) | (step + 1 >= max_tokens)
 
 
+def _on_every_host(*arrays: jax.Array) -> tuple[jax.Array, ...]:
+    """What the host reads (tokens, log-probabilities), replicated: every process of a multi-host job reads
+    them whole from its own devices, and all of them make the same decisions from them. A few bytes per slot."""
+    return tuple(shard(a, *(None,) * a.ndim) for a in arrays)
+
+
 def _laid_out(cache: KVCache | None = None, slots: SlotState | None = None) -> tuple:
     """The cache and slot state constrained to the layout they were created in (`compiled.state_shapes`): each
     program's outputs are the next one's inputs, whose compiled layouts must agree."""
@@ -125,7 +131,7 @@ def _admit(slots: SlotState, logits, admission: Admission):
     live = ~_ends(token, first, a.stop_ids, a.max_tokens)
     new = SlotState(token, first + 1, keys, a.sampling, a.max_tokens, a.stop_ids, a.logprobs, live)
     _, slots = _laid_out(slots=jax.tree.map(lambda old, value: old.at[a.slots].set(value, mode="drop"), slots, new))
-    return slots, token, _chosen_logprob(logits, token, a.logprobs)
+    return slots, *_on_every_host(token, _chosen_logprob(logits, token, a.logprobs))
 
 
 @jax.tree_util.register_dataclass
@@ -186,7 +192,7 @@ def _decode(graphdef, state, cache: KVCache, slots: SlotState, active, steps, st
     lengths = cache.lengths.at[:rows].set(end.cache.lengths)
     slots = jax.tree.map(lambda whole, part: whole.at[:rows].set(part), slots, end.slots)
     cache, slots = _laid_out(KVCache(end.cache.k, end.cache.v, lengths), slots)
-    return cache, slots, end.tokens, end.logprobs, end.step
+    return cache, slots, *_on_every_host(end.tokens, end.logprobs), end.step
 
 
 @jax.tree_util.register_dataclass

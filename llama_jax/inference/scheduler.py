@@ -120,6 +120,11 @@ class Scheduler:
             self.queue.extend(live)
         return handle
 
+    def enqueue(self, request: Request, on_event: Callable[[Event], None], handle: Handle) -> None:
+        """Queue a request whose admission was decided elsewhere (`lockstep.py`: by process 0 of a job)."""
+        with self.lock:
+            self.queue.append(_Live(request, on_event, handle))
+
     def held(self) -> tuple[int, int]:
         """(requests in a slot, cache positions their prompts and tokens hold)."""
         live = [*self.running.values(), *self.prefilling.values()]  # one copy each: step() may change them

@@ -1,12 +1,9 @@
 """Joining a multi-host job, and noticing preemption, with JAX's own runtime.
 
-`initialize` must run before anything touches a JAX device:
-  * Cloud TPU VM slices, SLURM and Open MPI jobs: `jax.distributed.initialize()` finds the coordinator,
-    the process count and this process's id itself;
-  * other GPU clusters: pass distributed.coordinator=HOST:PORT, distributed.num_processes=N,
-    distributed.process_id=I (the same coordinator on every process);
-  * CPU processes (the tests) talk through gloo collectives.
-A single machine with none of these runs as one process.
+`initialize` must run before anything touches a JAX device (`llama_jax.distributed.join`, as for every
+command): Cloud TPU VM slices, SLURM and Open MPI jobs are found by JAX itself; other GPU clusters pass
+distributed.coordinator=HOST:PORT, distributed.num_processes=N, distributed.process_id=I (the same
+coordinator on every process). A single machine with none of these runs as one process.
 
 Preemption arrives as SIGTERM. One process notes it and stops at the next step boundary; a multi-host job
 must stop all hosts at the SAME step (their checkpoint is one collective save), which JAX's preemption
@@ -20,34 +17,19 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 
+from llama_jax.distributed import join
 from llama_jax.train.config import DistributedConfig
 
 
 def initialize(config: DistributedConfig) -> None:
-    # gloo is JAX's default for CPU cross-process collectives today; named so that CPU multi-process runs
-    # (the tests) do not depend on that default.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    """Join the job `distributed.*` describes (or the environment does), as every command joins one."""
     explicit = (config.coordinator, config.num_processes, config.process_id)
-    if any(value is not None for value in explicit):
-        if None in explicit:
-            raise ValueError(
-                "distributed.coordinator, distributed.num_processes and distributed.process_id "
-                "go together: set all three (or none, where JAX detects the cluster)"
-            )
-        if not 0 <= config.process_id < config.num_processes:
-            raise ValueError(f"distributed.process_id must be in [0, {config.num_processes}), got {config.process_id}")
-        jax.distributed.initialize(config.coordinator, config.num_processes, config.process_id)
-        return
-    try:
-        jax.distributed.initialize()
-    except ValueError as e:
-        # JAX's cluster detection found no TPU VM, SLURM or MPI job: a single-process run.
-        if "coordinator_address" not in str(e):
-            raise
-    except RuntimeError as e:
-        # JAX already runs in this process (a notebook, a test calling main()): it stays single-process.
-        if "must be called before" not in str(e):
-            raise
+    if any(value is not None for value in explicit) and None in explicit:
+        raise ValueError(
+            "distributed.coordinator, distributed.num_processes and distributed.process_id go together: set all "
+            "three (or none, where JAX detects the cluster)"
+        )
+    join(*explicit)
 
 
 class PreemptionNotice:

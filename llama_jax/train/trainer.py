@@ -335,9 +335,10 @@ def _peak_flops_total(config: TrainConfig, mesh) -> float | None:
 
 
 def _samples(job: _Job, state: TrainState) -> list[dict[str, str]]:
-    """A few generations from the trained model (single-process runs: the texts come back to one host)."""
+    """A few generations from the trained model. Every process of a multi-host job runs the same engine steps
+    (the parameters span their devices) and reads the same texts back."""
     inputs, config = job.inputs, job.inputs.config
-    if config.samples == 0 or jax.process_count() > 1:
+    if config.samples == 0:
         return []
     model = nnx.merge(job.steps.layout.graphdef, state.model_params())
     loaded = LoadedModel(model, inputs.model_config, inputs.mesh, inputs.data.tokenizer, inputs.chat_template)
