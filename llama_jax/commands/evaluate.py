@@ -26,6 +26,8 @@ the references: corpus BLEU (sacrebleu), ROUGE-1/2/L/Lsum F1 (rouge-score, stemm
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -192,8 +194,9 @@ def generate(argv: list[str], command: list[str]) -> int:
     first = shared.value(resume_point) if args.output else 0
     try:
         loaded = None if first == len(records) else load_from(args, job.mesh)
+        stops = tuple(args.stop)
         summary = run_task(
-            loaded, records, job.prompt_ids, job.settings, job.engine, scorer, tuple(args.stop), output, first=first
+            loaded, records, job.prompt_ids, job.settings, job.engine, scorer, stops, output, is_leader(), first
         )
     finally:
         if output:
@@ -242,17 +245,21 @@ def harness(argv: list[str], command: list[str]) -> int:
     tasks, task_manager = find_tasks(args.tasks, args.include_path)
     mesh = mesh_from(args)
     text_model_dir(args.checkpoint, "the harness works on text")
-    results = evaluate_tasks(
-        load_from(args, mesh),
-        tasks,
-        task_manager,
-        batch_size=args.batch_size,
-        max_length=args.max_model_len,
-        num_fewshot=args.num_fewshot,
-        limit=args.limit,
-        seed=args.seed,
-        log_samples=bool(args.output),
-    )
+    loaded = load_from(args, mesh)
+    # The harness's progress bars ignore TQDM_DISABLE: the other processes' are kept off their hosts' terminals.
+    quiet = contextlib.nullcontext() if is_leader() else contextlib.redirect_stderr(io.StringIO())
+    with quiet:
+        results = evaluate_tasks(
+            loaded,
+            tasks,
+            task_manager,
+            batch_size=args.batch_size,
+            max_length=args.max_model_len,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            seed=args.seed,
+            log_samples=bool(args.output),
+        )
     if not is_leader():
         return 0
     from lm_eval.utils import make_table

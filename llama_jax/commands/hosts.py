@@ -54,6 +54,8 @@ def run_as_job_process(argv: list[str], program: str, process_id: int, num_proce
     and error lines."""
     env = {**os.environ, CHILD_VARIABLE: "1", PROGRAM_VARIABLE: program}
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # XLA's own warnings and errors; its fatal log still comes
+    if process_id != 0:  # process 0 shows the progress; the others' bars (ours, a library's) would repeat it
+        env["TQDM_DISABLE"] = "1"
     child = subprocess.Popen([sys.executable, *argv], env=env, stderr=subprocess.PIPE)
     signals = (signal.SIGINT, signal.SIGTERM)
     forwarded = {sig: signal.signal(sig, lambda sig, _: child.send_signal(sig)) for sig in signals}
