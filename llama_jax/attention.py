@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from llama_jax.kv_cache import read
 from llama_jax.sharding import current_platform, logical_to_spec
 
 # Large but finite: a fully masked row (a padding query) then gives a uniform softmax instead of NaN.
@@ -185,44 +186,44 @@ def _online_softmax_result(carry) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class LiveCache:
-    """How queries read a KV cache in blocks (`attend_live_cache`): `q_index` (batch, q_len) is the slot of
-    each query, `block` the slots per block. Only blocks some query can see are read."""
+    """How queries read a paged KV cache in blocks (`attend_live_cache`): `q_index` (batch, q_len) is the
+    position of each query, `page_table` (batch, pages_per_seq) where each row's positions are, `block` the
+    positions per block. Only blocks some query can see are read."""
 
     q_index: jax.Array
+    page_table: jax.Array
     block: int
 
 
-def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: jax.Array, live: LiveCache) -> jax.Array:
-    """Attention of q (batch, q_len, heads, head_dim) over layer `layer` of the stacked cache (layers, rows,
-    kv_heads, max_len, head_dim) — its first `batch` rows — reading it `live.block` slots at a time, as far as
-    the queries reach and no further: a decode step costs the live part of the cache, not its allocated
-    length. All rows read the blocks the rows outside the `LONG_ROWS` longest need; those longest go on alone,
-    so one long request does not make every row read its length (a 2,048-token request decoding among
-    300-token ones tripled the CPU decode step when all rows read as far as it).
+def attend_live_cache(
+    q: jax.Array, kv_all: jax.Array, scales: jax.Array | None, layer: jax.Array, live: LiveCache
+) -> jax.Array:
+    """Attention of q (batch, q_len, heads, head_dim) over layer `layer` of the paged pool (`kv_cache.py`: layers,
+    pages, 2, kv_heads, page_size, head_dim; int8 with `scales`), each row through its own page table, reading
+    `live.block` positions at a time, as far as the queries reach and no further: a decode step costs the live
+    part of the cache, not its allocated length. All rows read the blocks the rows outside the `LONG_ROWS`
+    longest need; those longest go on alone, so one long request does not make every row read its length (a
+    2,048-token request decoding among 300-token ones tripled the CPU decode step when all rows read as far as
+    it).
 
     An online softmax (float32) runs over the blocks, each row's in the same order. A block beyond a row's own
     queries is fully masked and adds exactly nothing to that row, so each row's result is the same however far
-    the other rows reach: continuous batching stays batch-invariant. max_len must be a multiple of `block`.
-    """
+    the other rows reach: continuous batching stays batch-invariant. A row's positions (pages_per_seq × page
+    size) are a multiple of `block`, and the block and the page size divide one another."""
     batch, q_len, heads, head_dim = q.shape
-    kv_heads, max_len = k_all.shape[2], k_all.shape[3]
-    block = live.block
+    kv_heads = kv_all.shape[3]
+    block, table = live.block, live.page_table[:batch]
+    max_len = table.shape[1] * kv_all.shape[4]
     qg = (q * head_dim**-0.5).astype(q.dtype)
     qg = qg.reshape(batch, q_len, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    # Blocks each row needs (0 for an idle row, whose queries sit at slot -1).
+    # Blocks each row needs (0 for an idle row, whose queries sit at position -1).
     reach = jnp.minimum(jnp.max(live.q_index, axis=1) // block + 1, max_len // block)
 
-    def read(cache, start, rows):
-        if rows is None:  # the first `batch` rows
-            return jax.lax.dynamic_slice(cache, (layer, 0, 0, start, 0), (1, batch, kv_heads, block, head_dim))[0]
-        one = lambda row: jax.lax.dynamic_slice(cache, (layer, row, 0, start, 0), (1, 1, kv_heads, block, head_dim))  # noqa: E731
-        return jax.vmap(one)(rows)[:, 0, 0]
-
-    def fold(carry, qg, q_index, rows, first, last):
+    def fold(carry, qg, q_index, rows_table, first, last):
         def one_block(i, carry):
             start = i * block
             visible = (start + jnp.arange(block))[None, None, :] <= q_index[:, :, None]  # (rows, q_len, block)
-            k, v = read(k_all, start, rows), read(v_all, start, rows)
+            k, v = (a.astype(q.dtype) for a in read(kv_all, scales, layer, rows_table, start, block))
             return _online_softmax_step(carry, qg, k, v, visible[:, None, None])
 
         return jax.lax.fori_loop(first, last, one_block, carry)
@@ -230,13 +231,13 @@ def attend_live_cache(q: jax.Array, k_all: jax.Array, v_all: jax.Array, layer: j
     carry = _online_softmax_start(qg.shape[:-1], head_dim)
     long = min(LONG_ROWS, batch)
     if long == batch or _batch_is_split(batch):  # one loop (gathering rows of a split batch would move them)
-        carry = fold(carry, qg, live.q_index, None, 0, jnp.max(reach))
+        carry = fold(carry, qg, live.q_index, table, 0, jnp.max(reach))
     else:
         longest, rows = jax.lax.top_k(reach, long + 1)
-        carry = fold(carry, qg, live.q_index, None, 0, longest[long])  # as far as all but the longest need
+        carry = fold(carry, qg, live.q_index, table, 0, longest[long])  # as far as all but the longest need
         rows = rows[:long]
         theirs = jax.tree.map(lambda a: a[rows], carry)
-        theirs = fold(theirs, qg[rows], live.q_index[rows], rows, longest[long], longest[0])
+        theirs = fold(theirs, qg[rows], live.q_index[rows], table[rows], longest[long], longest[0])
         carry = jax.tree.map(lambda a, b: a.at[rows].set(b), carry, theirs)
     out = _online_softmax_result(carry)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)

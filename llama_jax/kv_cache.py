@@ -1,11 +1,23 @@
-"""The KV cache: an explicit pytree passed into the model and returned from it.
+"""The KV cache: pages of keys and values, an explicit pytree passed into the model and returned from it.
 
-Keys and values are stacked over layers, (layers, batch, kv_heads, max_len, head_dim), so the cache
-is carried through the layer scan and updated in place. KV heads come before the slots so that each
-(batch, kv_heads) block is contiguous: attention reads it as is, instead of transposing a copy of the
-layer's cache at every decoding step. `lengths[b]` counts the slots of row b that hold real tokens:
-the next tokens of row b are written at slots lengths[b], lengths[b] + 1, ... which is what lets a
-batch of prompts of different lengths decode exactly as each prompt would alone.
+    kv           (layers, pages, 2, kv_heads, page_size, head_dim): each page holds `page_size` positions of one
+                 sequence, every layer's keys (half 0) and values (half 1), heads before positions so that a
+                 page of one head is contiguous: attention reads a page as it is (a block of 128 positions from
+                 one page of 128 is the very slice a contiguous cache gave; pages of 16 cost a decode step
+                 twice that at batch 1 on a CPU, for the copy that joins eight of them)
+    scales       int8 caches: (layers, pages, 2, kv_heads, page_size) float32, one per position and head
+    page_table   (batch, pages_per_seq) int32: row b's position p is in page page_table[b, p // page_size]
+    lengths      (batch,) int32: the positions of row b that hold tokens; its next tokens go at lengths[b], ...
+
+The pool is stacked over layers, so it is carried through the layer scan and written in place. A sequence
+takes pages as it grows and gives them back when it ends (the engine's `inference/pages.py`); rows sharing a
+prompt prefix point at the same pages. `KVCache.zeros` gives each row pages of its own, in order: a cache for
+a plain batch (tests, notebooks). A position whose page is out of the pool (the engine's idle rows decode at
+position -1; a padded prompt's tail) is dropped when written.
+
+With `kv_dtype` int8 each position's key and value vectors are stored as int8 with a float32 scale per head
+(their absolute maximum / 127): half of bf16's bytes for head_dim 128, and a position's quantization never
+changes once written.
 """
 
 from __future__ import annotations
@@ -17,63 +29,134 @@ import jax.numpy as jnp
 
 from llama_jax.config import ModelConfig
 
-CACHE_AXES = ("layers", "batch", "kv_heads", "length", "head_dim")
+# The pool's axes: the page axis is not split (a page may hold any sequence's positions); heads follow the
+# model's tensor-parallel split.
+CACHE_AXES = ("layers", None, None, "kv_heads", None, "head_dim")
+SCALE_AXES = ("layers", None, None, "kv_heads", None)
+CONTIGUOUS_PAGE = 128  # `KVCache.zeros`' page size: its rows' positions in pages of 128 (or fewer)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    k: jax.Array  # (layers, batch, kv_heads, max_len, head_dim)
-    v: jax.Array
+    kv: jax.Array  # (layers, pages, 2, kv_heads, page_size, head_dim)
+    page_table: jax.Array  # (batch, pages_per_seq) int32
     lengths: jax.Array  # (batch,) int32
+    scales: jax.Array | None = None  # int8 pools: (layers, pages, 2, kv_heads, page_size) float32
+
+    @property
+    def page_size(self) -> int:
+        return self.kv.shape[4]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        """Positions one row can hold."""
+        return self.page_table.shape[1] * self.page_size
 
     @classmethod
     def zeros(cls, config: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
-        """An empty cache (inside a jit, constrain it with `shard(k, *CACHE_AXES)` to place it)."""
-        shape = (config.n_layers, batch, config.n_kv_heads, max_len, config.head_dim)
-        dtype = dtype or config.dtype
-        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch,), jnp.int32))
+        """An empty cache of `batch` rows of `max_len` positions, each row in pages of its own, in order; int8
+        (`dtype` "int8") with its scales."""
+        page_size = next(p for p in (CONTIGUOUS_PAGE, 64, 32, 16, 8, 4, 2, 1) if max_len % p == 0)
+        pages_per_seq = max_len // page_size
+        shape = (config.n_layers, batch * pages_per_seq, 2, config.n_kv_heads, page_size, config.head_dim)
+        table = jnp.arange(batch * pages_per_seq, dtype=jnp.int32).reshape(batch, pages_per_seq)
+        dtype = jnp.dtype(dtype or config.dtype)
+        scales = jnp.zeros(shape[:-1], jnp.float32) if dtype == jnp.int8 else None
+        return cls(jnp.zeros(shape, dtype), table, jnp.zeros((batch,), jnp.int32), scales)
 
 
-def write_slots(cache: jax.Array, new: jax.Array, layer: jax.Array, starts: jax.Array) -> jax.Array:
-    """Write new (batch, n, kv_heads, head_dim) into layer `layer` of the stacked cache (layers, rows,
-    kv_heads, max_len, head_dim) at each row's own start slot: token j of row b goes to slot starts[b] + j of
-    cache row b. The batch may be the cache's first rows only (a decode step of the first few slots).
+def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """int8 values and a float32 scale per vector of x (..., head_dim): x ≈ values · scale."""
+    x32 = x.astype(jnp.float32)
+    scale = jnp.max(jnp.abs(x32), axis=-1) / 127.0
+    values = jnp.round(x32 / jnp.where(scale == 0, 1.0, scale)[..., None])
+    return jnp.clip(values, -127, 127).astype(jnp.int8), scale
 
-    Only the new slots are written, so XLA updates the cache buffer in place; when the batch is all the rows,
-    the batch axis is a scatter batching dimension, so a batch-sharded cache is written without any
-    communication. A token whose slot is outside the cache is dropped, token by token: one decoded at slot -1
-    writes nothing (the engine's idle and half-prefilled slots during a decode step), and a padded chunk's tail
-    past the end is dropped while its real tokens land.
-    """
-    batch, n = new.shape[:2]
-    slots = starts.astype(jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)
+
+def write(
+    kv_all: jax.Array,
+    scales: jax.Array | None,
+    k: jax.Array,
+    v: jax.Array,
+    layer: jax.Array,
+    page_table: jax.Array,
+    starts: jax.Array,
+) -> tuple[jax.Array, jax.Array | None]:
+    """Write k, v (batch, n, kv_heads, head_dim) into layer `layer` of the pool at each row's positions
+    starts[b], starts[b] + 1, ...: token j of row b lands in page page_table[b, (starts[b] + j) // page_size].
+    Only those positions are written (in place); a position before 0 or past the row's pages is dropped."""
+    batch, n = k.shape[:2]
+    positions = starts.astype(jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)
+    pages, offsets = _pages_of(page_table, positions, kv_all.shape[4], kv_all.shape[1])
     layers = jnp.broadcast_to(layer, (batch, n)).astype(jnp.int32)
-    if batch == cache.shape[1]:
-        indices = jnp.stack([layers, slots], axis=-1)
-        numbers = jax.lax.ScatterDimensionNumbers(
-            update_window_dims=(2, 3),
-            inserted_window_dims=(0, 3),
-            scatter_dims_to_operand_dims=(0, 3),
-            operand_batching_dims=(1,),
-            scatter_indices_batching_dims=(0,),
-        )
-    else:
-        rows = jnp.broadcast_to(jnp.arange(batch, dtype=jnp.int32)[:, None], (batch, n))
-        indices = jnp.stack([layers, rows, slots], axis=-1)
-        numbers = jax.lax.ScatterDimensionNumbers(
-            update_window_dims=(2, 3), inserted_window_dims=(0, 1, 3), scatter_dims_to_operand_dims=(0, 1, 3)
-        )
-    return jax.lax.scatter(
-        cache,
-        indices,
-        new.astype(cache.dtype),
-        numbers,
-        indices_are_sorted=True,
-        unique_indices=True,
-        mode=jax.lax.GatherScatterMode.FILL_OR_DROP,
-    )
+    return _put(kv_all, scales, (layers, pages), offsets, k, v)
+
+
+def write_layers(
+    kv_all: jax.Array, scales: jax.Array | None, k: jax.Array, v: jax.Array, tables: jax.Array, lengths: jax.Array
+) -> tuple[jax.Array, jax.Array | None]:
+    """Write every layer's keys and values of prompts at positions 0.. of their rows — k, v (layers, rows,
+    length, kv_heads, head_dim), row r through page table tables[r] — keeping each row's first lengths[r]
+    positions (a padded prompt's tail, and a padding row of length 0, are dropped)."""
+    layers, rows, length = k.shape[:3]
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
+    positions = jnp.where(positions < lengths[:, None], positions, -1)
+    pages, offsets = _pages_of(tables, positions, kv_all.shape[4], kv_all.shape[1])
+    shape = (layers, rows, length)
+    layer_index = jnp.broadcast_to(jnp.arange(layers, dtype=jnp.int32)[:, None, None], shape)
+    return _put(kv_all, scales, (layer_index, jnp.broadcast_to(pages, shape)), jnp.broadcast_to(offsets, shape), k, v)
+
+
+def _put(kv_all, scales, at: tuple, offsets, k, v):
+    """k, v (..., kv_heads, head_dim) into the pool at (layer, page) `at` and position `offsets` in the page,
+    each index of shape (...); a page out of the pool is dropped."""
+    for half, new in enumerate((k, v)):
+        index = (*at, half, slice(None), offsets)  # the new values' (..., kv_heads, head_dim) land in place
+        if scales is None:
+            kv_all = kv_all.at[index].set(new.astype(kv_all.dtype), mode="drop")
+        else:
+            values, scale = quantize(new)
+            kv_all = kv_all.at[index].set(values, mode="drop")
+            scales = scales.at[index].set(scale, mode="drop")
+    return kv_all, scales
+
+
+def _pages_of(page_table: jax.Array, positions: jax.Array, page_size: int, num_pages: int):
+    """The page and the row within it of each of `positions` (batch, n); positions outside the row's pages get
+    page `num_pages`, out of the pool (a write there is dropped)."""
+    max_len = page_table.shape[1] * page_size
+    inside = (positions >= 0) & (positions < max_len)
+    clipped = jnp.clip(positions, 0, max_len - 1)
+    pages = jnp.take_along_axis(page_table, clipped // page_size, axis=1)
+    return jnp.where(inside, pages, num_pages), clipped % page_size
+
+
+def read(
+    kv_all: jax.Array, scales: jax.Array | None, layer: jax.Array, rows_table: jax.Array, start, length: int
+) -> tuple[jax.Array, jax.Array]:
+    """Keys and values (rows, kv_heads, length, head_dim) at positions start .. start + length of the rows whose
+    page tables are `rows_table` (rows, pages_per_seq); int8 pools dequantized to float32. `length` and the page
+    size divide one another; only those positions are read."""
+    _, _, _, kv_heads, page_size, head_dim = kv_all.shape
+    pages_read, piece = max(1, length // page_size), min(page_size, length)
+
+    def one_row(table):
+        pages = jax.lax.dynamic_slice_in_dim(table, start // page_size, pages_read)
+        offset = start % page_size if page_size > length else 0
+
+        def one_page(page):
+            at = (layer, page, 0, 0, offset)
+            block = jax.lax.dynamic_slice(kv_all, (*at, 0), (1, 1, 2, kv_heads, piece, head_dim))[0, 0]
+            if scales is None:
+                return block
+            scale = jax.lax.dynamic_slice(scales, at, (1, 1, 2, kv_heads, piece))[0, 0]
+            return block.astype(jnp.float32) * scale[..., None]
+
+        blocks = jax.vmap(one_page)(pages)  # (pages, 2, kv_heads, piece, head_dim)
+        if pages_read == 1:
+            return blocks[0]
+        return blocks.transpose(1, 2, 0, 3, 4).reshape(2, kv_heads, length, head_dim)
+
+    both = jax.vmap(one_row)(rows_table)  # (rows, 2, kv_heads, length, head_dim)
+    return both[:, 0], both[:, 1]

@@ -7,8 +7,8 @@ activations with `shard`, and `sharding.LOGICAL_AXIS_RULES` alone decides what l
 
 `ids` and `positions` are (batch, length). Without a cache the call is causal self-attention over
 `ids` (training, scoring); `segment_ids` keeps packed documents from attending to each other. With a
-`KVCache` the new keys and values are written at each row's `cache.lengths` and the queries attend to
-everything cached so far (prefill, then decoding).
+`KVCache` (paged: `kv_cache.py`) the new keys and values are written at each row's `cache.lengths` in its
+pages and the queries attend to everything cached so far (prefill, then decoding).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from flax import nnx
 
 from llama_jax.attention import LiveCache, attend_live_cache, attention, choose_implementation
 from llama_jax.config import REMAT_POLICIES, ModelConfig
-from llama_jax.kv_cache import KVCache, write_slots
+from llama_jax.kv_cache import KVCache, write
 from llama_jax.lora import add_adapters, project, split_adapters
 from llama_jax.quantize import SCALE_SUFFIX, quantize_weight
 from llama_jax.quantize import WEIGHTS as QUANTIZED_WEIGHTS
@@ -79,9 +79,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None):
         """Without a cache: causal self-attention within `segment_ids` by `implementation`; returns the output
-        and this layer's new (k, v). With `layer_cache` (the stacked cache's k, v and this layer's index):
-        the new keys and values are written at each row's next slots and `live` reads the cache; returns the
-        output and the updated layer_cache."""
+        and this layer's new (k, v). With `layer_cache` (the stacked pool, its int8 scales or None, and this
+        layer's index): the new keys and values are written at each row's next positions in its pages and
+        `live` reads the cache; returns the output and the updated layer_cache."""
         c = self.config
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
         q = project(self, "wq", "btd,dhk->bthk", x, self.lora, dropout_key)
@@ -96,11 +96,10 @@ class Attention(nnx.Module):
             # The layer writes its new keys/values straight into the stacked cache (in place) and reads
             # its own layer back, block by block and only the live part: copying the layer out and back in
             # would move the whole cache per step.
-            k_all, v_all, layer = layer_cache
-            starts = live.q_index[:, 0]
-            k_all, v_all = write_slots(k_all, k, layer, starts), write_slots(v_all, v, layer, starts)
-            layer_cache = (k_all, v_all, layer)
-            out = attend_live_cache(q, k_all, v_all, layer, live)
+            kv_all, scales, layer = layer_cache
+            kv_all, scales = write(kv_all, scales, k, v, layer, live.page_table, live.q_index[:, 0])
+            layer_cache = (kv_all, scales, layer)
+            out = attend_live_cache(q, kv_all, scales, layer, live)
         out = project(self, "wo", "bthk,hkd->btd", out, self.lora, dropout_key)
         return shard(out, "batch", "length", None), layer_cache
 
@@ -171,9 +170,9 @@ class Llama(nnx.Module):
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits of `ids` (batch, length). Without a cache: causal self-attention (training, scoring),
         within `segment_ids` if given. With a `KVCache`: the tokens come after what each row holds, are
-        written into it, and attend to everything cached so far, read `cache_block` slots at a time and
-        only as far as the furthest query (`attention.attend_live_cache`; default: up to 128 dividing the
-        cache length). `logits_at` (batch, n) picks the positions of each row that get logits."""
+        written into its pages, and attend to everything cached so far, read `cache_block` positions at a time
+        and only as far as the furthest query (`attention.attend_live_cache`; default: up to 128 dividing a
+        row's positions). `logits_at` (batch, n) picks the positions of each row that get logits."""
         x, cache = self.hidden_states(ids, positions, cache, segment_ids, cache_block)
         return self.logits(_take_positions(x, logits_at)), cache
 
@@ -222,7 +221,7 @@ class Llama(nnx.Module):
             if segment_ids is not None:
                 raise ValueError("segment_ids are for packed training batches; they cannot be used with a KV cache")
             block = cache_block or next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if cache.max_len % b == 0)
-            live = LiveCache(starts[:, None] + jnp.arange(length, dtype=jnp.int32), block)
+            live = LiveCache(starts[:, None] + jnp.arange(length, dtype=jnp.int32), cache.page_table, block)
         return self._run_layers(x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv)
 
     def logits(self, x: jax.Array) -> jax.Array:
@@ -256,16 +255,16 @@ class Llama(nnx.Module):
             )
 
         def step(carry, xs):
-            x, k_all, v_all = carry
+            x, kv_all, scales = carry
             layer_params, i = xs
-            layer_cache = None if k_all is None else (k_all, v_all, i)
+            layer_cache = None if kv_all is None else (kv_all, scales, i)
             layer_key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
             x, layer_cache = layer(x, layer_params, layer_cache, layer_key)
-            if k_all is not None:
-                k_all, v_all, _ = layer_cache
-            return (x, k_all, v_all), layer_cache if keep_kv else None
+            if kv_all is not None:
+                kv_all, scales, _ = layer_cache
+            return (x, kv_all, scales), layer_cache if keep_kv else None
 
-        carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
+        carry = (x, None, None) if cache is None else (x, cache.kv, cache.scales)
         indices = jnp.arange(self.config.n_layers)
         if self.config.scan_layers:
             carry, kv = jax.lax.scan(step, carry, (stacked, indices))
@@ -275,12 +274,12 @@ class Llama(nnx.Module):
                 carry, out = step(carry, (jax.tree.map(lambda a, i=i: a[i], stacked), i))
                 outputs.append(out)
             kv = jax.tree.map(lambda *layers: jnp.stack(layers), *outputs) if keep_kv else None
-        x, k_all, v_all = carry
+        x, kv_all, scales = carry
         if keep_kv:
             return x, kv
         if cache is None:
             return x, None
-        return x, KVCache(k_all, v_all, cache.lengths + x.shape[1])
+        return x, KVCache(kv_all, cache.page_table, cache.lengths + x.shape[1], scales)
 
 
 def _take_positions(x: jax.Array, at: jax.Array | None) -> jax.Array:

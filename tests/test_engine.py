@@ -13,7 +13,9 @@ from llama_jax.attention import LONG_ROWS, LiveCache, attend_live_cache, attenti
 from llama_jax.config import preset
 from llama_jax.inference.compiled import EnginePrograms
 from llama_jax.inference.engine import Engine
+from llama_jax.inference.pages import PagePool
 from llama_jax.inference.sampling import SamplingParams
+from llama_jax.inference.scheduler import Admitting
 from llama_jax.inference.settings import EngineSettings
 from llama_jax.inference.slots import SlotBackend
 from llama_jax.inference.types import Program, Request
@@ -70,11 +72,14 @@ def test_streaming_events_add_up_to_the_result(loaded, prompts):
 @pytest.mark.slow
 def test_the_decode_loop_stops_early_only_when_a_request_waits(loaded, prompts):
     backend = SlotBackend.of(loaded, EngineSettings(max_num_seqs=2).resolve(CONFIG))
-    backend.insert([0, 1], [Request(prompts[1], 3), Request(prompts[2], 30)], bucket=16)
-    *_, ran = backend.decode(20, [True, True], stop_early=True)
+    pages = PagePool(backend.num_pages, backend.page_size, backend.slots, backend.pages_per_seq)
+    pages.grow(0, 64), pages.grow(1, 64)
+    short, long = (Admitting(prompts[i], Request(prompts[i], n)) for i, n in ((1, 3), (2, 30)))
+    backend.insert([0, 1], [short, long], bucket=16, tables=pages.table)
+    *_, ran = backend.decode(20, [True, True], stop_early=True, tables=pages.table)
     assert ran == 2  # slot 0's third token ends it
-    backend.insert([0], [Request(prompts[1], 3)], bucket=16)
-    *_, ran = backend.decode(20, [True, True], stop_early=False)
+    backend.insert([0], [short], bucket=16, tables=pages.table)
+    *_, ran = backend.decode(20, [True, True], stop_early=False, tables=pages.table)
     assert ran == 20
 
 
@@ -90,12 +95,18 @@ def test_live_block_attention_equals_attention_over_the_whole_cache():
     assert batch > LONG_ROWS + 1
     q = rng.normal(size=(batch, 2, heads, head_dim)).astype(np.float32)
 
+    # The rows' positions in pages of 8 scattered over the pool (two pages a block), as a pool in use holds them.
+    page_size, per_row = 8, max_len // 8
+    table = np.random.default_rng(1).permutation(rows * per_row).reshape(rows, per_row).astype(np.int32)
+    pool = np.zeros((layers, rows * per_row, 2, kv_heads, page_size, head_dim), np.float32)
+    for b in range(rows):
+        for j in range(per_row):
+            for half, source in enumerate((k_all, v_all)):
+                pool[:, table[b, j], half] = source[:, b, :, j * page_size : (j + 1) * page_size]
+
     def attend(q_index):
-        return np.asarray(
-            attend_live_cache(
-                jnp.asarray(q), jnp.asarray(k_all), jnp.asarray(v_all), jnp.int32(1), LiveCache(q_index, block)
-            )
-        )
+        live = LiveCache(q_index, jnp.asarray(table), block)
+        return np.asarray(attend_live_cache(jnp.asarray(q), jnp.asarray(pool), None, jnp.int32(1), live))
 
     live = attend(q_index)
     # numpy reference: query t of row b (head h, KV head h // 3) over cache slots 0..q_index[b, t]

@@ -72,7 +72,7 @@ def test_the_engines_programs_compile_for_one_h100():
 
     model = build_model_config(load_train_config(None, TINY), "gpu")
     settings = EngineSettings(max_num_seqs=4, max_model_len=164)
-    reports = compile_inference(model, compile_target("1xH100"), MeshConfig(), settings, prompt_lens=[100])
+    reports, _ = compile_inference(model, compile_target("1xH100"), MeshConfig(), settings, prompt_lens=[100])
     assert [r.name for r in reports] == ["prefill_128", "decode"] and all(r.fits for r in reports)
     assert reports[0].attention == "cudnn"
 

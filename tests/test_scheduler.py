@@ -1,6 +1,6 @@
 """The continuous-batching rules without a model: a deterministic fake backend (JetStream's mock-engine idea)
 whose slot tokens are a function of the request alone, driven through admission, refill, stop conditions,
-cancellation and fairness."""
+cancellation, fairness, the page pool (pages as sequences grow, shared cached prefixes) and preemption."""
 
 import pytest
 
@@ -12,16 +12,18 @@ STOP = 0
 class FakeBackend:
     """Token t of a request is 10 + (sum(prompt) + t) % 50, except that a prompt starting with 99 emits the
     stop id at step prompt[1]. Like the device loop, a decode call ends when no slot's request is still going,
-    or early when asked to and one ends (a stop id, or its last token). Records what it was asked to do."""
+    or early when asked to and one ends (a stop id, or its last token). It checks that every position it would
+    write lies in a page of its slot's table, and records what it was asked to do."""
 
-    def __init__(self, slots: int, chunk: int = 1000, pool_size: int = 0):
-        self.slots, self.chunk, self.pool_size = slots, chunk, pool_size
-        self.requests = {}
-        self.steps = {}
+    def __init__(self, slots: int, chunk: int = 1000, pages: int = 10_000, page_size: int = 4, prefix: int = 0):
+        self.slots, self.chunk, self.prefix_chunks = slots, chunk, prefix
+        self.num_pages, self.page_size, self.pages_per_seq = pages, page_size, 512
+        self.requests, self.steps, self.lengths = {}, {}, {}
         self.inserts = []  # (slots, bucket)
         self.decodes = []  # active slots per decode
         self.ran = []  # (steps asked, steps run) per decode
-        self.calls = []  # extend, restore and save calls, in order
+        self.calls = []  # extend calls, in order
+        self.tables = []  # the slot's pages at each extend
 
     def bucket(self, n):
         return max(16, 1 << (n - 1).bit_length())
@@ -31,26 +33,28 @@ class FakeBackend:
             return STOP
         return 10 + (sum(request.prompt_ids) + step) % 50
 
-    def insert(self, slots, requests, bucket):
+    def held(self, tables, slot, positions):
+        pages = tables[slot][: -(-positions // self.page_size)]
+        assert (pages < self.num_pages).all(), (slot, positions, tables[slot][:8])
+
+    def insert(self, slots, items, bucket, tables):
         self.inserts.append((list(slots), bucket))
-        for slot, request in zip(slots, requests):
-            self.requests[slot], self.steps[slot] = request, 1
-        return [self.token(r, 0) for r in requests], [-0.5] * len(requests)
+        for slot, item in zip(slots, items):
+            self.held(tables, slot, len(item.ids))
+            self.requests[slot], self.steps[slot], self.lengths[slot] = item.request, item.first_step + 1, len(item.ids)
+        return [self.token(i.request, i.first_step) for i in items], [-0.5] * len(items)
 
-    def extend(self, slot, request, start):
+    def extend(self, slot, item, start, tables):
         self.calls.append(("extend", slot, start))
-        if start + self.chunk < len(request.prompt_ids):
+        end = min(start + self.chunk, len(item.ids))
+        self.held(tables, slot, end)
+        self.tables.append(tables[slot][: -(-end // self.page_size)].tolist())
+        if end < len(item.ids):
             return None
-        self.requests[slot], self.steps[slot] = request, 1
-        return self.token(request, 0), -0.5
+        self.requests[slot], self.steps[slot], self.lengths[slot] = item.request, item.first_step + 1, len(item.ids)
+        return self.token(item.request, item.first_step), -0.5
 
-    def restore(self, slot, entries):
-        self.calls.append(("restore", slot, list(entries)))
-
-    def save(self, slot, entries):
-        self.calls.append(("save", slot, dict(entries)))
-
-    def decode(self, steps, active, stop_early):
+    def decode(self, steps, active, stop_early, tables):
         self.decodes.append([s for s in range(self.slots) if active[s]])
         tokens = [[] for _ in range(self.slots)]
         live = {s for s in range(self.slots) if active[s] and self.requests.get(s)}
@@ -62,6 +66,9 @@ class FakeBackend:
                 token = self.token(request, step) if request else 1
                 tokens[slot].append(token)
                 self.steps[slot] = step + 1
+                if slot in live:
+                    self.held(tables, slot, self.lengths[slot] + 1)  # this step writes the last token
+                    self.lengths[slot] += 1
                 if slot in live and (token in request.stop_ids or step + 1 >= request.max_tokens):
                     live.discard(slot)
                     ended = True
@@ -76,8 +83,8 @@ def text(prompt_ids, generated):
     return "".join(chr(ord("a") + t % 26) for t in generated)
 
 
-def scheduler(slots=2, max_queue=8, steps=3, chunk=1000, pool_size=0):
-    backend = FakeBackend(slots, chunk, pool_size)
+def scheduler(slots=2, max_queue=8, steps=3, chunk=1000, **pool):
+    backend = FakeBackend(slots, chunk, **pool)
     return Scheduler(backend, max_queue=max_queue, steps_per_dispatch=steps, text=text)
 
 
@@ -218,18 +225,63 @@ def test_long_prompts_are_prefilled_a_budget_of_chunks_per_step_between_decode_c
     assert [t for e in short for t in e.token_ids] == expected_tokens([1, 2], 40)
 
 
-def test_a_prompt_takes_the_cached_chunks_of_its_prefix_and_computes_the_rest():
-    s = scheduler(slots=1, chunk=4, pool_size=8)
+def test_a_prompt_shares_the_cached_pages_of_its_prefix_and_computes_the_rest():
+    s = scheduler(slots=1, chunk=4, page_size=2, prefix=8)
     shared = list(range(30, 39))  # two whole chunks and a token
     submit(s, shared + [1, 2, 3], max_tokens=2)  # 12 tokens: chunks 0, 1, 2 computed, all three kept
     run(s)
-    assert s.backend.calls == [("extend", 0, 0), ("extend", 0, 4), ("extend", 0, 8), ("save", 0, {0: 0, 1: 1, 2: 2})]
+    assert s.backend.calls == [("extend", 0, 0), ("extend", 0, 4), ("extend", 0, 8)]
+    first_pages = s.backend.tables[-1]
+    assert s.pages.free == s.pages.num_pages - 6  # the sequence ended; the cache keeps its three chunks' pages
     s.backend.calls.clear()
     events = submit(s, shared + [7], max_tokens=2)  # 10 tokens: chunks 0 and 1 cached, chunk 2 has its last token
     run(s)
-    assert s.backend.calls == [("restore", 0, [0, 1]), ("extend", 0, 8)]
+    assert s.backend.calls == [("extend", 0, 8)]  # nothing copied, nothing computed again
+    assert s.backend.tables[-1][:4] == first_pages[:4]  # its table starts with the cached chunks' pages
+    assert s.backend.tables[-1][4] not in first_pages  # and computes its own third chunk
     assert [t for e in events for t in e.token_ids] == expected_tokens(shared + [7], 2)
     assert (s.prefix.hit_tokens, s.prefix.queried_tokens) == (8, 16)
+
+
+def test_sequences_take_pages_as_they_grow_and_give_them_back():
+    s = scheduler(slots=2, steps=4, page_size=4)
+    events = submit(s, [1, 2, 3], max_tokens=9)
+    s.step()  # 3 prompt positions and 4 decode steps: 2 pages
+    assert s.pages.held[0] == 2
+    run(s)
+    assert events[-1].finish_reason == "length" and s.pages.free == s.pages.num_pages and s.pages.held == [0, 0]
+
+
+def test_when_the_pool_runs_out_the_newest_sequence_is_preempted_and_makes_the_same_tokens():
+    """Three requests that each grow to 28 positions in a pool of 12 pages of 4 (48 positions): the newest is
+    preempted — its pages back, its prompt and tokens prefilled again later — and every request's tokens are
+    those it makes alone."""
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
+    alone = []
+    for prompt in prompts:
+        one = scheduler(slots=1, steps=4)
+        alone.append(submit(one, prompt, max_tokens=24))
+        run(one)
+    s = scheduler(slots=3, steps=4, pages=12)
+    crowded = [submit(s, p, max_tokens=24) for p in prompts]
+    run(s)
+    assert s.preemptions > 0
+    for a, b in zip(alone, crowded):
+        assert [t for e in b for t in e.token_ids] == [t for e in a for t in e.token_ids]
+        assert b[-1].finish_reason == "length"
+    assert s.pages.free == 12
+    # a resumed request is prefilled again with the tokens it had made, and samples on from its step
+    assert any(len(slots) == 1 for slots, _ in s.backend.inserts[1:])
+
+
+def test_a_request_waits_for_pages_the_running_ones_need():
+    s = scheduler(slots=2, steps=4, pages=6)
+    first = submit(s, [1] * 8, max_tokens=8)  # needs 4 pages by its end
+    second = submit(s, [2] * 8, max_tokens=4)  # 2 pages for its prompt, beside the first's next 2
+    s.step()
+    assert s.backend.inserts[0] == ([0], 16)  # the second waits: its prompt would leave the first short
+    run(s)
+    assert first[-1].finish_reason == second[-1].finish_reason == "length" and s.preemptions == 0
 
 
 def test_a_cancelled_prompt_being_prefilled_frees_its_slot():

@@ -135,7 +135,7 @@ def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_kernel(tp
 
     model = build_model_config(load_train_config(None, TINY), "tpu")
     settings = EngineSettings(max_num_seqs=4, max_model_len=128 + 64)
-    reports = compile_inference(model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), settings, [100, 128])
+    reports, kv_cache = compile_inference(model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), settings, [100, 128])
     assert [r.name for r in reports] == ["prefill_128", "decode"]  # both prompts fall in one bucket
     prefill, decode = reports
     assert prefill.fits and decode.fits
@@ -158,6 +158,8 @@ def test_infer_compiles_for_a_slice_of_four_hosts(tmp_path):
     report = json.loads(result.stdout.splitlines()[-1])
     assert (report["chips"], report["hosts"], report["fits"]) == (16, 4, True)
     assert set(report["functions"]) == {"prefill_32", "decode"}
+    kv = report["kv_cache"]  # the default pool: 8 sequences of 48 positions rounded up to a prefill chunk of 256
+    assert (kv["pages"], kv["block_size"], kv["tokens"], kv["sequences"]) == (16, 128, 2048, 8)
 
 
 @needs_libtpu

@@ -195,6 +195,7 @@ def add_generation_arguments(parser: argparse.ArgumentParser, temperature: float
 
 
 def _add_max_num_seqs(parser: argparse.ArgumentParser, old: str) -> None:
+    """--max-num-seqs and the page pool it shares: --kv-cache-tokens, --block-size, --kv-cache-dtype."""
     parser.add_argument(
         "--max-num-seqs",
         type=int,
@@ -204,6 +205,23 @@ def _add_max_num_seqs(parser: argparse.ArgumentParser, old: str) -> None:
         "(default 8; results never depend on it)",
     )
     add_renamed_flag(parser, old, "--max-num-seqs", type=int, metavar="N")
+    parser.add_argument(
+        "--kv-cache-tokens",
+        type=int,
+        metavar="N",
+        help="positions the KV cache's page pool holds for all sequences together (default: max-num-seqs × "
+        "the context, which never runs out; fewer serve more sequences in the same memory, preempting the newest "
+        "when it runs out)",
+    )
+    parser.add_argument(
+        "--block-size", type=int, metavar="N", help="positions per page of the KV cache, a power of two (default 128)"
+    )
+    parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "int8"),
+        default="auto",
+        help="auto: the model's dtype; int8: half of bf16's bytes, a scale per position and head",
+    )
 
 
 def add_server_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +255,16 @@ def engine_settings(args: argparse.Namespace, **fixed):
     setting (max_num_seqs for --max-num-seqs). `fixed`: settings the command chooses itself."""
     from llama_jax.inference.settings import EngineSettings
 
-    flags = ("max_num_seqs", "max_model_len", "max_queue", "prefill_chunk", "prefix_cache_tokens")
+    flags = (
+        "max_num_seqs",
+        "max_model_len",
+        "kv_cache_tokens",
+        "block_size",
+        "kv_cache_dtype",
+        "max_queue",
+        "prefill_chunk",
+        "prefix_cache_tokens",
+    )
     given = {name: getattr(args, name) for name in flags if getattr(args, name, None) is not None}
     return EngineSettings(**(given | fixed))
 
@@ -282,8 +309,9 @@ def generation_job(args: argparse.Namespace, prompts: list[str], purpose: str) -
 
 
 def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
-    """What the records of an output depend on: a rerun must match it to add to them. (Not the batch size
-    or the mesh: a prompt's tokens do not depend on them.)"""
+    """What the records of an output depend on: a rerun must match it to add to them (an int8 KV cache's
+    rounding can change a token). Not the sequences decoded together, the pages or the mesh: a prompt's tokens
+    do not depend on them."""
     sampling = settings.sampling
     return {
         "checkpoint": str(Path(args.checkpoint).resolve()),
@@ -297,6 +325,8 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
         "top_p": sampling.top_p,
         "seed": settings.seed,
         "stop_ids": sorted(settings.stop_ids),
+        # only when int8: the files of earlier runs, whose KV cache was in the model's dtype, still resume
+        **({"kv_cache_dtype": "int8"} if args.kv_cache_dtype == "int8" else {}),
     }
 
 
@@ -317,9 +347,15 @@ def compile_engine_for(
     target = compile_target(target_name)
     dtype = dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype, quantize=quantize)
-    reports = compile_inference(model, target, MeshConfig.parse(mesh), settings, prompt_lens)
+    reports, kv_cache = compile_inference(model, target, MeshConfig.parse(mesh), settings, prompt_lens)
     print(report_table(target, reports))
-    summary = report_json(target, reports)
+    print(
+        f"KV cache: {kv_cache['pages']:,} pages of {kv_cache['block_size']} positions ({kv_cache['tokens']:,}), "
+        f"{kv_cache['dtype']}, {kv_cache['gib_per_chip']} GiB a chip: {kv_cache['sequences']} sequences of "
+        f"{kv_cache['max_model_len']:,} positions at once (fixed slots of the model's {model.max_seq_len:,}-position "
+        f"context: {kv_cache['fixed_slots_of_the_context']})"
+    )
+    summary = report_json(target, reports) | {"kv_cache": kv_cache}
     print(json.dumps(summary), flush=True)
     if not summary["fits"]:
         print(

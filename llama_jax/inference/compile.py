@@ -5,6 +5,8 @@ tokenizer."""
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 from llama_jax import flops
@@ -25,10 +27,11 @@ def compile_inference(
     mesh_config: MeshConfig,
     settings: EngineSettings,
     prompt_lens: list[int],
-) -> list[FunctionReport]:
+) -> tuple[list[FunctionReport], dict]:
     """The prefill of the bucket of each prompt length (up to a chunk; all `prefill_rows` rows at once: the
     most a prefill call holds), the extension by a whole chunk when a prompt is longer, and the decode loop of
-    all the slots, for an engine of `settings` (their max_model_len: the cache of one sequence)."""
+    all the slots, for an engine of `settings` (their max_model_len: the cache of one sequence); and what its
+    KV cache's page pool holds (`kv_cache_report`)."""
     mesh = make_mesh(mesh_config, target_devices(target))
     model = spread_kv_heads(model, mesh)  # as `load` would place the weights on this mesh
     programs = EnginePrograms.abstract(model, mesh, settings)
@@ -51,7 +54,29 @@ def compile_inference(
             workload, attention = decode_workload(model, mesh, programs.slots, programs.cache_len), "xla"
         lower = lambda program=program: programs.lower(program)  # noqa: E731
         reports.append(compile_function(program.name, lower, mesh, workload, attention))
-    return reports
+    return reports, kv_cache_report(programs)
+
+
+def kv_cache_report(programs: EnginePrograms) -> dict:
+    """The page pool of an engine: its pages and their size, its dtype, its bytes on one chip, and how many
+    sequences of max_model_len positions it holds at once — all of them with pages; with fixed slots, as many
+    as the same bytes hold of slots of the model's whole context."""
+    settings = programs.settings
+    pool = programs.shapes[0]
+    arrays = [a for a in (pool.kv, pool.scales) if a is not None]
+    per_chip = sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in arrays)
+    pages_per_seq = -(-settings.max_model_len // settings.block_size)
+    context = programs.config.max_seq_len
+    return {
+        "pages": settings.num_pages,
+        "block_size": settings.block_size,
+        "tokens": settings.kv_cache_tokens,
+        "dtype": "int8" if pool.scales is not None else str(pool.kv.dtype),
+        "gib_per_chip": round(per_chip / 2**30, 3),
+        "max_model_len": settings.max_model_len,
+        "sequences": min(settings.max_num_seqs, settings.num_pages // pages_per_seq),
+        "fixed_slots_of_the_context": settings.kv_cache_tokens // context,
+    }
 
 
 def _weight_bytes(model: ModelConfig, mesh) -> float:

@@ -5,8 +5,8 @@
     programs.lower(Program("decode", 8))    # what --compile-for compiles for a slice
     programs.executable(Program("decode", 8))   # what the engine calls (compiled on first use, then kept)
 
-The engine's device state — the KV cache, the slots' sampling state and the prefix pool — is laid out here
-(`state_shapes`), so the engine's arrays and the lowering of its programs agree by construction.
+The engine's device state — the page pool and the slots' sampling state — is laid out here (`state_shapes`),
+so the engine's arrays and the lowering of its programs agree by construction.
 
 Compiled programs are kept for the process in one bounded table (`KEPT_PROGRAMS`, least recently used out),
 keyed by the model and the shapes, dtypes and shardings of everything a program takes: a second engine over
@@ -22,28 +22,23 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from llama_jax.config import ModelConfig
 from llama_jax.inference.packing import Packer
 from llama_jax.inference.programs import (
-    CACHE_BLOCK,
     DEVICE_STOP_IDS,
     LOGITS_AXES,
-    POOL_AXES,
-    PrefixPool,
+    Pool,
     SlotState,
     admit_program,
     decode_program,
     extend_program,
     prefill_program,
-    restore_program,
-    save_program,
 )
 from llama_jax.inference.sampling import RowSampling
-from llama_jax.inference.settings import MIN_PREFILL_CHUNK, EngineSettings
+from llama_jax.inference.settings import MIN_PREFILL_CHUNK, READ_BLOCK, EngineSettings
 from llama_jax.inference.types import Program
-from llama_jax.kv_cache import CACHE_AXES, KVCache
+from llama_jax.kv_cache import CACHE_AXES, SCALE_AXES
 from llama_jax.model import abstract_state
 from llama_jax.sharding import named_sharding
 
@@ -101,12 +96,13 @@ class EnginePrograms:
         on_compile: Callable[[Program], None] | None = None,
     ):
         self.graphdef, self.config, self.mesh, self.settings = graphdef, config, mesh, settings
-        self.shapes = state_shapes(config, mesh, settings)  # (cache, slot state, pool or None)
-        cache = self.shapes[0]
-        self.slots, self.cache_len, self.chunk = settings.max_num_seqs, cache.k.shape[3], settings.prefill_chunk
+        self.shapes = state_shapes(config, mesh, settings)  # (pool, slot state)
+        self.slots, self.chunk = settings.max_num_seqs, settings.prefill_chunk
+        self.cache_len = settings.positions_per_seq
         self.prefill_rows = settings.prefill_rows
-        self.decode_rows = _decode_rows(self.slots, cache.k.sharding)
-        self.packer = Packer(self.slots, self.cache_len, self.chunk)
+        self.decode_rows = _decode_rows(self.slots, self.shapes[1].last.sharding)
+        pages_per_seq = self.cache_len // settings.block_size
+        self.packer = Packer(self.slots, pages_per_seq, settings.num_pages, self.chunk)
         self.on_compile = on_compile
         self.compiled: set[Program] = set()  # held compiled by this engine
         self._params = abstract(params)
@@ -131,47 +127,40 @@ class EnginePrograms:
 
     def all(self) -> list[Program]:
         """Every program the engine may call: a prefill per (rows, bucket), an extend per bucket when prompts
-        can be longer than a chunk, an admission per row count, a decode loop per row count, and with a pool
-        its restore and save."""
+        can be longer than a chunk, an admission per row count, a decode loop per row count."""
         rows = sorted({self.prefill_rows_for(n) for n in range(1, self.prefill_rows + 1)})
-        buckets = sorted({bucket_length(n, self.chunk) for n in range(1, min(self.chunk, self.cache_len) + 1)})
+        longest = min(self.chunk, self.settings.max_model_len)
+        buckets = sorted({bucket_length(n, self.chunk) for n in range(1, longest + 1)})
         programs = [Program("prefill", r, b) for r in rows for b in buckets]
-        if self.cache_len > self.chunk:
+        if self.settings.max_model_len > self.chunk:
             programs += [Program("extend", 1, b) for b in buckets]
-        programs += [Program("admit", r) for r in rows] + [Program("decode", r) for r in self.decode_rows]
-        return programs + ([Program("restore"), Program("save")] if self.shapes[2] is not None else [])
+        return programs + [Program("admit", r) for r in rows] + [Program("decode", r) for r in self.decode_rows]
 
     def lower(self, program: Program) -> jax.stages.Lowered:
         """`program` lowered from shapes alone, exactly as a call with real arguments would build it."""
-        cache, slot_state, pool = self.shapes
+        pool, slot_state = self.shapes
         pack, params, graphdef = self.packer, self._params, self.graphdef
         with jax.set_mesh(self.mesh):
             if program.kind == "prefill":
                 prompts = abstract(pack.prompts([], program.rows, program.bucket))
-                return prefill_program.lower(graphdef, params, cache, prompts)
+                return prefill_program.lower(graphdef, params, pool, prompts)
             if program.kind == "extend":
-                return extend_program.lower(
-                    graphdef, params, cache, abstract(pack.chunk_of(self.slots, None, 0, program.bucket)), self.block
-                )
+                chunk = abstract(pack.chunk_of(self.slots, None, 0, program.bucket))
+                return extend_program.lower(graphdef, params, pool, chunk, self.block)
             if program.kind == "admit":
                 shape = (program.rows, self.config.vocab_size)
                 logits = jax.ShapeDtypeStruct(
                     shape, jnp.float32, sharding=named_sharding(self.mesh, LOGITS_AXES, shape)
                 )
                 return admit_program.lower(slot_state, logits, abstract(pack.admission([], program.rows)))
-            if program.kind in ("restore", "save"):
-                entries, slot = abstract(pack.entries({})), abstract(np.int32(0))
-                if program.kind == "restore":
-                    return restore_program.lower(cache, pool, slot, entries)
-                return save_program.lower(pool, cache, slot, entries)
-            inputs = abstract(pack.decode_inputs([], 0, False))
-            return decode_program.lower(graphdef, params, cache, slot_state, *inputs, CACHE_BLOCK, program.rows)
+            inputs = abstract((pack.tables(), *pack.decode_inputs([], 0, False)))
+            return decode_program.lower(graphdef, params, pool, slot_state, *inputs, READ_BLOCK, program.rows)
 
     @property
     def block(self) -> int:
-        """Cache positions an extend call's queries read at a time (the cache length is a multiple of it):
+        """Positions an extend call's queries read at a time (a sequence's positions are a multiple of it):
         blocks of 128 took a quarter longer per 2,048-token prompt on the CPU (256 queries each)."""
-        return max(CACHE_BLOCK, self.chunk)
+        return max(READ_BLOCK, self.chunk)
 
     def executable(self, program: Program) -> jax.stages.Compiled:
         """`program` compiled: what every call of the engine runs, compiled the first time the process needs
@@ -191,25 +180,22 @@ def _batch_shards(mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def _decode_rows(slots: int, cache_sharding) -> list[int]:
+def _decode_rows(slots: int, slot_sharding) -> list[int]:
     """The row counts decode programs are compiled for: 1, 2, 4, ... and `slots`, so that a step costs the
     slots in use; only `slots` when the slots are split over devices (the first few rows would sit on some of
     them only). A row's logits can differ between row counts at float rounding (a matrix-vector product sums
     in another order than a matrix product), as between one device and several."""
-    spec = getattr(cache_sharding, "spec", None)
-    if spec is not None and len(spec) > 1 and spec[1] is not None:
+    spec = getattr(slot_sharding, "spec", None)
+    if spec is not None and len(spec) > 0 and spec[0] is not None:
         return [slots]
     return sorted({1 << i for i in range(slots.bit_length()) if 1 << i < slots} | {slots})
 
 
-def state_shapes(config: ModelConfig, mesh, settings: EngineSettings):
-    """The cache, slot state and prefix pool (None without entries) as ShapeDtypeStructs placed on `mesh`. The
-    cache is (layers, slots, kv_heads, max_model_len rounded up to whole chunks and CACHE_BLOCKs, head_dim),
-    its rows sharded like a batch; the pool (layers, entries, kv_heads, chunk, head_dim)."""
-    slots, chunk = settings.max_num_seqs, settings.prefill_chunk
-    unit = max(CACHE_BLOCK, chunk)  # both powers of two: a multiple of either
-    cache_len = -(-settings.max_model_len // unit) * unit
-    shape = (config.n_layers, slots, config.n_kv_heads, cache_len, config.head_dim)
+def state_shapes(config: ModelConfig, mesh, settings: EngineSettings) -> tuple[Pool, SlotState]:
+    """The page pool and the slot state as ShapeDtypeStructs placed on `mesh`. The pool is (layers, pages, 2,
+    kv_heads, block_size, head_dim) in the compute dtype, or int8 with a float32 scale per position and head
+    (`kv_cache.py`), its heads split like the model's; the slots' lengths and state split like a batch."""
+    slots = settings.max_num_seqs
 
     def placed(shape, dtype, names):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=named_sharding(mesh, names, shape))
@@ -217,10 +203,12 @@ def state_shapes(config: ModelConfig, mesh, settings: EngineSettings):
     def per_slot(dtype, *rest):
         return placed((slots, *rest), dtype, ("batch",) + (None,) * len(rest))
 
+    shape = (config.n_layers, settings.num_pages, 2, config.n_kv_heads, settings.block_size, config.head_dim)
+    int8 = settings.kv_cache_dtype == "int8"
+    kv = placed(shape, jnp.int8 if int8 else config.dtype, CACHE_AXES)
+    scales = placed(shape[:-1], jnp.float32, SCALE_AXES) if int8 else None
+    pool = Pool(kv, scales, per_slot(jnp.int32))
     key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
-    cache = KVCache(
-        placed(shape, config.dtype, CACHE_AXES), placed(shape, config.dtype, CACHE_AXES), per_slot(jnp.int32)
-    )
     sampling = RowSampling(per_slot(jnp.float32), per_slot(jnp.int32), per_slot(jnp.float32))
     slot_state = SlotState(
         per_slot(jnp.int32),
@@ -232,8 +220,4 @@ def state_shapes(config: ModelConfig, mesh, settings: EngineSettings):
         per_slot(jnp.bool_),
         per_slot(jnp.bool_),
     )
-    pool = None
-    if settings.prefix_cache_chunks:
-        pool_shape = (config.n_layers, settings.prefix_cache_chunks, config.n_kv_heads, chunk, config.head_dim)
-        pool = PrefixPool(placed(pool_shape, config.dtype, POOL_AXES), placed(pool_shape, config.dtype, POOL_AXES))
-    return cache, slot_state, pool
+    return pool, slot_state

@@ -75,10 +75,11 @@ class Engine:
             max_num_seqs=self.settings.max_num_seqs,
             running=running,
             waiting=len(self._scheduler.queue),
-            positions=self.settings.max_num_seqs * self._programs.cache_len,
+            positions=self.settings.kv_cache_tokens,
             positions_used=used,
             prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_hit_tokens=prefix.hit_tokens if prefix else 0,
+            preemptions=self._scheduler.preemptions,
         )
 
     def warm_up(self) -> None:

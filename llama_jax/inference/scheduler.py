@@ -1,30 +1,46 @@
-"""Continuous batching, the host side: which request gets which decode slot, and when a request is done.
+"""Continuous batching, the host side: which request gets which decode slot and which pages, and when a request
+is done.
 
     scheduler = Scheduler(backend, max_queue=64, steps_per_dispatch=8, text=decoder)
     handle = scheduler.submit_all([Request(prompt_ids, max_tokens=64, ...)], on_event)   # on_event(0, event)
     while scheduler.busy: scheduler.step()      # admissions, prefill chunks, then one multi-step decode call
 
-Each step admits queued requests into free slots, first come first served: prompts of at most one chunk are
-prefilled whole, those of one length bucket together; a longer prompt takes its slot, copies in the chunks of
-its prefix the prefix cache holds (`prefix_cache.py`), and is prefilled chunk by chunk, `PREFILL_BUDGET`
-chunks' worth of prompt tokens per step (the oldest prompt first; one's last, partial chunk and the next one's
-first share a step), so that the slots already decoding keep producing between them (chunked prefill). Then
-the step runs up to
-`steps_per_dispatch` decode steps of every live slot in one call to the backend — at most
-`INTERLEAVED_STEPS` while a prompt is being prefilled, fewer when requests are waiting and a slot finishes so
-that they get it at once — and hands each request its new tokens, finishing it at a stop id, a stop string
-or its token budget (or when cancelled), which frees its slot for the next admission. The rules live here, in
-plain Python, so they are tested with a deterministic fake backend (`tests/test_scheduler.py`);
-`slots.SlotBackend` runs them on the model. The engine (`engine.py`) is the only user of this class.
+Each step admits queued requests into free slots, first come first served, while the page pool (`pages.py`)
+holds their prompts beside what the running ones need next: prompts of at most one chunk are prefilled whole,
+those of one length bucket together; a longer prompt takes its slot, shares the pages of the chunks of its
+prefix the prefix cache holds (`prefix_cache.py`), and is prefilled chunk by chunk, `PREFILL_BUDGET` chunks'
+worth of prompt tokens per step (the oldest prompt first; one's last, partial chunk and the next one's first
+share a step), so that the slots already decoding keep producing between them (chunked prefill). Then the step
+gives every running slot the pages of its next `steps` tokens and runs up to `steps_per_dispatch` decode steps
+of every live slot in one call to the backend — at most `INTERLEAVED_STEPS` while a prompt is being prefilled,
+fewer when requests are waiting and a slot finishes so that they get it at once — and hands each request its
+new tokens, finishing it at a stop id, a stop string or its token budget (or when cancelled), which frees its
+slot and pages.
+
+When the pool runs out, the prefix cache gives back its least recently used pages first; then the newest
+sequence is preempted: its pages go back and it waits at the head of the queue, to be prefilled again — its
+prompt and the tokens it had made — and go on from the step it had reached (vLLM's recompute preemption). Its
+tokens are the ones it would have made: its sampling depends on its seed, stream and step only, and a prompt's
+keys and values do not depend on how they were computed beyond float rounding (which the tests show does not
+change the tokens).
+
+The rules live here, in plain Python, so they are tested with a deterministic fake backend
+(`tests/test_scheduler.py`); `slots.SlotBackend` runs them on the model. The engine (`engine.py`) is the only
+user of this class.
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
+import itertools
 import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+import numpy as np
+
+from llama_jax.inference.pages import PagePool
 from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.inference.types import Event, Handle, QueueFull, Request
 
@@ -36,6 +52,16 @@ PREFILL_BUDGET = 2
 INTERLEAVED_STEPS = 8
 
 
+@dataclasses.dataclass(frozen=True)
+class Admitting:
+    """A request going into a slot: the ids to prefill — its prompt, and after a preemption the tokens it had
+    made too — and the sampling step its next token is drawn at."""
+
+    ids: tuple[int, ...]
+    request: Request
+    first_step: int = 0
+
+
 class _Live:
     """A submitted request as the scheduler follows it."""
 
@@ -44,39 +70,45 @@ class _Live:
         self.token_ids: list[int] = []  # generated so far (stop ids excluded)
         self.logprobs: list[float] = []
         self.text = ""  # what has been handed out
-        self.prefilled = 0  # prompt tokens in its slot so far (a prompt prefilled chunk by chunk)
+        self.prefilled = 0  # of `admitting.ids` in its slot so far (a prompt prefilled chunk by chunk)
+        self.order = 0  # when it arrived: the newest in a slot is preempted first
+        self.admitting = Admitting(request.prompt_ids, request)
 
     @property
     def cancelled(self) -> bool:
         return self.handle.cancelled
 
+    def resume(self) -> None:
+        """Preempted: prefill its prompt and the tokens it made again, and sample on from its step."""
+        self.admitting = Admitting(self.request.prompt_ids + tuple(self.token_ids), self.request, len(self.token_ids))
+        self.prefilled = 0
+
 
 class Backend(Protocol):
-    """The device side: prompts into slots, and decode steps over all slots."""
+    """The device side: prompts into slots and their pages, and decode steps over all slots."""
 
     slots: int
     chunk: int  # prompts longer than this are prefilled chunk by chunk; cached prefixes are whole chunks
-    pool_size: int  # chunks the prefix pool holds (0: no prefix cache)
+    num_pages: int  # of the page pool
+    page_size: int
+    pages_per_seq: int  # a page table's length
+    prefix_chunks: int  # chunks the prefix cache may keep (0: no prefix cache)
 
     def bucket(self, n: int) -> int:
         """The prompt-length bucket of an n-token prompt: prompts of one bucket are prefilled together."""
 
-    def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
-        """Prefill `requests` (prompts of at most `chunk` tokens, all of bucket `bucket`) into `slots`: each
-        one's first token and its log-probability."""
+    def insert(
+        self, slots: Sequence[int], items: Sequence[Admitting], bucket: int, tables: np.ndarray
+    ) -> tuple[list[int], list[float]]:
+        """Prefill `items` (of at most `chunk` ids, all of bucket `bucket`) into `slots`, whose pages `tables`
+        gives: each one's next token and its log-probability."""
 
-    def extend(self, slot: int, request: Request, start: int) -> tuple[int, float] | None:
-        """Prefill the chunk of `request`'s prompt from `start` into `slot`; at the prompt's end, its first
-        token and log-probability."""
-
-    def restore(self, slot: int, entries: Sequence[int]) -> None:
-        """Copy prefix pool `entries` into the leading chunks of `slot`."""
-
-    def save(self, slot: int, entries: dict[int, int]) -> None:
-        """Copy chunk i of `slot` into pool entry entries[i]."""
+    def extend(self, slot: int, item: Admitting, start: int, tables: np.ndarray) -> tuple[int, float] | None:
+        """Prefill the chunk of `item`'s ids from `start` into `slot`; at their end, its next token and its
+        log-probability."""
 
     def decode(
-        self, steps: int, active: Sequence[bool], stop_early: bool
+        self, steps: int, active: Sequence[bool], stop_early: bool, tables: np.ndarray
     ) -> tuple[list[list[int]], list[list[float]], int]:
         """Up to `steps` decode steps of the `active` slots, fewer when `stop_early` and a slot's request
         ends (a stop id or its budget): (slots, steps run) tokens and log-probabilities (free slots' are junk),
@@ -101,7 +133,10 @@ class Scheduler:
         self.prefilling: dict[int, _Live] = {}  # slot -> request whose prompt is going in, oldest first
         self.running: dict[int, _Live] = {}  # slot -> request
         self.lock = threading.Lock()  # submit() and cancel() come from other threads than step()
-        self.prefix = PrefixCache(backend.chunk, backend.pool_size) if backend.pool_size else None
+        self.pages = PagePool(backend.num_pages, backend.page_size, backend.slots, backend.pages_per_seq)
+        self.prefix = PrefixCache(backend.chunk, backend.prefix_chunks, self.pages) if backend.prefix_chunks else None
+        self.preemptions = 0
+        self._arrivals = itertools.count()
 
     @property
     def busy(self) -> bool:
@@ -117,30 +152,38 @@ class Scheduler:
         with self.lock:
             if len(self.queue) + len(live) > self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are waiting already")
+            for one in live:
+                one.order = next(self._arrivals)
             self.queue.extend(live)
         return handle
 
     def enqueue(self, request: Request, on_event: Callable[[Event], None], handle: Handle) -> None:
         """Queue a request whose admission was decided elsewhere (`lockstep.py`: by process 0 of a job)."""
+        live = _Live(request, on_event, handle)
         with self.lock:
-            self.queue.append(_Live(request, on_event, handle))
+            live.order = next(self._arrivals)
+            self.queue.append(live)
 
     def held(self) -> tuple[int, int]:
-        """(requests in a slot, cache positions their prompts and tokens hold)."""
-        live = [*self.running.values(), *self.prefilling.values()]  # one copy each: step() may change them
-        return len(live), sum(len(h.request.prompt_ids) + len(h.token_ids) for h in live)
+        """(requests in a slot, cache positions their pages hold)."""
+        live = len(self.running) + len(self.prefilling)
+        return live, self.pages.in_use * self.pages.page_size
 
     def step(self) -> None:
         """Admit what fits, prefill a chunk, then decode: one pass of the engine's loop."""
         self._drop_cancelled()
         self._admit()
         self._prefill_chunks()
-        if self.running:
-            active = [slot in self.running for slot in range(self.backend.slots)]
-            steps = min(self.steps_per_dispatch, INTERLEAVED_STEPS) if self.prefilling else self.steps_per_dispatch
-            tokens, logprobs, _ = self.backend.decode(steps, active, stop_early=bool(self.queue))
-            for slot, live in list(self.running.items()):
-                self._deliver(slot, live, tokens[slot], logprobs[slot])
+        if not self.running:
+            return
+        steps = min(self.steps_per_dispatch, INTERLEAVED_STEPS) if self.prefilling else self.steps_per_dispatch
+        self._make_room(steps)
+        if not self.running:
+            return
+        active = [slot in self.running for slot in range(self.backend.slots)]
+        tokens, logprobs, _ = self.backend.decode(steps, active, bool(self.queue), self.pages.table)
+        for slot, live in list(self.running.items()):
+            self._deliver(slot, live, tokens[slot], logprobs[slot])
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -152,72 +195,134 @@ class Scheduler:
         for slot, live in list(self.prefilling.items()):
             if live.cancelled:
                 del self.prefilling[slot]
+                self.pages.release(slot)
                 live.on_event(Event([], "", [], "cancelled"))
         for slot, live in list(self.running.items()):
             if live.cancelled:
                 self._finish(slot, live, [], "cancelled")
 
     def _admit(self) -> None:
-        """First come, first served: the longest-waiting request is always admitted first; short prompts behind
-        it in the same prompt bucket join its prefill while slots remain. A long prompt takes a slot of its own
-        and the chunks of its prefix that the cache holds."""
+        """First come, first served: the longest-waiting request is always admitted first, once the pool holds
+        its prompt beside the next pages of the sequences already in; short prompts behind it in the same prompt
+        bucket join its prefill while slots and pages remain. A long prompt takes a slot of its own and the
+        pages of the chunks of its prefix that the cache holds."""
         free = self._free()
         while free:
             with self.lock:
                 if not self.queue:
                     return
                 head = self.queue[0]
-                if len(head.request.prompt_ids) > self.backend.chunk:
-                    group = [self.queue.popleft()]
-                else:
+                ids = head.admitting.ids
+                chunked = len(ids) > self.backend.chunk
+                if not self._room_for(self.backend.chunk if chunked else self._next_call(len(ids))):
+                    return  # it waits for pages; nobody overtakes it
+                group = [self.queue.popleft()]
+                if not chunked:
+                    self.pages.grow(free[0], len(ids))
                     bucket = self._bucket(head)
-                    group = [h for h in self.queue if self._fits(h) and self._bucket(h) == bucket][: len(free)]
-                    for live in group:
+                    for live in [h for h in self.queue if self._fits(h) and self._bucket(h) == bucket]:
+                        others = [(s, self._next_call(len(h.admitting.ids))) for s, h in zip(free, group)]
+                        if len(group) == len(free) or not self._room_for(
+                            self._next_call(len(live.admitting.ids)), others
+                        ):
+                            break
+                        self.pages.grow(free[len(group)], len(live.admitting.ids))
                         self.queue.remove(live)
-            if len(head.request.prompt_ids) > self.backend.chunk:
+                        group.append(live)
+            if chunked:
                 self._start_chunked(free[0], head)
             else:
                 slots = free[: len(group)]
-                first, logprobs = self.backend.insert(slots, [h.request for h in group], bucket)
+                first, logprobs = self.backend.insert(slots, [h.admitting for h in group], bucket, self.pages.table)
                 for slot, live, token, logprob in zip(slots, group, first, logprobs):
                     self.running[slot] = live
                     self._deliver(slot, live, [token], [logprob])
             free = self._free()
 
+    def _next_call(self, prompt: int) -> int:
+        """Positions the next decode call gives a sequence admitted with `prompt` ids and its first token."""
+        return prompt + 1 + self.steps_per_dispatch
+
+    def _room_for(self, positions: int, admitted: Sequence[tuple[int, int]] = ()) -> bool:
+        """Whether the pool has the pages of `positions` more positions beside those the sequences already in —
+        running, and `admitted` (slot, positions) in this step — need for their next decode call (evicting
+        cached prefixes to make them free if it must)."""
+        running = [(s, self._length(live) + self.steps_per_dispatch) for s, live in self.running.items()]
+        reserve = sum(self.pages.missing(s, n) for s, n in (*running, *admitted))
+        need = self.pages.pages_for(positions) + reserve
+        while self.pages.free < need and self.prefix is not None and self.prefix.evict_oldest():
+            pass
+        return self.pages.free >= need
+
     def _start_chunked(self, slot: int, live: _Live) -> None:
-        cached = self.prefix.lookup(live.request.prompt_ids) if self.prefix is not None else []
-        if cached:
-            self.backend.restore(slot, cached)
-        live.prefilled = len(cached) * self.backend.chunk
+        """Its slot takes the pages of the cached chunks of its prefix; the chunks after them get theirs as
+        they are prefilled."""
+        cached = self.prefix.lookup(live.admitting.ids) if self.prefix is not None else []
+        self.pages.share(slot, cached)
+        live.prefilled = len(cached) * self.pages.page_size
         self.prefilling[slot] = live
 
     def _prefill_chunks(self) -> None:
         """Chunks of the prompts being prefilled, the oldest first, until PREFILL_BUDGET chunks' worth of tokens
-        are computed; all of them while no slot is decoding."""
+        are computed; all of them while no slot is decoding. A chunk waits for its pages (preempting newer
+        sequences when none are left)."""
         done = 0
         while self.prefilling and (done < PREFILL_BUDGET * self.backend.chunk or not self.running):
             slot, live = next(iter(self.prefilling.items()))
-            prompt = live.request.prompt_ids
-            first = self.backend.extend(slot, live.request, live.prefilled)
-            done += min(self.backend.chunk, len(prompt) - live.prefilled)
-            live.prefilled = min(live.prefilled + self.backend.chunk, len(prompt))
+            ids = live.admitting.ids
+            end = min(live.prefilled + self.backend.chunk, len(ids))
+            if not self._grow_or_preempt(slot, live, end):
+                continue  # it was preempted itself
+            first = self.backend.extend(slot, live.admitting, live.prefilled, self.pages.table)
+            done += end - live.prefilled
+            live.prefilled = end
             if first is not None:
                 del self.prefilling[slot]
                 if self.prefix is not None:
-                    saved = self.prefix.store(prompt)
-                    if saved:
-                        self.backend.save(slot, saved)
+                    self.prefix.store(ids, self.pages.pages_of(slot))
                 self.running[slot] = live
                 self._deliver(slot, live, [first[0]], [first[1]])
+
+    def _make_room(self, steps: int) -> None:
+        """Pages for the next `steps` tokens of every running sequence, the oldest first."""
+        for slot, live in sorted(self.running.items(), key=lambda item: item[1].order):
+            if slot in self.running:
+                self._grow_or_preempt(slot, live, self._length(live) + steps)
+
+    def _grow_or_preempt(self, slot: int, live: _Live, positions: int) -> bool:
+        """Grow `slot` to `positions`: evict cached prefixes, then preempt the newest sequences, until it fits;
+        False when `live` itself was the newest and was preempted."""
+        while not self.pages.grow(slot, positions):
+            if self.prefix is not None and self.prefix.evict_oldest():
+                continue
+            newest_slot, newest = max((*self.running.items(), *self.prefilling.items()), key=lambda item: item[1].order)
+            self._preempt(newest_slot, newest)
+            if newest is live:
+                return False
+        return True
+
+    def _preempt(self, slot: int, live: _Live) -> None:
+        self.running.pop(slot, None)
+        self.prefilling.pop(slot, None)
+        self.pages.release(slot)
+        live.resume()
+        self.preemptions += 1
+        with self.lock:
+            self.queue.appendleft(live)
+
+    def _length(self, live: _Live) -> int:
+        """Positions a running request's sequence will hold once its last token is written (the pages of a
+        decode call of `steps` cover this + `steps`: one position more than it writes)."""
+        return len(live.request.prompt_ids) + len(live.token_ids)
 
     def _free(self) -> list[int]:
         return [s for s in range(self.backend.slots) if s not in self.running and s not in self.prefilling]
 
     def _fits(self, live: _Live) -> bool:
-        return len(live.request.prompt_ids) <= self.backend.chunk
+        return len(live.admitting.ids) <= self.backend.chunk
 
     def _bucket(self, live: _Live) -> int:
-        return self.backend.bucket(len(live.request.prompt_ids))
+        return self.backend.bucket(len(live.admitting.ids))
 
     def _deliver(self, slot: int, live: _Live, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
         request = live.request
@@ -262,6 +367,7 @@ class Scheduler:
         text: str | None = None,
     ) -> None:
         del self.running[slot]
+        self.pages.release(slot)
         text = live.text if text is None else text
         live.on_event(Event(new_ids, text[len(live.text) :], list(new_logprobs), reason))
         live.text = text

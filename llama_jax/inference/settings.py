@@ -2,8 +2,9 @@
 nothing downstream checks again.
 
     GenerationSettings   what a command's prompts get: token budget, sampling, seed, chat, extra stop ids
-    EngineSettings       the engine's size: decode slots, positions per sequence, prefill chunk, prefix cache,
-                         queue; `resolve(model, mesh)` fills in what depends on the model and the mesh. The
+    EngineSettings       the engine's size: sequences decoded together, positions per sequence, the page pool
+                         (its pages' size, its tokens, int8 or not), prefill chunk, prefix cache, queue;
+                         `resolve(model, batch shards)` fills in what depends on the model and the mesh. The
                          engine, `--compile-for` and the commands all take it, so they accept the same values.
 """
 
@@ -20,6 +21,14 @@ STREAM_STEPS_PER_DISPATCH = 8  # a stream's tokens arrive this many at a time
 PREFILL_CHUNK = 256  # prompt tokens per prefill call, and per cached prefix chunk
 MIN_PREFILL_CHUNK = 16  # the smallest prompt bucket
 PREFILL_ROWS = 4  # prompts of one bucket prefilled together
+# Positions per page of the KV cache. vLLM's default is 16; decoding here reads 128 positions at a time, and a
+# read from one page is a plain slice where one from eight pages of 16 is a copy that joins them (a CPU decode
+# step at batch 1 took twice as long).
+BLOCK_SIZE = 128
+KV_CACHE_DTYPES = ("auto", "int8")  # auto: the model's compute dtype
+# A sequence's positions are a whole number of these: the decode attention's read block and the prefill chunk
+# must divide them (`EngineSettings.positions_per_seq`).
+READ_BLOCK = 128
 
 
 def _check_int(name: str, value, low: int, high: int | None = None) -> None:
@@ -62,15 +71,23 @@ class EngineSettings:
     """The engine's size, in vLLM's names where it has one.
 
     max_num_seqs: sequences decoded together (the decode slots). max_model_len: positions of one sequence,
-    prompt and completion (None: the model's max_seq_len). prefill_chunk: prompt tokens per prefill call and
-    per cached prefix chunk, a power of two; longer prompts go a chunk at a time between decode calls.
-    prefix_cache_tokens: prompt tokens the prefix cache keeps (None: a quarter of what the slots hold when a
-    prompt can be longer than a chunk; 0: none). prefill_rows: prompts of one bucket prefilled together (None:
-    up to 4). steps_per_dispatch: decode steps per device call. max_queue: requests waiting for a slot before
-    `submit` refuses more."""
+    prompt and completion (None: the model's max_seq_len). block_size: positions per page of the KV cache, a
+    power of two (None: 128, or the prefill chunk when smaller). kv_cache_tokens: positions the page pool
+    holds, all sequences together (None: max_num_seqs × max_model_len, as many as fixed slots would reserve —
+    so nothing is ever preempted; fewer make room for more sequences, which take pages as they grow, the
+    newest preempted and recomputed when the pool runs out). kv_cache_dtype: "auto" (the model's compute
+    dtype) or "int8" (a float32 scale per position and head). prefill_chunk: prompt tokens per prefill call
+    and per cached prefix chunk, a power of two; longer prompts go a chunk at a time between decode calls.
+    prefix_cache_tokens: prompt tokens the prefix cache may keep in the pool (None: as many as no running
+    sequence needs; 0: no prefix cache). prefill_rows: prompts of one
+    bucket prefilled together (None: up to 4). steps_per_dispatch: decode steps per device call. max_queue:
+    requests waiting for a slot before `submit` refuses more."""
 
     max_num_seqs: int = 8
     max_model_len: int | None = None
+    block_size: int | None = None
+    kv_cache_tokens: int | None = None
+    kv_cache_dtype: str = "auto"
     prefill_chunk: int = PREFILL_CHUNK
     prefix_cache_tokens: int | None = None
     prefill_rows: int | None = None
@@ -86,6 +103,13 @@ class EngineSettings:
             raise ValueError(f"prefill_chunk must be a power of two of at least {MIN_PREFILL_CHUNK}, got {chunk}")
         if self.prefix_cache_tokens is not None:
             _check_int("prefix_cache_tokens", self.prefix_cache_tokens, 0)
+        block = self.block_size
+        if block is not None and (not isinstance(block, int) or block < 1 or block & (block - 1) or block > chunk):
+            raise ValueError(f"block_size must be a power of two of at most prefill_chunk {chunk}, got {block}")
+        if self.kv_cache_tokens is not None:
+            _check_int("kv_cache_tokens", self.kv_cache_tokens, 1)
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.prefill_rows is not None:
             _check_int("prefill_rows", self.prefill_rows, 1)
         _check_int("steps_per_dispatch", self.steps_per_dispatch, 1, MAX_STEPS)
@@ -99,17 +123,41 @@ class EngineSettings:
             raise ValueError(f"max_model_len {self.max_model_len} exceeds the model's max_seq_len {config.max_seq_len}")
         seqs = -(-self.max_num_seqs // batch_shards) * batch_shards
         max_len = self.max_model_len or config.max_seq_len
-        prefix = self.prefix_cache_tokens
-        if prefix is None:
-            prefix = seqs * max_len // 4 if max_len > self.prefill_chunk else 0
+        unit = max(READ_BLOCK, self.prefill_chunk)
+        pool = self.kv_cache_tokens or seqs * -(-max_len // unit) * unit
+        if pool < max_len:
+            raise ValueError(f"kv_cache_tokens {pool} cannot hold one sequence of max_model_len {max_len}")
+        if max_len <= self.prefill_chunk:  # no prompt is chunked: there are no whole chunks to cache
+            prefix = 0
+        else:
+            prefix = pool if self.prefix_cache_tokens is None else self.prefix_cache_tokens
         rows = min(seqs, self.prefill_rows or PREFILL_ROWS)
+        block = self.block_size or min(BLOCK_SIZE, self.prefill_chunk)
         return dataclasses.replace(
-            self, max_num_seqs=seqs, max_model_len=max_len, prefix_cache_tokens=prefix, prefill_rows=rows
+            self,
+            max_num_seqs=seqs,
+            max_model_len=max_len,
+            block_size=block,
+            kv_cache_tokens=-(-pool // block) * block,
+            prefix_cache_tokens=prefix,
+            prefill_rows=rows,
         )
 
     @property
+    def positions_per_seq(self) -> int:
+        """Positions a sequence's page table covers (resolved settings): max_model_len rounded up to whole read
+        blocks and prefill chunks."""
+        unit = max(READ_BLOCK, self.prefill_chunk)
+        return -(-self.max_model_len // unit) * unit
+
+    @property
+    def num_pages(self) -> int:
+        """Pages of the pool (resolved settings)."""
+        return self.kv_cache_tokens // self.block_size
+
+    @property
     def prefix_cache_chunks(self) -> int:
-        """Chunks the prefix pool holds (resolved settings)."""
+        """Whole prompt chunks the prefix cache may keep (resolved settings); 0: none."""
         return (self.prefix_cache_tokens or 0) // self.prefill_chunk
 
 

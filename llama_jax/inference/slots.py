@@ -1,20 +1,21 @@
-"""Continuous batching, the device side: the engine's arrays — a fixed number of decode slots over one KV cache,
-the slots' sampling state, a pool of cached prompt chunks — and the calls that run its programs on them.
+"""Continuous batching, the device side: the engine's arrays — the page pool of every sequence's keys and values
+and the slots' sampling state — and the calls that run its programs on them.
 
     backend = SlotBackend.of(loaded, settings)           # settings resolved (`EngineSettings.resolve`)
-    first, logprobs = backend.insert([3, 5], [request_a, request_b], bucket=64)   # short prompts into slots 3, 5
-    backend.restore(2, [7, 1])                     # pool entries 7 and 1: chunks 0 and 1 of slot 2's prompt
-    result = backend.extend(2, long_request, 512)   # its next chunk; at the prompt's end, its first token
-    tokens, logprobs, steps = backend.decode(32, active=[s in (2, 3, 5) for s in range(8)], stop_early=False)
+    first, logprobs = backend.insert([3, 5], [a, b], bucket=64, tables=pages.table)   # short prompts, slots 3, 5
+    result = backend.extend(2, long_one, 512, pages.table)   # its next chunk; at its end, its first token
+    tokens, logprobs, steps = backend.decode(32, active=[s in (2, 3, 5) for s in range(8)], stop_early=False,
+                                             tables=pages.table)
 
-A prompt of at most `chunk` tokens is prefilled whole, with prompts of its length bucket (1 or `prefill_rows`
+The scheduler decides which pages each slot holds (`pages.py`) and passes the page tables with every call. A
+prompt of at most `chunk` tokens is prefilled whole, with prompts of its length bucket (1 or `prefill_rows`
 rows); a longer one chunk by chunk (`chunk` tokens each, at fixed positions 0, chunk, 2·chunk, ...): its first
 chunk like a short prompt, the rest through the model's cache path, so that the engine can decode the other
-slots between them. Whole chunks are what the prefix pool keeps. Which programs exist and how they are
-compiled is `compiled.EnginePrograms`; how requests become their inputs is `packing.Packer`.
+slots between them. Which programs exist and how they are compiled is `compiled.EnginePrograms`; how requests
+become their inputs is `packing.Packer`.
 
 A slot's tokens are those it would get alone: a prompt is its row's only content, chunk boundaries do not move,
-no block size depends on the rows beside it, and decoding's cache blocks a slot cannot see add nothing to it.
+no block size depends on the rows beside it, and decoding's blocks a sequence cannot see add nothing to it.
 """
 
 from __future__ import annotations
@@ -28,28 +29,30 @@ import numpy as np
 from flax import nnx
 
 from llama_jax.inference.compiled import EnginePrograms
+from llama_jax.inference.scheduler import Admitting
 from llama_jax.inference.settings import EngineSettings
-from llama_jax.inference.types import Program, Request
+from llama_jax.inference.types import Program
 from llama_jax.loading import LoadedModel
 
 
 class SlotBackend:
-    """The model behind a `scheduler.Scheduler`: `slots` requests decode together over one cache of
-    `cache_len` positions per slot (rounded up to whole chunks and CACHE_BLOCKs)."""
+    """The model behind a `scheduler.Scheduler`: `slots` requests decode together, their keys and values in a
+    pool of `num_pages` pages of `page_size` positions."""
 
     def __init__(self, programs: EnginePrograms, state, pad_id: int):
         self.programs, self.state = programs, state
-        self.cache, self.slot_state, self.pool = jax.tree.map(_zeros, programs.shapes)
+        self.pool, self.slot_state = jax.tree.map(_zeros, programs.shapes)
         self.packer = dataclasses.replace(programs.packer, pad_id=pad_id)
+        settings = programs.settings
         self.slots, self.chunk = programs.slots, programs.chunk
-        self.pool_size = programs.settings.prefix_cache_chunks
+        self.num_pages, self.page_size = settings.num_pages, settings.block_size
+        self.pages_per_seq, self.prefix_chunks = self.packer.pages_per_seq, settings.prefix_cache_chunks
 
     @classmethod
     def of(
         cls, loaded: LoadedModel, settings: EngineSettings, on_compile: Callable[[Program], None] | None = None
     ) -> SlotBackend:
-        """A backend over `loaded`'s parameters with an empty cache and pool as `settings` (resolved) size
-        them."""
+        """A backend over `loaded`'s parameters with an empty pool as `settings` (resolved) size it."""
         graphdef, state = nnx.split(loaded.model)
         programs = EnginePrograms(graphdef, state, loaded.config, loaded.mesh, settings, on_compile)
         pad_id = loaded.tokenizer.pad_id if loaded.tokenizer is not None else 0
@@ -58,48 +61,42 @@ class SlotBackend:
     def bucket(self, n: int) -> int:
         return self.programs.bucket(n)
 
-    def insert(self, slots: Sequence[int], requests: Sequence[Request], bucket: int) -> tuple[list[int], list[float]]:
-        """Prefill whole prompts of at most `chunk` tokens, all of `bucket`, into `slots`: their first tokens."""
+    def insert(
+        self, slots: Sequence[int], items: Sequence[Admitting], bucket: int, tables: np.ndarray
+    ) -> tuple[list[int], list[float]]:
+        """Prefill whole prompts of at most `chunk` ids, all of `bucket`, into `slots`' pages: their next
+        tokens."""
         firsts, logprobs = [], []
         step = self.programs.prefill_rows
-        for start in range(0, len(requests), step):
-            group, group_slots = requests[start : start + step], slots[start : start + step]
+        for start in range(0, len(items), step):
+            group, group_slots = items[start : start + step], slots[start : start + step]
             rows = self.programs.prefill_rows_for(len(group))
             placed = list(zip(group_slots, group))
-            prompts = self.packer.prompts([(s, r.prompt_ids) for s, r in placed], rows, bucket)
+            prompts = self.packer.prompts([(s, a.ids) for s, a in placed], rows, bucket, tables)
             token, logprob = self._admit(self._prefill(prompts, rows, bucket), placed, rows)
             firsts += np.asarray(token)[: len(group)].tolist()
             logprobs += np.asarray(logprob)[: len(group)].tolist()
         return firsts, logprobs
 
-    def extend(self, slot: int, request: Request, start: int) -> tuple[int, float] | None:
-        """Put the chunk of `request`'s prompt from `start` (a multiple of `chunk`; the slot holds the tokens
-        before it) into `slot`. At the prompt's end: its first token and that token's log-probability."""
-        prompt = request.prompt_ids
-        end = min(start + self.chunk, len(prompt))
+    def extend(self, slot: int, item: Admitting, start: int, tables: np.ndarray) -> tuple[int, float] | None:
+        """Put the chunk of `item`'s ids from `start` (a multiple of `chunk`; the sequence holds the ids before
+        it) into `slot`'s pages. At the ids' end: the next token and its log-probability."""
+        ids = item.ids
+        end = min(start + self.chunk, len(ids))
         if start == 0:  # the first chunk: as a short prompt, with the platform's flash attention
-            logits = self._prefill(self.packer.prompts([(slot, prompt[:end])], 1, self.chunk), 1, self.chunk)
+            prompts = self.packer.prompts([(slot, ids[:end])], 1, self.chunk, tables)
+            logits = self._prefill(prompts, 1, self.chunk)
         else:
             bucket = self.programs.bucket(end - start)
             extend = self.programs.executable(Program("extend", 1, bucket))
-            self.cache, logits = extend(self.state, self.cache, self.packer.chunk_of(slot, request, start, bucket))
-        if end < len(prompt):
+            self.pool, logits = extend(self.state, self.pool, self.packer.chunk_of(slot, item, start, bucket, tables))
+        if end < len(ids):
             return None
-        token, logprob = self._admit(logits, [(slot, request)], 1)
+        token, logprob = self._admit(logits, [(slot, item)], 1)
         return int(np.asarray(token)[0]), float(np.asarray(logprob)[0])
 
-    def restore(self, slot: int, entries: Sequence[int]) -> None:
-        """Copy pool `entries` into chunks 0, 1, ... of `slot`: it then holds that much of its prompt."""
-        restore = self.programs.executable(Program("restore"))
-        self.cache = restore(self.cache, self.pool, np.int32(slot), self.packer.entries(dict(enumerate(entries))))
-
-    def save(self, slot: int, entries: dict[int, int]) -> None:
-        """Copy chunk i of `slot` into pool entry entries[i]."""
-        save = self.programs.executable(Program("save"))
-        self.pool = save(self.pool, self.cache, np.int32(slot), self.packer.entries(entries))
-
     def decode(
-        self, steps: int, active: Sequence[bool], stop_early: bool
+        self, steps: int, active: Sequence[bool], stop_early: bool, tables: np.ndarray
     ) -> tuple[list[list[int]], list[list[float]], int]:
         """Up to `steps` (≤ MAX_STEPS) decode steps of the `active` slots; fewer when `stop_early` and a slot
         ends. Returns each slot's tokens and log-probabilities and the number of steps run. The step runs the
@@ -108,17 +105,19 @@ class SlotBackend:
         rows = next(r for r in self.programs.decode_rows if r > last)
         decode = self.programs.executable(Program("decode", rows))
         inputs = self.packer.decode_inputs(active, steps, stop_early)
-        self.cache, self.slot_state, tokens, logprobs, ran = decode(self.state, self.cache, self.slot_state, *inputs)
+        self.pool, self.slot_state, tokens, logprobs, ran = decode(
+            self.state, self.pool, self.slot_state, self.packer.tables(tables), *inputs
+        )
         ran = int(ran)
         idle = [[] for _ in range(self.slots - rows)]
         return np.asarray(tokens)[:, :ran].tolist() + idle, np.asarray(logprobs)[:, :ran].tolist() + idle, ran
 
     def _prefill(self, prompts, rows: int, bucket: int):
         prefill = self.programs.executable(Program("prefill", rows, bucket))
-        self.cache, logits = prefill(self.state, self.cache, prompts)
+        self.pool, logits = prefill(self.state, self.pool, prompts)
         return logits
 
-    def _admit(self, logits, placed: list[tuple[int, Request]], rows: int):
+    def _admit(self, logits, placed: list[tuple[int, Admitting]], rows: int):
         admit = self.programs.executable(Program("admit", rows))
         self.slot_state, token, logprob = admit(self.slot_state, logits, self.packer.admission(placed, rows))
         return token, logprob

@@ -107,7 +107,7 @@ class QueueFull(Exception):
     """The queue of waiting requests is at its bound: come back later (HTTP 429)."""
 
 
-ProgramKind = Literal["prefill", "extend", "admit", "decode", "restore", "save"]
+ProgramKind = Literal["prefill", "extend", "admit", "decode"]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -121,7 +121,7 @@ class Program:
 
     @property
     def name(self) -> str:
-        """Its name in a compile report: prefill_64, extend_256, decode, admit_4, restore, save."""
+        """Its name in a compile report: prefill_64, extend_256, decode, admit_4."""
         if self.kind in ("prefill", "extend"):
             return f"{self.kind}_{self.bucket}"
         return f"admit_{self.rows}" if self.kind == "admit" else self.kind
@@ -135,8 +135,6 @@ class Program:
             "extend": f"the prefill of a long prompt's next {self.bucket} tokens",
             "admit": f"the sampling of the first token of {prompts}",
             "decode": f"the decode loop of {rows}",
-            "restore": "the copy of cached prefix chunks into a slot",
-            "save": "the copy of a prompt's chunks into the prefix cache",
         }[self.kind]
 
 
@@ -150,10 +148,11 @@ class EngineStatus:
     max_num_seqs: int  # decode slots
     running: int  # requests in a slot: prefilling or decoding
     waiting: int  # requests queued for a slot
-    positions: int  # cache positions of all slots
-    positions_used: int  # held by the running requests' prompts and tokens
+    positions: int  # of the page pool
+    positions_used: int  # in pages held by sequences or the prefix cache
     prefix_queried_tokens: int  # prompt tokens looked up in the prefix cache
     prefix_hit_tokens: int  # and found there
+    preemptions: int  # sequences preempted (pool full) and recomputed so far
 
     def prefill_buckets(self) -> list[int]:
         """The prompt-length buckets a prefill was compiled for."""

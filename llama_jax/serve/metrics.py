@@ -2,7 +2,8 @@
 dashboards and alerts written for vLLM read them:
 
     vllm:num_requests_running, vllm:num_requests_waiting         requests in slots (prefilling or decoding), queued
-    vllm:kv_cache_usage_perc                                      share of the slots' cache positions in use (0-1)
+    vllm:kv_cache_usage_perc                                      share of the page pool in use (0-1)
+    vllm:num_preemptions_total                                    sequences preempted when the pool ran out
     vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total prompt tokens looked up in the prefix cache, found
     vllm:prompt_tokens_total, vllm:generation_tokens_total        tokens of finished requests
     vllm:request_success_total{finished_reason}                   finished requests by reason
@@ -107,9 +108,11 @@ class _EngineState:
         yield family(GaugeMetricFamily, "vllm:num_requests_waiting", "Requests queued for a slot.", now.waiting)
         usage = now.positions_used / now.positions
         yield family(
-            GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Share of the slots' cache positions in use (0-1).", usage
+            GaugeMetricFamily, "vllm:kv_cache_usage_perc", "Share of the KV cache's pages in use (0-1).", usage
         )
         queried = "Prompt tokens looked up in the prefix cache."
         yield family(CounterMetricFamily, "vllm:prefix_cache_queries", queried, now.prefix_queried_tokens)
         hits = "Prompt tokens found in the prefix cache."
         yield family(CounterMetricFamily, "vllm:prefix_cache_hits", hits, now.prefix_hit_tokens)
+        preempted = "Sequences preempted because the KV cache pool ran out (recomputed later)."
+        yield family(CounterMetricFamily, "vllm:num_preemptions", preempted, now.preemptions)
