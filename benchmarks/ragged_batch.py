@@ -69,14 +69,15 @@ def engine_job(engine: Engine, prompts, wanted) -> None:
     assert [len(r.token_ids) for r in results] == wanted
 
 
-def torch_continuous_batching(model, prompts, wanted, slots: int) -> None:
-    """transformers' continuous batching, as `generate_batch` drives it, with a token budget per request."""
+def torch_continuous_batching(model, prompts, wanted, slots: int, **pool) -> None:
+    """transformers' continuous batching, as `generate_batch` drives it, with a token budget per request; `pool`:
+    more ContinuousBatchingConfig settings (the KV pool's page_size and num_blocks)."""
     import torch
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
     config = GenerationConfig(max_new_tokens=max(wanted), do_sample=False, eos_token_id=None, pad_token_id=0)
-    same_concurrency = ContinuousBatchingConfig(max_requests_per_batch=slots)
+    same_concurrency = ContinuousBatchingConfig(max_requests_per_batch=slots, **pool)
     context = model.continuous_batching_context_manager(
         generation_config=config, continuous_batching_config=same_concurrency, block=True, timeout=5
     )

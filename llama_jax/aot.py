@@ -129,7 +129,7 @@ def compile_function(
         - memory.alias_size_in_bytes
     )
     program = compiled.as_text()
-    kernel_call = {"splash": MOSAIC_CALL, "cudnn": CUDNN_ATTENTION_CALL}.get(attention)
+    kernel_call = {"splash": MOSAIC_CALL, "ragged_paged": MOSAIC_CALL, "cudnn": CUDNN_ATTENTION_CALL}.get(attention)
     if kernel_call is not None and kernel_call not in program:
         attention = "xla"  # sequences the kernel cannot tile take the reference path
     dcn = dcn_payload_bytes(program) if mesh_slices(mesh) > 1 else 0.0

@@ -12,8 +12,9 @@ blockwise reader of a KV cache.
 ``auto`` picks splash on TPU, cudnn on GPU in half precision, and otherwise xla for training and blockwise
 where no gradient is taken, by the platform of the mesh the computation is built for
 (`sharding.current_platform`), which may be a TPU slice compiled for from a CPU host. Every implementation
-takes segment ids for packed documents. Decoding reads the KV cache through `attend_live_cache`, the
-blockwise reader's sibling: only the blocks some query can see.
+takes segment ids for packed documents. Decoding and the chunks of long prompts read the paged KV cache
+through `attend_live_cache`: on TPU with JAX's ragged paged attention kernel (`ragged_paged.py`), elsewhere the
+blockwise reader's sibling, only the blocks some query can see.
 
 Off their hardware both kernels still run in the CPU tests: cudnn's call falls back to its XLA kernel,
 and splash runs in Pallas interpret mode, so layout, head grouping, masking and sharding are tested
@@ -29,6 +30,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
+from llama_jax import ragged_paged
 from llama_jax.kv_cache import read
 from llama_jax.sharding import current_platform, logical_to_spec
 
@@ -210,6 +212,8 @@ def attend_live_cache(
     queries is fully masked and adds exactly nothing to that row, so each row's result is the same however far
     the other rows reach: continuous batching stays batch-invariant. A row's positions (pages_per_seq × page
     size) are a multiple of `block`, and the block and the page size divide one another."""
+    if kv_all.ndim == 5:  # laid out for the TPU kernel
+        return ragged_paged.attend(q, kv_all, layer, live.page_table, live.q_index)
     batch, q_len, heads, head_dim = q.shape
     kv_heads = kv_all.shape[3]
     block, table = live.block, live.page_table[:batch]

@@ -15,6 +15,10 @@ prompt prefix point at the same pages. `KVCache.zeros` gives each row pages of i
 a plain batch (tests, notebooks). A position whose page is out of the pool (the engine's idle rows decode at
 position -1; a padded prompt's tail) is dropped when written.
 
+On TPU the pool is laid out for the ragged paged attention kernel instead (`KERNEL_CACHE_AXES`): (layers,
+pages, page_size, 2 × kv_heads, head_dim), keys at the even heads and values at the odd ones, which the kernel
+reads as it is. Writing handles both layouts; the kernel reads the second, `read` the first.
+
 With `kv_dtype` int8 each position's key and value vectors are stored as int8 with a float32 scale per head
 (their absolute maximum / 127): half of bf16's bytes for head_dim 128, and a position's quantization never
 changes once written.
@@ -33,6 +37,7 @@ from llama_jax.config import ModelConfig
 # model's tensor-parallel split.
 CACHE_AXES = ("layers", None, None, "kv_heads", None, "head_dim")
 SCALE_AXES = ("layers", None, None, "kv_heads", None)
+KERNEL_CACHE_AXES = ("layers", None, None, "kv_heads", "head_dim")  # the TPU kernel's layout
 CONTIGUOUS_PAGE = 128  # `KVCache.zeros`' page size: its rows' positions in pages of 128 (or fewer)
 
 
@@ -46,7 +51,7 @@ class KVCache:
 
     @property
     def page_size(self) -> int:
-        return self.kv.shape[4]
+        return page_size(self.kv)
 
     @property
     def max_len(self) -> int:
@@ -64,6 +69,16 @@ class KVCache:
         dtype = jnp.dtype(dtype or config.dtype)
         scales = jnp.zeros(shape[:-1], jnp.float32) if dtype == jnp.int8 else None
         return cls(jnp.zeros(shape, dtype), table, jnp.zeros((batch,), jnp.int32), scales)
+
+
+def page_size(kv_all: jax.Array) -> int:
+    """Positions per page of a pool in either layout."""
+    return kv_all.shape[2] if kv_all.ndim == 5 else kv_all.shape[4]
+
+
+def interleave(k: jax.Array, v: jax.Array) -> jax.Array:
+    """(..., kv_heads, head_dim) keys and values as the kernel's (..., 2 × kv_heads, head_dim): K at even heads."""
+    return jnp.stack([k, v], axis=-2).reshape(*k.shape[:-2], 2 * k.shape[-2], k.shape[-1])
 
 
 def quantize(x: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -88,7 +103,7 @@ def write(
     Only those positions are written (in place); a position before 0 or past the row's pages is dropped."""
     batch, n = k.shape[:2]
     positions = starts.astype(jnp.int32)[:, None] + jnp.arange(n, dtype=jnp.int32)
-    pages, offsets = _pages_of(page_table, positions, kv_all.shape[4], kv_all.shape[1])
+    pages, offsets = _pages_of(page_table, positions, page_size(kv_all), kv_all.shape[1])
     layers = jnp.broadcast_to(layer, (batch, n)).astype(jnp.int32)
     return _put(kv_all, scales, (layers, pages), offsets, k, v)
 
@@ -102,7 +117,7 @@ def write_layers(
     layers, rows, length = k.shape[:3]
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (rows, length))
     positions = jnp.where(positions < lengths[:, None], positions, -1)
-    pages, offsets = _pages_of(tables, positions, kv_all.shape[4], kv_all.shape[1])
+    pages, offsets = _pages_of(tables, positions, page_size(kv_all), kv_all.shape[1])
     shape = (layers, rows, length)
     layer_index = jnp.broadcast_to(jnp.arange(layers, dtype=jnp.int32)[:, None, None], shape)
     return _put(kv_all, scales, (layer_index, jnp.broadcast_to(pages, shape)), jnp.broadcast_to(offsets, shape), k, v)
@@ -111,6 +126,8 @@ def write_layers(
 def _put(kv_all, scales, at: tuple, offsets, k, v):
     """k, v (..., kv_heads, head_dim) into the pool at (layer, page) `at` and position `offsets` in the page,
     each index of shape (...); a page out of the pool is dropped."""
+    if kv_all.ndim == 5:  # the kernel's layout (never int8: the kernel takes one scale for the whole pool)
+        return kv_all.at[(*at, offsets)].set(interleave(k, v).astype(kv_all.dtype), mode="drop"), None
     for half, new in enumerate((k, v)):
         index = (*at, half, slice(None), offsets)  # the new values' (..., kv_heads, head_dim) land in place
         if scales is None:

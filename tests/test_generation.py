@@ -296,3 +296,20 @@ def test_a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_to
     assert roomy.status().preemptions == 0 and tight.status().preemptions > 0
     # every sequence's pages back; the prefix cache keeps the 40-token prompt's two whole chunks
     assert tight.status().positions == 96 and tight.status().positions_used == 2 * 16
+
+
+@pytest.mark.parametrize("mesh_config", [None, MeshConfig(data=1, tensor=2)], ids=["one-device", "tensor"])
+def test_the_tpu_kernel_layout_of_the_pool_gives_the_same_tokens(model, mesh, prompts, reference_greedy, mesh_config):
+    """The pool laid out for the TPU's ragged paged attention kernel (what `attention="splash"` asks for on any
+    host: off TPU, the kernel's reference runs in its place): the keys and values interleaved per page, each
+    row's pages offset into the stacked pool, the heads split over tensor under `shard_map` — the full forward's
+    greedy tokens, chunked prompts and a shared prefix included."""
+    kernel_config = CONFIG.replace(attention="splash")
+    if mesh_config is not None:
+        mesh = make_mesh(mesh_config)
+    state = nnx.state(model)
+    placed = nnx.merge(nnx.graphdef(model), jax.device_put(state, param_shardings(state, mesh)))
+    loaded = LoadedModel(placed, kernel_config, mesh)
+    engine = Engine(loaded, EngineSettings(max_num_seqs=4, prefill_chunk=16, block_size=8))
+    assert engine._backend.pool.kv.ndim == 5  # the layout under test
+    assert [r.token_ids for r in engine.generate(requests(prompts))] == reference_greedy

@@ -44,3 +44,24 @@ def test_int8_model_logits_bytes_and_perplexity(stories_model, assets):
         llama_jax.generate(m, ["Once upon a time"], max_new_tokens=30, temperature=0)[0].text for m in (full, quantized)
     ]
     assert greedy[0] == greedy[1]
+
+
+def test_an_int8_kv_cache_is_within_half_a_step_and_keeps_stories260k_greedy_story(stories_model):
+    """int8 keys and values with a scale per position and head: each value within half a quantization step;
+    the real stories260K model's greedy story through an int8 cache is its float32 cache's for its first 64
+    tokens (run.c's; they part at token 75: 8-wide heads quantize coarsely)."""
+    from llama_jax.inference.engine import Engine
+    from llama_jax.inference.settings import EngineSettings
+    from llama_jax.inference.types import Request
+    from llama_jax.kv_cache import quantize
+
+    x = jax.random.normal(jax.random.key(0), (3, 5, 4, 16)) * jnp.asarray([0.01, 1.0, 30.0, 0.0])[:, None]
+    values, scale = quantize(x)
+    assert values.dtype == jnp.int8 and scale.shape == (3, 5, 4)
+    assert np.all(np.abs(np.asarray(values * scale[..., None] - x)) <= np.asarray(scale)[..., None] / 2 + 1e-7)
+    loaded = llama_jax.load(stories_model)
+    story = {}
+    for dtype in ("auto", "int8"):
+        engine = Engine(loaded, EngineSettings(max_num_seqs=1, kv_cache_dtype=dtype))
+        story[dtype] = engine.generate([Request((1,), 64, stop_ids=())])[0].token_ids
+    assert story["int8"] == story["auto"]

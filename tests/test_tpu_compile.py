@@ -127,19 +127,23 @@ def test_train_and_eval_steps_compile_for_v5e_with_the_splash_kernel(tpu_precisi
 
 
 @needs_libtpu
-def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_kernel(tpu_precision):
+def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_and_ragged_paged_kernels(tpu_precision):
     from llama_jax.inference.compile import compile_inference
     from llama_jax.inference.settings import EngineSettings
     from llama_jax.sharding import MeshConfig
     from llama_jax.train.init_from import build_model_config
 
-    model = build_model_config(load_train_config(None, TINY), "tpu")
+    # Heads of 128, as Llama's: the ragged paged kernel tiles heads by the TPU's 128 lanes.
+    model = build_model_config(load_train_config(None, TINY), "tpu").replace(head_dim=128)
     settings = EngineSettings(max_num_seqs=4, max_model_len=128 + 64)
     reports, kv_cache = compile_inference(model, tpu_slice("v4-8"), MeshConfig(data=2, tensor=2), settings, [100, 128])
     assert [r.name for r in reports] == ["prefill_128", "decode"]  # both prompts fall in one bucket
     prefill, decode = reports
     assert prefill.fits and decode.fits
     assert prefill.attention == "splash"  # the prompt's self-attention is the Mosaic kernel training uses
+    assert decode.attention == "ragged_paged"  # decoding reads the pages through JAX's Mosaic kernel
+    narrow, _ = compile_inference(model.replace(head_dim=64), tpu_slice("v4-8"), MeshConfig(data=4), settings, [100])
+    assert narrow[1].attention == "xla"  # heads narrower than a lane: the XLA reader of the pages
 
 
 @needs_libtpu

@@ -38,8 +38,9 @@ def compile_inference(
     prefill_attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh), differentiable=False)
     rows = programs.prefill_rows_for(programs.prefill_rows)
     wanted = [Program("prefill", rows, bucket) for bucket in sorted({programs.bucket(n) for n in prompt_lens})]
-    # A chunk after the first, and decoding, read the cache block by block through einsums
+    # A chunk after the first, and decoding, read the paged cache: the TPU kernel, or blocks through einsums
     # (`attention.attend_live_cache`).
+    paged = "ragged_paged" if programs.shapes[0].kv.ndim == 5 else "xla"
     if max(prompt_lens) > programs.chunk:
         wanted.append(Program("extend", 1, programs.chunk))
     # The decode program of all the slots: the largest of those of fewer rows the engine also runs.
@@ -49,9 +50,9 @@ def compile_inference(
         if program.kind == "prefill":
             workload, attention = prefill_workload(model, mesh, rows, program.bucket), prefill_attention
         elif program.kind == "extend":
-            workload, attention = prefill_workload(model, mesh, 1, program.bucket), "xla"
+            workload, attention = prefill_workload(model, mesh, 1, program.bucket), paged
         else:
-            workload, attention = decode_workload(model, mesh, programs.slots, programs.cache_len), "xla"
+            workload, attention = decode_workload(model, mesh, programs.slots, programs.cache_len), paged
         lower = lambda program=program: programs.lower(program)  # noqa: E731
         reports.append(compile_function(program.name, lower, mesh, workload, attention))
     return reports, kv_cache_report(programs)

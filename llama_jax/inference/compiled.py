@@ -38,9 +38,10 @@ from llama_jax.inference.programs import (
 from llama_jax.inference.sampling import RowSampling
 from llama_jax.inference.settings import MIN_PREFILL_CHUNK, READ_BLOCK, EngineSettings
 from llama_jax.inference.types import Program
-from llama_jax.kv_cache import CACHE_AXES, SCALE_AXES
+from llama_jax.kv_cache import CACHE_AXES, KERNEL_CACHE_AXES, SCALE_AXES
 from llama_jax.model import abstract_state
-from llama_jax.sharding import named_sharding
+from llama_jax.ragged_paged import uses_kernel
+from llama_jax.sharding import mesh_platform, named_sharding
 
 KEPT_PROGRAMS = 256  # compiled programs the process keeps for later engines
 
@@ -194,7 +195,8 @@ def _decode_rows(slots: int, slot_sharding) -> list[int]:
 def state_shapes(config: ModelConfig, mesh, settings: EngineSettings) -> tuple[Pool, SlotState]:
     """The page pool and the slot state as ShapeDtypeStructs placed on `mesh`. The pool is (layers, pages, 2,
     kv_heads, block_size, head_dim) in the compute dtype, or int8 with a float32 scale per position and head
-    (`kv_cache.py`), its heads split like the model's; the slots' lengths and state split like a batch."""
+    (`kv_cache.py`), or where the TPU kernel reads it (`ragged_paged.uses_kernel`) its layout; its heads split
+    like the model's. The slots' lengths and state split like a batch."""
     slots = settings.max_num_seqs
 
     def placed(shape, dtype, names):
@@ -203,14 +205,21 @@ def state_shapes(config: ModelConfig, mesh, settings: EngineSettings) -> tuple[P
     def per_slot(dtype, *rest):
         return placed((slots, *rest), dtype, ("batch",) + (None,) * len(rest))
 
-    shape = (config.n_layers, settings.num_pages, 2, config.n_kv_heads, settings.block_size, config.head_dim)
+    layers, pages, block = config.n_layers, settings.num_pages, settings.block_size
     int8 = settings.kv_cache_dtype == "int8"
+    if uses_kernel(config.attention, mesh_platform(mesh), settings.kv_cache_dtype, config.head_dim):
+        shape = (layers, pages, block, 2 * config.n_kv_heads, config.head_dim)
+        return Pool(placed(shape, config.dtype, KERNEL_CACHE_AXES), None, per_slot(jnp.int32)), _slot_state(per_slot)
+    shape = (layers, pages, 2, config.n_kv_heads, block, config.head_dim)
     kv = placed(shape, jnp.int8 if int8 else config.dtype, CACHE_AXES)
     scales = placed(shape[:-1], jnp.float32, SCALE_AXES) if int8 else None
-    pool = Pool(kv, scales, per_slot(jnp.int32))
+    return Pool(kv, scales, per_slot(jnp.int32)), _slot_state(per_slot)
+
+
+def _slot_state(per_slot) -> SlotState:
     key_dtype = jax.eval_shape(lambda: jax.random.key(0)).dtype
     sampling = RowSampling(per_slot(jnp.float32), per_slot(jnp.int32), per_slot(jnp.float32))
-    slot_state = SlotState(
+    return SlotState(
         per_slot(jnp.int32),
         per_slot(jnp.int32),
         per_slot(key_dtype),
@@ -220,4 +229,3 @@ def state_shapes(config: ModelConfig, mesh, settings: EngineSettings) -> tuple[P
         per_slot(jnp.bool_),
         per_slot(jnp.bool_),
     )
-    return pool, slot_state

@@ -26,7 +26,7 @@ from flax import nnx
 
 from llama_jax.inference.sampling import RowSampling, sample_rows
 from llama_jax.inference.settings import MAX_STEPS
-from llama_jax.kv_cache import CACHE_AXES, SCALE_AXES, KVCache, write_layers
+from llama_jax.kv_cache import CACHE_AXES, KERNEL_CACHE_AXES, SCALE_AXES, KVCache, write_layers
 from llama_jax.sharding import shard
 
 # Stop ids each slot checks on the device (a request's first ones: the tokenizer's, then its own). The host
@@ -119,7 +119,8 @@ def _laid_out(pool: Pool | None = None, slots: SlotState | None = None) -> tuple
     program's outputs are the next one's inputs, whose compiled layouts must agree."""
     if pool is not None:
         scales = None if pool.scales is None else shard(pool.scales, *SCALE_AXES)
-        pool = Pool(shard(pool.kv, *CACHE_AXES), scales, shard(pool.lengths, "batch"))
+        axes = KERNEL_CACHE_AXES if pool.kv.ndim == 5 else CACHE_AXES
+        pool = Pool(shard(pool.kv, *axes), scales, shard(pool.lengths, "batch"))
     if slots is not None:
         slots = jax.tree.map(lambda a: shard(a, "batch", *(None,) * (a.ndim - 1)), slots)
     return pool, slots
