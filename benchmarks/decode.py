@@ -13,7 +13,12 @@ drifts by more than the difference measured; alternating gives both sides the sa
   * llama_jax: `Engine.generate` with `batch` decode slots, the engine infer.py, the server and evaluation use;
   * b94043e: the same command at commit b94043e, whose prefill and decode loop ran in one jit, checked out in a
     temporary git worktree (--baseline COMMIT; --no-baseline skips it);
-  * transformers: `generate` with the static cache and with the dynamic one, SDPA attention.
+  * transformers: `generate` with the static cache and with the dynamic one, SDPA attention;
+  * tunix (--tunix-python: a Python with google-tunix 0.1.7 installed, jax and flax as ours): its `Sampler`
+    on its llama3 model, which reads our `to-hf` export; greedy, prompts of one padded length, a cache of prompt
+    + new tokens, no stop id (an id it never makes). tunix's attention calls `apply_rope` without the config's
+    rope_theta (its default is 10^6); the benchmark passes the model's, so both sides make the same tokens.
+    tunix alternates with llama_jax too (--rounds).
 
 The bandwidth line (batch 1) is the bytes one decode step must read — every weight except the embedding rows
 it gathers, plus the live KV cache (prompt + half the new tokens on average) — over the decode step time, as a
@@ -55,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-torch", action="store_true", help="skip the transformers baselines")
     parser.add_argument("--baseline", default=BASELINE, help=f"the earlier commit to compare with (default {BASELINE})")
     parser.add_argument("--no-baseline", action="store_true", help="skip the earlier commit")
+    parser.add_argument("--tunix-python", help="a Python with google-tunix installed: race its Sampler too")
     parser.add_argument("--peak-gbs", type=float, help="peak memory bandwidth in GB/s (default: per device kind)")
     parser.add_argument(
         "--quantize",
@@ -63,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="llama_jax with int8 projection weights (transformers stays in --dtype)",
     )
     # One side's measurement, in a process of its own; --weights-dir: where llama_jax leaves the weights.
-    parser.add_argument("--part", choices=["llama_jax", "transformers"], help=argparse.SUPPRESS)
+    parser.add_argument("--part", choices=["llama_jax", "transformers", "tunix"], help=argparse.SUPPRESS)
     parser.add_argument("--weights-dir", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -102,9 +108,11 @@ def measure_llama_jax(args) -> None:
     mesh = make_mesh()
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
     if args.weights_dir:
+        from llama_jax.convert.to_hf import export_hf
         from llama_jax.model_dir import write_model_dir
 
         write_model_dir(Path(args.weights_dir), config, nnx.to_pure_dict(nnx.state(loaded.model)))
+        export_hf(Path(args.weights_dir), Path(args.weights_dir).parent / "hf")
     if args.quantize == "int8":
         params = jax.jit(quantize_params)(nnx.to_pure_dict(nnx.state(loaded.model)))
         config = config.replace(quantize="int8")
@@ -155,13 +163,13 @@ def measure_llama_jax(args) -> None:
 
 def measure_transformers(args) -> None:
     """Rows `| batch | static tok/s | dynamic tok/s |` of transformers with the weights in --weights-dir."""
-    from same_weights import exported_model
+    import torch
+    from same_weights import hf_model
 
     from llama_jax import preset
 
     config = preset(SMALL if args.small else args.preset)
-    model = exported_model(Path(args.weights_dir), Path(args.weights_dir).parent / "hf", args.dtype)
-    import torch
+    model = hf_model(Path(args.weights_dir).parent / "hf", args.dtype)
 
     for batch in args.batches:
         ids = torch.as_tensor(prompts(args, batch, config.vocab_size), device=model.device)
@@ -188,8 +196,66 @@ def measure_transformers(args) -> None:
         print(f"| {batch} | {speeds[0]:,.0f} | {speeds[1]:,.0f} |", flush=True)
 
 
-def run_part(part: str, args, extra: list[str]) -> str:
-    command = [sys.executable, __file__, "--part", part, *passed_on(args), *extra]
+def measure_tunix(args) -> None:
+    """Rows `| batch | tok/s |` of tunix's Sampler on the `to-hf` export next to --weights-dir. This runs in the
+    --tunix-python environment: numpy, jax and tunix only, no llama_jax."""
+    import functools
+    import json
+
+    import jax.numpy as jnp
+    from tunix.generate import sampler as sampler_lib
+    from tunix.models.llama3 import model as model_lib
+    from tunix.models.llama3 import params as params_lib
+
+    hf = Path(args.weights_dir).parent / "hf"
+    c = json.loads((hf / "config.json").read_text())
+    config = model_lib.ModelConfig(
+        num_layers=c["num_hidden_layers"],
+        vocab_size=c["vocab_size"],
+        embed_dim=c["hidden_size"],
+        hidden_dim=c["intermediate_size"],
+        num_heads=c["num_attention_heads"],
+        head_dim=c["head_dim"],
+        num_kv_heads=c["num_key_value_heads"],
+        rope_theta=c["rope_theta"],
+        norm_eps=c["rms_norm_eps"],
+        weight_tying=c["tie_word_embeddings"],
+    )
+    model_lib.apply_rope = functools.partial(model_lib.apply_rope, rope_theta=c["rope_theta"])  # module docstring
+    model = params_lib.create_model_from_safe_tensors(str(hf), config, None, dtype=getattr(jnp, args.dtype))
+
+    class Ids:  # prompts are random ids: "text" is the ids, space-separated; no BOS is added (bos_id 0)
+        def encode(self, text, **_):
+            return [int(t) for t in text.split()]
+
+        def decode(self, ids, **_):
+            return " ".join(map(str, ids))
+
+        def bos_id(self):
+            return 0
+
+        def eos_id(self):
+            return -1
+
+        def pad_id(self):
+            return 0
+
+    cache = sampler_lib.CacheConfig(
+        args.prompt_len + args.new_tokens, config.num_layers, config.num_kv_heads, config.head_dim
+    )
+    sampler = sampler_lib.Sampler(model, Ids(), cache)
+    for batch in args.batches:
+        texts = [" ".join(map(str, row)) for row in prompts(args, batch, config.vocab_size)]
+
+        def run(texts=texts):
+            out = sampler(texts, args.new_tokens, max_prompt_length=args.prompt_len, eos_tokens=[-1], temperature=0.0)
+            assert all(len(tokens) == args.new_tokens for tokens in out.tokens)  # host arrays: synced
+
+        print(f"| {batch} | {batch * args.new_tokens / best_time(run, args.repeats):,.0f} |", flush=True)
+
+
+def run_part(part: str, args, extra: list[str], python: str = sys.executable) -> str:
+    command = [python, __file__, "--part", part, *passed_on(args), *extra]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"the {part} measurement failed:\n{result.stderr[-3000:]}")
@@ -219,14 +285,17 @@ def main() -> None:
         return measure_llama_jax(args)
     if args.part == "transformers":
         return measure_transformers(args)
+    if args.part == "tunix":
+        return measure_tunix(args)
     ours: dict[int, float] = {}
     earlier: dict[int, float] = {}
+    tunix: dict[int, float] = {}
     lines: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="llama_jax-decode-") as scratch:
         weights = Path(scratch) / "model"
         extra = [*(["--peak-gbs", str(args.peak_gbs)] if args.peak_gbs else []), "--quantize", args.quantize]
         first = args.batches[0]
-        for round_ in range(1 if args.no_baseline else args.rounds):
+        for round_ in range(1 if args.no_baseline and not args.tunix_python else args.rounds):
             output = run_part("llama_jax", args, [*extra, *(["--weights-dir", str(weights)] if round_ == 0 else [])])
             speeds = {int(row[0]): number(row[1]) for row in table_rows(output) if row[0].isdigit()}
             if speeds[first] >= ours.get(first, 0.0):  # the bandwidth line of the best round
@@ -236,6 +305,10 @@ def main() -> None:
                 rows = table_rows(run_at(args.baseline, "benchmarks/decode.py", [*passed_on(args), "--no-torch"]))
                 speeds = {int(row[0]): number(row[1]) for row in rows if row[0].isdigit()}
                 earlier = {batch: max(earlier.get(batch, 0.0), speed) for batch, speed in speeds.items()}
+            if args.tunix_python:
+                rows = table_rows(run_part("tunix", args, ["--weights-dir", str(weights)], args.tunix_python))
+                speeds = {int(row[0]): number(row[1]) for row in rows if row[0].isdigit()}
+                tunix = {batch: max(tunix.get(batch, 0.0), speed) for batch, speed in speeds.items()}
         hf = {}
         if not args.no_torch:
             rows = table_rows(run_part("transformers", args, ["--weights-dir", str(weights)]))
@@ -244,16 +317,19 @@ def main() -> None:
     print(f"{name}: {lines.get('model', '')}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
     print(
         f"| batch | llama_jax engine tok/s | {args.baseline} one-jit loop tok/s | HF static tok/s | HF dynamic tok/s "
-        f"| engine / {args.baseline} | engine / HF static |\n|" + "---|" * 7
+        f"| tunix 0.1.7 Sampler tok/s | engine / {args.baseline} | engine / HF static | engine / tunix |\n|"
+        + "---|"
+        * 9
     )
     for batch in args.batches:
-        mine, before = ours[batch], earlier.get(batch)
+        mine, before, theirs = ours[batch], earlier.get(batch), tunix.get(batch)
         static, dynamic = hf.get(batch, (None, None))
 
         def cell(value, ratio=False, mine=mine):
             return "-" if value is None else (f"{mine / value:.2f}x" if ratio else f"{value:,.0f}")
 
-        cells = [f"{mine:,.0f}", cell(before), cell(static), cell(dynamic), cell(before, True), cell(static, True)]
+        cells = [f"{mine:,.0f}", cell(before), cell(static), cell(dynamic), cell(theirs)]
+        cells += [cell(before, True), cell(static, True), cell(theirs, True)]
         print(f"| {batch} | " + " | ".join(cells) + " |")
     print(lines.get("batch", ""))
 

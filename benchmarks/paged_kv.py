@@ -1,7 +1,8 @@
 """Paged KV cache at equal memory: the engine's page pool beside the fixed slots of the previous release and
-transformers' paged continuous batching, each given the KV bytes of 16 fixed slots of 2,048 positions.
+transformers' paged continuous batching, each given the KV bytes of --fixed-slots (16) slots of 2,048 positions.
 
     python benchmarks/paged_kv.py                     # 128 requests, paged at 16 and 64 live sequences
+    python benchmarks/paged_kv.py --fixed-slots 4 --seqs 4 16    # the memory of 4 slots
     python benchmarks/paged_kv.py --requests 32 --no-torch --no-baseline   # a quick look
 
 Random weights of the --preset shape (default bench-cpu), float32, greedy, no stop ids: request i wants
@@ -11,12 +12,12 @@ clipped to 16-512 — most requests short, a few long ones that fixed slots must
 Useful tokens/s = Σ wanted / wall time (prefill included), timed after a warm-up job of the same lengths
 and other prompt ids (so the timed job finds nothing in the prefix cache). Side by side in one run:
 
-  * llama_jax paged: `Engine.generate`, --kv-cache-tokens 32,768 (16 × 2,048) and --max-num-seqs 16 and 64
-    (--seqs); live = the sequences holding pages when a request ends (peak and mean), preemptions counted;
-  * fixed slots: the engine of --baseline (1d94a88, the last release before pages) with 16 slots of 2,048
-    positions, in a temporary git worktree;
+  * llama_jax paged: `Engine.generate`, --kv-cache-tokens --fixed-slots × 2,048 and --max-num-seqs of --seqs;
+    live = the sequences holding pages when a request ends (peak and mean), preemptions counted;
+  * fixed slots: the engine of --baseline (1d94a88, the last release before pages) with --fixed-slots slots of
+    2,048 positions, in a temporary git worktree;
   * transformers continuous batching: `continuous_batching_context_manager` (what `generate_batch` runs)
-    with 128 blocks of 256 positions (the same 32,768) and up to the largest --seqs requests per batch.
+    with blocks of 256 positions (the same memory) and up to the largest --seqs requests per batch.
 """
 
 from __future__ import annotations
@@ -47,14 +48,14 @@ from llama_jax.inference.settings import EngineSettings  # noqa: E402
 from llama_jax.inference.types import Request  # noqa: E402
 
 BASELINE = "1d94a88"  # the last commit with fixed decode slots
-FIXED_SLOTS, CONTEXT = 16, 2048  # the memory every path gets: 16 fixed slots of 2,048 positions
-POOL = FIXED_SLOTS * CONTEXT
+CONTEXT = 2048  # positions of a fixed slot: the memory every path gets is --fixed-slots of them
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="bench-cpu")
     parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--fixed-slots", type=int, default=16, help="the KV memory: this many slots of 2,048")
     parser.add_argument("--seqs", type=int, nargs="+", default=[16, 64], help="--max-num-seqs of the paged runs")
     parser.add_argument("--no-torch", action="store_true", help="skip transformers")
     parser.add_argument("--baseline", default=BASELINE, help=f"the fixed-slot commit (default {BASELINE})")
@@ -108,7 +109,7 @@ print(json.dumps(run(*spec["timed"])))
 
 
 def fixed_slots(args, warm_up, timed) -> tuple[float, list[int]]:
-    spec = {"preset": args.preset, "slots": FIXED_SLOTS, "context": CONTEXT, "warm_up": warm_up, "timed": timed}
+    spec = {"preset": args.preset, "slots": args.fixed_slots, "context": CONTEXT, "warm_up": warm_up, "timed": timed}
     with tempfile.TemporaryDirectory(prefix="llama_jax-paged-") as scratch, checkout(args.baseline) as tree:
         path = Path(scratch) / "job.json"
         path.write_text(json.dumps(spec))
@@ -129,17 +130,18 @@ def main() -> None:
     loaded = LoadedModel(create_model(config, mesh), config, mesh)
     warm_up, timed = job(config, args.requests, seed=1), job(config, args.requests, seed=0)
     prompts, wanted = timed
-    useful = sum(wanted)
+    useful, pool = sum(wanted), args.fixed_slots * CONTEXT
     print(
         f"{args.preset} ({config.param_count() / 1e6:.1f}M params, float32), {args.requests} requests: prompts "
         f"{min(map(len, prompts))}-{max(map(len, prompts))} tokens (median {int(np.median(list(map(len, prompts))))})"
         f", completions {min(wanted)}-{max(wanted)} (median {int(np.median(wanted))}, {useful:,} tokens); KV "
-        f"memory {POOL:,} positions for every path; device {jax.devices()[0].device_kind}",
+        f"memory {pool:,} positions ({args.fixed_slots} x {CONTEXT}) for every path; "
+        f"device {jax.devices()[0].device_kind}",
         flush=True,
     )
     rows = []  # (path, seconds, live sequences or None, preemptions or None)
     for seqs in args.seqs:
-        settings = EngineSettings(max_num_seqs=seqs, max_model_len=CONTEXT, kv_cache_tokens=POOL)
+        settings = EngineSettings(max_num_seqs=seqs, max_model_len=CONTEXT, kv_cache_tokens=pool)
         engine = Engine(loaded, settings)
         run_engine(engine, *warm_up)
         before = engine.status().preemptions
@@ -147,14 +149,14 @@ def main() -> None:
         rows.append((f"llama_jax paged, max-num-seqs {seqs}", seconds, live, engine.status().preemptions - before))
     if not args.no_baseline:
         seconds, live = fixed_slots(args, warm_up, timed)
-        rows.append((f"llama_jax fixed slots at {args.baseline}, {FIXED_SLOTS} x {CONTEXT}", seconds, live, None))
+        rows.append((f"llama_jax fixed slots at {args.baseline}, {args.fixed_slots} x {CONTEXT}", seconds, live, None))
     if not args.no_torch:
         import transformers
 
         with tempfile.TemporaryDirectory(prefix="llama_jax-paged-") as scratch:
             model = transformers_model(loaded, "float32", Path(scratch))
         start = time.perf_counter()  # transformers compiles nothing: no warm-up job
-        torch_continuous_batching(model, prompts, wanted, max(args.seqs), page_size=256, num_blocks=POOL // 256)
+        torch_continuous_batching(model, prompts, wanted, max(args.seqs), page_size=256, num_blocks=pool // 256)
         seconds = time.perf_counter() - start
         rows.append((f"transformers {transformers.__version__} continuous batching (paged)", seconds, None, None))
     print("| path | seconds | useful tokens/s | live seqs: peak / mean | preemptions |\n|---|---|---|---|---|")

@@ -22,12 +22,17 @@ def transformers_model(loaded, dtype: str, directory: Path):
 
 def exported_model(model_dir: Path, hf_dir: Path, dtype: str):
     """LlamaForCausalLM (SDPA attention, `dtype`) of a llama_jax model directory, through `to-hf`."""
-    import torch
-    import transformers
-
     from llama_jax.convert.to_hf import export_hf
 
     export_hf(model_dir, hf_dir)
+    return hf_model(hf_dir, dtype)
+
+
+def hf_model(hf_dir: Path, dtype: str):
+    """LlamaForCausalLM (SDPA attention, `dtype`) of an exported directory, on the GPU when there is one."""
+    import torch
+    import transformers
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = transformers.LlamaForCausalLM.from_pretrained(
         hf_dir, dtype=getattr(torch, dtype), attn_implementation="sdpa"

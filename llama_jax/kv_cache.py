@@ -158,22 +158,22 @@ def read(
     _, _, _, kv_heads, page_size, head_dim = kv_all.shape
     pages_read, piece = max(1, length // page_size), min(page_size, length)
 
-    def one_row(table):
+    def one_row(table, half):
         pages = jax.lax.dynamic_slice_in_dim(table, start // page_size, pages_read)
         offset = start % page_size if page_size > length else 0
 
         def one_page(page):
-            at = (layer, page, 0, 0, offset)
-            block = jax.lax.dynamic_slice(kv_all, (*at, 0), (1, 1, 2, kv_heads, piece, head_dim))[0, 0]
+            at = (layer, page, half, 0, offset)
+            block = jax.lax.dynamic_slice(kv_all, (*at, 0), (1, 1, 1, kv_heads, piece, head_dim))[0, 0, 0]
             if scales is None:
                 return block
-            scale = jax.lax.dynamic_slice(scales, at, (1, 1, 2, kv_heads, piece))[0, 0]
+            scale = jax.lax.dynamic_slice(scales, at, (1, 1, 1, kv_heads, piece))[0, 0, 0]
             return block.astype(jnp.float32) * scale[..., None]
 
-        blocks = jax.vmap(one_page)(pages)  # (pages, 2, kv_heads, piece, head_dim)
+        blocks = jax.vmap(one_page)(pages)  # (pages, kv_heads, piece, head_dim)
         if pages_read == 1:
             return blocks[0]
-        return blocks.transpose(1, 2, 0, 3, 4).reshape(2, kv_heads, length, head_dim)
+        return blocks.transpose(1, 0, 2, 3).reshape(kv_heads, length, head_dim)
 
-    both = jax.vmap(one_row)(rows_table)  # (rows, 2, kv_heads, length, head_dim)
-    return both[:, 0], both[:, 1]
+    # Keys and values read apart: slicing them out of one read of both would copy them again.
+    return tuple(jax.vmap(one_row, in_axes=(0, None))(rows_table, half) for half in (0, 1))

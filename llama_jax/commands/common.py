@@ -246,7 +246,8 @@ def add_server_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--prefix-cache-tokens",
         type=int,
         metavar="N",
-        help="prompt tokens the prefix cache keeps (default: a quarter of the slots' positions; 0: none)",
+        help="prompt tokens the prefix cache may keep in the page pool (default: as many as running sequences "
+        "leave free; 0: none)",
     )
 
 
