@@ -82,7 +82,8 @@ def attend(q: jax.Array, kv_all: jax.Array, layer: jax.Array, page_table: jax.Ar
 def _reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_scale):
     """What the kernel computes, in jittable XLA, for rows of equal query counts (the engine's calls): each row's
     queries attend causally to its first kv_lens positions, its last queries being its last positions. Where
-    the kernel cannot run (off TPU; JAX's TPU interpreter does not run this kernel), so the layout, the page
+    the kernel cannot run (off TPU: JAX 0.10.2's TPU interpret mode stops at the kernel's reshaped refs,
+    "'ReshapeTransform' object has no attribute 'indices'"), so the layout, the page
     numbers and the sharding around it are tested on any host."""
     rows = page_indices.shape[0]
     q_len = q.shape[0] // rows

@@ -128,6 +128,28 @@ def test_live_block_attention_equals_attention_over_the_whole_cache():
         np.testing.assert_array_equal(live[unchanged], attend(other)[unchanged])
 
 
+def test_the_ragged_paged_kernels_stand_in_computes_what_jaxs_reference_of_the_kernel_does():
+    """Off TPU `ragged_paged._reference` replaces JAX's ragged paged attention kernel: it must compute what JAX's
+    own reference of that kernel (`ref_ragged_paged_attention`) computes — GQA, ragged lengths, shuffled
+    pages, a page two rows share (a cached prefix), queries that are a row's last positions."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention.kernel import ref_ragged_paged_attention
+
+    from llama_jax.ragged_paged import _reference
+
+    rng = np.random.default_rng(3)
+    rows, q_len, heads, kv_heads, head_dim, page_size = 3, 4, 4, 2, 16, 8
+    queries = jnp.asarray(rng.normal(size=(rows * q_len, heads, head_dim)), jnp.float32)
+    pages = jnp.asarray(rng.normal(size=(12, page_size, 2 * kv_heads, head_dim)), jnp.float32)
+    kv_lens = jnp.asarray([5, 17, 30], jnp.int32)
+    tables = jnp.asarray([[7, 0, 0, 0], [7, 2, 9, 0], [4, 11, 1, 3]], jnp.int32)  # rows 0 and 1 share page 7
+    cu_q_lens = jnp.arange(rows + 1, dtype=jnp.int32) * q_len
+    args = (queries, pages, kv_lens, tables, cu_q_lens, jnp.asarray([rows], jnp.int32))
+    expected = ref_ragged_paged_attention(*args, sm_scale=0.25)
+    np.testing.assert_allclose(
+        jax.jit(_reference, static_argnames="sm_scale")(*args, sm_scale=0.25), expected, rtol=2e-5, atol=2e-5
+    )
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "batch, length, heads, kv_heads, block",
