@@ -8,8 +8,11 @@
     corpus_cache.py  the tokenized-corpus cache entry: built once, checksummed, memory-mapped
     token_store.py   tensorstore token stores: a corpus for the hosts of a pod, each reading its rows
     batching.py   packed rows, the train/validation split, the batch of any step
-    objectives.py    training objectives as values: the next-token loss, DPO
+    objectives.py    training objectives as values: the next-token loss, DPO, GRPO
+    objective_settings.py  the objectives' settings: dpo.*, grpo.*
     preference.py    DPO: the losses and rewards of (chosen, rejected) pairs
+    grpo_loss.py     GRPO: advantages, the clipped token loss, KL, its reductions (TRL's formulas)
+    rewards.py       GRPO's reward functions: FILE.py:FUNCTION and the built-in checks
     state.py      the train state and its layout over the mesh
     step.py       the jitted train and eval steps over the mesh, built for a run
     optimizer.py  AdamW with warmup and cosine decay

@@ -27,6 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.chat import TEMPLATES
 from llama_jax.config import DTYPES, LOSS_CHUNK, LoraConfig, MeshConfig, ModelConfig
+from llama_jax.train.objective_settings import DpoSettings, GrpoSettings, check_rewards
 
 TRAINED_TOKENIZER_PREFIX = "train:"
 BUNDLED_CORPUS = "tinyshakespeare.txt"  # llama_jax/data/: the default job's corpus, found from any directory
@@ -60,17 +61,7 @@ class LoraSettings:
         )
 
 
-@dataclasses.dataclass(frozen=True)
-class DpoSettings:
-    """Direct Preference Optimization (Rafailov et al. 2023), `objective=dpo`: the loss of TRL's DPOTrainer."""
-
-    beta: float = 0.1  # how far the policy may move from the reference: the implicit reward's scale
-    loss: str = "sigmoid"  # sigmoid: the paper's -log σ(β·margin); ipo: (margin - 1/(2β))² on mean log-probs
-    label_smoothing: float = 0.0  # the share of pairs assumed to be labelled the wrong way round (cDPO)
-
-
-DPO_LOSSES = ("sigmoid", "ipo")
-OBJECTIVES = ("lm", "dpo")
+OBJECTIVES = ("lm", "dpo", "grpo")
 
 
 def _model_settings_class() -> type:
@@ -126,13 +117,21 @@ class TrainConfig:
     sft: bool = setting(False, "JSONL prompt/response records; the loss is on response tokens only")
     objective: str = setting(
         "lm",
-        "lm: next-token loss (pretraining, or SFT with sft=true); dpo: Direct Preference Optimization on "
-        "JSONL prompt/chosen/rejected records against init_from as the frozen reference",
+        "lm: next-token loss (pretraining, or SFT with sft=true); dpo: Direct Preference Optimization on JSONL "
+        "prompt/chosen/rejected records against init_from as the frozen reference; grpo: GRPO by reward= (to come)",
     )
     dpo: DpoSettings = setting(
         DpoSettings(),
         "dpo.beta (default 0.1), dpo.loss (sigmoid or ipo), dpo.label_smoothing (default 0): objective=dpo",
     )
+    grpo: GrpoSettings = setting(
+        GrpoSettings(),
+        "grpo.num_generations (default 8), .max_completion_length (256), .temperature (1.0), .beta (KL weight, 0), "
+        ".epsilon (0.2), .epsilon_high (null: epsilon), .loss_type (grpo, dr_grpo or dapo, the default), "
+        ".scale_rewards (group, batch or none), .num_iterations (1): objective=grpo, TRL's names and defaults",
+    )
+    reward: str | None = setting(None, "objective=grpo: comma-separated FILE.py:FUNCTION or built-ins (rewards.py)")
+    reward_weights: str | None = setting(None, "objective=grpo: a weight per reward= entry, comma-separated (1.0)")
     chat_template: str | None = setting(None, "SFT prompts as a chat: llama2, llama3, or auto (init_from's)")
     val_fraction: float = setting(0.05, "the last rows of the packed corpus held out for validation")
     data_cache: str = setting("~/.cache/llama_jax", "tokenized corpora and trained tokenizers, by content")
@@ -223,21 +222,7 @@ class TrainConfig:
             self.chat_template is None or self.sft or self.objective == "dpo",
             "chat_template applies to SFT and DPO data: set sft=true or objective=dpo",
         )
-        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
-        if self.objective == "dpo":
-            _check(not self.sft, "objective=dpo reads prompt/chosen/rejected records: drop sft=true")
-            _check(self.init_from is not None, "DPO trains against a reference model: set init_from")
-            _check(
-                self.micro_batch % 2 == 0,
-                f"DPO rows come in pairs (chosen, rejected): batch_size / grad_accum ({self.micro_batch}) must be even",
-            )
-            _check(self.dpo.beta > 0, f"dpo.beta must be positive, got {self.dpo.beta}")
-            _check(self.dpo.loss in DPO_LOSSES, f"dpo.loss must be one of {DPO_LOSSES}, got {self.dpo.loss!r}")
-            _check(
-                0 <= self.dpo.label_smoothing < 0.5,
-                f"dpo.label_smoothing must be in [0, 0.5), got {self.dpo.label_smoothing}",
-            )
-            _check(self.z_loss == 0, "z_loss applies to the next-token loss, not to DPO: set z_loss=0")
+        self._validate_objective()
         _check(
             self.chat_template != CHAT_TEMPLATE_AUTO or self.init_from is not None,
             "chat_template=auto takes the template of init_from's checkpoint: set init_from",
@@ -259,6 +244,24 @@ class TrainConfig:
             all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
             f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}",
         )
+        # Last, so that every other check of a GRPO run's settings is made (and tested) before it.
+        _check(self.objective != "grpo", "objective=grpo: GRPO training is not wired into train.py yet")
+
+    def _validate_objective(self) -> None:
+        """The objective's own settings, and the run's other settings against them."""
+        _check(self.objective in OBJECTIVES, f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "dpo":
+            _check(not self.sft, "objective=dpo reads prompt/chosen/rejected records: drop sft=true")
+            _check(self.init_from is not None, "DPO trains against a reference model: set init_from")
+            self.dpo.validate(self.micro_batch)
+            _check(self.z_loss == 0, "z_loss applies to the next-token loss, not to DPO: set z_loss=0")
+        if self.objective == "grpo":
+            _check(not self.sft, "objective=grpo samples completions to prompt records: drop sft=true")
+            _check(self.dpo == DpoSettings(), "dpo.* settings apply to objective=dpo: drop them")
+            _check(self.init_from is not None, "GRPO fine-tunes a model by its rewards: set init_from")
+            _check(self.z_loss == 0, "z_loss applies to the next-token loss, not to GRPO: set z_loss=0")
+            self.grpo.validate(self.batch_size, self.seq_len)
+            check_rewards(self.reward, self.reward_weights)
 
     @property
     def trained_vocab_size(self) -> int | None:
@@ -312,7 +315,7 @@ def _key_types(cls: type, prefix: str = "") -> dict[str, Any]:
 
 
 KEY_TYPES = _key_types(TrainConfig)
-_NULLS = ("null", "none", "~")
+_NULLS = {True: ("null", "~", "none", ""), False: ("null", "~")}  # by whether the key may be null (see below)
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 
 
@@ -354,7 +357,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """`key=value` strings as a nested dict. Values stay text for OmegaConf to convert to the field's type,
-    except null and, for list fields, a YAML list (a plain string is a one-item list)."""
+    except null (null or ~; none or nothing too where the key may be null, so that a string key may be set to
+    none, grpo.scale_rewards=none) and, for list fields, a YAML list (a plain string is a one-item list)."""
     nested: dict[str, Any] = {}
     for item in overrides:
         key, sep, text = item.partition("=")
@@ -365,7 +369,7 @@ def _parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if key not in KEY_TYPES:
             raise ValueError(_unknown_key(key))
         value: Any = text
-        if text.strip().lower() in _NULLS or (text.strip() == "" and type(None) in typing.get_args(KEY_TYPES[key])):
+        if text.strip().lower() in _NULLS[type(None) in typing.get_args(KEY_TYPES[key])]:
             value = None
         elif typing.get_origin(KEY_TYPES[key]) is tuple:
             value = yaml.safe_load(text) if text.lstrip().startswith("[") else [text]

@@ -1,9 +1,9 @@
 """Training objectives as values: what a step minimises, what it needs from a reference model and what it
 reports. The train and eval steps (`step.py`) are the same for every objective and call it:
 
-    objective = objective_for(config)   # NextTokenLoss (objective=lm) or PreferenceLoss (objective=dpo)
+    objective = objective_for(config)   # NextTokenLoss (lm), PreferenceLoss (dpo) or GrpoLoss (grpo)
 
-    normaliser(batch)              what the batch's loss is a mean over: its target tokens, or its valid pairs
+    normaliser(batch)              what the batch's loss is a mean over: target tokens, valid pairs (GRPO: by loss_type)
     reference_inputs(forward, state, micro)
                                    what the loss needs from the frozen reference model for a micro-batch
                                    (None, tracing no reference pass, when `uses_reference` is False)
@@ -20,22 +20,26 @@ the micro-batch's targets and its log-partition, float32 (rows, seq_len) (`step.
 calls it on whichever parameters it scores: the policy's, the reference's. Dividing every micro-batch's sum by
 the whole batch's normaliser makes any split into micro-batches give the big batch's gradient.
 
-The batch holds `batch_fields`: the five fields of packed rows (`batching.FIELDS`) for both objectives here;
-one trained on rollouts would add its own (per-token advantages, the sampling policy's log-probabilities).
+The batch holds `batch_fields`: the five fields of packed rows (`batching.FIELDS`), and for GRPO, trained on
+rollouts, each completion's advantage on its row's positions.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from numpy.typing import DTypeLike
 
 from llama_jax.train.batching import FIELDS
-from llama_jax.train.config import DpoSettings, TrainConfig
+from llama_jax.train.config import TrainConfig
+from llama_jax.train.grpo_loss import token_losses
+from llama_jax.train.objective_settings import DpoSettings, GrpoSettings
 from llama_jax.train.preference import PAIR_METRICS, pair_losses, response_logprobs, valid_pairs
 from llama_jax.train.state import TrainState
 
@@ -46,7 +50,9 @@ Forward = Callable[..., tuple[jax.Array, jax.Array]]  # forward(params, micro, d
 class Objective(Protocol):
     """What the steps call a training objective for (the module's docstring says what each member is)."""
 
-    uses_reference: ClassVar[bool]  # whether the train state holds a reference model (`state.state_layout`)
+    # Whether the train state holds a reference model (`state.state_layout`): a class constant, or where the
+    # settings decide (GRPO's beta), a property; read from the objective, never from its class.
+    uses_reference: bool
     batch_fields: ClassVar[Mapping[str, DTypeLike]]  # the batch's fields and their dtypes
     summed: ClassVar[tuple[str, ...]]  # the names of `loss`'s sums
     eval_summed: ClassVar[tuple[str, ...]]  # the names of `eval_sums`'s sums
@@ -78,6 +84,8 @@ def objective_for(config: TrainConfig) -> Objective:
     """The objective `config.objective` names, with its settings."""
     if config.objective == "dpo":
         return PreferenceLoss(config.dpo)
+    if config.objective == "grpo":
+        return GrpoLoss(config.grpo)
     return NextTokenLoss(config.z_loss)
 
 
@@ -171,3 +179,103 @@ class PreferenceLoss:
             self._logprobs(nll, micro), reference, jnp.sum(micro["loss_mask"], axis=-1), self.settings
         )
         return {name: jnp.sum(value) for name, value in per_pair.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class GrpoLoss:
+    """GRPO (`grpo_loss.py`: TRL GRPOTrainer's loss) on a batch of rollouts: each row one completion after its
+    prompt, `loss_mask` 1.0 on the targets that are completion tokens, `advantages` the completion's advantage
+    on every position of its row (the rollout loop computes them from the rewards, `grpo_loss.group_advantages`).
+
+    One optimisation pass per batch of rollouts (num_iterations=1): the policy that sampled the completions is
+    the one trained, so the old log-probabilities are the policy's own, without gradient (the ratio is 1 and
+    the clip ratios are 0, as in TRL). With beta > 0 the loss adds the k3 KL to the frozen reference, init_from.
+
+    Whatever the split into micro-batches, the batch's loss is `grpo_loss.reduce_loss` over the whole batch:
+    each micro-batch sums its token losses, weighted for "grpo" by 1 / its row's completion tokens, and the step
+    divides the sums by the whole batch's `normaliser` (rows; rows x max_completion_length; completion tokens).
+    Reported: loss, kl (with a reference; mean over completion tokens), clip_ratio/low_mean, /high_mean,
+    /region_mean and completions/mean_length, under TRL's names (its per-row clip_ratio/low_min and /high_max
+    are not sums, so not reported). Evaluated: the mean NLL of the completion tokens, as NextTokenLoss's; GRPO's
+    own evaluation, a held-out reward, is the rollout loop's."""
+
+    settings: GrpoSettings
+    batch_fields: ClassVar[Mapping[str, DTypeLike]] = {**FIELDS, "advantages": np.float32}
+    summed: ClassVar[tuple[str, ...]] = ("loss", "kl", "low_clipped", "high_clipped", "clipped", "tokens", "rows")
+    eval_summed: ClassVar[tuple[str, ...]] = NextTokenLoss.eval_summed
+
+    @property
+    def uses_reference(self) -> bool:
+        return self.settings.beta > 0
+
+    def normaliser(self, batch: Batch) -> jax.Array:
+        mask = batch["loss_mask"]  # (micro-batches, rows, seq_len)
+        rows = math.prod(mask.shape[:-1])
+        if self.settings.loss_type == "grpo":  # each row's mean over its tokens, then the mean over rows
+            return jnp.float32(rows)
+        if self.settings.loss_type == "dr_grpo":
+            return jnp.float32(rows * self.settings.max_completion_length)
+        return jnp.maximum(jnp.sum(mask), 1.0)  # dapo
+
+    def reference_inputs(self, forward: Forward, state: TrainState, micro: Batch) -> jax.Array | None:
+        """The reference's per-token log-probabilities (rows, seq_len) where beta > 0: no gradient, no dropout."""
+        if not self.uses_reference:
+            return None
+        nll, _ = forward(state.reference_params(), micro)
+        return jax.lax.stop_gradient(-nll)
+
+    def loss(self, forward, params, micro, normaliser, dropout_key, reference):
+        nll, _ = forward(params, micro, dropout_key)
+        logprobs = -nll
+        mask = micro["loss_mask"]
+        settings = self.settings
+        losses = token_losses(
+            logprobs,
+            jax.lax.stop_gradient(logprobs),  # num_iterations=1: the sampling policy is the policy itself
+            reference,
+            micro["advantages"],
+            mask,
+            settings.epsilon,
+            settings.epsilon_high,
+            settings.beta,
+        )
+        weights = mask
+        if settings.loss_type == "grpo":  # a row's tokens share its weight: 1 / its completion tokens
+            weights = mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+        loss_sum = jnp.sum(losses.loss * weights)
+
+        def count(flags):
+            return jnp.sum(flags.astype(mask.dtype) * mask)
+
+        sums = {
+            "loss": loss_sum,
+            "kl": jnp.float32(0) if losses.kl is None else jnp.sum(losses.kl * mask),  # no reference: no KL
+            "low_clipped": count(losses.low_clipped),
+            "high_clipped": count(losses.high_clipped),
+            "clipped": count(losses.low_clipped | losses.high_clipped),
+            "tokens": jnp.sum(mask),
+            "rows": jnp.float32(mask.shape[0]),
+        }
+        return loss_sum / normaliser, sums
+
+    def finite(self, sums):
+        return jnp.isfinite(sums["loss"])
+
+    def train_metrics(self, sums, normaliser):
+        tokens = jnp.maximum(sums["tokens"], 1.0)
+        metrics = {
+            "loss": sums["loss"] / normaliser,
+            "clip_ratio/low_mean": sums["low_clipped"] / tokens,
+            "clip_ratio/high_mean": sums["high_clipped"] / tokens,
+            "clip_ratio/region_mean": sums["clipped"] / tokens,
+            "completions/mean_length": sums["tokens"] / jnp.maximum(sums["rows"], 1.0),
+        }
+        if self.uses_reference:
+            metrics["kl"] = sums["kl"] / tokens
+        return metrics
+
+    def eval_sums(self, forward, params, micro, reference):
+        return NextTokenLoss().eval_sums(forward, params, micro, reference)
+
+    def eval_metrics(self, sums):
+        return NextTokenLoss().eval_metrics(sums)
