@@ -7,8 +7,10 @@ the previous release.
 Random weights of the --preset shape (default: bench-cpu, the CPU-sized benchmark model), made by llama_jax
 and given to transformers through `to-hf`, float32, greedy, no stop ids: prompt i wants exactly wanted[i]
 new tokens, drawn uniformly from 8-256 (as completions ending at their EOS would), its prompt uniformly from
-16-512 random ids. Useful tokens/s = Σ wanted / wall time (prefill included), after a warm-up run of the same
-job for the paths that compile (the transformers paths run once). Side by side in one run:
+16-512 random ids. Useful tokens/s = Σ wanted / wall time (prefill included), after a warm-up job for the
+paths that compile: for the engine, other prompts of lengths drawn alike (the same prompts would find their
+first chunks in its prefix cache); for the earlier commit's paths, the same job (its copy of this script; it
+has no prefix cache). The transformers paths run once. Side by side in one run:
 
   * llama_jax engine: `Engine.generate` with --batch decode slots, each refilled as its request ends;
   * transformers continuous batching: `model.continuous_batching_context_manager` (what `generate_batch` runs:
@@ -149,7 +151,9 @@ def main() -> None:
         flush=True,
     )
     engine = Engine(loaded, EngineSettings(max_num_seqs=args.batch, max_model_len=512 + 256))
-    rows = [("llama_jax engine (continuous batching)", timed(lambda: engine_job(engine, prompts, wanted)))]
+    warm_prompts, _ = job(config, args.prompts, seed=1)  # lengths drawn alike: every program gets compiled
+    engine_job(engine, warm_prompts, wanted)
+    rows = [("llama_jax engine (continuous batching)", timed(lambda: engine_job(engine, prompts, wanted), False))]
     if not args.no_torch:
         import transformers
 
