@@ -181,16 +181,33 @@ def reduce_loss(
     - "dapo": the sum / the number of completion tokens, `total_completion_tokens` when the batch is one
       micro-batch of a larger generation batch (TRL's num_items_in_batch), else this batch's own.
 
-    A row or batch with no completion tokens gives 0, not NaN (the denominators are clamped at 1, as TRL's)."""
-    masked = per_token_loss * mask
+    A row or batch with no completion tokens gives 0, not NaN (the denominators are clamped at 1, as TRL's).
+    It is the weighted token sum over the normaliser (`token_weights`, `loss_normaliser`), the two pieces the
+    train step's objective splits over micro-batches (`objectives.GrpoLoss`)."""
+    tokens = jnp.sum(mask) if total_completion_tokens is None else total_completion_tokens
+    normaliser = loss_normaliser(loss_type, per_token_loss.shape[0], tokens, max_completion_length)
+    return jnp.sum(per_token_loss * token_weights(mask, loss_type)) / normaliser
+
+
+def token_weights(mask: jax.Array, loss_type: LossType) -> jax.Array:
+    """Each token's weight (rows, T) in the batch's loss sum: for "grpo" 1 / its row's completion tokens (a row's
+    mean), else 1; 0 off the completion. A row's weights depend on that row alone, so micro-batches sum alike."""
     if loss_type == "grpo":
-        row_means = jnp.sum(masked, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
-        return jnp.mean(row_means)
+        return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+    return mask
+
+
+def loss_normaliser(
+    loss_type: LossType, rows: int, completion_tokens: jax.Array | float, max_completion_length: int
+) -> jax.Array:
+    """What the weighted token sum is divided by, for the whole batch: its rows ("grpo"), rows ×
+    max_completion_length ("dr_grpo"), its completion tokens clamped at 1 ("dapo")."""
+    if loss_type == "grpo":
+        return jnp.float32(rows)
     if loss_type == "dr_grpo":
-        return jnp.sum(masked) / (per_token_loss.shape[0] * max_completion_length)
+        return jnp.float32(rows * max_completion_length)
     if loss_type == "dapo":
-        tokens = jnp.sum(mask) if total_completion_tokens is None else total_completion_tokens
-        return jnp.sum(masked) / jnp.maximum(tokens, 1.0)
+        return jnp.maximum(jnp.asarray(completion_tokens, jnp.float32), 1.0)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")
 
 

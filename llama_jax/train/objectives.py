@@ -38,7 +38,7 @@ from numpy.typing import DTypeLike
 
 from llama_jax.train.batching import FIELDS
 from llama_jax.train.config import TrainConfig
-from llama_jax.train.grpo_loss import token_losses
+from llama_jax.train.grpo_loss import loss_normaliser, token_losses, token_weights
 from llama_jax.train.objective_settings import DpoSettings, GrpoSettings
 from llama_jax.train.preference import PAIR_METRICS, pair_losses, response_logprobs, valid_pairs
 from llama_jax.train.state import TrainState
@@ -210,12 +210,10 @@ class GrpoLoss:
 
     def normaliser(self, batch: Batch) -> jax.Array:
         mask = batch["loss_mask"]  # (micro-batches, rows, seq_len)
-        rows = math.prod(mask.shape[:-1])
-        if self.settings.loss_type == "grpo":  # each row's mean over its tokens, then the mean over rows
-            return jnp.float32(rows)
-        if self.settings.loss_type == "dr_grpo":
-            return jnp.float32(rows * self.settings.max_completion_length)
-        return jnp.maximum(jnp.sum(mask), 1.0)  # dapo
+        settings = self.settings
+        return loss_normaliser(
+            settings.loss_type, math.prod(mask.shape[:-1]), jnp.sum(mask), settings.max_completion_length
+        )
 
     def reference_inputs(self, forward: Forward, state: TrainState, micro: Batch) -> jax.Array | None:
         """The reference's per-token log-probabilities (rows, seq_len) where beta > 0: no gradient, no dropout."""
@@ -239,10 +237,7 @@ class GrpoLoss:
             settings.epsilon_high,
             settings.beta,
         )
-        weights = mask
-        if settings.loss_type == "grpo":  # a row's tokens share its weight: 1 / its completion tokens
-            weights = mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
-        loss_sum = jnp.sum(losses.loss * weights)
+        loss_sum = jnp.sum(losses.loss * token_weights(mask, settings.loss_type))
 
         def count(flags):
             return jnp.sum(flags.astype(mask.dtype) * mask)
