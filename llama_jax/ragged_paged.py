@@ -34,9 +34,9 @@ def uses_kernel(requested: str, platform: str, kv_cache_dtype: str, head_dim: in
 
 def attend(q: jax.Array, kv_all: jax.Array, layer: jax.Array, page_table: jax.Array, q_index: jax.Array) -> jax.Array:
     """`attention.attend_live_cache` through JAX's ragged paged attention kernel, per device under `shard_map`
-    (heads over tensor, rows over the batch axes). The kernel reads pages of one layer; the stacked pool is handed to it
-    whole, as (layers × pages) pages with each row's page numbers offset to this layer's, so that no layer is
-    copied out of the scan's carry. Each row's queries are the last q_len of its first `q_index[:, -1] + 1`
+    (heads over tensor, rows over the batch axes). The kernel reads pages of one layer; the stacked pool is
+    handed to it whole, as (layers × pages) pages with each row's page numbers offset to this layer's, so that
+    no layer is copied out of the scan's carry. Each row's queries are the last q_len of its first `q_index[:, -1] + 1`
     positions (the kernel's ragged layout); a row's pages it does not hold point at page 0, which it never
     reads (an idle row holds 0 positions)."""
     batch, q_len, heads, head_dim = q.shape
@@ -83,8 +83,8 @@ def _reference(q, kv_pages, kv_lens, page_indices, cu_q_lens, num_seqs, *, sm_sc
     """What the kernel computes, in jittable XLA, for rows of equal query counts (the engine's calls): each row's
     queries attend causally to its first kv_lens positions, its last queries being its last positions. Where
     the kernel cannot run (off TPU: JAX 0.10.2's TPU interpret mode stops at the kernel's reshaped refs,
-    "'ReshapeTransform' object has no attribute 'indices'"), so the layout, the page
-    numbers and the sharding around it are tested on any host."""
+    "'ReshapeTransform' object has no attribute 'indices'"), so the layout, the page numbers and the sharding
+    around it are tested on any host."""
     rows = page_indices.shape[0]
     q_len = q.shape[0] // rows
     _, page_size, combined, head_dim = kv_pages.shape
