@@ -25,14 +25,16 @@ def token_nll(
     chunk: int = LOSS_CHUNK,
     dropout_key: jax.Array | None = None,
     differentiable: bool = True,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood of `targets` and the log-partition log Z, float32, (batch, length).
     `chunk`: positions per logits chunk; 0 projects the whole sequence at once. `dropout_key`: training's
-    (LoRA dropout). `differentiable=False` (evaluation): the platform's flash attention."""
+    (LoRA dropout). `differentiable=False` (evaluation): the platform's flash attention. `temperature`: the
+    logits are divided by it first — the distribution GRPO's completions were sampled from."""
     hidden, _ = model.hidden_states(
         ids, positions, segment_ids=segment_ids, dropout_key=dropout_key, differentiable=differentiable
     )
-    return _by_chunks(lambda h, t: _chunk_nll(model, h, t), hidden, targets, chunk)
+    return _by_chunks(lambda h, t: _chunk_nll(model, h, t, temperature), hidden, targets, chunk)
 
 
 def token_logprobs(model, ids: jax.Array, targets: jax.Array, chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
@@ -65,8 +67,10 @@ def _by_chunks(score, hidden: jax.Array, targets: jax.Array, chunk: int) -> tupl
     return unchunk(first), unchunk(second)
 
 
-def _chunk_nll(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _chunk_nll(model, hidden: jax.Array, targets: jax.Array, temperature: float = 1.0) -> tuple[jax.Array, jax.Array]:
     logits = model.logits(hidden).astype(jnp.float32)
+    if temperature != 1.0:
+        logits = logits / temperature
     log_z = jax.nn.logsumexp(logits, axis=-1)
     target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return log_z - target_logits, log_z

@@ -1,8 +1,8 @@
 """GRPO as the train step's objective (`objectives.GrpoLoss`) and its settings (`grpo.*`, `reward=`): whatever
 the split into micro-batches, the summed loss and its gradient are `grpo_loss.reduce_loss` over the whole batch
 for each loss_type, with and without the KL term, and the reported metrics are `grpo_loss.loss_metrics`'; the
-settings parse and each bad one is one line naming its key; objective=grpo is refused (not wired yet) only once
-every other check has passed. No model: a fake forward pass scores each target token from a table."""
+settings parse and each bad one is one line naming its key; the log-probabilities are those of the logits divided
+by grpo.temperature, as TRL's. No model: a fake forward pass scores each target token from a table."""
 
 from __future__ import annotations
 
@@ -32,14 +32,14 @@ MAX_COMPLETION_LENGTH = 10
 SPLITS = (1, 2, 4)  # micro-batches per batch
 TOLERANCE = dict(rtol=1e-6, atol=1e-7)
 NOT_REPORTED = {"clip_ratio/low_min", "clip_ratio/high_max"}  # per-row extremes, not sums over micro-batches
-# A valid GRPO run's settings: with them objective=grpo reaches the refusal, the last check.
+# A valid GRPO run's settings.
 VALID = ["objective=grpo", "init_from=somewhere", "reward=exact_match:answer", "batch_size=16", "seq_len=512"]
 
 
-def forward(params, micro, dropout_key=None):
-    """A stand-in for the model: each target token's log-probability log σ(table[token]), differentiable in
-    the table; log Z is 0."""
-    nll = jax.nn.softplus(-params["table"][micro["targets"]])
+def forward(params, micro, dropout_key=None, temperature=1.0):
+    """A stand-in for the model: each target token's log-probability log σ(table[token] / temperature),
+    differentiable in the table; log Z is 0."""
+    nll = jax.nn.softplus(-params["table"][micro["targets"]] / temperature)
     return nll, jnp.zeros_like(nll)
 
 
@@ -201,10 +201,27 @@ def test_grpo_keys_parse_from_the_command_line():
     assert DpoSettingsFromConfig is DpoSettings  # still importable from config.py
 
 
-def test_a_valid_grpo_run_is_refused_as_not_wired_yet():
-    with pytest.raises(ValueError) as error:
-        load_train_config(None, VALID)
-    assert str(error.value) == "objective=grpo: GRPO training is not wired into train.py yet"
+def test_a_valid_grpo_run_loads():
+    config = load_train_config(None, VALID)
+    assert config.objective == "grpo" and objective_for(config) == GrpoLoss(config.grpo)
+
+
+def test_the_policy_and_the_reference_are_scored_at_the_sampling_temperature():
+    """TRL divides the logits by the temperature the completions were sampled at, for the policy and the reference:
+    at temperature 0.5 the loss is that of a forward pass whose scores are doubled."""
+    batch = {name: jnp.asarray(value[None]) for name, value in rollout_batch().items()}
+    micro = jax.tree.map(lambda a: a[0], batch)
+    cooled = GrpoLoss(GrpoSettings(num_generations=GENERATIONS, beta=0.04, temperature=0.5))
+    plain = GrpoLoss(GrpoSettings(num_generations=GENERATIONS, beta=0.04))
+    doubled = {"table": 2 * POLICY["table"]}
+    state = types.SimpleNamespace(reference_params=lambda: REFERENCE)
+    doubled_state = types.SimpleNamespace(reference_params=lambda: {"table": 2 * REFERENCE["table"]})
+    reference = cooled.reference_inputs(forward, state, micro)
+    np.testing.assert_allclose(reference, plain.reference_inputs(forward, doubled_state, micro), rtol=1e-6)
+    normaliser = cooled.normaliser(batch)
+    loss, _ = cooled.loss(forward, POLICY, micro, normaliser, None, reference)
+    expected, _ = plain.loss(forward, doubled, micro, normaliser, None, reference)
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,11 @@ def held_out_loss(
             f"{run_dir} is a DPO run: its held-out evaluation is the DPO loss and reward accuracy of its validation "
             "pairs (eval lines of its metrics.jsonl), not a next-token loss"
         )
+    if config.objective == "grpo":
+        raise ValueError(
+            f"{run_dir} is a GRPO run: its held-out evaluation is the reward of its held-out prompts' greedy "
+            "completions (eval lines of its metrics.jsonl), not a next-token loss"
+        )
     model_dir = read_model_dir(run_dir)
     # The run's own tokenizer file (a trained one lives in the run directory); the corpus key covers its
     # bytes, so the cached tokens are found again.

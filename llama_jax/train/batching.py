@@ -172,18 +172,9 @@ class PackedRows:
         """Row ids of step `step`'s batch (batch_size,): a pure function of (seed, step). Pairs are drawn whole
         (batch_size / 2 of them), each as its chosen row then its rejected row."""
         if self.pairs:
-            pair_rows = 2 * self._permuted(step, batch_size // 2, self.n_train // 2, seed)
+            pair_rows = 2 * permuted_indices(step, batch_size // 2, self.n_train // 2, seed)
             return np.stack([pair_rows, pair_rows + 1], axis=1).reshape(-1)
-        return self._permuted(step, batch_size, self.n_train, seed)
-
-    @staticmethod
-    def _permuted(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
-        sample = step * batch_size + np.arange(batch_size, dtype=np.int64)
-        epoch, index = np.divmod(sample, n)
-        rows = np.empty_like(index)
-        for e in np.unique(epoch):
-            rows[epoch == e] = feistel_permutation(index[epoch == e], n, (seed << 32) + int(e))
-        return rows
+        return permuted_indices(step, batch_size, self.n_train, seed)
 
     def val_rows(self, batch_size: int, n_batches: int) -> list[np.ndarray]:
         """The validation rows, in order, as at most n_batches batches; the last is padded with empty rows."""
@@ -192,6 +183,17 @@ class PackedRows:
         count = min(self.n_val, len(ids))
         ids[:count] = self.n_train + np.arange(count)
         return list(ids.reshape(n_batches, batch_size))
+
+
+def permuted_indices(step: int, batch_size: int, n: int, seed: int) -> np.ndarray:
+    """The indices into [0, n) of step `step`'s batch_size samples: sample j = step·batch_size + i is
+    permutation_e(j mod n) of epoch e = j div n, so each epoch visits every index once."""
+    sample = step * batch_size + np.arange(batch_size, dtype=np.int64)
+    epoch, index = np.divmod(sample, n)
+    rows = np.empty_like(index)
+    for e in np.unique(epoch):
+        rows[epoch == e] = feistel_permutation(index[epoch == e], n, (seed << 32) + int(e))
+    return rows
 
 
 def _one_document_per_row(starts: np.ndarray, row_len: int) -> np.ndarray:
@@ -258,11 +260,25 @@ def global_batch(rows: PackedRows, row_ids: np.ndarray, mesh: Mesh) -> dict[str,
     """The global batch for row_ids (grad_accum, micro_batch), sharded over the mesh's batch axes. This
     process builds only the rows its own devices hold."""
     shape = (*row_ids.shape, rows.seq_len)
+    local_ids = np.concatenate([row_ids[:, start:stop] for start, stop in _local_rows(shape, mesh)], axis=1)
+    return _sharded(rows.arrays(local_ids), shape, mesh)
+
+
+def host_batch(fields: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """A batch every process holds whole, (grad_accum, micro_batch, seq_len) per field (GRPO's rollouts, which
+    every process of a job generates alike), sharded over the mesh's batch axes like `global_batch`'s."""
+    shape = next(iter(fields.values())).shape
+    local = _local_rows(shape, mesh)
+    mine = {name: np.concatenate([value[:, a:b] for a, b in local], axis=1) for name, value in fields.items()}
+    return _sharded(mine, shape, mesh)
+
+
+def _local_rows(shape: tuple[int, int, int], mesh: Mesh) -> list[tuple[int, int]]:
+    """The [start, stop) ranges of the micro-batch rows this process's devices hold, in order."""
+    indices = batch_sharding(mesh, shape).addressable_devices_indices_map(shape).values()
+    return sorted({(index[1].start or 0, index[1].stop or shape[1]) for index in indices})
+
+
+def _sharded(local: dict[str, np.ndarray], shape: tuple[int, int, int], mesh: Mesh) -> dict[str, jax.Array]:
     sharding = batch_sharding(mesh, shape)
-    indices = sharding.addressable_devices_indices_map(shape).values()
-    local = sorted({(index[1].start or 0, index[1].stop or shape[1]) for index in indices})
-    local_ids = np.concatenate([row_ids[:, start:stop] for start, stop in local], axis=1)
-    return {
-        name: jax.make_array_from_process_local_data(sharding, value, shape)
-        for name, value in rows.arrays(local_ids).items()
-    }
+    return {name: jax.make_array_from_process_local_data(sharding, value, shape) for name, value in local.items()}

@@ -118,7 +118,8 @@ class TrainConfig:
     objective: str = setting(
         "lm",
         "lm: next-token loss (pretraining, or SFT with sft=true); dpo: Direct Preference Optimization on JSONL "
-        "prompt/chosen/rejected records against init_from as the frozen reference; grpo: GRPO by reward= (to come)",
+        "prompt/chosen/rejected records against init_from as the frozen reference; grpo: GRPO on JSONL prompt "
+        "records, completions sampled by the engine and scored by reward=",
     )
     dpo: DpoSettings = setting(
         DpoSettings(),
@@ -219,8 +220,8 @@ class TrainConfig:
             f"chat_template must be one of {templates} or null, got {self.chat_template!r}",
         )
         _check(
-            self.chat_template is None or self.sft or self.objective == "dpo",
-            "chat_template applies to SFT and DPO data: set sft=true or objective=dpo",
+            self.chat_template is None or self.sft or self.objective != "lm",
+            "chat_template applies to SFT, DPO and GRPO data: set sft=true or objective=dpo|grpo",
         )
         self._validate_objective()
         _check(
@@ -244,8 +245,6 @@ class TrainConfig:
             all(s >= 1 or s == -1 for s in sizes) and sizes.count(-1) <= 1,
             f"mesh sizes must be positive (one may be -1: all remaining devices), got {self.mesh}",
         )
-        # Last, so that every other check of a GRPO run's settings is made (and tested) before it.
-        _check(self.objective != "grpo", "objective=grpo: GRPO training is not wired into train.py yet")
 
     def _validate_objective(self) -> None:
         """The objective's own settings, and the run's other settings against them."""
@@ -260,6 +259,7 @@ class TrainConfig:
             _check(self.dpo == DpoSettings(), "dpo.* settings apply to objective=dpo: drop them")
             _check(self.init_from is not None, "GRPO fine-tunes a model by its rewards: set init_from")
             _check(self.z_loss == 0, "z_loss applies to the next-token loss, not to GRPO: set z_loss=0")
+            _check(self.trained_vocab_size is None, "GRPO samples with init_from's tokenizer: drop tokenizer=train:")
             self.grpo.validate(self.batch_size, self.seq_len)
             check_rewards(self.reward, self.reward_weights)
 

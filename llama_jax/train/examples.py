@@ -23,14 +23,26 @@ def encode_example(
     tokenizer: Tokenizer, prompt: str, response: str, chat_template: str | None
 ) -> tuple[list[int], list[int]]:
     """(ids, weights): weights are 1 on the tokens the model learns to produce."""
+    prompt_ids = encode_prompt(tokenizer, prompt, chat_template)
     if chat_template is None:
-        prompt_ids = tokenizer.encode(prompt, bos=True, eos=False)
         response_ids = tokenizer.encode(response, bos=False, eos=True)
     else:
-        prompt_ids = encode_dialog(tokenizer, chat_template, [{"role": "user", "content": prompt}])
         end = end_of_turn(tokenizer, chat_template)
         response_ids = tokenizer.encode(response.strip(), bos=False, eos=False) + [end]
     return prompt_ids + response_ids, [0] * len(prompt_ids) + [1] * len(response_ids)
+
+
+def encode_prompt(tokenizer: Tokenizer, prompt: str, chat_template: str | None) -> list[int]:
+    """A prompt's ids as the model sees them before its response: BOS + the text, or the user's message in the
+    chat template (BOS included), ready for the assistant's turn."""
+    if chat_template is None:
+        return tokenizer.encode(prompt, bos=True, eos=False)
+    return encode_dialog(tokenizer, chat_template, [{"role": "user", "content": prompt}])
+
+
+def response_end(tokenizer: Tokenizer, chat_template: str | None) -> int:
+    """The id that ends a response: the template's end of turn, or EOS without a template."""
+    return tokenizer.eos_id if chat_template is None else end_of_turn(tokenizer, chat_template)
 
 
 def sft_examples(

@@ -78,6 +78,8 @@ class TrainLogger:
             if self.peak_flops_total:
                 record["mfu"] = record["tokens_per_s"] * self.flops_per_token / self.peak_flops_total
         postfix = {"loss": "n/a" if record["loss"] is None else f"{record['loss']:.3f}"}
+        if "reward" in record:  # GRPO: the mean reward of the step's completions
+            postfix["reward"] = f"{record['reward']:.3f}"
         if "tokens_per_s" in record:
             postfix["tok/s"] = f"{record['tokens_per_s']:,.0f}"
         if "mfu" in record:
@@ -86,8 +88,14 @@ class TrainLogger:
         self._write(step, record, "train")
         return record
 
-    def eval(self, step: int, loss: float, metrics: dict[str, float] | None = None) -> None:
-        """An evaluation: the next-token loss (and its perplexity), or a DPO loss with its `metrics`."""
+    def eval(self, step: int, loss: float | None, metrics: dict[str, float] | None = None) -> None:
+        """An evaluation: the next-token loss (and its perplexity), a DPO loss with its `metrics`, or GRPO's
+        held-out rewards (no loss)."""
+        if loss is None:
+            self._write(step, {"loss": None, **metrics}, "eval")
+            shown = ", ".join(f"{name} {value:.4f}" for name, value in metrics.items())
+            self.message(f"step {step}: held-out (greedy) {shown}")
+            return
         perplexity = math.exp(min(loss, 700.0))
         others = metrics if metrics else {"perplexity": perplexity}
         self._write(step, {"loss": loss, **others}, "eval")
@@ -120,17 +128,21 @@ class TrainLogger:
 
 
 def plot_losses(run_dir: Path) -> None:
-    """RUN_DIR/loss.png from metrics.jsonl: every run of the directory, resumed ones included."""
+    """RUN_DIR/loss.png from metrics.jsonl: every run of the directory, resumed ones included. A GRPO run's
+    plot shows its rewards (the training completions' mean, the held-out greedy ones') instead of losses."""
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     figure, axes = pyplot.subplots(figsize=(7, 4))
+    rewarded = any("reward" in r for r in records)
+    name = "reward" if rewarded else "loss"
     for split, style in (("train", "-"), ("eval", "o-")):
         points = sorted(
-            {r["step"]: r["loss"] for r in records if r["split"] == split and r["loss"] is not None}.items()
+            {r["step"]: r.get(name) for r in records if r["split"] == split and r.get(name) is not None}.items()
         )
         if points:
-            axes.plot(*zip(*points), style, label=f"{split} loss", markersize=4)
+            label = {"train": "training completions", "eval": "held-out (greedy)"}[split] if rewarded else split
+            axes.plot(*zip(*points), style, label=f"{label} {name}", markersize=4)
     axes.set_xlabel("step")
-    axes.set_ylabel("next-token loss (nats)")
+    axes.set_ylabel("mean reward" if rewarded else "next-token loss (nats)")
     axes.set_title(run_dir.name)
     axes.legend()
     axes.grid(alpha=0.3)

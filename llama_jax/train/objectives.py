@@ -44,7 +44,8 @@ from llama_jax.train.preference import PAIR_METRICS, pair_losses, response_logpr
 from llama_jax.train.state import TrainState
 
 Batch = dict[str, jax.Array]  # each field (micro-batches, rows, seq_len), or (rows, seq_len) for a micro-batch
-Forward = Callable[..., tuple[jax.Array, jax.Array]]  # forward(params, micro, dropout_key=None) -> (nll, log_z)
+# forward(params, micro, dropout_key=None, temperature=1.0) -> (nll, log_z) of the logits / temperature
+Forward = Callable[..., tuple[jax.Array, jax.Array]]
 
 
 class Objective(Protocol):
@@ -219,11 +220,12 @@ class GrpoLoss:
         """The reference's per-token log-probabilities (rows, seq_len) where beta > 0: no gradient, no dropout."""
         if not self.uses_reference:
             return None
-        nll, _ = forward(state.reference_params(), micro)
+        nll, _ = forward(state.reference_params(), micro, temperature=self.settings.temperature)
         return jax.lax.stop_gradient(-nll)
 
     def loss(self, forward, params, micro, normaliser, dropout_key, reference):
-        nll, _ = forward(params, micro, dropout_key)
+        # Log-probabilities of the distribution the completions were sampled from, as TRL's (logits / temperature).
+        nll, _ = forward(params, micro, dropout_key, temperature=self.settings.temperature)
         logprobs = -nll
         mask = micro["loss_mask"]
         settings = self.settings

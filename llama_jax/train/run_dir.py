@@ -73,6 +73,8 @@ def run_fingerprint(config: TrainConfig, model_config: ModelConfig, corpus_key: 
     fingerprint = {"model": model, "corpus": corpus_key, **{k: getattr(config, k) for k in TRAJECTORY_KEYS}}
     if config.objective != "lm":  # (absent for next-token runs, so that runs made before DPO existed still resume)
         fingerprint |= {"objective": config.objective, "dpo": dataclasses.asdict(config.dpo)}
+    if config.objective == "grpo":  # what samples and scores the rollouts
+        fingerprint |= {"grpo": dataclasses.asdict(config.grpo), "reward": [config.reward, config.reward_weights]}
     return fingerprint
 
 

@@ -9,6 +9,10 @@ Direct Preference Optimization (`objective=dpo`) reads JSONL preference records:
 
     {"prompt": "Is this a question? ...", "chosen": "Yes", "rejected": "No"}
 
+GRPO (`objective=grpo`) reads JSONL prompt records, whose other fields reach the reward functions:
+
+    {"prompt": "Is this a question? ...", "answer": "Yes"}
+
 A file or record of another shape is one error that names it (`file:line`).
 """
 
@@ -121,3 +125,15 @@ def dpo_records(files: list[Path]) -> Iterator[tuple[str, str, str, str]]:
             if not fields[1].strip() or not fields[2].strip():
                 raise ValueError(f"{where}: the chosen or the rejected response is empty")
             yield where, *fields
+
+
+def grpo_records(files: list[Path]) -> Iterator[tuple[str, str, dict]]:
+    """(where, prompt, the record's other fields) for every prompt record; one clear error for anything else."""
+    for path in files:
+        if not is_jsonl(path):
+            raise ValueError(f'GRPO data must be JSONL files of {{"prompt": ..., FIELD: ...}} records; got {path}')
+        for where, record in jsonl_records(path):
+            prompt = record.pop("prompt", None)
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f'{where}: a GRPO record needs a non-empty string "prompt" field')
+            yield where, prompt, record

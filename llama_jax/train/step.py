@@ -39,13 +39,13 @@ def token_losses(
     batch: dict[str, jax.Array],
     loss_chunk: int = LOSS_CHUNK,
     dropout_key: jax.Array | None = None,
+    temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len), computed
-    without holding the batch's full logits (`loss.token_nll`)."""
+    without holding the batch's full logits (`loss.token_nll`), of the logits divided by `temperature`."""
     model = nnx.merge(graphdef, params)
-    return token_nll(
-        model, batch["inputs"], batch["targets"], batch["positions"], batch["segments"], loss_chunk, dropout_key
-    )
+    inputs = (batch[name] for name in ("inputs", "targets", "positions", "segments"))
+    return token_nll(model, *inputs, loss_chunk, dropout_key, temperature=temperature)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,8 +174,8 @@ def make_eval_step(
 def _forward(graphdef: nnx.GraphDef, loss_chunk: int) -> Forward:
     """What objectives score a micro-batch with, for any parameters: `token_losses` of this model."""
 
-    def forward(params: dict, micro: dict[str, jax.Array], dropout_key: jax.Array | None = None):
-        return token_losses(graphdef, params, micro, loss_chunk, dropout_key)
+    def forward(params: dict, micro: dict[str, jax.Array], dropout_key: jax.Array | None = None, temperature=1.0):
+        return token_losses(graphdef, params, micro, loss_chunk, dropout_key, temperature)
 
     return forward
 

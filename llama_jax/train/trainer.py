@@ -17,7 +17,6 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh
 
 from llama_jax import flops
 from llama_jax.config import ModelConfig
@@ -25,17 +24,16 @@ from llama_jax.inference.api import generate
 from llama_jax.loading import LoadedModel
 from llama_jax.lora import split_adapters
 from llama_jax.model import abstract_state, create_model, init_adapters
-from llama_jax.model_dir import ModelDir, read_model_dir
+from llama_jax.model_dir import read_model_dir
 from llama_jax.quantize import quantize_params
-from llama_jax.sharding import make_mesh, mesh_platform
-from llama_jax.train.batching import PackedRows, check_batch_fits_mesh, global_batch
+from llama_jax.train.batching import global_batch, host_batch
 from llama_jax.train.checkpoints import TrainingCheckpoints
 from llama_jax.train.config import TrainConfig
-from llama_jax.train.data import PreparedData, prepare_data
-from llama_jax.train.init_from import build_model_config, chat_template, resolve_tokenizer
+from llama_jax.train.inputs import Inputs, read_inputs
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.multihost import PreemptionNotice
-from llama_jax.train.run_dir import RunFiles, check_run_dir, has_checkpoints, open_run_dir, run_fingerprint
+from llama_jax.train.rollouts import Rollouts
+from llama_jax.train.run_dir import RunFiles, has_checkpoints, open_run_dir, run_fingerprint
 from llama_jax.train.state import StateLayout, TrainState, init_state
 from llama_jax.train.step import TrainSteps, train_steps
 
@@ -43,21 +41,6 @@ SAMPLE_TEMPERATURE = 0.8
 # Steps in a row whose loss or gradient is not finite (their updates skipped) before the run gives up: one
 # bad batch is weathered, a diverged run stops before it saves again.
 MAX_NONFINITE_STEPS = 3
-
-
-@dataclasses.dataclass(frozen=True)
-class _Inputs:
-    """What a job reads and checks before it writes anything: its settings (the tokenizer named), init_from,
-    the data packed into rows, the mesh and the model."""
-
-    config: TrainConfig
-    run_dir: Path
-    source: ModelDir | None  # init_from
-    chat_template: str | None
-    mesh: Mesh
-    data: PreparedData
-    rows: PackedRows
-    model_config: ModelConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +56,11 @@ class _InitFromWeights:
 class _Job:
     """One training job: what it read, its steps, its checkpoints and the fingerprint saved with them."""
 
-    inputs: _Inputs
+    inputs: Inputs
     steps: TrainSteps
     checkpoints: TrainingCheckpoints
     fingerprint: dict[str, Any]
+    rollouts: Rollouts | None  # GRPO's: the batches are the policy's own completions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +75,17 @@ class _Start:
 def run(config: TrainConfig) -> dict[str, Any]:
     """Check everything and tokenize the data, then create (or check) and lock the run directory, create or
     resume the state and train. Nothing is written before every check has passed."""
-    inputs = _read_and_check(config)
+    inputs = read_inputs(config)
     config = inputs.config
     steps = train_steps(config, inputs.model_config, inputs.mesh)
-    fingerprint = run_fingerprint(config, inputs.model_config, inputs.data.corpus.key)
+    fingerprint = run_fingerprint(config, inputs.model_config, inputs.data_key)
     weights = _init_from_weights(inputs, steps.layout)
     lock = _open_run_dir(inputs, fingerprint)
-    job = _Job(inputs, steps, TrainingCheckpoints(inputs.run_dir, config.keep_checkpoints), fingerprint)
+    rollouts = None
+    if inputs.prompts is not None:
+        rollouts = Rollouts(inputs.prompts, inputs.rewards, config, inputs.chat_template, inputs.rollout_len)
+    checkpoints = TrainingCheckpoints(inputs.run_dir, config.keep_checkpoints)
+    job = _Job(inputs, steps, checkpoints, fingerprint, rollouts)
     start = _start(job, weights)
     logger = TrainLogger(
         inputs.run_dir,
@@ -124,7 +112,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "step": int(jax.device_get(state.step)),
         "train_loss": train_loss,
         "eval_loss": eval_loss,
-        # A DPO loss is no next-token loss: its evaluation reports the pairs' rewards instead.
+        # A DPO loss is no next-token loss (its evaluation reports the pairs' rewards), and GRPO has none.
         "eval_perplexity": None if eval_metrics else math.exp(min(eval_loss, 700.0)),
         **{f"eval_{name}": value for name, value in eval_metrics.items()},
         "vocab_size": inputs.model_config.vocab_size,
@@ -135,38 +123,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
     }
 
 
-def _read_and_check(config: TrainConfig) -> _Inputs:
-    """Read init_from and tokenize the data (or find it in the cache), checking the settings against them
-    and the devices; nothing is written but the data cache."""
-    run_dir = Path(config.run_dir)
-    check_run_dir(run_dir)
-    source = read_model_dir(config.init_from) if config.init_from else None
-    config = resolve_tokenizer(config, source)
-    template = chat_template(config, source)
-    mesh = make_mesh(config.mesh)
-    check_batch_fits_mesh(config, mesh)
-    data = prepare_data(config, template)
-    model_config = build_model_config(
-        config, mesh_platform(mesh), source.config if source else None, data.tokenizer.vocab_size
-    )
-    rows = _packed_rows(config, data)
-    return _Inputs(config, run_dir, source, template, mesh, data, rows, model_config)
-
-
-def _packed_rows(config: TrainConfig, data: PreparedData) -> PackedRows:
-    """The corpus packed into rows, checked to leave the evaluation something to score."""
-    pairs = config.objective == "dpo"
-    rows = PackedRows(data.corpus, config.seq_len, data.tokenizer.pad_id, config.sft, config.val_fraction, pairs)
-    evaluated = rows.val_rows(config.batch_size, config.eval_batches)
-    if rows.supervised_tokens(np.concatenate(evaluated)) == 0:  # an eval loss over nothing would read 0
-        raise ValueError(
-            f"the validation rows the run evaluates hold no response token: {rows.describe_supervision()}; "
-            "raise seq_len, eval_batches or val_fraction"
-        )
-    return rows
-
-
-def _init_from_weights(inputs: _Inputs, layout: StateLayout) -> _InitFromWeights:
+def _init_from_weights(inputs: Inputs, layout: StateLayout) -> _InitFromWeights:
     """init_from's parameters are read (and checked) before the run directory exists, unless it will resume.
     LoRA freezes them (all of them, every run); full fine-tuning starts from them."""
     source, model_config = inputs.source, inputs.model_config
@@ -179,17 +136,17 @@ def _init_from_weights(inputs: _Inputs, layout: StateLayout) -> _InitFromWeights
     return _InitFromWeights(frozen, reference, start)
 
 
-def _open_run_dir(inputs: _Inputs, fingerprint: dict[str, Any]) -> TextIO | None:
+def _open_run_dir(inputs: Inputs, fingerprint: dict[str, Any]) -> TextIO | None:
     """Create the run directory (or check that it holds this run) and lock it: the first process does, and
     holds the returned lock until the job ends; every process waits until it is done."""
     lock = None
     if jax.process_index() == 0:
-        config, model_config, data = inputs.config, inputs.model_config, inputs.data
+        config, model_config = inputs.config, inputs.model_config
         lora_base = Path(config.init_from) if model_config.lora.enabled else None
         files = RunFiles(
             model_config,
-            data.tokenizer_path,
-            data.tokenizer.file_name,
+            inputs.tokenizer_path,
+            inputs.tokenizer.file_name,
             inputs.chat_template,
             config.to_dict(),
             fingerprint,
@@ -223,20 +180,23 @@ def _start(job: _Job, weights: _InitFromWeights) -> _Start:
     return _Start(state, 0, None)
 
 
-def _introduction(inputs: _Inputs, start: _Start) -> list[str]:
+def _introduction(inputs: Inputs, start: _Start) -> list[str]:
     """The run's first lines: the model, what it trains, the data and where it starts."""
     config, model_config, rows = inputs.config, inputs.model_config, inputs.rows
     trained = ""
     if model_config.lora.enabled:
         adapters = sum(a.size for a in jax.tree.leaves(start.state.params))
         trained = f" (LoRA rank {model_config.lora_rank}: {adapters:,} trained, the rest frozen)"
-    lines = [
-        f"{inputs.run_dir}: {model_config.param_count():,} parameters{trained}, "
-        f"{inputs.data.corpus.n_tokens:,} "
-        f"tokens in {rows.n_train} training and {rows.n_val} validation rows of {config.seq_len}"
-        + (f"; resuming at step {start.step}" if start.step else "")
-    ]
-    if rows.supervision is not None:
+    if rows is None:
+        data = inputs.prompts.describe()
+    else:
+        data = (
+            f"{rows.corpus.n_tokens:,} tokens in {rows.n_train} training and {rows.n_val} validation rows of "
+            f"{config.seq_len}"
+        )
+    resuming = f"; resuming at step {start.step}" if start.step else ""
+    lines = [f"{inputs.run_dir}: {model_config.param_count():,} parameters{trained}, {data}{resuming}"]
+    if rows is not None and rows.supervision is not None:
         lines.append(f"{'DPO' if rows.pairs else 'SFT'}: {rows.describe_supervision()}")
     return lines
 
@@ -246,12 +206,12 @@ def _loop(
 ) -> tuple[TrainState, float | None, tuple[float, dict[str, float]], bool]:
     """Train from the start to config.steps (or a preemption): (the state, the last train loss, the last
     evaluation, preempted)."""
-    config, rows, mesh = job.inputs.config, job.inputs.rows, job.inputs.mesh
+    config = job.inputs.config
     state, train_loss, evaluation, preempted = start.state, start.train_loss, None, False
     nonfinite = NonFiniteWatch(job.inputs.run_dir, MAX_NONFINITE_STEPS)
     for step in range(start.step, config.steps):
-        ids = rows.train_rows(step, config.batch_size, config.seed).reshape(config.grad_accum, -1)
-        state, metrics = job.steps.train_step(state, global_batch(rows, ids, mesh))
+        batch, rollout_metrics = _train_batch(job, state, step)
+        state, metrics = job.steps.train_step(state, batch)
         done = step + 1
         nonfinite.observe(done, metrics["skipped"])  # the previous step's flag: the device stays busy
         logger.advance()
@@ -262,7 +222,8 @@ def _loop(
             jax.block_until_ready(metrics)
             logger.restart_clock(done)  # compilation is not training throughput
         if save or done % config.log_every == 0:
-            train_loss = logger.train(done, {k: float(v) for k, v in jax.device_get(metrics).items()})["loss"]
+            step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            train_loss = logger.train(done, step_metrics | rollout_metrics)["loss"]
         if last or done % config.eval_every == 0:
             evaluation = _evaluate(job, state)
             logger.eval(done, *evaluation)
@@ -307,10 +268,25 @@ class NonFiniteWatch:
             )
 
 
-def _evaluate(job: _Job, state: TrainState) -> tuple[float, dict[str, float]]:
+def _train_batch(job: _Job, state: TrainState, step: int) -> tuple[dict[str, jax.Array], dict[str, float]]:
+    """Step `step`'s batch, a function of (seed, step) — for GRPO also of the parameters, which sample it — and
+    what its making measured (GRPO's rewards and rollout time; nothing otherwise)."""
+    config, mesh = job.inputs.config, job.inputs.mesh
+    if job.rollouts is not None:
+        rollout = job.rollouts.collect(_policy(job, state), step)
+        return host_batch(rollout.fields, mesh), rollout.metrics
+    rows = job.inputs.rows
+    ids = rows.train_rows(step, config.batch_size, config.seed).reshape(config.grad_accum, -1)
+    return global_batch(rows, ids, mesh), {}
+
+
+def _evaluate(job: _Job, state: TrainState) -> tuple[float | None, dict[str, float]]:
     """(loss, other metrics) over the validation rows (the same rows every time), as the objective reports
     them: the mean next-token loss; for DPO the mean DPO loss of the validation pairs and their mean rewards
-    and reward accuracy. The eval step sums each batch; the sums of all batches are added here."""
+    and reward accuracy. The eval step sums each batch; the sums of all batches are added here. GRPO has no loss
+    to evaluate: its held-out prompts' greedy completions are scored by the rewards (loss None)."""
+    if job.rollouts is not None:
+        return None, job.rollouts.held_out(_policy(job, state))
     config, rows = job.inputs.config, job.inputs.rows
     sums: dict[str, float] = {}
     for ids in rows.val_rows(config.batch_size, config.eval_batches):
@@ -318,6 +294,14 @@ def _evaluate(job: _Job, state: TrainState) -> tuple[float, dict[str, float]]:
         for name, value in jax.device_get(job.steps.eval_step(state, batch)).items():
             sums[name] = sums.get(name, 0.0) + float(value)
     return job.steps.objective.eval_metrics(sums)
+
+
+def _policy(job: _Job, state: TrainState) -> LoadedModel:
+    """The model being trained as the engine runs it, on the state's own arrays (no copy): with LoRA the frozen
+    base and the adapters as trained."""
+    inputs = job.inputs
+    model = nnx.merge(job.steps.layout.graphdef, state.model_params())
+    return LoadedModel(model, inputs.model_config, inputs.mesh, inputs.tokenizer, inputs.chat_template)
 
 
 def _frozen_base(source, model_config: ModelConfig, mesh, layout: StateLayout) -> dict:
@@ -340,12 +324,11 @@ def _samples(job: _Job, state: TrainState) -> list[dict[str, str]]:
     inputs, config = job.inputs, job.inputs.config
     if config.samples == 0:
         return []
-    model = nnx.merge(job.steps.layout.graphdef, state.model_params())
-    loaded = LoadedModel(model, inputs.model_config, inputs.mesh, inputs.data.tokenizer, inputs.chat_template)
+    loaded = _policy(job, state)
     prompts = list(config.sample_prompts or [""])
     prompts = (prompts * config.samples)[: config.samples]
     # A model fine-tuned on chat-formatted records is asked in the same format (as `infer.py --chat`).
-    chat = (config.sft or config.objective == "dpo") and inputs.chat_template is not None
+    chat = (config.sft or config.objective != "lm") and inputs.chat_template is not None
     completions = generate(
         loaded,
         prompts,

@@ -1,0 +1,178 @@
+"""GRPO's rollouts: a step's prompts completed by the inference engine on the policy's current parameters, scored by
+the reward functions and laid out as the train step's rows.
+
+    rollouts = Rollouts(prompts, rewards, config)
+    batch = rollouts.collect(policy, step)      # Rollout: the step's fields (batch_size, seq_len) and metrics
+    metrics = rollouts.held_out(policy)         # greedy completions of the held-out prompts, their rewards
+
+`policy` is a LoadedModel over the train state's own arrays (no copy; with LoRA the frozen base and the adapters
+as trained). A step's batch_size rows are batch_size / G prompts (`PromptSet.train`: a function of (seed, step)),
+each sampled G = grpo.num_generations times at grpo.temperature, completion c of the run on random stream
+step × batch_size + c — so a run resumed from a checkpoint samples what the uninterrupted one did. The engine
+prefills each prompt's G copies together and decodes all rows in its slots; a completion ends at the chat
+template's end of turn (EOS without a template), which is trained as its last token, or after
+grpo.max_completion_length tokens.
+
+A row is the prompt then the completion, padded: `loss_mask` is 1.0 on the targets that are completion tokens,
+`advantages` the completion's advantage (`grpo_loss.group_advantages`) on every position. On a multi-host job every
+process runs the same engine steps and gets the same completions; the rewards are computed by the first process
+and sent to the others, so that a reward function that is not deterministic cannot make the processes disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from llama_jax.inference.engine import Engine
+from llama_jax.inference.sampling import SamplingParams
+from llama_jax.inference.settings import EngineSettings
+from llama_jax.inference.types import Completion, Request
+from llama_jax.loading import LoadedModel
+from llama_jax.train.config import TrainConfig
+from llama_jax.train.examples import response_end
+from llama_jax.train.grpo_loss import group_advantages
+from llama_jax.train.grpo_prompts import PromptRecord, PromptSet
+from llama_jax.train.rewards import Rewards
+
+
+@dataclasses.dataclass(frozen=True)
+class Rollout:
+    fields: dict[str, np.ndarray]  # the train step's batch fields, (grad_accum, micro_batch, seq_len) each
+    metrics: dict[str, float]  # TRL's names: reward, reward_std, rewards/NAME/mean, frac_reward_zero_std, ...
+
+
+class Rollouts:
+    def __init__(
+        self, prompts: PromptSet, rewards: Rewards, config: TrainConfig, chat_template: str | None, max_len: int
+    ):
+        """`max_len`: the positions a prompt and its completion share (a row's, or the model's if fewer)."""
+        self.prompts, self.rewards, self.config = prompts, rewards, config
+        self.settings = config.grpo
+        # One engine shape for every call, so that its programs compile once per run.
+        self.engine_settings = EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len)
+        self.chat_template = chat_template
+        self.field_names = sorted({name for record in prompts.records for name in record.fields})
+
+    def collect(self, policy: LoadedModel, step: int) -> Rollout:
+        """Step `step`'s rows: its prompts, G completions each, their rewards and advantages."""
+        config, group = self.config, self.settings.num_generations
+        records = [r for r in self.prompts.train(step, config.batch_size // group, config.seed) for _ in range(group)]
+        sampling = SamplingParams(temperature=self.settings.temperature)
+        first_stream = step * config.batch_size
+        start = time.perf_counter()
+        completions = self._generate(policy, records, sampling, first_stream)
+        rollout_s = time.perf_counter() - start
+        totals, per_function = self._score(records, completions)
+        advantages = group_advantages(jnp.asarray(totals), group, self.settings.scale_rewards)
+        end = response_end(policy.tokenizer, self.chat_template)
+        rows = rollout_rows(
+            [r.ids for r in records],
+            completions,
+            end,
+            np.asarray(advantages.advantages),
+            config.seq_len,
+            policy.tokenizer.pad_id,
+        )
+        fields = {name: value.reshape(config.grad_accum, -1, config.seq_len) for name, value in rows.items()}
+        grouped = totals.reshape(-1, group)
+        lengths = np.array([len(c.token_ids) + (c.finish_reason == "stop") for c in completions])
+        stopped = np.array([c.finish_reason == "stop" for c in completions])
+        metrics = {
+            "reward": float(np.mean(totals)),
+            "reward_std": float(np.mean(np.std(grouped, axis=1, ddof=1))),
+            "frac_reward_zero_std": float(advantages.frac_reward_zero_std),
+            **_per_function(per_function),
+            "completions/clipped_ratio": float(np.mean(~stopped)),
+            "completions/mean_terminated_length": float(np.mean(lengths[stopped])) if stopped.any() else 0.0,
+            "rollout_tokens": float(np.sum(lengths)),
+            "rollout_s": rollout_s,
+        }
+        return Rollout(fields, metrics)
+
+    def held_out(self, policy: LoadedModel) -> dict[str, float]:
+        """The held-out prompts' rewards, one greedy completion each (the same every time for the same
+        parameters): `reward` and each function's mean."""
+        records = list(self.prompts.held_out)
+        completions = self._generate(policy, records, SamplingParams(), 0)
+        totals, per_function = self._score(records, completions)
+        means = {name: value for name, value in _per_function(per_function).items() if name.endswith("/mean")}
+        lengths = [len(c.token_ids) for c in completions]
+        return {"reward": float(np.mean(totals)), **means, "completions/mean_length": float(np.mean(lengths))}
+
+    def _generate(
+        self, policy: LoadedModel, records: Sequence[PromptRecord], sampling: SamplingParams, first_stream: int
+    ) -> list[Completion]:
+        settings = self.settings
+        stop = (response_end(policy.tokenizer, self.chat_template),)
+        requests = [
+            Request(record.ids, settings.max_completion_length, sampling, self.config.seed, first_stream + i, stop)
+            for i, record in enumerate(records)
+        ]
+        return Engine(policy, self.engine_settings).generate(requests)
+
+    def _score(
+        self, records: Sequence[PromptRecord], completions: Sequence[Completion]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(each completion's weighted reward, each function's rewards): computed by the first process, the same
+        on every process."""
+        fields = {name: [record.fields.get(name) for record in records] for name in self.field_names}
+        prompts = [record.prompt for record in records]
+        if jax.process_index() == 0:
+            result = self.rewards(prompts, [c.text for c in completions], [c.token_ids for c in completions], fields)
+            table = np.stack([result.total, *result.per_function.values()])
+        else:
+            table = np.zeros((1 + len(self.rewards.names), len(records)), np.float32)
+        if jax.process_count() > 1:
+            table = np.asarray(multihost_utils.broadcast_one_to_all(table))
+        return table[0], dict(zip(self.rewards.names, table[1:]))
+
+
+def rollout_rows(
+    prompt_ids: Sequence[Sequence[int]],
+    completions: Sequence[Completion],
+    end_id: int,
+    advantages: np.ndarray,
+    seq_len: int,
+    pad_id: int,
+) -> dict[str, np.ndarray]:
+    """The train step's fields for each (prompt, completion), (rows, seq_len): the prompt, the completion's tokens
+    and, when it stopped, `end_id`, then padding. Targets that are completion tokens get loss_mask 1.0; every
+    position carries the row's advantage."""
+    n = len(completions)
+    tokens = np.full((n, seq_len + 1), pad_id, np.int32)
+    loss_mask = np.zeros((n, seq_len), np.float32)
+    lengths = np.zeros(n, np.int64)
+    for row, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
+        ids = [*prompt, *completion.token_ids, *([end_id] if completion.finish_reason == "stop" else [])]
+        if len(ids) > seq_len + 1:
+            raise ValueError(f"a rollout of {len(ids)} tokens does not fit a row of {seq_len + 1}")
+        tokens[row, : len(ids)] = ids
+        loss_mask[row, len(prompt) - 1 : len(ids) - 1] = 1.0
+        lengths[row] = len(ids)
+    steps = np.arange(seq_len)
+    real = steps[None, :] < lengths[:, None]  # an input that is a token of the row, not padding
+    return {
+        "inputs": tokens[:, :-1],
+        "targets": tokens[:, 1:],
+        "positions": np.where(real, steps, 0).astype(np.int32),
+        "segments": real.astype(np.int32),
+        "loss_mask": loss_mask,
+        "advantages": np.repeat(np.asarray(advantages, np.float32)[:, None], seq_len, axis=1),
+    }
+
+
+def _per_function(per_function: dict[str, np.ndarray]) -> dict[str, float]:
+    """rewards/NAME/mean and /std over the completions a function scored (NaN: it returned None)."""
+    metrics = {}
+    for name, values in per_function.items():
+        scored = values[~np.isnan(values)]
+        metrics[f"rewards/{name}/mean"] = float(np.mean(scored)) if scored.size else 0.0
+        metrics[f"rewards/{name}/std"] = float(np.std(scored, ddof=1)) if scored.size > 1 else 0.0
+    return metrics

@@ -1,0 +1,163 @@
+"""GRPO on train.py (`objective=grpo`), end to end on the real stories260K: the engine samples G completions per
+prompt from the policy's own parameters, the rewards score them, the rows train only on completion tokens; the
+metrics are TRL's; a run that lost its last checkpoint resumes to the same rollouts and losses; bad prompts and
+rewards stop the run with one line. The loss formulas themselves are checked against TRL in test_grpo_loss.py
+and test_grpo_objective.py."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_jax.inference.types import Completion
+from llama_jax.train import run
+from llama_jax.train.config import load_train_config
+from llama_jax.train.rollouts import rollout_rows
+
+pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+PROMPTS = ["Once upon a time", "Lily and Tom", "The big dog", "One day, a little", "Sam had a red"]
+# A reward file as a user writes one for TRL: the signature, and fields of the record by keyword.
+REWARD_FILE = """
+def names_the_hero(completions, hero, **kwargs):
+    return [1.0 if h in c else 0.0 for c, h in zip(completions, hero)]
+"""
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("grpo_task")
+    records = [{"prompt": p, "hero": hero} for p in PROMPTS for hero in ("Lily", "Tom")]
+    (folder / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (folder / "reward.py").write_text(REWARD_FILE)
+    return folder
+
+
+def grpo_config(stories_model: Path, task: Path, run_dir: Path, *extra: str):
+    return load_train_config(
+        None,
+        [
+            f"init_from={stories_model}",
+            "objective=grpo",
+            f"data={task / 'prompts.jsonl'}",
+            f"reward={task / 'reward.py'}:names_the_hero,regex:\\.$",
+            "reward_weights=1,0.5",
+            "grpo.num_generations=4",
+            "grpo.max_completion_length=24",
+            "grpo.beta=0.04",
+            "seq_len=40",
+            "batch_size=8",  # 2 prompts a step
+            f"steps={STEPS}",
+            "lr=1e-3",
+            "warmup=1",
+            "eval_every=3",
+            "checkpoint_every=3",
+            "log_every=1",
+            "val_fraction=0.2",
+            "samples=0",
+            f"run_dir={run_dir}",
+            *extra,
+        ],
+    )
+
+
+def records(run_dir: Path, split: str) -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.fixture(scope="module")
+def trained(stories_model, task, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("grpo") / "run"
+    return run_dir, run(grpo_config(stories_model, task, run_dir))
+
+
+def test_a_grpo_run_reports_trls_metrics_and_its_held_out_reward(trained):
+    run_dir, result = trained
+    train = records(run_dir, "train")
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    names = {
+        "loss",
+        "reward",
+        "reward_std",
+        "frac_reward_zero_std",
+        "rewards/names_the_hero/mean",
+        "rewards/regex:\\.$/mean",
+        "kl",
+        "clip_ratio/region_mean",
+        "completions/mean_length",
+        "completions/clipped_ratio",
+        "rollout_s",
+    }
+    assert names <= set(train[0]), sorted(train[0])
+    # Step 1's policy is its reference (init_from), so the k3 KL is 0; later steps have moved away from it.
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-7)
+    assert max(r["kl"] for r in train[1:]) > 0
+    # One optimisation pass per batch: the ratio is exactly 1 and nothing is clipped (as in TRL).
+    assert all(r["clip_ratio/region_mean"] == 0 for r in train)
+    for r in train:  # the total is the weighted sum of the functions' means
+        total = r["rewards/names_the_hero/mean"] + 0.5 * r["rewards/regex:\\.$/mean"]
+        assert r["reward"] == pytest.approx(total, abs=1e-6)
+        assert 0 < r["completions/mean_length"] <= 24
+    evals = records(run_dir, "eval")
+    assert [r["step"] for r in evals] == [3, 6] and all(r["loss"] is None for r in evals)
+    assert result["eval_loss"] is None and result["eval_reward"] == evals[-1]["reward"]
+    assert result["step"] == STEPS and result["checkpoint_step"] == STEPS
+    assert (run_dir / "loss.png").is_file()
+
+
+def test_a_grpo_run_that_lost_its_last_checkpoint_resumes_to_the_same_rollouts(trained, stories_model, task, tmp_path):
+    """Rollouts are a function of (seed, step) and the restored parameters: the resumed steps 4-6 sample the same
+    completions (same rewards, lengths) and so compute the same losses as the uninterrupted run."""
+    run_dir, result = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(copy / "checkpoints" / str(STEPS))
+    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(run_dir, "train")[:3]))
+    resumed = run(grpo_config(stories_model, task, copy))
+    compared = ("loss", "reward", "kl", "completions/mean_length", "grad_norm")
+    first, again = records(run_dir, "train")[3:], records(copy, "train")[3:]
+    assert [[r[k] for k in compared] for r in again] == [[r[k] for k in compared] for r in first]
+    assert resumed["eval_reward"] == result["eval_reward"]
+
+
+def test_a_rollout_row_is_its_prompt_then_its_completion_trained_on_the_completion_only():
+    prompts = [[1, 5, 6], [1, 7]]
+    completions = [Completion([8, 9], "", "stop", []), Completion([10, 11, 12], "", "length", [])]
+    rows = rollout_rows(prompts, completions, end_id=2, advantages=np.array([0.5, -1.0]), seq_len=7, pad_id=0)
+    # Row 0: prompt 1 5 6, completion 8 9, then the end id it stopped at (trained too); row 1 ran out of tokens.
+    np.testing.assert_array_equal(rows["inputs"], [[1, 5, 6, 8, 9, 2, 0], [1, 7, 10, 11, 12, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[5, 6, 8, 9, 2, 0, 0], [7, 10, 11, 12, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1, 1, 1, 0, 0], [0, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["segments"], [[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0, 0]])
+    np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 5, 0])
+    np.testing.assert_array_equal(rows["advantages"][:, 0], [0.5, -1.0])
+    assert (rows["advantages"] == rows["advantages"][:, :1]).all()
+    with pytest.raises(ValueError, match="does not fit a row"):
+        rollout_rows(prompts, completions, 2, np.zeros(2), seq_len=4, pad_id=0)
+
+
+def test_a_prompt_without_room_for_its_completion_is_refused_before_anything_is_written(stories_model, task, tmp_path):
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps({"prompt": p, "hero": "Lily"}) + "\n" for p in PROMPTS + ["word " * 30]))
+    with pytest.raises(ValueError, match=r"long.jsonl:6: the prompt is \d+ tokens; with grpo.max_completion_length"):
+        run(grpo_config(stories_model, task, tmp_path / "run", f"data={data}"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reward_that_raises_stops_the_run_with_one_line_naming_it(stories_model, task, tmp_path):
+    (tmp_path / "bad.py").write_text("def score(completions, **kwargs):\n    return [1 / 0 for _ in completions]\n")
+    args = [f"init_from={stories_model}", f"data={task / 'prompts.jsonl'}", f"run_dir={tmp_path / 'run'}"]
+    args += [f"reward={tmp_path / 'bad.py'}:score", "objective=grpo", "grpo.num_generations=2", "batch_size=2"]
+    args += ["grpo.max_completion_length=4", "seq_len=32", "steps=1", "samples=0"]
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "bad.py:score" in errors[0] and "ZeroDivisionError" in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
