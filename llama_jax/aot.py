@@ -90,10 +90,13 @@ def compile_function(
     workload: Workload,
     attention: str,
     status: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True),
+    resident_bytes: int = 0,
 ) -> FunctionReport:
     """Compile what `lower()` lowers (a jitted function over arguments sharded on `mesh`, a TPU slice's) and
     read what it needs. `attention`: the implementation the model was configured with, confirmed from the
-    compiled program for "splash". `status` gets a line as compiling starts and one with the time it took."""
+    compiled program for "splash". `status` gets a line as compiling starts and one with the time it took.
+    `resident_bytes` (per chip): what stays in HBM beside the program's arguments while it runs — GRPO's
+    rollouts run with the optimizer state held — counted in its peak."""
     device = mesh.devices.flat[0]
     spec = chip_spec(device.device_kind)
     if spec is None:
@@ -118,15 +121,20 @@ def compile_function(
         if needed is None:
             raise
         status(f"{name}: does not fit ({time.perf_counter() - started:.1f} s)")
-        return FunctionReport(name, attention, 0, 0, needed, hbm, False, **bounds, error="does not fit in HBM")
+        return FunctionReport(
+            name, attention, 0, 0, needed + resident_bytes, hbm, False, **bounds, error="does not fit in HBM"
+        )
     done = time.perf_counter()
     status(f"{name}: lowered in {lowered_at - started:.1f} s, compiled in {done - lowered_at:.1f} s")
     memory = compiled.memory_analysis()
-    peak = getattr(memory, "peak_memory_in_bytes", 0) or (
-        memory.argument_size_in_bytes
-        + memory.output_size_in_bytes
-        + memory.temp_size_in_bytes
-        - memory.alias_size_in_bytes
+    peak = resident_bytes + (
+        getattr(memory, "peak_memory_in_bytes", 0)
+        or (
+            memory.argument_size_in_bytes
+            + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes
+            - memory.alias_size_in_bytes
+        )
     )
     program = compiled.as_text()
     kernel_call = {"splash": MOSAIC_CALL, "ragged_paged": MOSAIC_CALL, "cudnn": CUDNN_ATTENTION_CALL}.get(attention)

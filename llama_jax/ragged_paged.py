@@ -32,6 +32,20 @@ def uses_kernel(requested: str, platform: str, kv_cache_dtype: str, head_dim: in
     return wanted and kv_cache_dtype != "int8" and (head_dim % 128 == 0 or platform != "tpu")
 
 
+# The bytes of one block of keys and values the kernel brings into VMEM (it double-buffers them): a v5e's scoped
+# VMEM is 16 MiB, which a block of 2,048 positions of Llama 3 8B's 8 KV heads (16 MiB) overflows.
+KV_BLOCK_BYTES = 4 << 20
+
+
+def kv_pages_per_block(flat: jax.Array, table_width: int) -> int:
+    """Pages per KV block: at most 2,048 positions (the kernel's own default, given here because its tuning table
+    looks up the devices of this host, which may be a CPU compiling for a TPU) and at most KV_BLOCK_BYTES of
+    this device's pages (its share of the heads)."""
+    _, page_size, combined, head_dim = flat.shape
+    page_bytes = page_size * combined * head_dim * flat.dtype.itemsize
+    return max(1, min(table_width, 2048 // page_size, KV_BLOCK_BYTES // page_bytes))
+
+
 def attend(q: jax.Array, kv_all: jax.Array, layer: jax.Array, page_table: jax.Array, q_index: jax.Array) -> jax.Array:
     """`attention.attend_live_cache` through JAX's ragged paged attention kernel, per device under `shard_map`
     (heads over tensor, rows over the batch axes). The kernel reads pages of one layer; the stacked pool is
@@ -44,18 +58,16 @@ def attend(q: jax.Array, kv_all: jax.Array, layer: jax.Array, page_table: jax.Ar
     flat = kv_all.reshape(layers * pages, page_size, combined, head_dim)
     tables = jnp.clip(page_table[:batch], 0, pages - 1) + layer * pages
     kv_lens = jnp.maximum(q_index[:, -1] + 1, 0).astype(jnp.int32)
-    if current_platform() == "tpu":
-        # Blocks of 2,048 positions and 32 queries: the kernel's own default for pages of 16, given here because
-        # its tuning table looks up the devices of this host, which may be a CPU compiling for a TPU.
-        kernel = functools.partial(
-            ragged_paged_attention,
-            num_kv_pages_per_block=max(1, min(tables.shape[1], 2048 // page_size)),
-            num_queries_per_block=min(batch * q_len, 32),
-        )
-    else:
-        kernel = _reference
+    on_tpu = current_platform() == "tpu"
 
     def per_device(q, flat, tables, kv_lens):
+        kernel = _reference
+        if on_tpu:
+            kernel = functools.partial(
+                ragged_paged_attention,
+                num_kv_pages_per_block=kv_pages_per_block(flat, tables.shape[1]),
+                num_queries_per_block=min(q.shape[0] * q_len, 32),
+            )
         rows = q.shape[0]
         cu_q_lens = jnp.arange(rows + 1, dtype=jnp.int32) * q_len
         packed = q.reshape(rows * q_len, *q.shape[2:])

@@ -106,7 +106,9 @@ def test_a_grpo_run_reports_trls_metrics_and_its_held_out_reward(trained):
         assert r["reward"] == pytest.approx(total, abs=1e-6)
         assert 0 < r["completions/mean_length"] <= 24
     evals = records(run_dir, "eval")
-    assert [r["step"] for r in evals] == [3, 6] and all(r["loss"] is None for r in evals)
+    # Step 0 too: the curve starts from init_from. Greedy and sampled, the loss None (GRPO has none to evaluate).
+    assert [r["step"] for r in evals] == [0, 3, 6] and all(r["loss"] is None for r in evals)
+    assert all(0 <= r["reward"] <= 1.5 and 0 <= r["sampled/reward"] <= 1.5 for r in evals)
     assert result["eval_loss"] is None and result["eval_reward"] == evals[-1]["reward"]
     assert result["step"] == STEPS and result["checkpoint_step"] == STEPS
     assert (run_dir / "loss.png").is_file()

@@ -147,6 +147,31 @@ def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_and_ragge
 
 
 @needs_libtpu
+def test_a_grpo_run_compiles_its_train_step_and_its_rollouts_beside_the_optimizer_state(tpu_precision, tmp_path):
+    """GRPO's --compile-for: the train step and the engine's rollout programs on the same weights (prefill of the
+    longest prompt that leaves room for a completion, decode of batch_size sequences through the paged kernel).
+    A rollout program's peak counts the optimizer state held while it runs: full fine-tuning's AdamW moments
+    (8 bytes a parameter) are in it; LoRA's are a few adapters'."""
+    from llama_jax.model_dir import write_config
+    from llama_jax.train.compile import compile_training
+    from llama_jax.train.init_from import build_model_config
+
+    model = build_model_config(load_train_config(None, TINY), "tpu").replace(head_dim=128)
+    write_config(tmp_path, model, None, None)
+    grpo = [f"init_from={tmp_path}", "objective=grpo", "reward=exact_match:answer", "grpo.num_generations=4"]
+    run = [setting for setting in TINY if not setting.startswith("model")]  # the model is init_from's
+    peaks = {}
+    for name, extra in (("full", []), ("lora", ["lora.rank=8"])):
+        config = load_train_config(None, [*run, *grpo, "grpo.max_completion_length=64", *extra])
+        reports = compile_training(config, tpu_slice("v5e-1"))
+        assert [r.name for r in reports] == ["train_step", "rollout_prefill_256", "rollout_decode"]
+        assert all(r.fits for r in reports) and reports[2].attention == "ragged_paged"
+        peaks[name] = reports[2].peak_bytes
+    moments = 8 * model.param_count()
+    assert peaks["full"] > moments > peaks["lora"], (peaks, moments)
+
+
+@needs_libtpu
 def test_infer_compiles_for_a_slice_of_four_hosts(tmp_path):
     """v5e-16: four TPU VMs of four chips each, which a multi-host infer.py or server runs on: the engine's
     programs compile for all 16 chips, and the report says how many hosts they span."""

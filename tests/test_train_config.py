@@ -79,7 +79,7 @@ def test_yaml_nesting_and_command_line_precedence(tmp_path):
         ("batch_size=6", "batch_size (6) must be a multiple of grad_accum (4)"),
         ("tokenizer=train:abc", "VOCAB must be an integer"),
         ("dtype=float8", "dtype must be one of"),
-        ("chat_template=llama3", "chat_template applies to SFT and DPO data"),
+        ("chat_template=llama3", "chat_template applies to SFT, DPO and GRPO data"),
         ("mesh.fsdp=0", "mesh sizes must be positive"),
         ("steps", "expected key=value"),
         ("model.dim=wide", "bad value for model.dim: expected an integer, got 'wide'"),

@@ -34,6 +34,20 @@ def compile_inference(
     KV cache's page pool holds (`kv_cache_report`)."""
     mesh = make_mesh(mesh_config, target_devices(target))
     model = spread_kv_heads(model, mesh)  # as `load` would place the weights on this mesh
+    return compile_engine(model, mesh, settings, prompt_lens)
+
+
+def compile_engine(
+    model: ModelConfig,
+    mesh,
+    settings: EngineSettings,
+    prompt_lens: list[int],
+    resident_bytes: int = 0,
+    prefix: str = "",
+) -> tuple[list[FunctionReport], dict]:
+    """`compile_inference`'s programs for a model already shaped for `mesh` (a training job's, whose GRPO rollouts
+    run the engine on the train state's weights): each report named `prefix` + the program's name, its peak
+    counting `resident_bytes` per chip held beside it (the optimizer state)."""
     programs = EnginePrograms.abstract(model, mesh, settings)
     prefill_attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh), differentiable=False)
     rows = programs.prefill_rows_for(programs.prefill_rows)
@@ -54,7 +68,8 @@ def compile_inference(
         else:
             workload, attention = decode_workload(model, mesh, programs.slots, programs.cache_len), paged
         lower = lambda program=program: programs.lower(program)  # noqa: E731
-        reports.append(compile_function(program.name, lower, mesh, workload, attention))
+        name = prefix + program.name
+        reports.append(compile_function(name, lower, mesh, workload, attention, resident_bytes=resident_bytes))
     return reports, kv_cache_report(programs)
 
 

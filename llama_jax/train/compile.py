@@ -1,5 +1,5 @@
 """`train.py --compile-for TARGET`: compile a recipe's train and eval steps for a TPU slice (or several over DCN)
-or the GPUs of one host, on any host.
+or the GPUs of one host, on any host; for GRPO the train step and the engine's rollout programs.
 
 No data, tokenizer or weights are read: the vocabulary comes from the model config (an init_from directory
 contributes its config.json only), the batch and the train state are `jax.ShapeDtypeStruct`s sharded over
@@ -7,6 +7,8 @@ the target's devices, and nothing runs on them.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -16,12 +18,16 @@ from llama_jax.aot import FunctionReport, Workload, compile_function
 from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
 from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
+from llama_jax.inference.compile import compile_engine
+from llama_jax.inference.settings import EngineSettings
 from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train.batching import batch_sharding, check_batch_fits_mesh
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.init_from import build_model_config
 from llama_jax.train.objectives import Objective
+from llama_jax.train.rollouts import PREFILL_ROWS
+from llama_jax.train.state import StateLayout
 from llama_jax.train.step import train_steps
 
 # Bytes per parameter the optimizer update moves: the float32 parameter read and written, its float32
@@ -41,22 +47,45 @@ def compile_training(config: TrainConfig, target: TpuSlice | GpuTarget) -> list[
         for name, dtype in steps.objective.batch_fields.items()
     }
     attention = choose_implementation(model.attention, model.dtype, mesh_platform(mesh))
-    return [
+    reports = [
         compile_function(
             "train_step",
             lambda: steps.train_step.lower(steps.layout.abstract, batch),
             mesh,
             train_workload(model, config, mesh, steps.objective),
             attention,
-        ),
-        compile_function(
-            "eval_step",
-            lambda: steps.eval_step.lower(steps.layout.abstract, batch),
-            mesh,
-            eval_workload(model, config, mesh),
-            attention,
-        ),
+        )
     ]
+    if config.objective == "grpo":  # its evaluation is rollouts of held-out prompts, not the eval step
+        return reports + compile_rollouts(config, model, mesh, steps.layout)
+    eval_step = compile_function(
+        "eval_step",
+        lambda: steps.eval_step.lower(steps.layout.abstract, batch),
+        mesh,
+        eval_workload(model, config, mesh),
+        attention,
+    )
+    return reports + [eval_step]
+
+
+def compile_rollouts(config: TrainConfig, model: ModelConfig, mesh, layout: StateLayout) -> list[FunctionReport]:
+    """GRPO's rollout programs as `rollouts.Rollouts` runs them on the policy's own parameters: the prefill of the
+    longest prompt that leaves room for a completion (a step's prompts in one call) and the decode loop of
+    batch_size sequences. While they run the optimizer state (and a reference copy, if any) stays in HBM: counted
+    in their peak, so "fits" means the rollouts fit beside the train state."""
+    max_len = min(config.seq_len + 1, model.max_seq_len)
+    settings = EngineSettings(
+        max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=min(config.batch_size, PREFILL_ROWS)
+    )
+    held = per_chip_bytes(layout.abstract.opt_state) + per_chip_bytes(layout.abstract.reference)
+    prompt = max_len - config.grpo.max_completion_length
+    reports, _ = compile_engine(model, mesh, settings, [prompt], resident_bytes=held, prefix="rollout_")
+    return reports
+
+
+def per_chip_bytes(tree) -> int:
+    """The bytes one chip holds of a tree of sharded ShapeDtypeStructs (the first device's share)."""
+    return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
 def train_workload(model: ModelConfig, config: TrainConfig, mesh, objective: Objective) -> Workload:

@@ -129,18 +129,24 @@ class TrainLogger:
 
 def plot_losses(run_dir: Path) -> None:
     """RUN_DIR/loss.png from metrics.jsonl: every run of the directory, resumed ones included. A GRPO run's
-    plot shows its rewards (the training completions' mean, the held-out greedy ones') instead of losses."""
+    plot shows its rewards (the training completions' mean, the held-out prompts' greedy and sampled ones) instead
+    of losses."""
     records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     figure, axes = pyplot.subplots(figsize=(7, 4))
     rewarded = any("reward" in r for r in records)
-    name = "reward" if rewarded else "loss"
-    for split, style in (("train", "-"), ("eval", "o-")):
+    curves = [("train", "loss", "train loss", "-"), ("eval", "loss", "eval loss", "o-")]
+    if rewarded:
+        curves = [
+            ("train", "reward", "training completions' reward", "-"),
+            ("eval", "reward", "held-out reward (greedy)", "o-"),
+            ("eval", "sampled/reward", "held-out reward (sampled)", "s--"),
+        ]
+    for split, name, label, style in curves:
         points = sorted(
             {r["step"]: r.get(name) for r in records if r["split"] == split and r.get(name) is not None}.items()
         )
         if points:
-            label = {"train": "training completions", "eval": "held-out (greedy)"}[split] if rewarded else split
-            axes.plot(*zip(*points), style, label=f"{label} {name}", markersize=4)
+            axes.plot(*zip(*points), style, label=label, markersize=4)
     axes.set_xlabel("step")
     axes.set_ylabel("mean reward" if rewarded else "next-token loss (nats)")
     axes.set_title(run_dir.name)

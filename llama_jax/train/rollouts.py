@@ -3,7 +3,7 @@ the reward functions and laid out as the train step's rows.
 
     rollouts = Rollouts(prompts, rewards, config)
     batch = rollouts.collect(policy, step)      # Rollout: the step's fields (batch_size, seq_len) and metrics
-    metrics = rollouts.held_out(policy)         # greedy completions of the held-out prompts, their rewards
+    metrics = rollouts.held_out(policy)         # the held-out prompts' rewards, greedy and sampled
 
 `policy` is a LoadedModel over the train state's own arrays (no copy; with LoRA the frozen base and the adapters
 as trained). A step's batch_size rows are batch_size / G prompts (`PromptSet.train`: a function of (seed, step)),
@@ -41,6 +41,11 @@ from llama_jax.train.grpo_loss import group_advantages
 from llama_jax.train.grpo_prompts import PromptRecord, PromptSet
 from llama_jax.train.rewards import Rewards
 
+# The held-out prompts' sampled completions draw from random streams no training completion uses (those count
+# from 0: step × batch_size + completion).
+HELD_OUT_STREAMS = 1 << 30
+PREFILL_ROWS = 64
+
 
 @dataclasses.dataclass(frozen=True)
 class Rollout:
@@ -55,8 +60,10 @@ class Rollouts:
         """`max_len`: the positions a prompt and its completion share (a row's, or the model's if fewer)."""
         self.prompts, self.rewards, self.config = prompts, rewards, config
         self.settings = config.grpo
-        # One engine shape for every call, so that its programs compile once per run.
-        self.engine_settings = EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len)
+        # One engine shape for every call, so that its programs compile once per run; a step's prompts prefilled
+        # in one call (up to PREFILL_ROWS), not the engine's default few at a time between decode steps.
+        rows = min(config.batch_size, PREFILL_ROWS)
+        self.engine_settings = EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=rows)
         self.chat_template = chat_template
         self.field_names = sorted({name for record in prompts.records for name in record.fields})
 
@@ -97,14 +104,21 @@ class Rollouts:
         return Rollout(fields, metrics)
 
     def held_out(self, policy: LoadedModel) -> dict[str, float]:
-        """The held-out prompts' rewards, one greedy completion each (the same every time for the same
-        parameters): `reward` and each function's mean."""
+        """The held-out prompts' rewards: `reward` and each function's mean over one greedy completion per prompt
+        (the same every time for the same parameters), and `sampled/reward` over one completion per prompt sampled
+        at grpo.temperature, as training samples (the same random streams at every evaluation)."""
         records = list(self.prompts.held_out)
-        completions = self._generate(policy, records, SamplingParams(), 0)
-        totals, per_function = self._score(records, completions)
+        greedy = self._generate(policy, records, SamplingParams(), 0)
+        totals, per_function = self._score(records, greedy)
         means = {name: value for name, value in _per_function(per_function).items() if name.endswith("/mean")}
-        lengths = [len(c.token_ids) for c in completions]
-        return {"reward": float(np.mean(totals)), **means, "completions/mean_length": float(np.mean(lengths))}
+        sampling = SamplingParams(temperature=self.settings.temperature)
+        sampled, _ = self._score(records, self._generate(policy, records, sampling, HELD_OUT_STREAMS))
+        return {
+            "reward": float(np.mean(totals)),
+            **means,
+            "completions/mean_length": float(np.mean([len(c.token_ids) for c in greedy])),
+            "sampled/reward": float(np.mean(sampled)),
+        }
 
     def _generate(
         self, policy: LoadedModel, records: Sequence[PromptRecord], sampling: SamplingParams, first_stream: int

@@ -209,6 +209,9 @@ def _loop(
     config = job.inputs.config
     state, train_loss, evaluation, preempted = start.state, start.train_loss, None, False
     nonfinite = NonFiniteWatch(job.inputs.run_dir, MAX_NONFINITE_STEPS)
+    if job.rollouts is not None and start.step == 0:  # GRPO's curve starts from the model it was given
+        logger.eval(0, *_evaluate(job, state))
+        logger.restart_clock(0)
     for step in range(start.step, config.steps):
         batch, rollout_metrics = _train_batch(job, state, step)
         state, metrics = job.steps.train_step(state, batch)
@@ -273,6 +276,9 @@ def _train_batch(job: _Job, state: TrainState, step: int) -> tuple[dict[str, jax
     what its making measured (GRPO's rewards and rollout time; nothing otherwise)."""
     config, mesh = job.inputs.config, job.inputs.mesh
     if job.rollouts is not None:
+        # The rollout reads the parameters the last step makes: waiting for them here (it would wait anyway)
+        # keeps its rollout_s the rollout's own time.
+        jax.block_until_ready(state.params)
         rollout = job.rollouts.collect(_policy(job, state), step)
         return host_batch(rollout.fields, mesh), rollout.metrics
     rows = job.inputs.rows
