@@ -91,7 +91,7 @@ def run_ours(args, run_dir: Path) -> dict:
         step_s=step_s,
         rollout_s=rollout_s,
         update_s=[s - r for s, r in zip(step_s, rollout_s)],
-        tokens=sum(r["rollout_tokens"] for r in later),
+        tokens=sum(r["completion_tokens"] for r in later),
         rewards=[r["reward"] for r in train],
     )
 

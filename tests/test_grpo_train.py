@@ -1,13 +1,16 @@
 """GRPO on train.py (`objective=grpo`), end to end on the real stories260K: the engine samples G completions per
 prompt from the policy's own parameters, the rewards score them, the rows train only on completion tokens; the
-metrics are TRL's; a run that lost its last checkpoint resumes to the same rollouts and losses; bad prompts and
+metrics are TRL's; a run killed mid-run resumes to the same rollouts and losses; bad prompts and
 rewards stop the run with one line. The loss formulas themselves are checked against TRL in test_grpo_loss.py
 and test_grpo_objective.py."""
 
 import json
-import shutil
+import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -114,19 +117,100 @@ def test_a_grpo_run_reports_trls_metrics_and_its_held_out_reward(trained):
     assert (run_dir / "loss.png").is_file()
 
 
-def test_a_grpo_run_that_lost_its_last_checkpoint_resumes_to_the_same_rollouts(trained, stories_model, task, tmp_path):
-    """Rollouts are a function of (seed, step) and the restored parameters: the resumed steps 4-6 sample the same
-    completions (same rewards, lengths) and so compute the same losses as the uninterrupted run."""
-    run_dir, result = trained
-    copy = tmp_path / "run"
-    shutil.copytree(run_dir, copy)
-    shutil.rmtree(copy / "checkpoints" / str(STEPS))
-    (copy / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records(run_dir, "train")[:3]))
-    resumed = run(grpo_config(stories_model, task, copy))
+def test_a_grpo_run_killed_mid_run_resumes_to_the_same_rollouts_and_losses(trained, stories_model, task, tmp_path):
+    """`train.py` killed (SIGKILL) after step 4, past the step-3 checkpoint, then run again: rollouts are a function
+    of (seed, step) and the restored parameters, so steps 4-6 sample the same completions (rewards, lengths) and
+    compute the same losses as the uninterrupted run (the module's, in this process on the same two devices)."""
+    run_dir = tmp_path / "killed"
+    config = grpo_config(stories_model, task, run_dir)
+    args = [f"{key}={value}" for key, value in _overrides(config).items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.Popen(
+        [sys.executable, "train.py", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 300
+    while not any(r["step"] >= 4 for r in _records_so_far(run_dir)):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    process.kill()
+    process.wait()
+    assert process.returncode == -signal.SIGKILL  # killed mid-run, not finished before the kill
+    assert not (run_dir / "checkpoints" / str(STEPS)).exists()
+    resumed = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     compared = ("loss", "reward", "kl", "completions/mean_length", "grad_norm")
-    first, again = records(run_dir, "train")[3:], records(copy, "train")[3:]
-    assert [[r[k] for k in compared] for r in again] == [[r[k] for k in compared] for r in first]
-    assert resumed["eval_reward"] == result["eval_reward"]
+    first = {r["step"]: [r[k] for k in compared] for r in records(trained[0], "train")}
+    again = {r["step"]: [r[k] for k in compared] for r in records(run_dir, "train")}  # the rerun's lines last
+    assert {step: again[step] for step in (4, 5, 6)} == {step: first[step] for step in (4, 5, 6)}
+    assert json.loads(resumed.stdout.splitlines()[-1])["eval_reward"] == trained[1]["eval_reward"]
+
+
+def test_two_processes_sample_score_and_train_as_one_does(trained, stories_model, task, tmp_path):
+    """A two-host job (one CPU device each, gloo collectives): both engines sample in lockstep, process 0 scores
+    and sends the rewards, and every step's rewards, lengths and losses are those of one process of two devices."""
+    run_dir = tmp_path / "two"
+    args = [f"{key}={value}" for key, value in _overrides(grpo_config(stories_model, task, run_dir)).items()]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    port = free_port()
+    hosts = [
+        subprocess.Popen(
+            [sys.executable, "train.py", *args, f"distributed.coordinator=localhost:{port}"]
+            + ["distributed.num_processes=2", f"distributed.process_id={i}"],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [host.communicate(timeout=600) for host in hosts]
+    for host, (_, stderr) in zip(hosts, outputs):
+        assert host.returncode == 0, stderr[-3000:]
+    results = [json.loads(stdout.strip().splitlines()[-1]) for stdout, _ in outputs]
+    assert results[0] == results[1] and results[0]["eval_reward"] == trained[1]["eval_reward"]
+    one, two = records(trained[0], "train"), records(run_dir, "train")
+    assert [(r["reward"], r["completions/mean_length"]) for r in two] == [
+        (r["reward"], r["completions/mean_length"]) for r in one
+    ]
+    np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5, atol=1e-7)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _overrides(config) -> dict[str, str]:
+    """The command line of `grpo_config`'s settings."""
+    return {
+        "init_from": config.init_from,
+        "objective": "grpo",
+        "data": config.data,
+        "reward": config.reward,
+        "reward_weights": config.reward_weights,
+        "grpo.num_generations": config.grpo.num_generations,
+        "grpo.max_completion_length": config.grpo.max_completion_length,
+        "grpo.beta": config.grpo.beta,
+        "seq_len": config.seq_len,
+        "batch_size": config.batch_size,
+        "steps": config.steps,
+        "lr": config.lr,
+        "warmup": config.warmup,
+        "eval_every": config.eval_every,
+        "checkpoint_every": config.checkpoint_every,
+        "log_every": config.log_every,
+        "val_fraction": config.val_fraction,
+        "samples": 0,
+        "run_dir": config.run_dir,
+    }
+
+
+def _records_so_far(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    lines = path.read_text().split("\n")[:-1] if path.is_file() else []  # the last may be half written
+    return [r for r in map(json.loads, lines) if r["split"] == "train"]
 
 
 def test_a_rollout_row_is_its_prompt_then_its_completion_trained_on_the_completion_only():
@@ -150,6 +234,29 @@ def test_a_prompt_without_room_for_its_completion_is_refused_before_anything_is_
     data.write_text("".join(json.dumps({"prompt": p, "hero": "Lily"}) + "\n" for p in PROMPTS + ["word " * 30]))
     with pytest.raises(ValueError, match=r"long.jsonl:6: the prompt is \d+ tokens; with grpo.max_completion_length"):
         run(grpo_config(stories_model, task, tmp_path / "run", f"data={data}"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "last_record, reward, message",
+    [
+        ({"prompt": "Tom", "hero": "Tom", "completions": 1}, "regex:x", r"bad.jsonl:6: no field may be named complet"),
+        ({"prompt": "Tom"}, "exact_match:hero", r"bad.jsonl:6: reward exact_match:hero compares with hero, which this"),
+        ({"prompt": "Tom", "hero": "Tom"}, "FILE:wants_answer", r"wants_answer takes answer, which no record has"),
+    ],
+)
+def test_records_that_do_not_give_the_rewards_their_fields_are_refused_before_anything_is_written(
+    stories_model, task, tmp_path, last_record, reward, message
+):
+    """Checked on every record when the run starts: a record drawn hours into the run must not be the first to fail."""
+    data = tmp_path / "bad.jsonl"
+    records = [{"prompt": p, "hero": "Lily"} for p in PROMPTS] + [last_record]
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    needs = "def wants_answer(completions, answer):\n    return [0.0 for _ in completions]\n"
+    (tmp_path / "needs.py").write_text(needs)
+    reward = reward.replace("FILE", str(tmp_path / "needs.py"))
+    with pytest.raises(ValueError, match=message):
+        run(grpo_config(stories_model, task, tmp_path / "run", f"data={data}", f"reward={reward}", "reward_weights=1"))
     assert not (tmp_path / "run").exists()
 
 

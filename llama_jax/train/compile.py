@@ -19,14 +19,13 @@ from llama_jax.attention import choose_implementation
 from llama_jax.config import ModelConfig
 from llama_jax.hardware import GpuTarget, TpuSlice, target_devices
 from llama_jax.inference.compile import compile_engine
-from llama_jax.inference.settings import EngineSettings
 from llama_jax.model_dir import read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
 from llama_jax.train.batching import batch_sharding, check_batch_fits_mesh
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.init_from import build_model_config
 from llama_jax.train.objectives import Objective
-from llama_jax.train.rollouts import PREFILL_ROWS
+from llama_jax.train.rollouts import rollout_engine_settings, rollout_positions
 from llama_jax.train.state import StateLayout
 from llama_jax.train.step import train_steps
 
@@ -73,10 +72,8 @@ def compile_rollouts(config: TrainConfig, model: ModelConfig, mesh, layout: Stat
     longest prompt that leaves room for a completion (a step's prompts in one call) and the decode loop of
     batch_size sequences. While they run the optimizer state (and a reference copy, if any) stays in HBM: counted
     in their peak, so "fits" means the rollouts fit beside the train state."""
-    max_len = min(config.seq_len + 1, model.max_seq_len)
-    settings = EngineSettings(
-        max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=min(config.batch_size, PREFILL_ROWS)
-    )
+    max_len = rollout_positions(config, model)
+    settings = rollout_engine_settings(config, max_len)
     held = per_chip_bytes(layout.abstract.opt_state) + per_chip_bytes(layout.abstract.reference)
     prompt = max_len - config.grpo.max_completion_length
     reports, _ = compile_engine(model, mesh, settings, [prompt], resident_bytes=held, prefix="rollout_")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import numpy as np
 from llama_jax.tokenizers import Tokenizer
 from llama_jax.train.batching import permuted_indices
 from llama_jax.train.examples import encode_prompt
+from llama_jax.train.rewards import CALL_KEYWORDS, RESERVED_FIELDS, Rewards, RewardSpec
 from llama_jax.train.sources import corpus_hash, grpo_records
 
 
@@ -53,15 +55,15 @@ class PromptSet:
         max_len: int,
     ) -> PromptSet:
         """Every record of `files`, encoded; the last round(n × val_fraction) (at least one) held out. `max_len`:
-        the positions of a row (or of the model, if fewer), which a prompt and its completion share."""
+        the tokens a prompt and its completion share (`rollouts.rollout_positions`)."""
         records = []
         for where, prompt, fields in grpo_records(files):
             ids = tuple(encode_prompt(tokenizer, prompt, chat_template))
             if len(ids) + max_completion_length > max_len:
                 raise ValueError(
                     f"{where}: the prompt is {len(ids)} tokens; with grpo.max_completion_length "
-                    f"{max_completion_length} it needs {len(ids) + max_completion_length} positions, the rows hold "
-                    f"{max_len} (raise seq_len or shorten the prompt)"
+                    f"{max_completion_length} it needs {len(ids) + max_completion_length} tokens, a row holds "
+                    f"{max_len} (seq_len + 1; raise seq_len or shorten the prompt)"
                 )
             records.append(PromptRecord(where, prompt, ids, fields))
         n_val = max(1, round(len(records) * val_fraction))
@@ -81,6 +83,28 @@ class PromptSet:
     def train(self, step: int, count: int, seed: int) -> list[PromptRecord]:
         """Step `step`'s `count` prompts: a pure function of (seed, step), every training prompt once per epoch."""
         return [self.records[int(i)] for i in permuted_indices(step, count, self.n_train, seed)]
+
+    def check_fields(self, specs: Sequence[RewardSpec], rewards: Rewards) -> None:
+        """What the reward functions read, checked on every record before anything trains: no field named as a
+        call's keyword, every field a function requires present in the records, and a built-in's field (all but
+        regex) in each record — a record drawn hours into a run must not be the first to fail."""
+        names = {name for record in self.records for name in record.fields}
+        for record in self.records:
+            reserved = sorted(RESERVED_FIELDS & record.fields.keys())
+            if reserved:
+                raise ValueError(
+                    f"{record.where}: no field may be named {reserved[0]}: reward functions take that keyword"
+                )
+        for spec, reward in zip(specs, rewards.functions):
+            for name in sorted(reward.required - set(CALL_KEYWORDS) - names):
+                fields = ", ".join(sorted(names)) or "none besides prompt"
+                raise ValueError(f"reward {spec.text} takes {name}, which no record has (their fields: {fields})")
+            if spec.builtin not in (None, "regex"):
+                lacking = next((r for r in self.records if r.fields.get(spec.argument) is None), None)
+                if lacking is not None:
+                    raise ValueError(
+                        f"{lacking.where}: reward {spec.text} compares with {spec.argument}, which this record lacks"
+                    )
 
     def describe(self) -> str:
         lengths = np.array([len(r.ids) for r in self.records])

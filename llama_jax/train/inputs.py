@@ -24,6 +24,7 @@ from llama_jax.train.data import prepare_data
 from llama_jax.train.grpo_prompts import PromptSet
 from llama_jax.train.init_from import build_model_config, chat_template, resolve_tokenizer
 from llama_jax.train.rewards import Rewards, load_rewards, parse_reward_specs, parse_reward_weights
+from llama_jax.train.rollouts import rollout_positions
 from llama_jax.train.run_dir import check_run_dir
 from llama_jax.train.sources import data_files
 
@@ -42,12 +43,6 @@ class Inputs:
     rows: PackedRows | None  # the corpus packed into rows (next-token and DPO runs)
     prompts: PromptSet | None = None  # GRPO's prompts
     rewards: Rewards | None = None  # GRPO's reward functions
-
-    @property
-    def rollout_len(self) -> int:
-        """The positions a GRPO prompt and its completion share: a row's seq_len + 1 tokens, or the model's
-        max_seq_len if fewer."""
-        return min(self.config.seq_len + 1, self.model_config.max_seq_len)
 
 
 def read_inputs(config: TrainConfig) -> Inputs:
@@ -81,7 +76,6 @@ def _grpo_inputs(config: TrainConfig, run_dir: Path, source: ModelDir, template:
     model_config = build_model_config(config, mesh_platform(mesh), source.config, tokenizer.vocab_size)
     specs = parse_reward_specs(config.reward)
     rewards = load_rewards(specs, parse_reward_weights(config.reward_weights or "", len(specs)))
-    inputs = Inputs(config, run_dir, source, template, mesh, tokenizer, tokenizer_path, "", model_config, None)
     prompts = PromptSet.read(
         data_files(config.data),
         tokenizer,
@@ -89,9 +83,23 @@ def _grpo_inputs(config: TrainConfig, run_dir: Path, source: ModelDir, template:
         template,
         config.val_fraction,
         config.grpo.max_completion_length,
-        inputs.rollout_len,
+        rollout_positions(config, model_config),
     )
-    return dataclasses.replace(inputs, data_key=prompts.key, prompts=prompts, rewards=rewards)
+    prompts.check_fields(specs, rewards)
+    return Inputs(
+        config,
+        run_dir,
+        source,
+        template,
+        mesh,
+        tokenizer,
+        tokenizer_path,
+        prompts.key,
+        model_config,
+        None,
+        prompts,
+        rewards,
+    )
 
 
 def _packed_rows(config: TrainConfig, corpus, pad_id: int) -> PackedRows:

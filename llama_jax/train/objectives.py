@@ -197,8 +197,8 @@ class GrpoLoss:
     divides the sums by the whole batch's `normaliser` (rows; rows x max_completion_length; completion tokens).
     Reported: loss, kl (with a reference; mean over completion tokens), clip_ratio/low_mean, /high_mean,
     /region_mean and completions/mean_length, under TRL's names (its per-row clip_ratio/low_min and /high_max
-    are not sums, so not reported). Evaluated: the mean NLL of the completion tokens, as NextTokenLoss's; GRPO's
-    own evaluation, a held-out reward, is the rollout loop's."""
+    are not sums, so not reported). The eval step is never run for GRPO: its evaluation is the held-out prompts'
+    rewards (`rollouts.Rollouts.evaluate`); eval_sums is the next-token loss's so that the steps build alike."""
 
     settings: GrpoSettings
     batch_fields: ClassVar[Mapping[str, DTypeLike]] = {**FIELDS, "advantages": np.float32}

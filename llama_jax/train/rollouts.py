@@ -1,14 +1,15 @@
 """GRPO's rollouts: a step's prompts completed by the inference engine on the policy's current parameters, scored by
 the reward functions and laid out as the train step's rows.
 
-    rollouts = Rollouts(prompts, rewards, config)
-    batch = rollouts.collect(policy, step)      # Rollout: the step's fields (batch_size, seq_len) and metrics
-    metrics = rollouts.held_out(policy)         # the held-out prompts' rewards, greedy and sampled
+    rollouts = Rollouts(prompts, rewards, config, chat_template, rollout_positions(config, model_config))
+    batch = rollouts.collect(policy, step)      # Rollout: the step's fields (grad_accum, micro_batch, seq_len), metrics
+    metrics = rollouts.evaluate(policy)         # the held-out prompts' rewards, greedy and sampled
 
 `policy` is a LoadedModel over the train state's own arrays (no copy; with LoRA the frozen base and the adapters
 as trained). A step's batch_size rows are batch_size / G prompts (`PromptSet.train`: a function of (seed, step)),
-each sampled G = grpo.num_generations times at grpo.temperature, completion c of the run on random stream
-step × batch_size + c — so a run resumed from a checkpoint samples what the uninterrupted one did. The engine
+each sampled G = grpo.num_generations times at grpo.temperature, completion c of step s on random stream
+s × batch_size + c (its index in the run) — so a run resumed from a checkpoint samples what the uninterrupted
+one did. The engine
 prefills each prompt's G copies together and decodes all rows in its slots; a completion ends at the chat
 template's end of turn (EOS without a template), which is trained as its last token, or after
 grpo.max_completion_length tokens.
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from llama_jax.config import ModelConfig
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.settings import EngineSettings
@@ -60,10 +62,7 @@ class Rollouts:
         """`max_len`: the positions a prompt and its completion share (a row's, or the model's if fewer)."""
         self.prompts, self.rewards, self.config = prompts, rewards, config
         self.settings = config.grpo
-        # One engine shape for every call, so that its programs compile once per run; a step's prompts prefilled
-        # in one call (up to PREFILL_ROWS), not the engine's default few at a time between decode steps.
-        rows = min(config.batch_size, PREFILL_ROWS)
-        self.engine_settings = EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=rows)
+        self.engine_settings = rollout_engine_settings(config, max_len)
         self.chat_template = chat_template
         self.field_names = sorted({name for record in prompts.records for name in record.fields})
 
@@ -98,16 +97,17 @@ class Rollouts:
             **_per_function(per_function),
             "completions/clipped_ratio": float(np.mean(~stopped)),
             "completions/mean_terminated_length": float(np.mean(lengths[stopped])) if stopped.any() else 0.0,
-            "rollout_tokens": float(np.sum(lengths)),
+            "completion_tokens": float(np.sum(lengths)),
             "rollout_s": rollout_s,
         }
         return Rollout(fields, metrics)
 
-    def held_out(self, policy: LoadedModel) -> dict[str, float]:
-        """The held-out prompts' rewards: `reward` and each function's mean over one greedy completion per prompt
-        (the same every time for the same parameters), and `sampled/reward` over one completion per prompt sampled
-        at grpo.temperature, as training samples (the same random streams at every evaluation)."""
-        records = list(self.prompts.held_out)
+    def evaluate(self, policy: LoadedModel) -> dict[str, float]:
+        """The held-out prompts' rewards (at most eval_batches × batch_size of them): `reward` and each function's
+        mean over one greedy completion per prompt (the same every time for the same parameters), and
+        `sampled/reward` over one completion per prompt sampled at grpo.temperature, as training samples (the same
+        random streams at every evaluation)."""
+        records = list(self.prompts.held_out[: self.config.eval_batches * self.config.batch_size])
         greedy = self._generate(policy, records, SamplingParams(), 0)
         totals, per_function = self._score(records, greedy)
         means = {name: value for name, value in _per_function(per_function).items() if name.endswith("/mean")}
@@ -116,7 +116,7 @@ class Rollouts:
         return {
             "reward": float(np.mean(totals)),
             **means,
-            "completions/mean_length": float(np.mean([len(c.token_ids) for c in greedy])),
+            "completions/mean_length": float(np.mean([len(c.token_ids) + (c.finish_reason == "stop") for c in greedy])),
             "sampled/reward": float(np.mean(sampled)),
         }
 
@@ -146,6 +146,20 @@ class Rollouts:
         if jax.process_count() > 1:
             table = np.asarray(multihost_utils.broadcast_one_to_all(table))
         return table[0], dict(zip(self.rewards.names, table[1:]))
+
+
+def rollout_positions(config: TrainConfig, model: ModelConfig) -> int:
+    """The positions a prompt and its completion share: a row's seq_len + 1 tokens (inputs and the last target),
+    or the model's max_seq_len if fewer."""
+    return min(config.seq_len + 1, model.max_seq_len)
+
+
+def rollout_engine_settings(config: TrainConfig, max_len: int) -> EngineSettings:
+    """The engine the rollouts run on, and `--compile-for` compiles: batch_size sequences of `max_len` positions,
+    the same for every call so that its programs compile once per run, and a step's prompts prefilled in one call
+    (up to PREFILL_ROWS), not the engine's default few at a time between decode steps."""
+    rows = min(config.batch_size, PREFILL_ROWS)
+    return EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=rows)
 
 
 def rollout_rows(

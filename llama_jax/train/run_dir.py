@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from llama_jax.config import COMPUTE_FIELDS, ModelConfig
 from llama_jax.model_dir import CHECKPOINTS_DIR, CONFIG_FILE, write_config
 from llama_jax.staging import staged_output_dir
 from llama_jax.train.config import TrainConfig
+from llama_jax.train.rewards import RewardSpec, parse_reward_specs
 
 RUN_FILE = "train_config.json"
 RUN_FORMAT = "llama_jax-train"
@@ -74,8 +76,18 @@ def run_fingerprint(config: TrainConfig, model_config: ModelConfig, corpus_key: 
     if config.objective != "lm":  # (absent for next-token runs, so that runs made before DPO existed still resume)
         fingerprint |= {"objective": config.objective, "dpo": dataclasses.asdict(config.dpo)}
     if config.objective == "grpo":  # what samples and scores the rollouts
-        fingerprint |= {"grpo": dataclasses.asdict(config.grpo), "reward": [config.reward, config.reward_weights]}
+        reward = [_reward_fingerprint(spec) for spec in parse_reward_specs(config.reward)]
+        weights = config.reward_weights
+        fingerprint |= {"grpo": dataclasses.asdict(config.grpo), "reward": reward, "reward_weights": weights}
     return fingerprint
+
+
+def _reward_fingerprint(spec: RewardSpec) -> str:
+    """A reward= entry as the run depends on it: a built-in as written; a file's function by the SHA-256 of the
+    file's bytes (an edited reward is another run; the same file moved is not)."""
+    if spec.path is None:
+        return spec.text
+    return f"sha256:{hashlib.sha256(spec.path.read_bytes()).hexdigest()}:{spec.argument}"
 
 
 def open_run_dir(run_dir: Path, files: RunFiles) -> TextIO:

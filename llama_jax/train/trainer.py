@@ -32,7 +32,7 @@ from llama_jax.train.config import TrainConfig
 from llama_jax.train.inputs import Inputs, read_inputs
 from llama_jax.train.metrics import TrainLogger
 from llama_jax.train.multihost import PreemptionNotice
-from llama_jax.train.rollouts import Rollouts
+from llama_jax.train.rollouts import Rollouts, rollout_positions
 from llama_jax.train.run_dir import RunFiles, has_checkpoints, open_run_dir, run_fingerprint
 from llama_jax.train.state import StateLayout, TrainState, init_state
 from llama_jax.train.step import TrainSteps, train_steps
@@ -83,7 +83,8 @@ def run(config: TrainConfig) -> dict[str, Any]:
     lock = _open_run_dir(inputs, fingerprint)
     rollouts = None
     if inputs.prompts is not None:
-        rollouts = Rollouts(inputs.prompts, inputs.rewards, config, inputs.chat_template, inputs.rollout_len)
+        positions = rollout_positions(config, inputs.model_config)
+        rollouts = Rollouts(inputs.prompts, inputs.rewards, config, inputs.chat_template, positions)
     checkpoints = TrainingCheckpoints(inputs.run_dir, config.keep_checkpoints)
     job = _Job(inputs, steps, checkpoints, fingerprint, rollouts)
     start = _start(job, weights)
@@ -113,7 +114,7 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "train_loss": train_loss,
         "eval_loss": eval_loss,
         # A DPO loss is no next-token loss (its evaluation reports the pairs' rewards), and GRPO has none.
-        "eval_perplexity": None if eval_metrics else math.exp(min(eval_loss, 700.0)),
+        "eval_perplexity": None if eval_metrics or eval_loss is None else math.exp(min(eval_loss, 700.0)),
         **{f"eval_{name}": value for name, value in eval_metrics.items()},
         "vocab_size": inputs.model_config.vocab_size,
         "checkpoint": str(inputs.run_dir),
@@ -241,7 +242,9 @@ def _loop(
         if preempted:
             logger.message(f"preempted: saved step {done}; rerun the same command to continue")
             break
-    return state, train_loss, evaluation if evaluation is not None else _evaluate(job, state), preempted
+    if evaluation is None:  # a preempted GRPO run does not spend its notice generating: its checkpoint is written
+        evaluation = (None, {}) if preempted and job.rollouts is not None else _evaluate(job, state)
+    return state, train_loss, evaluation, preempted
 
 
 class NonFiniteWatch:
@@ -292,7 +295,7 @@ def _evaluate(job: _Job, state: TrainState) -> tuple[float | None, dict[str, flo
     and reward accuracy. The eval step sums each batch; the sums of all batches are added here. GRPO has no loss
     to evaluate: its held-out prompts' greedy completions are scored by the rewards (loss None)."""
     if job.rollouts is not None:
-        return None, job.rollouts.held_out(_policy(job, state))
+        return None, job.rollouts.evaluate(_policy(job, state))
     config, rows = job.inputs.config, job.inputs.rows
     sums: dict[str, float] = {}
     for ids in rows.val_rows(config.batch_size, config.eval_batches):
