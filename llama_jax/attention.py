@@ -36,6 +36,10 @@ from llama_jax.sharding import current_platform, logical_to_spec
 
 # Large but finite: a fully masked row (a padding query) then gives a uniform softmax instead of NaN.
 _MASKED = -1e30
+# The segment id of a row's shared prefix: every token after it in the row sees it, whatever its own segment. Only
+# the paths that build a mask honour it (`MASKED_PATHS`); splash's segment ids can only say "the same segment".
+SHARED_PREFIX = -1
+MASKED_PATHS = ("xla", "cudnn")
 _SPLASH_BLOCKS = (512, 256, 128)  # the kernel tiles the sequence in multiples of 128 lanes
 # Query and key block sizes of `blockwise_attention`, largest first, and the most scores (heads × block²) one
 # row's tile may hold. On a 2-core CPU one prompt of 1024-4096 tokens ran 1.5-2x faster in blocks of 256 than of
@@ -62,14 +66,16 @@ def choose_implementation(requested: str, dtype, platform: str | None = None, *,
 def causal_mask(
     q_index: jax.Array, kv_index: jax.Array, q_segments: jax.Array | None = None, kv_segments: jax.Array | None = None
 ) -> jax.Array:
-    """Boolean (batch, q_len, kv_len): key j is visible to query i when j <= i in the same segment.
+    """Boolean (batch, q_len, kv_len): key j is visible to query i when j <= i in the same segment, or when j's
+    segment is SHARED_PREFIX (a prompt every later segment of its row sees: GRPO's completions of one prompt).
 
     Indices are slots in the key sequence (the KV cache slot when decoding), not RoPE positions, so
     packed documents whose positions restart still mask correctly.
     """
     mask = kv_index[:, None, :] <= q_index[:, :, None]
     if q_segments is not None:
-        mask &= q_segments[:, :, None] == kv_segments[:, None, :]
+        same = q_segments[:, :, None] == kv_segments[:, None, :]
+        mask &= same | (kv_segments[:, None, :] == SHARED_PREFIX)
     return mask
 
 

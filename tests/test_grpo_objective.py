@@ -60,6 +60,8 @@ def rollout_batch() -> dict[str, np.ndarray]:
         "segments": np.ones((ROWS, T), np.int32),
         "loss_mask": mask.astype(np.float32),
         "advantages": np.repeat(advantages[:, None], T, axis=1).astype(np.float32),
+        "completion_size": (mask * np.array(LENGTHS)[:, None]).astype(np.float32),
+        "completion_starts": (index == 0)[None].repeat(ROWS, axis=0).astype(np.float32),  # a row, a completion
     }
 
 
@@ -155,7 +157,8 @@ def test_the_reference_only_with_a_kl_term():
     micro = {name: jnp.asarray(value) for name, value in BATCH.items()}
     assert without.reference_inputs(forward, state, micro) is None
     np.testing.assert_array_equal(with_kl.reference_inputs(forward, state, micro), -forward(REFERENCE, micro)[0])
-    assert GrpoLoss.batch_fields == {**FIELDS, "advantages": np.float32}
+    extra = {"advantages": np.float32, "completion_size": np.float32, "completion_starts": np.float32}
+    assert GrpoLoss.batch_fields == {**FIELDS, **extra}
     grpo_config = types.SimpleNamespace(objective="grpo", grpo=GrpoSettings(beta=0.04))
     assert objective_for(grpo_config) == with_kl
 

@@ -16,10 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from llama_jax.attention import SHARED_PREFIX
 from llama_jax.inference.types import Completion
 from llama_jax.train import run
 from llama_jax.train.config import load_train_config
-from llama_jax.train.rollouts import rollout_rows
+from llama_jax.train.rollout_rows import rows_one_per_completion, rows_shared_prompt
 
 pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
 
@@ -216,7 +217,7 @@ def _records_so_far(run_dir: Path) -> list[dict]:
 def test_a_rollout_row_is_its_prompt_then_its_completion_trained_on_the_completion_only():
     prompts = [[1, 5, 6], [1, 7]]
     completions = [Completion([8, 9], "", "stop", []), Completion([10, 11, 12], "", "length", [])]
-    rows = rollout_rows(prompts, completions, end_id=2, advantages=np.array([0.5, -1.0]), seq_len=7, pad_id=0)
+    rows = rows_one_per_completion(prompts, completions, 2, np.array([0.5, -1.0]), seq_len=7, pad_id=0)
     # Row 0: prompt 1 5 6, completion 8 9, then the end id it stopped at (trained too); row 1 ran out of tokens.
     np.testing.assert_array_equal(rows["inputs"], [[1, 5, 6, 8, 9, 2, 0], [1, 7, 10, 11, 12, 0, 0]])
     np.testing.assert_array_equal(rows["targets"], [[5, 6, 8, 9, 2, 0, 0], [7, 10, 11, 12, 0, 0, 0]])
@@ -225,8 +226,94 @@ def test_a_rollout_row_is_its_prompt_then_its_completion_trained_on_the_completi
     np.testing.assert_array_equal(rows["positions"][0], [0, 1, 2, 3, 4, 5, 0])
     np.testing.assert_array_equal(rows["advantages"][:, 0], [0.5, -1.0])
     assert (rows["advantages"] == rows["advantages"][:, :1]).all()
+    np.testing.assert_array_equal(rows["completion_size"], [[0, 0, 3, 3, 3, 0, 0], [0, 3, 3, 3, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["completion_starts"].sum(axis=1), [1, 1])
     with pytest.raises(ValueError, match="does not fit a row"):
-        rollout_rows(prompts, completions, 2, np.zeros(2), seq_len=4, pad_id=0)
+        rows_one_per_completion(prompts, completions, 2, np.zeros(2), seq_len=4, pad_id=0)
+
+
+def test_a_shared_prompt_row_holds_the_prompt_once_and_each_completion_after_it():
+    """Prompt 1 5 6 with completions (8 9, stopped) and (10): the prefix 1 5 (segment SHARED_PREFIX), then each
+    completion's segment starting from the prompt's last token 6 at position 2, its target the first token."""
+    completions = [Completion([8, 9], "", "stop", []), Completion([10], "", "length", [])]
+    rows = rows_shared_prompt([[1, 5, 6]] * 2, completions, 2, np.array([0.5, -1.0]), group=2, row_len=9, pad_id=0)
+    np.testing.assert_array_equal(rows["inputs"], [[1, 5, 6, 8, 9, 6, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["targets"], [[5, 6, 8, 9, 2, 10, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["positions"], [[0, 1, 2, 3, 4, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["segments"], [[SHARED_PREFIX, SHARED_PREFIX, 1, 1, 1, 2, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["loss_mask"], [[0, 0, 1, 1, 1, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["advantages"], [[0, 0, 0.5, 0.5, 0.5, -1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["completion_size"], [[0, 0, 3, 3, 3, 1, 0, 0, 0]])
+    np.testing.assert_array_equal(rows["completion_starts"], [[0, 0, 1, 0, 0, 1, 0, 0, 0]])
+    with pytest.raises(ValueError, match="take 6 positions, a row holds 5"):
+        rows_shared_prompt([[1, 5, 6]] * 2, completions, 2, np.zeros(2), group=2, row_len=5, pad_id=0)
+
+
+def test_a_prompt_shares_its_row_only_where_the_attention_takes_a_mask():
+    from llama_jax.config import preset
+    from llama_jax.train.rollout_rows import grpo_batch_shape, shares_prompt
+
+    model = preset("tiny")
+    grpo = ["objective=grpo", "init_from=x", "reward=regex:a", "grpo.num_generations=4", "grpo.max_completion_length=8"]
+    config = load_train_config(None, [*grpo, "batch_size=16", "grad_accum=2", "seq_len=32"])
+    assert shares_prompt(config, model, "cpu") and shares_prompt(config, model.replace(dtype="bfloat16"), "gpu")
+    assert not shares_prompt(config, model, "tpu")  # splash's segment ids cannot show a prefix to other segments
+    off = load_train_config(None, [*grpo, "batch_size=16", "grad_accum=2", "seq_len=32", "grpo.share_prompt=false"])
+    assert not shares_prompt(off, model, "cpu")
+    assert grpo_batch_shape(config, True) == (2, 2, 32 + 3 * 8)  # 4 prompts in 2 micro-batches, 4 completions a row
+    assert grpo_batch_shape(config, False) == (2, 8, 32)
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
+def test_a_shared_prompt_row_gives_each_completion_what_its_own_row_gives(stories_model, loss_type):
+    """The real stories260K scores the same completions laid out both ways: every completion token's
+    log-probability, the GRPO loss (each loss_type, with the KL to a reference) and its gradient agree — the
+    completions see their prompt through the shared prefix exactly as they do in rows of their own."""
+    import jax
+    from flax import nnx
+
+    from llama_jax.loading import load
+    from llama_jax.train.objective_settings import GrpoSettings
+    from llama_jax.train.objectives import GrpoLoss
+    from llama_jax.train.step import token_losses
+
+    model = load(stories_model, dtype="float32").model
+    graphdef, state = nnx.split(model)
+    params = nnx.to_pure_dict(state)
+    reference = jax.tree.map(lambda w: w * 1.01, params)
+    rng = np.random.default_rng(0)
+    group, longest = 3, 6
+    prompts = [prompt for size in (9, 4) for prompt in [[1, *rng.integers(3, 500, size)]] * group]
+    completions = [
+        Completion(list(rng.integers(3, 500, n)), "", reason, [])
+        for n, reason in zip([5, 2, 6, 0, 3, 6], ["stop", "stop", "length", "stop", "stop", "length"])
+    ]
+    gains = rng.normal(size=len(completions)).astype(np.float32)
+    alone = rows_one_per_completion(prompts, completions, 2, gains, 24, 0)
+    shared = rows_shared_prompt(prompts, completions, 2, gains, group, 24 + (group - 1) * longest, 0)
+
+    def forward(params, micro, dropout_key=None, temperature=1.0):
+        return token_losses(graphdef, params, micro, 0, dropout_key, temperature)
+
+    settings = GrpoSettings(num_generations=group, max_completion_length=longest, loss_type=loss_type, beta=0.1)
+    objective = GrpoLoss(settings)
+    results = []
+    for rows in (alone, shared):
+        micro = {name: np.asarray(value) for name, value in rows.items()}
+        ref = -forward(reference, micro)[0]
+        normaliser = objective.normaliser({name: value[None] for name, value in micro.items()})
+
+        def loss_of(p, micro=micro, normaliser=normaliser, ref=ref):
+            return objective.loss(forward, p, micro, normaliser, None, ref)[0]
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        logprobs = -np.asarray(forward(params, micro)[0])[micro["loss_mask"] > 0]  # completion tokens, in order
+        results.append((float(loss), grads, logprobs))
+    (loss_a, grads_a, logprobs_a), (loss_b, grads_b, logprobs_b) = results
+    np.testing.assert_allclose(logprobs_b, logprobs_a, rtol=1e-5, atol=1e-5)
+    assert loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-7)
+    for a, b in zip(jax.tree.leaves(grads_a), jax.tree.leaves(grads_b)):
+        np.testing.assert_allclose(b, a, rtol=2e-4, atol=2e-6)
 
 
 def test_a_prompt_without_room_for_its_completion_is_refused_before_anything_is_written(stories_model, task, tmp_path):
@@ -263,7 +350,7 @@ def test_records_that_do_not_give_the_rewards_their_fields_are_refused_before_an
 def test_a_reward_that_raises_stops_the_run_with_one_line_naming_it(stories_model, task, tmp_path):
     (tmp_path / "bad.py").write_text("def score(completions, **kwargs):\n    return [1 / 0 for _ in completions]\n")
     args = [f"init_from={stories_model}", f"data={task / 'prompts.jsonl'}", f"run_dir={tmp_path / 'run'}"]
-    args += [f"reward={tmp_path / 'bad.py'}:score", "objective=grpo", "grpo.num_generations=2", "batch_size=2"]
+    args += [f"reward={tmp_path / 'bad.py'}:score", "objective=grpo", "grpo.num_generations=2", "batch_size=4"]
     args += ["grpo.max_completion_length=4", "seq_len=32", "steps=1", "samples=0"]
     result = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0

@@ -129,7 +129,7 @@ class TrainConfig:
         GrpoSettings(),
         "grpo.num_generations (default 8), .max_completion_length (256), .temperature (1.0), .beta (KL weight, 0), "
         ".epsilon (0.2), .epsilon_high (null: epsilon), .loss_type (grpo, dr_grpo or dapo, the default), "
-        ".scale_rewards (group, batch or none), .num_iterations (1): objective=grpo, TRL's names and defaults",
+        ".scale_rewards (group, batch or none), .num_iterations (1), .share_prompt (true): objective=grpo",
     )
     reward: str | None = setting(None, "objective=grpo: comma-separated FILE.py:FUNCTION or built-ins (rewards.py)")
     reward_weights: str | None = setting(None, "objective=grpo: a weight per reward= entry, comma-separated (1.0)")

@@ -189,23 +189,26 @@ def reduce_loss(
     return jnp.sum(per_token_loss * token_weights(mask, loss_type)) / normaliser
 
 
-def token_weights(mask: jax.Array, loss_type: LossType) -> jax.Array:
-    """Each token's weight (rows, T) in the batch's loss sum: for "grpo" 1 / its row's completion tokens (a row's
-    mean), else 1; 0 off the completion. A row's weights depend on that row alone, so micro-batches sum alike."""
+def token_weights(mask: jax.Array, loss_type: LossType, completion_size: jax.Array | None = None) -> jax.Array:
+    """Each token's weight (rows, T) in the batch's loss sum: for "grpo" 1 / its completion's tokens (a
+    completion's mean: `completion_size` gives each token's completion's count where a row holds several, else
+    the row's is), else 1; 0 off the completion. A completion's weights depend on it alone, so micro-batches sum
+    alike."""
     if loss_type == "grpo":
-        return mask / jnp.maximum(jnp.sum(mask, axis=-1, keepdims=True), 1.0)
+        size = jnp.sum(mask, axis=-1, keepdims=True) if completion_size is None else completion_size
+        return mask / jnp.maximum(size, 1.0)
     return mask
 
 
 def loss_normaliser(
-    loss_type: LossType, rows: int, completion_tokens: jax.Array | float, max_completion_length: int
+    loss_type: LossType, rows: int | jax.Array, completion_tokens: jax.Array | float, max_completion_length: int
 ) -> jax.Array:
-    """What the weighted token sum is divided by, for the whole batch: its rows ("grpo"), rows ×
+    """What the weighted token sum is divided by, for the whole batch: its rows — completions — ("grpo"), rows ×
     max_completion_length ("dr_grpo"), its completion tokens clamped at 1 ("dapo")."""
     if loss_type == "grpo":
-        return jnp.float32(rows)
+        return jnp.asarray(rows, jnp.float32)
     if loss_type == "dr_grpo":
-        return jnp.float32(rows * max_completion_length)
+        return jnp.asarray(rows, jnp.float32) * max_completion_length
     if loss_type == "dapo":
         return jnp.maximum(jnp.asarray(completion_tokens, jnp.float32), 1.0)
     raise ValueError(f"loss_type must be one of {LOSS_TYPES}, not {loss_type!r}")

@@ -24,6 +24,7 @@ from llama_jax.train.data import prepare_data
 from llama_jax.train.grpo_prompts import PromptSet
 from llama_jax.train.init_from import build_model_config, chat_template, resolve_tokenizer
 from llama_jax.train.rewards import Rewards, load_rewards, parse_reward_specs, parse_reward_weights
+from llama_jax.train.rollout_rows import grpo_batch_shape, shares_prompt
 from llama_jax.train.rollouts import rollout_positions
 from llama_jax.train.run_dir import check_run_dir
 from llama_jax.train.sources import data_files
@@ -43,6 +44,7 @@ class Inputs:
     rows: PackedRows | None  # the corpus packed into rows (next-token and DPO runs)
     prompts: PromptSet | None = None  # GRPO's prompts
     rewards: Rewards | None = None  # GRPO's reward functions
+    shared_prompt: bool = False  # GRPO's rows: a prompt and its completions each (`rollout_rows.shares_prompt`)
 
 
 def read_inputs(config: TrainConfig) -> Inputs:
@@ -86,6 +88,15 @@ def _grpo_inputs(config: TrainConfig, run_dir: Path, source: ModelDir, template:
         rollout_positions(config, model_config),
     )
     prompts.check_fields(specs, rewards)
+    shared = shares_prompt(config, model_config, mesh_platform(mesh))
+    rows = grpo_batch_shape(config, shared)[1]
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if rows % shards:
+        raise ValueError(
+            f"a prompt and its completions share a row (grpo.share_prompt): the {rows} prompt(s) of a micro-batch "
+            f"must be a multiple of the data-parallel size (mesh data x fsdp = {shards}); change batch_size, "
+            "grad_accum or the mesh, or set grpo.share_prompt=false"
+        )
     return Inputs(
         config,
         run_dir,
@@ -99,6 +110,7 @@ def _grpo_inputs(config: TrainConfig, run_dir: Path, source: ModelDir, template:
         None,
         prompts,
         rewards,
+        shared,
     )
 
 

@@ -50,6 +50,9 @@ class GrpoSettings:
     loss_type: str = "dapo"  # grpo: each completion's token mean; dr_grpo: / max_completion_length; dapo: / tokens
     scale_rewards: str = "group"  # advantages divided by the group's reward std, the batch's, or none (Dr. GRPO)
     num_iterations: int = 1  # optimisation passes over each batch of rollouts
+    # One prompt and its G completions in a row, each completion seeing the prompt and itself: the prompt is run
+    # once, not G times. Where the train step's attention takes a mask (XLA, cuDNN), not TPU's splash kernel.
+    share_prompt: bool = True
 
     def validate(self, batch_size: int, seq_len: int) -> None:
         """Its values, and the shape of a step's batch: `batch_size` rows, whole groups of completions, each row

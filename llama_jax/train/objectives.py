@@ -27,7 +27,6 @@ rollouts, each completion's advantage on its row's positions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, Protocol
 
@@ -184,24 +183,31 @@ class PreferenceLoss:
 
 @dataclasses.dataclass(frozen=True)
 class GrpoLoss:
-    """GRPO (`grpo_loss.py`: TRL GRPOTrainer's loss) on a batch of rollouts: each row one completion after its
-    prompt, `loss_mask` 1.0 on the targets that are completion tokens, `advantages` the completion's advantage
-    on every position of its row (the rollout loop computes them from the rewards, `grpo_loss.group_advantages`).
+    """GRPO (`grpo_loss.py`: TRL GRPOTrainer's loss) on a batch of rollouts (`rollout_rows.py`: a completion after
+    its prompt in each row, or a prompt and its completions in one), `loss_mask` 1.0 on the targets that are
+    completion tokens, `advantages` each token's completion's advantage (the rollout loop computes them from the
+    rewards, `grpo_loss.group_advantages`), `completion_size` and `completion_starts` what the normalisers count.
 
     One optimisation pass per batch of rollouts (num_iterations=1): the policy that sampled the completions is
     the one trained, so the old log-probabilities are the policy's own, without gradient (the ratio is 1 and
     the clip ratios are 0, as in TRL). With beta > 0 the loss adds the k3 KL to the frozen reference, init_from.
 
     Whatever the split into micro-batches, the batch's loss is `grpo_loss.reduce_loss` over the whole batch:
-    each micro-batch sums its token losses, weighted for "grpo" by 1 / its row's completion tokens, and the step
-    divides the sums by the whole batch's `normaliser` (rows; rows x max_completion_length; completion tokens).
+    each micro-batch sums its token losses, weighted for "grpo" by 1 / its completion's tokens, and the step
+    divides the sums by the whole batch's `normaliser` (completions; completions x max_completion_length;
+    completion tokens).
     Reported: loss, kl (with a reference; mean over completion tokens), clip_ratio/low_mean, /high_mean,
     /region_mean and completions/mean_length, under TRL's names (its per-row clip_ratio/low_min and /high_max
     are not sums, so not reported). The eval step is never run for GRPO: its evaluation is the held-out prompts'
     rewards (`rollouts.Rollouts.evaluate`); eval_sums is the next-token loss's so that the steps build alike."""
 
     settings: GrpoSettings
-    batch_fields: ClassVar[Mapping[str, DTypeLike]] = {**FIELDS, "advantages": np.float32}
+    batch_fields: ClassVar[Mapping[str, DTypeLike]] = {
+        **FIELDS,
+        "advantages": np.float32,
+        "completion_size": np.float32,  # each completion token's completion's token count ("grpo"'s mean)
+        "completion_starts": np.float32,  # 1.0 at one position per completion: the completions counted
+    }
     summed: ClassVar[tuple[str, ...]] = ("loss", "kl", "low_clipped", "high_clipped", "clipped", "tokens", "rows")
     eval_summed: ClassVar[tuple[str, ...]] = NextTokenLoss.eval_summed
 
@@ -210,10 +216,10 @@ class GrpoLoss:
         return self.settings.beta > 0
 
     def normaliser(self, batch: Batch) -> jax.Array:
-        mask = batch["loss_mask"]  # (micro-batches, rows, seq_len)
+        completions = jnp.sum(batch["completion_starts"])  # a row's, or each of a shared prompt's completions
         settings = self.settings
         return loss_normaliser(
-            settings.loss_type, math.prod(mask.shape[:-1]), jnp.sum(mask), settings.max_completion_length
+            settings.loss_type, completions, jnp.sum(batch["loss_mask"]), settings.max_completion_length
         )
 
     def reference_inputs(self, forward: Forward, state: TrainState, micro: Batch) -> jax.Array | None:
@@ -239,7 +245,7 @@ class GrpoLoss:
             settings.epsilon_high,
             settings.beta,
         )
-        loss_sum = jnp.sum(losses.loss * token_weights(mask, settings.loss_type))
+        loss_sum = jnp.sum(losses.loss * token_weights(mask, settings.loss_type, micro["completion_size"]))
 
         def count(flags):
             return jnp.sum(flags.astype(mask.dtype) * mask)
@@ -251,7 +257,7 @@ class GrpoLoss:
             "high_clipped": count(losses.high_clipped),
             "clipped": count(losses.low_clipped | losses.high_clipped),
             "tokens": jnp.sum(mask),
-            "rows": jnp.float32(mask.shape[0]),
+            "rows": jnp.sum(micro["completion_starts"]),  # completions
         }
         return loss_sum / normaliser, sums
 

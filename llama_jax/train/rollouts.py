@@ -14,8 +14,9 @@ prefills each prompt's G copies together and decodes all rows in its slots; a co
 template's end of turn (EOS without a template), which is trained as its last token, or after
 grpo.max_completion_length tokens.
 
-A row is the prompt then the completion, padded: `loss_mask` is 1.0 on the targets that are completion tokens,
-`advantages` the completion's advantage (`grpo_loss.group_advantages`) on every position. On a multi-host job every
+The rows (`rollout_rows.py`) hold a prompt and its G completions each where the attention allows it, else one
+completion each: `loss_mask` is 1.0 on the targets that are completion tokens, `advantages` the completion's
+advantage (`grpo_loss.group_advantages`). On a multi-host job every
 process runs the same engine steps and gets the same completions; the rewards are computed by the first process
 and sent to the others, so that a reward function that is not deterministic cannot make the processes disagree.
 """
@@ -42,6 +43,7 @@ from llama_jax.train.examples import response_end
 from llama_jax.train.grpo_loss import group_advantages
 from llama_jax.train.grpo_prompts import PromptRecord, PromptSet
 from llama_jax.train.rewards import Rewards
+from llama_jax.train.rollout_rows import completion_ids, grpo_batch_shape, rows_one_per_completion, rows_shared_prompt
 
 # The held-out prompts' sampled completions draw from random streams no training completion uses (those count
 # from 0: step × batch_size + completion).
@@ -57,10 +59,17 @@ class Rollout:
 
 class Rollouts:
     def __init__(
-        self, prompts: PromptSet, rewards: Rewards, config: TrainConfig, chat_template: str | None, max_len: int
+        self,
+        prompts: PromptSet,
+        rewards: Rewards,
+        config: TrainConfig,
+        chat_template: str | None,
+        max_len: int,
+        shared: bool = False,
     ):
-        """`max_len`: the positions a prompt and its completion share (a row's, or the model's if fewer)."""
-        self.prompts, self.rewards, self.config = prompts, rewards, config
+        """`max_len`: the positions a prompt and its completion share (`rollout_positions`); `shared`: a prompt and
+        its completions in one row (`rollout_rows.shares_prompt`), else one completion a row."""
+        self.prompts, self.rewards, self.config, self.shared = prompts, rewards, config, shared
         self.settings = config.grpo
         self.engine_settings = rollout_engine_settings(config, max_len)
         self.chat_template = chat_template
@@ -78,17 +87,19 @@ class Rollouts:
         totals, per_function = self._score(records, completions)
         advantages = group_advantages(jnp.asarray(totals), group, self.settings.scale_rewards)
         end = response_end(policy.tokenizer, self.chat_template)
-        rows = rollout_rows(
-            [r.ids for r in records],
-            completions,
-            end,
-            np.asarray(advantages.advantages),
-            config.seq_len,
-            policy.tokenizer.pad_id,
-        )
-        fields = {name: value.reshape(config.grad_accum, -1, config.seq_len) for name, value in rows.items()}
+        prompt_ids, pad = [r.ids for r in records], policy.tokenizer.pad_id
+        shape = grpo_batch_shape(config, self.shared)
+        if self.shared:
+            rows = rows_shared_prompt(
+                prompt_ids, completions, end, np.asarray(advantages.advantages), group, shape[2], pad
+            )
+        else:
+            rows = rows_one_per_completion(
+                prompt_ids, completions, end, np.asarray(advantages.advantages), shape[2], pad
+            )
+        fields = {name: value.reshape(shape) for name, value in rows.items()}
         grouped = totals.reshape(-1, group)
-        lengths = np.array([len(c.token_ids) + (c.finish_reason == "stop") for c in completions])
+        lengths = np.array([len(completion_ids(c, end)) for c in completions])
         stopped = np.array([c.finish_reason == "stop" for c in completions])
         metrics = {
             "reward": float(np.mean(totals)),
@@ -160,40 +171,6 @@ def rollout_engine_settings(config: TrainConfig, max_len: int) -> EngineSettings
     (up to PREFILL_ROWS), not the engine's default few at a time between decode steps."""
     rows = min(config.batch_size, PREFILL_ROWS)
     return EngineSettings(max_num_seqs=config.batch_size, max_model_len=max_len, prefill_rows=rows)
-
-
-def rollout_rows(
-    prompt_ids: Sequence[Sequence[int]],
-    completions: Sequence[Completion],
-    end_id: int,
-    advantages: np.ndarray,
-    seq_len: int,
-    pad_id: int,
-) -> dict[str, np.ndarray]:
-    """The train step's fields for each (prompt, completion), (rows, seq_len): the prompt, the completion's tokens
-    and, when it stopped, `end_id`, then padding. Targets that are completion tokens get loss_mask 1.0; every
-    position carries the row's advantage."""
-    n = len(completions)
-    tokens = np.full((n, seq_len + 1), pad_id, np.int32)
-    loss_mask = np.zeros((n, seq_len), np.float32)
-    lengths = np.zeros(n, np.int64)
-    for row, (prompt, completion) in enumerate(zip(prompt_ids, completions)):
-        ids = [*prompt, *completion.token_ids, *([end_id] if completion.finish_reason == "stop" else [])]
-        if len(ids) > seq_len + 1:
-            raise ValueError(f"a rollout of {len(ids)} tokens does not fit a row of {seq_len + 1}")
-        tokens[row, : len(ids)] = ids
-        loss_mask[row, len(prompt) - 1 : len(ids) - 1] = 1.0
-        lengths[row] = len(ids)
-    steps = np.arange(seq_len)
-    real = steps[None, :] < lengths[:, None]  # an input that is a token of the row, not padding
-    return {
-        "inputs": tokens[:, :-1],
-        "targets": tokens[:, 1:],
-        "positions": np.where(real, steps, 0).astype(np.int32),
-        "segments": real.astype(np.int32),
-        "loss_mask": loss_mask,
-        "advantages": np.repeat(np.asarray(advantages, np.float32)[:, None], seq_len, axis=1),
-    }
 
 
 def _per_function(per_function: dict[str, np.ndarray]) -> dict[str, float]:

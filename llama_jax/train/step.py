@@ -26,10 +26,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from llama_jax.config import LOSS_CHUNK, ModelConfig
 from llama_jax.lora import join
 from llama_jax.loss import token_nll
+from llama_jax.sharding import mesh_platform
 from llama_jax.train.batching import batch_sharding
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.objectives import Forward, Objective, objective_for
 from llama_jax.train.optimizer import learning_rate, make_optimizer
+from llama_jax.train.rollout_rows import grpo_batch_shape, shares_prompt
 from llama_jax.train.state import StateLayout, TrainState, state_layout
 
 
@@ -69,6 +71,8 @@ def train_steps(config: TrainConfig, model_config: ModelConfig, mesh: Mesh) -> T
     optimizer = make_optimizer(config)
     layout = state_layout(model_config, optimizer, mesh, reference=objective.uses_reference)
     batch_shape = (config.grad_accum, config.micro_batch, config.seq_len)
+    if config.objective == "grpo":  # one completion a row, or a prompt and its completions
+        batch_shape = grpo_batch_shape(config, shares_prompt(config, model_config, mesh_platform(mesh)))
     dropout_seed = config.seed if model_config.lora.dropout else None
     train_step = make_train_step(
         layout, optimizer, mesh, batch_shape, objective, learning_rate(config), config.loss_chunk, dropout_seed

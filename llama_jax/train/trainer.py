@@ -84,7 +84,9 @@ def run(config: TrainConfig) -> dict[str, Any]:
     rollouts = None
     if inputs.prompts is not None:
         positions = rollout_positions(config, inputs.model_config)
-        rollouts = Rollouts(inputs.prompts, inputs.rewards, config, inputs.chat_template, positions)
+        rollouts = Rollouts(
+            inputs.prompts, inputs.rewards, config, inputs.chat_template, positions, inputs.shared_prompt
+        )
     checkpoints = TrainingCheckpoints(inputs.run_dir, config.keep_checkpoints)
     job = _Job(inputs, steps, checkpoints, fingerprint, rollouts)
     start = _start(job, weights)
@@ -189,7 +191,9 @@ def _introduction(inputs: Inputs, start: _Start) -> list[str]:
         adapters = sum(a.size for a in jax.tree.leaves(start.state.params))
         trained = f" (LoRA rank {model_config.lora_rank}: {adapters:,} trained, the rest frozen)"
     if rows is None:
-        data = inputs.prompts.describe()
+        group = config.grpo.num_generations
+        layout = f"a prompt and its {group} completions a row" if inputs.shared_prompt else "one completion a row"
+        data = f"{inputs.prompts.describe()}; {layout}"
     else:
         data = (
             f"{rows.corpus.n_tokens:,} tokens in {rows.n_train} training and {rows.n_val} validation rows of "
