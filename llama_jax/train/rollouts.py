@@ -54,7 +54,7 @@ PREFILL_ROWS = 64
 @dataclasses.dataclass(frozen=True)
 class Rollout:
     fields: dict[str, np.ndarray]  # the train step's batch fields, (grad_accum, micro_batch, seq_len) each
-    metrics: dict[str, float]  # TRL's names: reward, reward_std, rewards/NAME/mean, frac_reward_zero_std, ...
+    metrics: dict[str, float | None]  # TRL's names: reward, reward_std, rewards/NAME/mean, frac_reward_zero_std, ...
 
 
 class Rollouts:
@@ -111,6 +111,8 @@ class Rollouts:
             "completion_tokens": float(np.sum(lengths)),
             "rollout_s": rollout_s,
         }
+        if self.settings.beta == 0:  # no reference, no KL: the records still carry the key, as null
+            metrics["kl"] = None
         return Rollout(fields, metrics)
 
     def evaluate(self, policy: LoadedModel) -> dict[str, float]:
