@@ -118,6 +118,17 @@ def test_a_grpo_run_reports_trls_metrics_and_its_held_out_reward(trained):
     assert (run_dir / "loss.png").is_file()
 
 
+def test_lora_grpo_samples_with_the_adapters_and_scores_kl_against_the_base_without_them(stories_model, task, tmp_path):
+    """LoRA: the engine samples from the base and the adapters as trained, and the reference is the same base with
+    the adapters off — so step 1's KL is 0 (B starts at zero) and it grows once the adapters move."""
+    run_dir = tmp_path / "lora"
+    extra = ("lora.rank=4", "lora.targets=q,v,down", "steps=3", "eval_every=3", "checkpoint_every=3", "lr=5e-3")
+    result = run(grpo_config(stories_model, task, run_dir, *extra))
+    train = records(run_dir, "train")
+    assert train[0]["kl"] == pytest.approx(0.0, abs=1e-7) and train[-1]["kl"] > 0
+    assert result["step"] == 3 and (run_dir / "checkpoints" / "3").is_dir()
+
+
 def test_a_grpo_run_killed_mid_run_resumes_to_the_same_rollouts_and_losses(trained, stories_model, task, tmp_path):
     """`train.py` killed (SIGKILL) after step 4, past the step-3 checkpoint, then run again: rollouts are a function
     of (seed, step) and the restored parameters, so steps 4-6 sample the same completions (rewards, lengths) and
