@@ -27,7 +27,9 @@ LOST_STATUS = 1
 # fatal errors ...") and C++ log lines in general (absl's format: severity, date, time, thread, file:line).
 _FATAL = re.compile(rb"^F\d{4} [\d:.]+\s+\d+ client\.h:\d+\] Terminating process because the JAX distributed service")
 _LOG_LINE = re.compile(rb"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\]")
-_GLOO_CONNECTED = re.compile(rb"^\[Gloo\] Rank \d+ is connected to \d+ peer ranks")
+# Gloo's connection notice ("[Gloo] Rank 1 is connected to 1 peer ranks. Expected number of connected peer ranks
+# is : 1"), which two threads may print at once, their characters interleaved: its pieces, to find it in any mix.
+_GLOO_PIECES = re.compile(rb"\[Gloo\] Rank|is connected to|peer ranks\.|Expected number of connected peer ranks is :")
 # Which processes the service lost: "unhealthy (stopped sending heartbeats):\n1\n" when it ends the others,
 # "Task 1 heartbeat timeout" when a process that saw a collective fail shuts down.
 _UNHEALTHY = re.compile(rb"unhealthy \(stopped sending heartbeats\):\s*((?:\d+\s*)+)|Task (\d+) heartbeat timeout")
@@ -96,7 +98,7 @@ def _pass_through(stream) -> bytes | None:
     when there was no such log: the held lines follow."""
     held: list[bytes] = []
     fatal: list[bytes] | None = None
-    pending = b""
+    pending, after_notice = b"", False
     selector = selectors.DefaultSelector()
     selector.register(stream, selectors.EVENT_READ)
     while True:
@@ -105,16 +107,18 @@ def _pass_through(stream) -> bytes | None:
         if chunk == b"":
             break
         if chunk is None:  # quiet for a moment: show a partial line (a prompt, a progress bar) as it is
-            lines, pending = [pending] if pending else [], b""
+            lines, pending = ([pending], b"") if pending and not _GLOO_PIECES.search(pending) else ([], pending)
         else:
             lines = re.split(rb"(?<=[\r\n])", pending + chunk)
             pending = lines.pop() if not lines[-1].endswith((b"\n", b"\r")) else b""
         for line in filter(None, lines):
+            notice = _GLOO_PIECES.search(line) or (after_notice and not line.strip(b" 0123456789\r\n"))
+            after_notice = bool(notice) and not _GLOO_PIECES.sub(b"", line).strip(b" 0123456789\r\n")
             if fatal is not None:
                 fatal.append(line)
             elif _FATAL.match(line):
                 fatal = [line]
-            elif _GLOO_CONNECTED.match(line):
+            elif after_notice:  # gloo's notice, or the rest of one split by another's: never the user's
                 continue
             elif _LOG_LINE.match(line) or line.startswith(b"error: "):
                 held.append(line)
