@@ -199,30 +199,10 @@ def measure_transformers(args) -> None:
 def measure_tunix(args) -> None:
     """Rows `| batch | tok/s |` of tunix's Sampler on the `to-hf` export next to --weights-dir. This runs in the
     --tunix-python environment: numpy, jax and tunix only, no llama_jax."""
-    import functools
-    import json
-
-    import jax.numpy as jnp
     from tunix.generate import sampler as sampler_lib
-    from tunix.models.llama3 import model as model_lib
-    from tunix.models.llama3 import params as params_lib
+    from tunix_llama3 import load_llama3
 
-    hf = Path(args.weights_dir).parent / "hf"
-    c = json.loads((hf / "config.json").read_text())
-    config = model_lib.ModelConfig(
-        num_layers=c["num_hidden_layers"],
-        vocab_size=c["vocab_size"],
-        embed_dim=c["hidden_size"],
-        hidden_dim=c["intermediate_size"],
-        num_heads=c["num_attention_heads"],
-        head_dim=c["head_dim"],
-        num_kv_heads=c["num_key_value_heads"],
-        rope_theta=c["rope_theta"],
-        norm_eps=c["rms_norm_eps"],
-        weight_tying=c["tie_word_embeddings"],
-    )
-    model_lib.apply_rope = functools.partial(model_lib.apply_rope, rope_theta=c["rope_theta"])  # module docstring
-    model = params_lib.create_model_from_safe_tensors(str(hf), config, None, dtype=getattr(jnp, args.dtype))
+    model, config = load_llama3(Path(args.weights_dir).parent / "hf", args.dtype)
 
     class Ids:  # prompts are random ids: "text" is the ids, space-separated; no BOS is added (bos_id 0)
         def encode(self, text, **_):

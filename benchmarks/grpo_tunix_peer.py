@@ -64,7 +64,6 @@ Where tunix's defaults differ from what was asked, and what this does about it:
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import statistics
@@ -73,6 +72,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CPU race; set JAX_PLATFORMS to run elsewhere
+
+from tunix_llama3 import load_llama3  # noqa: E402  (benchmarks/: tunix's model from the export)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,33 +168,6 @@ def prompt_order(n: int, steps: int, per_step: int, seed: int, order: str) -> li
     return [indices[s * per_step : (s + 1) * per_step] for s in range(steps)]
 
 
-def load_model(hf_dir: str, dtype: str, mesh):
-    """tunix's llama3 model from the export, with apply_rope bound to the export's rope_theta."""
-    import jax.numpy as jnp
-    from tunix.models.llama3 import model as model_lib
-    from tunix.models.llama3 import params as params_lib
-
-    c = json.loads((Path(hf_dir) / "config.json").read_text())
-    if c.get("rope_scaling"):
-        raise ValueError(f"{hf_dir}: rope_scaling {c['rope_scaling']} is not what this benchmark compares")
-    config = model_lib.ModelConfig(
-        num_layers=c["num_hidden_layers"],
-        vocab_size=c["vocab_size"],
-        embed_dim=c["hidden_size"],
-        hidden_dim=c["intermediate_size"],
-        num_heads=c["num_attention_heads"],
-        head_dim=c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads") or c["num_attention_heads"],
-        rope_theta=c["rope_theta"],
-        norm_eps=c["rms_norm_eps"],
-        weight_tying=c.get("tie_word_embeddings", False),
-    )
-    # tunix's attention calls apply_rope(inputs, positions, head_dim) and so gets its default theta of 1e6.
-    model_lib.apply_rope = functools.partial(model_lib.apply_rope, rope_theta=c["rope_theta"])
-    model = params_lib.create_model_from_safe_tensors(str(hf_dir), config, mesh, dtype=getattr(jnp, dtype))
-    return model, config
-
-
 def completion_tokens(tokens, max_len: int) -> int:
     """Tokens a completion cost to generate: those tunix returns (cut before EOS) plus the EOS, if it came."""
     n = len(tokens)
@@ -227,7 +201,7 @@ def main(argv=None) -> None:
     devices = jax.devices()
     # A Mesh with Auto axes (jax.make_mesh's default Explicit axes make tunix's embedding gather fail).
     mesh = jax.sharding.Mesh(np.array(devices).reshape(len(devices), 1), ("fsdp", "tp"))
-    model, config = load_model(args.hf_dir, args.dtype, mesh)
+    model, config = load_llama3(args.hf_dir, args.dtype, mesh)
 
     optimizer = optax.adamw(
         args.lr, b1=args.adam_b1, b2=args.adam_b2, eps=args.adam_eps, weight_decay=args.weight_decay
@@ -265,7 +239,7 @@ def main(argv=None) -> None:
     reference = None
     if args.beta != 0.0:
         # A second, frozen copy of the starting weights (tunix needs its own module for the reference role).
-        reference, _ = load_model(args.hf_dir, args.dtype, mesh)
+        reference, _ = load_llama3(args.hf_dir, args.dtype, mesh)
     cluster = rl_cluster_lib.RLCluster(
         actor=model, reference=reference, tokenizer=tokenizer, cluster_config=cluster_config
     )
