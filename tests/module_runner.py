@@ -1,8 +1,10 @@
-"""Run a `python -m` command line the way a user does, with the test suite's two fake CPU devices."""
+"""Run a `python -m` command line the way a user does, with the test suite's two fake CPU devices; a free port for
+a server or a job's coordinator."""
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +27,10 @@ def assert_one_error_line(result: subprocess.CompletedProcess, expected: str = "
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-3000:]
     assert expected in lines[0], lines[0]
     return lines[0]
+
+
+def free_port() -> int:
+    """A TCP port of this machine that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]

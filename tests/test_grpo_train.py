@@ -7,7 +7,6 @@ and test_grpo_objective.py."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from module_runner import free_port
 
 from llama_jax.attention import SHARED_PREFIX
 from llama_jax.inference.types import Completion
@@ -186,12 +186,6 @@ def test_two_processes_sample_score_and_train_as_one_does(trained, stories_model
         (r["reward"], r["completions/mean_length"]) for r in one
     ]
     np.testing.assert_allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=1e-5, atol=1e-7)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def _overrides(config) -> dict[str, str]:

@@ -8,7 +8,6 @@ TPU VM finds them itself)."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from module_runner import free_port
 
 pytestmark = pytest.mark.slow  # the fast suite (-m 'not slow') leaves this module out
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT_WORDS = "Once upon a time there was a little girl named Lily who loved to play in the park with her dog".split()
 HEARTBEAT = "10"  # seconds: a lost process is noticed within them (LLAMA_JAX_HEARTBEAT_TIMEOUT)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def environment(cache: Path, devices: int) -> dict[str, str]:

@@ -9,7 +9,6 @@ the server goes on serving."""
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from module_runner import REPO
+from module_runner import REPO, free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 import llama_jax
@@ -57,12 +56,6 @@ def server_files(tmp_path_factory):
     (folder / "key").write_text(KEY + "\n")
     (folder / "llama2.jinja").write_text(JINJA_TEMPLATES["llama2"])
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(model_dir, *args, log=None, env=()):

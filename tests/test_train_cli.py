@@ -4,13 +4,13 @@ two processes computing what one does, and user errors as one line on stderr."""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from module_runner import free_port
 
 from llama_jax.commands import train as train_cli
 from llama_jax.commands.cli import run_cli
@@ -127,12 +127,6 @@ def test_sigterm_saves_a_checkpoint_and_stops(workdir, base_args):
     assert result["preempted"] and 3 <= result["step"] < STEPS
     assert result["checkpoint_step"] == result["step"]
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [str(result["step"])]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
 
 
 def test_two_processes_compute_what_one_does(workdir, base_args, uninterrupted):
