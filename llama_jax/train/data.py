@@ -55,11 +55,9 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
     if config.trained_vocab_size is not None:
         texts_key = hashlib.sha256(f"{raw_key}|{config.sft}|{config.doc_separator}".encode()).hexdigest()
         tokenizer_path = trained_tokenizer(texts(), config.trained_vocab_size, texts_key, cache_dir)
+        tokenizer = load_tokenizer(tokenizer_path)
     else:
-        tokenizer_path = Path(config.tokenizer)
-        if not tokenizer_path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
-    tokenizer = load_tokenizer(tokenizer_path)
+        tokenizer_path, tokenizer = named_tokenizer(config)
     key = corpus_key(raw_key, tokenizer_path, corpus_options(config, chat_template))
     if config.objective == "dpo":
         examples = dpo_examples(tokenizer, files, chat_template)
@@ -69,6 +67,15 @@ def prepare_data(config: TrainConfig, chat_template: str | None) -> PreparedData
         examples = ((tokenizer.encode(text, bos=True, eos=True), None) for text in texts() if text.strip())
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     return PreparedData(tokenizer, tokenizer_path, tokenize_corpus(examples, key, cache_dir, dtype))
+
+
+def named_tokenizer(config: TrainConfig) -> tuple[Path, Tokenizer]:
+    """The tokenizer file `config.tokenizer` names (init_from's, resolved), and the tokenizer: one clear error for
+    a missing file."""
+    path = Path(config.tokenizer)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    return path, load_tokenizer(path)
 
 
 def corpus_options(config: TrainConfig, chat_template: str | None) -> dict:

@@ -17,10 +17,10 @@ from jax.sharding import Mesh
 from llama_jax.config import ModelConfig
 from llama_jax.model_dir import ModelDir, read_model_dir
 from llama_jax.sharding import make_mesh, mesh_platform
-from llama_jax.tokenizers import Tokenizer, load_tokenizer
+from llama_jax.tokenizers import Tokenizer
 from llama_jax.train.batching import PackedRows, check_batch_fits_mesh
 from llama_jax.train.config import TrainConfig
-from llama_jax.train.data import prepare_data
+from llama_jax.train.data import named_tokenizer, prepare_data
 from llama_jax.train.grpo_prompts import PromptSet
 from llama_jax.train.init_from import build_model_config, chat_template, resolve_tokenizer
 from llama_jax.train.rewards import Rewards, load_rewards, parse_reward_specs, parse_reward_weights
@@ -71,10 +71,7 @@ def read_inputs(config: TrainConfig) -> Inputs:
 def _grpo_inputs(config: TrainConfig, run_dir: Path, source: ModelDir, template: str | None, mesh: Mesh) -> Inputs:
     """GRPO's: init_from's tokenizer, the prompt records (each checked to leave room for its completion) and the
     reward functions, imported and checked before anything is written."""
-    tokenizer_path = Path(config.tokenizer)
-    if not tokenizer_path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {tokenizer_path}")
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer_path, tokenizer = named_tokenizer(config)
     model_config = build_model_config(config, mesh_platform(mesh), source.config, tokenizer.vocab_size)
     specs = parse_reward_specs(config.reward)
     rewards = load_rewards(specs, parse_reward_weights(config.reward_weights or "", len(specs)))
