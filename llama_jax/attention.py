@@ -28,11 +28,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import NamedSharding
 
 from llama_jax import ragged_paged
+from llama_jax.context_parallel import balanced_order, context_shards
 from llama_jax.kv_cache import read
-from llama_jax.sharding import current_platform, logical_to_spec
+from llama_jax.sharding import current_platform, logical_to_spec, shard
 
 # Large but finite: a fully masked row (a padding query) then gives a uniform softmax instead of NaN.
 _MASKED = -1e30
@@ -83,7 +86,14 @@ def attention(
     q: jax.Array, k: jax.Array, v: jax.Array, implementation: str, *, segment_ids: jax.Array | None = None
 ) -> jax.Array:
     """Causal self-attention, within `segment_ids` (batch, length) if given: q (batch, length, heads,
-    head_dim); k, v (batch, length, kv_heads, head_dim). Returns q's shape."""
+    head_dim); k, v (batch, length, kv_heads, head_dim). Returns q's shape.
+
+    On a mesh with a context axis (`context_parallel.py`) the sequence is in its load-balanced order, split over
+    the axis: each chip gathers every key and value and attends its own queries, masking by original index."""
+    shards = context_shards()
+    if shards > 1 and implementation != "splash":
+        implementation = "xla" if implementation == "blockwise" else implementation  # blockwise masks by slot
+        k, v = (shard(x, "batch", None, "kv_heads", None) for x in (k, v))  # the all-gather over context
     if implementation == "xla":
         return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))
     if implementation == "blockwise":
@@ -95,10 +105,10 @@ def attention(
         mask = _self_attention_mask(q.shape[0], q.shape[1], segment_ids)
         return jax.nn.dot_product_attention(q, k, v, mask=mask[:, None], implementation=kernel)
     if implementation == "splash":
-        if q.shape[1] % _SPLASH_BLOCKS[-1] == 0:
-            return _splash_attention(q, k, v, segment_ids)
+        if q.shape[1] % (_SPLASH_BLOCKS[-1] * (2 * shards if shards > 1 else 1)) == 0:
+            return _splash_attention(q, k, v, segment_ids, shards)
         # sequences the kernel cannot tile (short prompts, odd lengths) take the blockwise path
-        return blockwise_attention(q, k, v, segment_ids)
+        return attention(q, k, v, "blockwise", segment_ids=segment_ids)
     raise ValueError(f"unknown attention implementation {implementation!r}")
 
 
@@ -263,7 +273,7 @@ def _batch_is_split(batch: int) -> bool:
 
 
 def _self_attention_mask(batch: int, length: int, segment_ids: jax.Array | None) -> jax.Array:
-    index = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    index = jnp.broadcast_to(jnp.asarray(balanced_order(length, context_shards())), (batch, length))
     return causal_mask(index, index, segment_ids, segment_ids)
 
 
@@ -282,41 +292,68 @@ def _grouped_attention(q, k, v, mask):
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, q_len, heads, head_dim).astype(q.dtype)
 
 
-def _splash_attention(q, k, v, segment_ids):
-    """Splash attention per device: batch split over (data, fsdp), heads over tensor, as the rules say."""
+def _splash_attention(q, k, v, segment_ids, shards: int = 1):
+    """Splash attention per device: batch split over (data, fsdp), heads over tensor, as the rules say; under
+    context parallelism the queries split over context too, each chip attending them to all the keys (gathered)
+    with its share of the load-balanced causal mask (the kernel's `q_seq_shards`)."""
     batch, length, heads, head_dim = q.shape
-    block = next(b for b in _SPLASH_BLOCKS if length % b == 0)
+    chunk = length // (2 * shards) if shards > 1 else length  # the mask's pattern repeats every chunk
+    block = next(b for b in _SPLASH_BLOCKS if chunk % b == 0)
     mesh = jax.sharding.get_abstract_mesh()
     q_spec = logical_to_spec(("batch", "q_heads", "length", "head_dim"), (batch, heads, length, head_dim), mesh)
-    kv_spec = logical_to_spec(("batch", "kv_heads", "length", "head_dim"), (batch, k.shape[2], length, head_dim), mesh)
+    kv_spec = logical_to_spec(("batch", "kv_heads", None, "head_dim"), (batch, k.shape[2], length, head_dim), mesh)
     if q_spec[1] != kv_spec[1]:  # e.g. 1 KV head cannot split: keep all heads together on each device
-        q_spec = kv_spec = jax.P(q_spec[0], None, None, None)
+        q_spec, kv_spec = jax.P(q_spec[0], None, q_spec[2], None), jax.P(kv_spec[0], None, None, None)
     local_heads = heads // (mesh.shape[q_spec[1]] if q_spec[1] else 1)
     segments = segment_ids if segment_ids is not None else jnp.ones((batch, length), jnp.int32)
-    kernel = _splash_kernel(local_heads, length, block, current_platform() != "tpu")
+    kernel = _splash_kernel(local_heads, length, block, current_platform() != "tpu", shards)
 
-    def per_device(q, k, v, segments):
-        ids = splash.SegmentIds(q=segments, kv=segments)
+    def per_device(kernel, q, k, v, q_segments, kv_segments):
+        ids = splash.SegmentIds(q=q_segments, kv=kv_segments)
         return jax.vmap(kernel)(q, k, v, segment_ids=ids)
 
     # The kernel takes (heads, length, head_dim) per example, and queries already scaled.
     q = (q * head_dim**-0.5).astype(q.dtype).transpose(0, 2, 1, 3)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if mesh.empty:
-        out = per_device(q, k, v, segments)
+        out = per_device(kernel, q, k, v, segments, segments)
     else:
+        # The kernel's mask tables are split like the queries: each chip holds its rows' (the kernel's own spec,
+        # which it checks against a mesh of the same axes, none of them manual: inside the train step's shard_map
+        # over data groups the current mesh has one, and a sharding over a manual axis has no shard shape).
+        whole = jax.sharding.AbstractMesh(mesh.axis_sizes, mesh.axis_names)
+        kernel_spec = kernel.manual_sharding_spec(NamedSharding(whole, jax.P(None, q_spec[2])))
         out = jax.shard_map(
             per_device,
             mesh=mesh,
-            in_specs=(q_spec, kv_spec, kv_spec, jax.P(q_spec[0], None)),
+            in_specs=(kernel_spec, q_spec, kv_spec, kv_spec, jax.P(q_spec[0], q_spec[2]), jax.P(kv_spec[0], None)),
             out_specs=q_spec,
             check_vma=False,
-        )(q, k, v, segments)
+        )(kernel, q, k, v, segments, segments)
     return out.transpose(0, 2, 1, 3)
 
 
+@dataclasses.dataclass(frozen=True, eq=True)
+class _BalancedCausalMask(splash.Mask):
+    """The causal mask of a sequence in context parallelism's load-balanced order, queries and keys alike: slot
+    i sees slot j when j's token comes no later than i's (`balanced_order`). Its blocks are all full, empty or
+    the diagonal's triangle, as a plain causal mask's."""
+
+    length: int
+    shards: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.length, self.length)
+
+    def __getitem__(self, index) -> np.ndarray:
+        rows, columns = index
+        order = balanced_order(self.length, self.shards)
+        return order[rows][:, None] >= order[columns][None, :]
+
+
 @functools.cache
-def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
+def _splash_kernel(heads: int, length: int, block: int, interpret: bool, shards: int = 1):
     blocks = splash.BlockSizes(
         block_q=block,
         block_kv_compute=block,
@@ -327,5 +364,6 @@ def _splash_kernel(heads: int, length: int, block: int, interpret: bool):
         block_q_dq=block,
         block_kv_dq=block,
     )
-    mask = splash.MultiHeadMask([splash.CausalMask((length, length)) for _ in range(heads)])
-    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=1, block_sizes=blocks, interpret=interpret)
+    causal = splash.CausalMask((length, length)) if shards == 1 else _BalancedCausalMask(length, shards)
+    mask = splash.MultiHeadMask([causal for _ in range(heads)])
+    return splash.make_splash_mha(mask, head_shards=1, q_seq_shards=shards, block_sizes=blocks, interpret=interpret)

@@ -192,19 +192,22 @@ class ModelConfig:
         return cls(**_checked(values))
 
 
-MESH_AXES = ("data", "fsdp", "tensor")
+# Outermost first: tensor parallelism talks most, so its devices are nearest neighbours; then context's.
+MESH_AXES = ("data", "fsdp", "context", "tensor")
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; -1 on one axis takes all remaining devices."""
+    """Sizes of the mesh axes; -1 on one axis takes all remaining devices. `context` splits training sequences
+    (context parallelism, `context_parallel.py`)."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    context: int = 1
 
-    def shape(self, n_devices: int) -> tuple[int, int, int]:
-        sizes = [self.data, self.fsdp, self.tensor]
+    def shape(self, n_devices: int) -> tuple[int, ...]:
+        sizes = [self.data, self.fsdp, self.context, self.tensor]
         if any(s == 0 or s < -1 for s in sizes) or sizes.count(-1) > 1:
             raise ValueError(f"mesh sizes must be positive, with at most one -1; got {self}")
         known = math.prod(s for s in sizes if s != -1)

@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 from llama_jax.config import LOSS_CHUNK
-from llama_jax.sharding import shard
+from llama_jax.context_parallel import context_shards
+from llama_jax.sharding import in_manual_region, shard
 
 
 def token_nll(
@@ -45,17 +46,25 @@ def token_logprobs(model, ids: jax.Array, targets: jax.Array, chunk: int = LOSS_
 
 
 def _by_chunks(score, hidden: jax.Array, targets: jax.Array, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """`score(hidden, targets)` -> two (batch, positions) arrays, applied `chunk` positions at a time."""
-    length = hidden.shape[1]
+    """`score(hidden, targets)` -> two (batch, positions) arrays, applied `chunk` positions at a time.
+
+    Under context parallelism each of the C chips holds a contiguous 1/C of the positions: a step of the scan
+    takes `chunk` positions from each chip's share, so every chip scores its own tokens and none moves."""
+    batch, length = hidden.shape[:2]
     if chunk == 0 or length <= chunk:
         return score(hidden, targets)
-    n_chunks = -(-length // chunk)
-    pad = n_chunks * chunk - length
+    groups = context_shards()
+    steps = -(-length // (chunk * groups))
+    pad = steps * chunk * groups - length
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    # (n_chunks, batch, chunk, ...): the scan runs over the leading axis
-    hidden = hidden.reshape(hidden.shape[0], n_chunks, chunk, -1).swapaxes(0, 1)
-    targets = targets.reshape(targets.shape[0], n_chunks, chunk).swapaxes(0, 1)
+    # (steps, batch, groups · chunk, ...): the scan runs over the leading axis
+    hidden = (
+        hidden.reshape(batch, groups, steps, chunk, -1)
+        .transpose(2, 0, 1, 3, 4)
+        .reshape(steps, batch, -1, hidden.shape[-1])
+    )
+    targets = targets.reshape(batch, groups, steps, chunk).transpose(2, 0, 1, 3).reshape(steps, batch, -1)
 
     @jax.checkpoint
     def one_chunk(pair):
@@ -63,7 +72,11 @@ def _by_chunks(score, hidden: jax.Array, targets: jax.Array, chunk: int) -> tupl
         return score(shard(hidden_chunk, "batch", "length", None), target_chunk)
 
     first, second = jax.lax.map(one_chunk, (hidden, targets))
-    unchunk = lambda a: a.swapaxes(0, 1).reshape(a.shape[1], -1)[:, :length]  # noqa: E731
+
+    def unchunk(a):  # (steps, batch, groups · chunk) -> (batch, length)
+        a = a.reshape(steps, batch, groups, chunk).transpose(1, 2, 0, 3)
+        return a.reshape(batch, -1)[:, :length]
+
     return unchunk(first), unchunk(second)
 
 
@@ -72,8 +85,17 @@ def _chunk_nll(model, hidden: jax.Array, targets: jax.Array, temperature: float 
     if temperature != 1.0:
         logits = logits / temperature
     log_z = jax.nn.logsumexp(logits, axis=-1)
-    target_logits = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return log_z - target_logits, log_z
+    return log_z - _target_logits(logits, targets), log_z
+
+
+def _target_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """`logits[..., targets]`. Inside the train step's `shard_map` over data groups, with the vocabulary split over
+    tensor, the gather XLA makes of `take_along_axis` aborts the TPU compiler of jax 0.10: there it is a masked sum
+    over the vocabulary (exact: one term is not zero), each chip summing its own share."""
+    if not in_manual_region():
+        return jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    vocab = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.sum(jnp.where(vocab == targets[..., None], logits, 0.0), axis=-1)
 
 
 def _chunk_logprobs(model, hidden: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:

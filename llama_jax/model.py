@@ -26,7 +26,7 @@ from llama_jax.lora import add_adapters, project, split_adapters
 from llama_jax.quantize import SCALE_SUFFIX, quantize_weight
 from llama_jax.quantize import WEIGHTS as QUANTIZED_WEIGHTS
 from llama_jax.rope import apply_rope, inverse_frequencies
-from llama_jax.sharding import make_mesh, param_shardings, shard
+from llama_jax.sharding import in_manual_region, logical_to_spec, make_mesh, param_shardings, shard
 
 _INIT_STD = 0.02  # GPT-2 / LLaMA-style initialisation for every matrix
 
@@ -215,7 +215,7 @@ class Llama(nnx.Module):
         if positions is None:
             positions = starts[:, None] + jnp.arange(length, dtype=jnp.int32)
         with jax.named_scope("embed"):
-            x = shard(jnp.take(self.embed[...], ids, axis=0).astype(c.dtype), "batch", "length", None)
+            x = shard(_look_up(self.embed[...], ids, c.dtype), "batch", "length", None)
         live = None
         if cache is not None:
             if segment_ids is not None:
@@ -280,6 +280,43 @@ class Llama(nnx.Module):
         if cache is None:
             return x, None
         return x, KVCache(kv_all, cache.page_table, cache.lengths + x.shape[1], scales)
+
+
+def _look_up(table: jax.Array, ids: jax.Array, dtype) -> jax.Array:
+    """The rows of the embedding table (vocab, dim) for `ids`, in `dtype`, laid out as the activations are.
+
+    Outside a `shard_map` XLA partitions the gather itself (it weighs gathering the table against moving the looked-up
+    rows by their sizes). Inside the train step's `shard_map` over data groups the TPU compiler of jax 0.10 aborts on
+    that gather, so there it is written out: each chip gathers the columns of its vocabulary shard from the chips
+    that share it (FSDP splits the table's columns, as every weight's: one all-gather per micro-batch, as each
+    layer's weights get) and looks up its own tokens; with the vocabulary split over tensor, ids outside a chip's
+    range give zeros and the shards' rows are summed."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not in_manual_region():
+        return jnp.take(table, ids, axis=0).astype(dtype)
+    vocab_axes, column_axes = logical_to_spec(("vocab", "embed"), table.shape, mesh)
+    token_spec = logical_to_spec(("batch", "length"), ids.shape, mesh)
+
+    def local(shard_rows, ids):
+        shard_rows = shard_rows.astype(dtype)
+        if column_axes is not None:
+            shard_rows = jax.lax.all_gather(shard_rows, column_axes, axis=1, tiled=True)
+        if vocab_axes is None:
+            return jnp.take(shard_rows, ids, axis=0)
+        first = jax.lax.axis_index(vocab_axes) * shard_rows.shape[0]
+        inside = (ids >= first) & (ids < first + shard_rows.shape[0])
+        rows = jnp.take(shard_rows, jnp.where(inside, ids - first, 0), axis=0)
+        return jax.lax.psum(jnp.where(inside[..., None], rows, 0), vocab_axes)
+
+    return jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(jax.P(vocab_axes, column_axes), token_spec),
+        out_specs=jax.P(*token_spec, None),
+        # Where the rows do not split over the FSDP axes the result is the same on all of them, which the
+        # type check cannot see through the all-gather.
+        check_vma=False,
+    )(table, ids)
 
 
 def _take_positions(x: jax.Array, at: jax.Array | None) -> jax.Array:

@@ -20,8 +20,10 @@ from llama_jax.config import MESH_AXES, MeshConfig
 # logical axis -> mesh axes (a tuple shards over their product; None replicates).
 LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),  # activations, caches and data batches
-    "length": None,
-    "embed": ("fsdp",),  # parameters only: FSDP shards weights along the model dimension
+    "length": ("context",),  # a training sequence's tokens: context parallelism (`context_parallel.py`)
+    # parameters only: FSDP shards weights along the model dimension, and so do context parallelism's devices
+    # (they hold different tokens of the same rows, like FSDP's: MaxText's rule too)
+    "embed": ("fsdp", "context"),
     "vocab": ("tensor",),
     "q_heads": ("tensor",),
     "kv_heads": ("tensor",),
@@ -33,7 +35,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
 
 
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A (data, fsdp, tensor) mesh over all devices, or the given ones (e.g. a TPU slice's, from
+    """A (data, fsdp, context, tensor) mesh over all devices, or the given ones (e.g. a TPU slice's, from
     `hardware.target_devices`); `jax.make_mesh` orders them so that neighbours on the mesh are neighbours
     on the chips' interconnect.
 
@@ -42,6 +44,7 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     gradients' reduction crosses it, as MaxText's `dcn_data_parallelism` does."""
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     slices = len({getattr(device, "slice_index", 0) for device in devices})
     if slices > 1:
         from jax.experimental import mesh_utils
@@ -50,13 +53,14 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
             raise ValueError(f"{len(devices)} devices do not divide into {slices} equal slices")
         shape = config.shape(len(devices) // slices)
         # Within a slice, mesh axes may split the torus's (as jax.make_mesh lets them, e.g. tensor=2 of a side of 4).
-        grid = mesh_utils.create_hybrid_device_mesh(shape, (slices, 1, 1), devices, allow_split_physical_axes=True)
-        return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
+        grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, allow_split_physical_axes=True)
+        return Mesh(grid, MESH_AXES, axis_types=auto)
     shape = config.shape(len(devices))
     try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
     except (ValueError, NotImplementedError):  # a subset of a host's devices that has no physical layout
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def mesh_slices(mesh: Mesh) -> int:
@@ -80,6 +84,11 @@ def current_platform() -> str:
     return jax.default_backend()
 
 
+def in_manual_region() -> bool:
+    """Whether the function being traced runs inside a `shard_map` (over some of the mesh's axes)."""
+    return bool(getattr(jax.sharding.get_abstract_mesh(), "manual_axes", ()))
+
+
 def logical_to_spec(
     names: Sequence[str | None], shape: Sequence[int] | None = None, mesh: Mesh | None = None
 ) -> PartitionSpec:
@@ -89,6 +98,8 @@ def logical_to_spec(
     replicated instead), so e.g. a single KV head still works on a tensor-parallel mesh.
     """
     used: dict[str, str] = {}
+    # Inside `shard_map` its manual axes are already split off: the array is one group's, laid out over the rest.
+    taken = set(getattr(mesh, "manual_axes", ()) or ())
     spec = []
     for i, name in enumerate(names):
         if name is None:
@@ -103,7 +114,7 @@ def logical_to_spec(
                     f"logical axes {used[axis]!r} and {name!r} of {tuple(names)} both map to mesh axis {axis!r}"
                 )
             used[axis] = name
-            size = mesh.shape[axis] if mesh is not None else 1
+            size = mesh.shape[axis] if mesh is not None and axis not in taken else 1
             if size > 1 and (shape is None or shape[i] % (size * math.prod(mesh.shape[a] for a in axes)) == 0):
                 axes.append(axis)
         spec.append(tuple(axes) if len(axes) > 1 else (axes[0] if axes else None))

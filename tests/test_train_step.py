@@ -106,9 +106,13 @@ def test_sharded_step_matches_single_device(initial_params, single_device, layou
         assert w_gate.addressable_shards[0].data.shape != w_gate.shape
 
 
-def test_gradient_accumulation_equals_the_big_batch(initial_params, single_device):
-    # The micro-batches hold different numbers of target tokens: each is weighted by the whole batch's count.
-    accumulated = run_steps(initial_params, MeshConfig(data=1), grad_accum=2, devices=jax.devices()[:1])
+@pytest.mark.parametrize("mesh_config", ["data=1", "data=2"])
+def test_gradient_accumulation_equals_the_big_batch(initial_params, single_device, mesh_config):
+    """The micro-batches hold different numbers of target tokens: each is weighted by the whole batch's count.
+    With a data axis each group sums its own micro-batches' gradients and the groups' sums are added once
+    (`step._reduced_once_over_data`): still the big batch's."""
+    devices = jax.devices()[:1] if mesh_config == "data=1" else None
+    accumulated = run_steps(initial_params, MeshConfig.parse(mesh_config), grad_accum=2, devices=devices)
     _assert_same_training(accumulated, single_device)
 
 

@@ -146,9 +146,19 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, checkpoint_required:
 
 def mesh_from(args: argparse.Namespace):
     """The device mesh --mesh describes (checked before anything is loaded)."""
-    from llama_jax.sharding import MeshConfig, make_mesh
+    from llama_jax.sharding import make_mesh
 
-    return make_mesh(MeshConfig.parse(args.mesh))
+    return make_mesh(inference_mesh_config(args.mesh))
+
+
+def inference_mesh_config(spec: str):
+    """--mesh of a command that generates or scores: context parallelism is training's alone."""
+    from llama_jax.sharding import MeshConfig
+
+    config = MeshConfig.parse(spec)
+    if config.context != 1:
+        raise ValueError("--mesh context=N splits training sequences (train.py); generating and scoring use context=1")
+    return config
 
 
 def load_from(args: argparse.Namespace, mesh, checkpoint: str | Path | None = None):
@@ -343,12 +353,11 @@ def compile_engine_for(
     from llama_jax.aot import report_json, report_table
     from llama_jax.hardware import compile_target
     from llama_jax.inference.compile import compile_inference
-    from llama_jax.sharding import MeshConfig
 
     target = compile_target(target_name)
     dtype = dtype or "bfloat16"
     model = model.replace(dtype=dtype, param_dtype=dtype, quantize=quantize)
-    reports, kv_cache = compile_inference(model, target, MeshConfig.parse(mesh), settings, prompt_lens)
+    reports, kv_cache = compile_inference(model, target, inference_mesh_config(mesh), settings, prompt_lens)
     print(report_table(target, reports))
     print(
         f"KV cache: {kv_cache['pages']:,} pages of {kv_cache['block_size']} positions ({kv_cache['tokens']:,}), "

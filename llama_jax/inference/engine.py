@@ -48,6 +48,8 @@ class Engine:
     ):
         """`settings` are resolved for the model and mesh (`EngineSettings.resolve`): `self.settings` says
         what the engine holds. `on_compile(program)` hears of each program before its first compile."""
+        if loaded.mesh.shape["context"] > 1:  # its prefill and cache keep each sequence on one chip
+            raise ValueError("the engine does not split sequences: its mesh must have context=1")
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
         self.settings = settings.resolve(loaded.config, loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"])
         self._backend = SlotBackend.of(loaded, self.settings, on_compile)

@@ -26,13 +26,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
+from llama_jax.context_parallel import check_sequence_splits
 from llama_jax.sharding import logical_to_spec
 from llama_jax.train.config import TrainConfig
 from llama_jax.train.corpus_cache import TokenizedCorpus
 from llama_jax.train.preference import valid_pairs
 from llama_jax.train.token_store import StoreCorpus
 
-BATCH_AXES = (None, "batch", "length")  # (micro-batch index, rows, tokens)
+# (micro-batch index, rows, tokens): every chip of a context-parallel group holds its rows whole, to take its
+# share of the load-balanced order from them without moving tokens between chips (`context_parallel.py`).
+BATCH_AXES = (None, "batch", None)
 # A batch's fields and their dtypes (`PackedRows.arrays`), each (micro-batches, rows, seq_len).
 FIELDS = {"inputs": np.int32, "targets": np.int32, "positions": np.int32, "segments": np.int32, "loss_mask": np.float32}
 
@@ -243,13 +246,27 @@ def _mix(x: np.ndarray) -> np.ndarray:
 
 
 def check_batch_fits_mesh(config: TrainConfig, mesh: Mesh) -> None:
-    """ValueError unless every device of the batch axes gets the same number of rows."""
+    """ValueError unless every device of the batch axes gets the same number of rows, each data-parallel group
+    whole DPO pairs (it sums its own rows' losses: `step._reduced_once_over_data`), and the sequences divide
+    into context parallelism's chunks."""
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if config.micro_batch % batch_shards:
         raise ValueError(
             f"the micro-batch (batch_size / grad_accum = {config.micro_batch}) must be a multiple of "
             f"the data-parallel size (mesh data × fsdp = {batch_shards})"
         )
+    if config.objective == "dpo" and (config.micro_batch // mesh.shape["data"]) % 2:
+        raise ValueError(
+            f"DPO rows come in pairs: the micro-batch's rows per data-parallel group (batch_size / grad_accum / "
+            f"data = {config.micro_batch // mesh.shape['data']}) must be even"
+        )
+    context = mesh.shape["context"]
+    if context > 1 and config.objective == "grpo":
+        raise ValueError(
+            f"mesh.context = {context}: GRPO's rollouts run the inference engine, which does not split "
+            "sequences; context parallelism is for the lm and dpo objectives"
+        )
+    check_sequence_splits(config.seq_len, context)
 
 
 def batch_sharding(mesh: Mesh, shape: tuple[int, int, int]) -> NamedSharding:

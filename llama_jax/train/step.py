@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from llama_jax.config import LOSS_CHUNK, ModelConfig
+from llama_jax.context_parallel import context_shards, from_balanced, to_balanced
 from llama_jax.lora import join
 from llama_jax.loss import token_nll
 from llama_jax.sharding import mesh_platform
@@ -44,10 +45,15 @@ def token_losses(
     temperature: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token negative log-likelihood and log-partition log Z, float32, (batch, seq_len), computed
-    without holding the batch's full logits (`loss.token_nll`), of the logits divided by `temperature`."""
+    without holding the batch's full logits (`loss.token_nll`), of the logits divided by `temperature`.
+
+    On a mesh with a context axis the model sees the tokens in the load-balanced order of context parallelism
+    and the losses come back in the batch's own order: objectives never see the difference."""
     model = nnx.merge(graphdef, params)
-    inputs = (batch[name] for name in ("inputs", "targets", "positions", "segments"))
-    return token_nll(model, *inputs, loss_chunk, dropout_key, temperature=temperature)
+    shards = context_shards()
+    fields = to_balanced({name: batch[name] for name in ("inputs", "targets", "positions", "segments")}, shards)
+    nll, log_z = token_nll(model, *fields.values(), loss_chunk, dropout_key, temperature=temperature)
+    return from_balanced(nll, shards), from_balanced(log_z, shards)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +102,9 @@ def make_train_step(
     clipping), learning_rate, tokens (the batch's loss-mask tokens), skipped (1 when the loss or gradient was
     not finite and the update was not applied).
 
-    `dropout_seed` (LoRA dropout): each micro-batch's masks come from the seed, the step number and the
-    micro-batch's index, so a resumed run draws the masks the uninterrupted one would have."""
+    `dropout_seed` (LoRA dropout): each micro-batch's masks come from the seed, the step number, the
+    micro-batch's index and the data-parallel group, so a resumed run draws the masks the uninterrupted one
+    would have."""
     shardings = layout.shardings
     forward = _forward(layout.graphdef, loss_chunk)
 
@@ -105,9 +112,11 @@ def make_train_step(
         return objective.loss(forward, join(frozen, params), micro, normaliser, dropout_key, reference)
 
     grad_fn = jax.grad(loss_of, has_aux=True)
+    param_specs = jax.tree.map(lambda s: s.spec, shardings.params)
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        normaliser = objective.normaliser(batch)
+    def accumulated_gradients(state: TrainState, batch: dict[str, jax.Array], normaliser: jax.Array, group=None):
+        """The sum of the micro-batches' gradients and loss sums, float32, of the rows of `batch` that data-parallel
+        `group` holds (all of them without a data axis: group None)."""
 
         def accumulate(carry, micro_and_index):
             grads, sums = carry
@@ -115,15 +124,25 @@ def make_train_step(
             dropout_key = None
             if dropout_seed is not None:
                 dropout_key = jax.random.fold_in(jax.random.fold_in(jax.random.key(dropout_seed), state.step), index)
+                if group is not None:  # each group's rows their own masks
+                    dropout_key = jax.random.fold_in(dropout_key, group)
             reference = objective.reference_inputs(forward, state, micro)
             micro_grads, micro_sums = grad_fn(state.params, state.frozen, micro, normaliser, dropout_key, reference)
             grads = jax.tree.map(jnp.add, grads, micro_grads)
             return (grads, jax.tree.map(jnp.add, sums, micro_sums)), None
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params)
-        zeros = jax.lax.with_sharding_constraint(zeros, shardings.params)
+        zeros = jax.lax.with_sharding_constraint(zeros, param_specs)
         micro_indices = jnp.arange(batch_shape[0])
         (grads, sums), _ = jax.lax.scan(accumulate, (zeros, _zero_sums(objective.summed)), (batch, micro_indices))
+        return grads, sums
+
+    if mesh.shape["data"] > 1:
+        accumulated_gradients = _reduced_once_over_data(accumulated_gradients, mesh)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        normaliser = objective.normaliser(batch)
+        grads, sums = accumulated_gradients(state, batch, normaliser)
         grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -146,6 +165,32 @@ def make_train_step(
     batch_shardings = _batch_shardings(objective, mesh, batch_shape)
     return jax.jit(
         train_step, in_shardings=(shardings, batch_shardings), out_shardings=(shardings, replicated), donate_argnums=0
+    )
+
+
+def _reduced_once_over_data(accumulated_gradients: Callable, mesh: Mesh) -> Callable:
+    """`accumulated_gradients` run by each group of the data axis on its own rows, then the groups' sums added
+    once: one all-reduce of the float32 gradient per step, whatever grad_accum is.
+
+    Left to XLA, the gradient of each micro-batch is reduced over every batch axis inside the accumulation loop:
+    grad_accum all-reduces per step. Across TPU slices the data axis runs over the data-center network (DCN), the
+    slowest link of the job, so the loop keeps each group's sum local (a manual axis of `shard_map`: XLA still
+    lays the parameters, activations and the FSDP reduce-scatter out within the group) and reduces it after.
+    Every objective's loss is a sum over rows (DPO's over pairs of adjacent rows, which `check_batch_fits_mesh`
+    keeps in one group), so the groups' sums are the whole batch's."""
+
+    def per_group(state, batch, normaliser):
+        grads, sums = accumulated_gradients(state, batch, normaliser, jax.lax.axis_index("data"))
+        return jax.lax.psum((grads, sums), "data")
+
+    rows = PartitionSpec(None, "data")  # (grad_accum, micro_batch, seq_len): the rows split over data
+    return jax.shard_map(
+        per_group,
+        mesh=mesh,
+        in_specs=(PartitionSpec(), rows, PartitionSpec()),
+        out_specs=PartitionSpec(),
+        axis_names={"data"},
+        check_vma=False,
     )
 
 
