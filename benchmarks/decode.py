@@ -43,6 +43,8 @@ sys.path.insert(0, str(HERE))
 
 from baseline import number, run_at, table_rows  # noqa: E402
 
+from llama_jax.hardware import host_cpu  # noqa: E402
+
 SMALL = "bench-cpu"  # the preset --small selects
 BASELINE = "b94043e"
 
@@ -294,7 +296,9 @@ def main() -> None:
             rows = table_rows(run_part("transformers", args, ["--weights-dir", str(weights)]))
             hf = {int(row[0]): (number(row[1]), number(row[2])) for row in rows if row[0].isdigit()}
     name = SMALL if args.small else args.preset
-    print(f"{name}: {lines.get('model', '')}, prompt {args.prompt_len}, {args.new_tokens} new tokens")
+    print(
+        f"{name}: {lines.get('model', '')}, prompt {args.prompt_len}, {args.new_tokens} new tokens; CPU: {host_cpu()}"
+    )
     print(
         f"| batch | llama_jax engine tok/s | {args.baseline} one-jit loop tok/s | HF static tok/s | HF dynamic tok/s "
         f"| tunix 0.1.7 Sampler tok/s | engine / {args.baseline} | engine / HF static | engine / tunix |\n|"

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -33,6 +32,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+
+from llama_jax.hardware import host_cpu  # noqa: E402
 
 # The optimizer both sides run (tunix's peer takes them as flags; ours as train.py keys).
 OPTIMIZER = {"beta1": 0.9, "beta2": 0.95, "adam_eps": 1e-5, "weight_decay": 0.0, "grad_clip": 1.0}
@@ -46,15 +47,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--tunix-python", help="a Python with google-tunix 0.1.7 installed (else ours alone)")
     return parser.parse_args(argv)
-
-
-def cpu_name() -> str:
-    """The CPU model and its widest vector extensions, for the table's caption."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return f"{model} ({os.cpu_count()} cores; {', '.join(extensions) or 'no AVX2'})"
 
 
 def our_settings(args) -> list[str]:
@@ -164,7 +156,7 @@ def main() -> None:
         sides = {"llama_jax": run_ours(args, scratch / "run")}
         if args.tunix_python:
             sides["tunix 0.1.7"] = run_tunix(args, scratch)
-    print(f"GRPO, {args.config} from {args.init_from}, {args.steps} steps, lr {args.lr}; CPU: {cpu_name()}")
+    print(f"GRPO, {args.config} from {args.init_from}, {args.steps} steps, lr {args.lr}; CPU: {host_cpu()}")
     print("| side | s/step | rollout s | update s | rollout tok/s | reward, first quarter | reward, last quarter |")
     print("|---|---|---|---|---|---|---|")
     for name, side in sides.items():

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # runs from a checkout without `pip install -e .`
 
 from llama_jax.config import REMAT_POLICIES  # noqa: E402
+from llama_jax.hardware import host_cpu  # noqa: E402
 
 SMALL = "bench-cpu"  # the preset --small selects
 
@@ -256,7 +257,8 @@ def main() -> None:
         f"{per_token / 1e9:.3f} GFLOP/token (6N + 12*L*T*H*Dh)"
     )
     print(
-        f"peak {peak / 1e12:.3f} TFLOP/s per device ({peak_note}); device: {kind}; "
+        f"peak {peak / 1e12:.3f} TFLOP/s per device ({peak_note}); device: {kind}"
+        f"{f' ({host_cpu()})' if kind == 'cpu' else ''}; "
         f"median of {args.steps} steps after {args.warmup} warm-up; same initial weights and batch"
     )
     print(

@@ -18,6 +18,7 @@ import importlib.util
 import math
 import os
 import re
+from pathlib import Path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -344,3 +345,14 @@ def slice_devices(tpu: TpuSlice) -> list:
         wrap=tpu.wrap,
     )
     return list(topology.devices)
+
+
+def host_cpu() -> str:
+    """This host's CPU model, core count and widest vector extensions ("AMD EPYC (2 cores; avx2, avx512f,
+    avx512_bf16)"): what every CPU benchmark table names, since the project's machines differ."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    lines = info.splitlines()
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
+    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return f"{model} ({os.cpu_count()} cores; {', '.join(extensions) or 'no AVX2'})"
