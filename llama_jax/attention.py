@@ -92,7 +92,9 @@ def attention(
     the axis: each chip gathers every key and value and attends its own queries, masking by original index."""
     shards = context_shards()
     if shards > 1 and implementation != "splash":
-        implementation = "xla" if implementation == "blockwise" else implementation  # blockwise masks by slot
+        # XLA's einsums under a split sequence: blockwise masks by slot, and cuDNN's partitioner wants the
+        # queries split as the keys are (a per-chip cuDNN call with its rows of the mask would lift that).
+        implementation = "xla"
         k, v = (shard(x, "batch", None, "kv_heads", None) for x in (k, v))  # the all-gather over context
     if implementation == "xla":
         return _grouped_attention(q, k, v, _self_attention_mask(q.shape[0], q.shape[1], segment_ids))

@@ -63,6 +63,17 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
         return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
+def without_context(mesh: Mesh) -> Mesh:
+    """The same devices with the context axis folded into fsdp: the mesh a model trained with context parallelism
+    generates on (the engine keeps a sequence on one chip). Parameters keep their layout: a weight split over
+    (fsdp, context) is split over the folded fsdp axis in the same device order."""
+    if mesh.shape["context"] == 1:
+        return mesh
+    data, fsdp, context, tensor = (mesh.shape[axis] for axis in MESH_AXES)
+    devices = mesh.devices.reshape(data, fsdp * context, 1, tensor)
+    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
 def mesh_slices(mesh: Mesh) -> int:
     """How many TPU slices (DCN-joined) the mesh spans: 1 for one slice, one host or a CPU."""
     return len({getattr(device, "slice_index", 0) for device in mesh.devices.flat})

@@ -51,9 +51,9 @@ def test_sequences_must_divide_into_the_chunks():
         check_sequence_splits(60, 4)
 
 
-def _train(layout: str, attention: str, seq_len: int):
+def _train(layout: str, attention: str, seq_len: int, loss_chunk: int = 0):
     """Two SGD steps (lr 1: the parameters move by the gradient) of packed rows; the step's metrics and the
-    parameters after."""
+    parameters after. `loss_chunk`: positions per chunk of the loss (0: all at once)."""
     model = MODEL.replace(attention=attention, max_seq_len=seq_len)
     config = MeshConfig.parse(layout)
     n_devices = config.data * config.fsdp * config.context * config.tensor
@@ -64,7 +64,7 @@ def _train(layout: str, attention: str, seq_len: int):
     layout_ = state_layout(model, sgd, mesh)
     state = init_state(jax.device_put(initial, layout_.shardings.params), sgd, layout_.shardings)
     shape = (1, 2, seq_len)
-    step = make_train_step(layout_, sgd, mesh, shape, NextTokenLoss(1e-4))
+    step = make_train_step(layout_, sgd, mesh, shape, NextTokenLoss(1e-4), loss_chunk=loss_chunk)
     rng = np.random.default_rng(0)
     metrics = []
     with jax.set_mesh(mesh):
@@ -105,34 +105,43 @@ def unsplit():
 
 
 @pytest.mark.parametrize(
-    "layout, attention, seq_len",
-    [("data=1,context=2", "xla", 64), ("data=1,context=2", "splash", 512)],
+    "layout, attention, seq_len, loss_chunk",
+    [
+        ("data=1,context=2", "xla", 64, 0),
+        ("data=1,context=2", "xla", 64, 16),  # the loss scans 16 positions of each chip's share at a time
+        ("data=1,context=2", "xla", 64, 24),  # ... padded to 2 steps of 2 × 24
+        ("data=1,context=2", "splash", 512, 0),
+    ],
 )
-def test_a_split_sequence_trains_as_the_whole_one(unsplit, layout, attention, seq_len):
+def test_a_split_sequence_trains_as_the_whole_one(unsplit, layout, attention, seq_len, loss_chunk):
     """XLA's attention gathers K/V through the partitioner; splash runs per chip on its share of the queries
     (Pallas interpret mode off TPU) with its rows of the load-balanced mask."""
-    _assert_same(_train(layout, attention, seq_len), unsplit[attention])
+    _assert_same(_train(layout, attention, seq_len, loss_chunk), unsplit[attention])
 
 
 @pytest.mark.slow
 def test_train_py_on_four_chips_of_context_gives_the_one_chip_losses(tmp_path):
     """The user's path: the tiny recipe with mesh.context=4 (and with data=2 × context=2, the data groups'
-    gradients summed once: `step._reduced_once_over_data`) logs the losses and gradient norms of mesh.context=1."""
-    runs = {}
+    gradients summed once: `step._reduced_once_over_data`) logs the losses and gradient norms of mesh.context=1,
+    and prints its samples at the end (the engine on the same chips, context folded into fsdp)."""
+    runs, samples = {}, {}
     for name, chips, mesh in [("whole", 1, []), ("context", 4, ["mesh.data=1", "mesh.context=4"]),
                               ("both", 4, ["mesh.data=2", "mesh.context=2"])]:  # fmt: skip
         run_dir = tmp_path / name
         args = ["--config", "configs/tiny_test.yaml", "steps=3", "eval_every=3", "checkpoint_every=3", "log_every=1"]
-        args += ["samples=0", "seq_len=64", "batch_size=4", "grad_accum=2", f"run_dir={run_dir}", *mesh]
+        args += ["samples=1", "sample_tokens=8", "seq_len=64", "batch_size=4", "grad_accum=2", f"run_dir={run_dir}"]
+        args += mesh
         result = run_module("train", *args, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={chips}"})
         assert result.returncode == 0, result.stderr[-3000:]
         lines = (run_dir / "metrics.jsonl").read_text().splitlines()
         runs[name] = [r for r in map(json.loads, lines) if r["split"] == "train"]
+        samples[name] = result.stdout.strip().splitlines()[:-1]  # "--- sample 1: '' ---" and its text
     assert len(runs["whole"]) == 3
     for name in ("context", "both"):
         for a, b in zip(runs[name], runs["whole"]):
             for key in ("loss", "grad_norm"):
                 np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=f"{name} {key}")
+        assert samples[name][0].startswith("--- sample 1"), samples  # sampled: the engine ran on the folded mesh
 
 
 def test_generating_refuses_a_context_axis(tmp_path):

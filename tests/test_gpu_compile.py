@@ -63,6 +63,17 @@ def test_train_and_eval_steps_compile_for_8xh100_with_cudnn_flash_attention():
 
 
 @needs_cuda_plugin
+def test_a_context_parallel_step_compiles_for_8xh100_with_xla_attention():
+    """cuDNN's partitioner wants queries, keys and values split alike; a split sequence takes XLA's attention."""
+    from llama_jax.train.compile import compile_training
+    from llama_jax.train.config import load_train_config
+
+    config = load_train_config(None, [*TINY, "mesh.fsdp=4", "mesh.context=2", "seq_len=512", "model.max_seq_len=512"])
+    for report in compile_training(config, compile_target("8xH100")):
+        assert report.fits and report.attention == "xla", report
+
+
+@needs_cuda_plugin
 def test_the_engines_programs_compile_for_one_h100():
     from llama_jax.inference.compile import compile_inference
     from llama_jax.inference.settings import EngineSettings

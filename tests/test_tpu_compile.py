@@ -128,6 +128,18 @@ def test_train_and_eval_steps_compile_for_v5e_with_the_splash_kernel(tpu_precisi
 
 
 @needs_libtpu
+@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2"], ["mesh.data=2", "mesh.fsdp=1"]])
+def test_a_context_parallel_step_compiles_for_v5e_with_the_splash_kernel_per_chip(tpu_precision, mesh):
+    """Sequences split over 2 chips (context parallelism), beside FSDP or a data axis (the data groups'
+    shard_map): the splash kernel runs per chip on its queries, with its rows of the load-balanced mask."""
+    from llama_jax.train.compile import compile_training
+
+    config = load_train_config(None, [*TINY, *mesh, "mesh.context=2", "seq_len=512", "model.max_seq_len=512"])
+    for report in compile_training(config, tpu_slice("v5e-4")):
+        assert report.fits and report.attention == "splash", report
+
+
+@needs_libtpu
 def test_the_engines_prefill_and_decode_compile_for_v4_with_the_splash_and_ragged_paged_kernels(tpu_precision):
     from llama_jax.inference.compile import compile_inference
     from llama_jax.inference.settings import EngineSettings

@@ -26,6 +26,7 @@ from llama_jax.lora import split_adapters
 from llama_jax.model import abstract_state, create_model, init_adapters
 from llama_jax.model_dir import read_model_dir
 from llama_jax.quantize import quantize_params
+from llama_jax.sharding import without_context
 from llama_jax.train.batching import global_batch, host_batch
 from llama_jax.train.checkpoints import TrainingCheckpoints
 from llama_jax.train.config import TrainConfig
@@ -311,10 +312,15 @@ def _evaluate(job: _Job, state: TrainState) -> tuple[float | None, dict[str, flo
 
 def _policy(job: _Job, state: TrainState) -> LoadedModel:
     """The model being trained as the engine runs it, on the state's own arrays (no copy): with LoRA the frozen
-    base and the adapters as trained."""
+    base and the adapters as trained. Trained with context parallelism, it runs on the same chips with the
+    context axis folded into fsdp (`sharding.without_context`), its arrays laid out again for that mesh."""
     inputs = job.inputs
-    model = nnx.merge(job.steps.layout.graphdef, state.model_params())
-    return LoadedModel(model, inputs.model_config, inputs.mesh, inputs.tokenizer, inputs.chat_template)
+    mesh, params = without_context(inputs.mesh), state.model_params()
+    if mesh is not inputs.mesh:
+        _, abstract = abstract_state(inputs.model_config, mesh)
+        params = jax.device_put(params, jax.tree.map(lambda a: a.sharding, nnx.to_pure_dict(abstract)))
+    model = nnx.merge(job.steps.layout.graphdef, params)
+    return LoadedModel(model, inputs.model_config, mesh, inputs.tokenizer, inputs.chat_template)
 
 
 def _frozen_base(source, model_config: ModelConfig, mesh, layout: StateLayout) -> dict:
