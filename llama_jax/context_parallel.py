@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 AXIS = "context"
@@ -60,20 +61,36 @@ def balanced_order(length: int, shards: int) -> np.ndarray:
     return np.concatenate(pairs)
 
 
-@functools.cache
-def _inverse(length: int, shards: int) -> np.ndarray:
-    return np.argsort(balanced_order(length, shards)).astype(np.int32)
-
-
 def to_balanced(fields: dict[str, jax.Array], shards: int) -> dict[str, jax.Array]:
     """Every (rows, seq_len) field in the balanced order (unchanged when `shards` is 1)."""
     if shards == 1:
         return fields
-    return {name: value[..., balanced_order(value.shape[-1], shards)] for name, value in fields.items()}
+    return {name: _interleave(value, shards) for name, value in fields.items()}
 
 
 def from_balanced(values: jax.Array, shards: int) -> jax.Array:
     """(rows, seq_len) values of the balanced order back in the sequence's own order."""
     if shards == 1:
         return values
-    return values[..., _inverse(values.shape[-1], shards)]
+    return _deinterleave(values, shards)
+
+
+# Both orders are written with reshapes, a reversal and a concatenation rather than a gather of `balanced_order`:
+# inside the train step's shard_map over data groups the TPU compiler of jax 0.10 aborts on a gather of an array
+# split over two mesh axes (rows over fsdp, tokens over context).
+
+
+def _interleave(x: jax.Array, shards: int) -> jax.Array:
+    """(..., L) -> chunks 0, 2C-1, 1, 2C-2, ...: the first half's chunks beside the second half's, reversed."""
+    *rows, length = x.shape
+    halves = x.reshape(*rows, 2, shards, length // (2 * shards))
+    first, second = halves[..., 0, :, :], jnp.flip(halves[..., 1, :, :], axis=-2)
+    return jnp.stack([first, second], axis=-2).reshape(*rows, length)
+
+
+def _deinterleave(x: jax.Array, shards: int) -> jax.Array:
+    """The inverse of `_interleave`."""
+    *rows, length = x.shape
+    pairs = x.reshape(*rows, shards, 2, length // (2 * shards))
+    first, second = pairs[..., 0, :], jnp.flip(pairs[..., 1, :], axis=-2)
+    return jnp.concatenate([first, second], axis=-2).reshape(*rows, length)

@@ -169,3 +169,13 @@ def test_grpo_refuses_a_context_axis():
     mesh = make_mesh(MeshConfig(data=1, context=2))
     with pytest.raises(ValueError, match="GRPO's rollouts run the inference engine"):
         check_batch_fits_mesh(config, mesh)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 4])
+def test_the_step_puts_fields_in_the_balanced_order_and_back(shards):
+    from llama_jax.context_parallel import from_balanced, to_balanced
+
+    tokens = np.arange(3 * 64).reshape(3, 64)
+    balanced = np.asarray(to_balanced({"inputs": jax.numpy.asarray(tokens)}, shards)["inputs"])
+    np.testing.assert_array_equal(balanced, tokens[:, balanced_order(64, shards)])
+    np.testing.assert_array_equal(np.asarray(from_balanced(jax.numpy.asarray(balanced), shards)), tokens)

@@ -128,14 +128,22 @@ def test_train_and_eval_steps_compile_for_v5e_with_the_splash_kernel(tpu_precisi
 
 
 @needs_libtpu
-@pytest.mark.parametrize("mesh", [["mesh.data=1", "mesh.fsdp=2"], ["mesh.data=2", "mesh.fsdp=1"]])
-def test_a_context_parallel_step_compiles_for_v5e_with_the_splash_kernel_per_chip(tpu_precision, mesh):
-    """Sequences split over 2 chips (context parallelism), beside FSDP or a data axis (the data groups'
-    shard_map): the splash kernel runs per chip on its queries, with its rows of the load-balanced mask."""
+@pytest.mark.parametrize(
+    "target, mesh",
+    [
+        ("v5e-4", ["mesh.data=1", "mesh.fsdp=2"]),
+        ("v5e-4", ["mesh.data=2", "mesh.fsdp=1"]),
+        ("2xv5e-4", ["mesh.data=1", "mesh.fsdp=2", "grad_accum=2"]),  # data groups over DCN, FSDP and context
+    ],
+)
+def test_a_context_parallel_step_compiles_for_v5e_with_the_splash_kernel_per_chip(tpu_precision, target, mesh):
+    """Sequences split over 2 chips (context parallelism), beside FSDP, a data axis (the data groups'
+    shard_map) or both across two slices: the splash kernel runs per chip on its queries, with its rows of the
+    load-balanced mask."""
     from llama_jax.train.compile import compile_training
 
     config = load_train_config(None, [*TINY, *mesh, "mesh.context=2", "seq_len=512", "model.max_seq_len=512"])
-    for report in compile_training(config, tpu_slice("v5e-4")):
+    for report in compile_training(config, tpu_slice(target)):
         assert report.fits and report.attention == "splash", report
 
 
