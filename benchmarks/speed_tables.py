@@ -13,14 +13,16 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))  # runs from a checkout without `pip install -e .`
+
+from llama_jax.hardware import cpu_flags  # noqa: E402
+
 TRAIN = ["--seq-len", "256", "--batch-size", "8", "--steps", "5", "--warmup", "2", "--remat", "none"]
 
 
 def native_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (always true enough on a GPU host: not this script's case)."""
-    cpuinfo = Path("/proc/cpuinfo")
-    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def main() -> None:

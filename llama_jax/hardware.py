@@ -350,9 +350,16 @@ def slice_devices(tpu: TpuSlice) -> list:
 def host_cpu() -> str:
     """This host's CPU model, core count and widest vector extensions ("AMD EPYC (2 cores; avx2, avx512f,
     avx512_bf16)"): what every CPU benchmark table names, since the project's machines differ."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    lines = info.splitlines()
-    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
-    flags = set(next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), []))
-    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    model = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), "?")
+    extensions = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in cpu_flags()]
     return f"{model} ({os.cpu_count()} cores; {', '.join(extensions) or 'no AVX2'})"
+
+
+def cpu_flags() -> set[str]:
+    """This host's CPU feature flags (/proc/cpuinfo's: "avx2", "avx512_bf16", "amx_bf16", ...); none elsewhere."""
+    return set(next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), []))
+
+
+def _cpuinfo() -> list[str]:
+    path = Path("/proc/cpuinfo")
+    return path.read_text().splitlines() if path.exists() else []

@@ -34,6 +34,9 @@ LOGICAL_AXIS_RULES: dict[str, tuple[str, ...] | None] = {
 }
 
 
+_AUTO = (AxisType.Auto,) * len(MESH_AXES)  # XLA lays out what the rules do not say, on every axis
+
+
 def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A (data, fsdp, context, tensor) mesh over all devices, or the given ones (e.g. a TPU slice's, from
     `hardware.target_devices`); `jax.make_mesh` orders them so that neighbours on the mesh are neighbours
@@ -44,7 +47,6 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
     gradients' reduction crosses it, as MaxText's `dcn_data_parallelism` does."""
     config = config or MeshConfig()
     devices = list(devices) if devices is not None else jax.devices()
-    auto = (AxisType.Auto,) * len(MESH_AXES)
     slices = len({getattr(device, "slice_index", 0) for device in devices})
     if slices > 1:
         from jax.experimental import mesh_utils
@@ -55,12 +57,12 @@ def make_mesh(config: MeshConfig | None = None, devices: Sequence[jax.Device] | 
         # Within a slice, mesh axes may split the torus's (as jax.make_mesh lets them, e.g. tensor=2 of a side of 4).
         dcn = (slices,) + (1,) * (len(MESH_AXES) - 1)
         grid = mesh_utils.create_hybrid_device_mesh(shape, dcn, devices, allow_split_physical_axes=True)
-        return Mesh(grid, MESH_AXES, axis_types=auto)
+        return Mesh(grid, MESH_AXES, axis_types=_AUTO)
     shape = config.shape(len(devices))
     try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+        return jax.make_mesh(shape, MESH_AXES, axis_types=_AUTO, devices=devices)
     except (ValueError, NotImplementedError):  # a subset of a host's devices that has no physical layout
-        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
+        return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=_AUTO)
 
 
 def without_context(mesh: Mesh) -> Mesh:
@@ -71,7 +73,7 @@ def without_context(mesh: Mesh) -> Mesh:
         return mesh
     data, fsdp, context, tensor = (mesh.shape[axis] for axis in MESH_AXES)
     devices = mesh.devices.reshape(data, fsdp * context, 1, tensor)
-    return Mesh(devices, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    return Mesh(devices, MESH_AXES, axis_types=_AUTO)
 
 
 def mesh_slices(mesh: Mesh) -> int:
