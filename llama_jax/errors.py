@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
 
 def one_line(error: BaseException) -> str:
     """`error` as one line. Operating-system errors read `reason: path` (a full disk, a missing file); other
@@ -19,3 +23,17 @@ def one_line(error: BaseException) -> str:
         return type(error).__name__
     # TensorStore appends a dump of the array's spec to its first line; what failed is said before it.
     return " ".join(lines[0].split(" See full TensorStore details:")[0].split())
+
+
+@contextlib.contextmanager
+def errors_naming(path: str | Path) -> Iterator[None]:
+    """Inside the block, an operating-system error that names no file is raised again naming `path`: a write
+    to a file already open (a full disk, a quota) says only "No space left on device", and the user must learn
+    which of their outputs it was. `path` is the one the user gave — an output file, or the directory a staged
+    file is renamed into — not a temporary name that is gone by the time the error is read."""
+    try:
+        yield
+    except OSError as error:
+        if error.filename is not None or not error.strerror:
+            raise
+        raise type(error)(error.errno, error.strerror, str(path)) from None

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 
 from llama_jax.config import ModelConfig
+from llama_jax.errors import errors_naming
 from llama_jax.integrity import Checksums, changed_files, damage, file_digest, host_checksums
 from llama_jax.param_io import read_json_item, restore_params, save_params
 from llama_jax.staging import staged_output_dir
@@ -39,6 +40,11 @@ CHECKPOINTS_DIR = "checkpoints"
 META_ITEM = "meta"  # a training step's JSON item: step, data position, checksums, ...
 FORMAT = "llama_jax"
 log = logging.getLogger("llama_jax")
+# A model may have embedding rows past its tokenizer's last id: checkpoints round the vocabulary up for fast
+# matmuls (Hugging Face's resize_token_embeddings(pad_to_multiple_of=64 or 128), Megatron's 128 × tensor
+# parallelism), and tokens a Hugging Face tokenizer.json adds are rows its tokenizer.model lacks (32,001 rows
+# for 32,000 pieces). Those rows are padding; this many or more past the last id is another model's tokenizer.
+PADDING_ROWS = 1024
 
 
 def write_model_dir(
@@ -51,10 +57,13 @@ def write_model_dir(
 ) -> Path:
     """Write a model directory (config.json, tokenizer file, params/) atomically. `hf_repo`: the Hugging Face
     repository id the weights came from, when known (an export of adapters trained on it names it)."""
-    with staged_output_dir(out_dir) as staging:
-        tokenizer_name = None
-        if tokenizer_file is not None:
-            tokenizer_name = _tokenizer_file_name(tokenizer_file)
+    tokenizer_name = None
+    if tokenizer_file is not None:
+        tokenizer = load_tokenizer(tokenizer_file)
+        check_tokenizer_fits(tokenizer, config)  # refused before writing, not when an id cannot be decoded
+        tokenizer_name = tokenizer.file_name
+    with staged_output_dir(out_dir) as staging, errors_naming(Path(out_dir).absolute()):
+        if tokenizer_name is not None:
             shutil.copyfile(tokenizer_file, staging / tokenizer_name)
         write_config(staging, config, tokenizer_name, chat_template, hf_repo=hf_repo)
         save_params(staging / PARAMS_DIR, params)
@@ -84,10 +93,6 @@ def write_config(
     if hf_repo is not None:
         payload["hf_repo"] = hf_repo
     (directory / CONFIG_FILE).write_text(json.dumps(payload, indent=2) + "\n")
-
-
-def _tokenizer_file_name(path: str | Path) -> str:
-    return load_tokenizer(path).file_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +238,25 @@ def _warn_once(message: str) -> None:
 
 
 def check_tokenizer_fits(tokenizer: Tokenizer, config: ModelConfig) -> None:
-    """ValueError when the tokenizer makes ids the model has no embedding for."""
-    if tokenizer.vocab_size > config.vocab_size:
-        raise ValueError(
-            f"tokenizer {tokenizer.path} has {tokenizer.vocab_size} tokens, more than the model's "
-            f"{config.vocab_size} embeddings: it belongs to another model"
+    """ValueError when the tokenizer and the model cannot belong together: the tokenizer makes ids the model
+    has no embedding for, or the model has more rows past the tokenizer's last id than padding explains (it
+    would generate ids that decode to nothing: a 32,000-row model with a 512-piece tokenizer)."""
+    problem = vocabulary_mismatch(tokenizer.vocab_size, config.vocab_size)
+    if problem is not None:
+        raise ValueError(f"tokenizer {tokenizer.path} {problem}")
+
+
+def vocabulary_mismatch(tokens: int, rows: int) -> str | None:
+    """Why a tokenizer of `tokens` ids and a model of `rows` embeddings cannot belong together, or None. Rows
+    past the tokenizer's last id are padding when fewer than PADDING_ROWS."""
+    if tokens > rows:
+        return f"has {tokens} tokens, more than the model's {rows} embeddings: it belongs to another model"
+    if rows - tokens >= PADDING_ROWS:
+        return (
+            f"has {tokens} tokens but the model {rows} embeddings, {rows - tokens} past its last id where padding "
+            f"adds fewer than {PADDING_ROWS}: it belongs to another model"
         )
+    return None
 
 
 def lora_base_dir(run: ModelDir) -> ModelDir:

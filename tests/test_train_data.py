@@ -216,7 +216,7 @@ def test_llama3_sft_responses_end_with_end_of_turn(llama3_tok):
             '{"text": "fine"}\n{"txt": "oops"}\n',
             [],
             ValueError,
-            'corpus.jsonl:2: expected a JSON object with a string "text"',
+            'corpus.jsonl:2: the "text" field is missing; expected a JSON object with a string "text"',
         ),
         ('{"text": "fine"}\nnot json\n', [], ValueError, "corpus.jsonl:2: not valid JSON"),
         ('{"prompt": "p"}\n', ["sft=true", "tokenizer=ASSET"], ValueError, 'needs string "prompt" and "response"'),

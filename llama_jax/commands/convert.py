@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+from pathlib import Path
 
 from llama_jax import convert
 from llama_jax.chat import CHAT_TEMPLATE_CHOICES
@@ -72,6 +74,24 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    try:
+        out = _convert(args)
+    except OSError as error:
+        # The output is checked to be new when a conversion starts and renamed into place when it ends: a
+        # directory that is full by then was written meanwhile, by a second conversion given the same --out.
+        raced = error.errno in (errno.ENOTEMPTY, errno.EEXIST) and error.filename == str(Path(args.out).absolute())
+        if not raced:
+            raise
+        raise ValueError(
+            f"another conversion is writing {args.out} and got there first: this one's output is discarded; "
+            "use the other's, or convert again with another --out"
+        ) from None
+    print(f"wrote {out}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> Path:
+    """Run the subcommand; the output directory it wrote."""
     if args.command == "llama2c":
         out = convert.convert_llama2c(args.source, args.tokenizer, args.out, args.dtype, args.chat_template)
     elif args.command == "hf":
@@ -90,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         out = convert.merge_lora(args.source, args.out, args.dtype)
     else:
         out = convert.export_hf(args.source, args.out, args.dtype, args.max_shard_size, args.base_hf)
-    print(f"wrote {out}")
-    return 0
+    return out
 
 
 def cli() -> None:

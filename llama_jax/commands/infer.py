@@ -40,8 +40,10 @@ from llama_jax.commands.common import (
     load_from,
     run_settings,
 )
+from llama_jax.errors import errors_naming
 
 PROGRAM = "python infer.py"
+STDOUT = "standard output"  # where records go without --output
 PROMPT_LEN_HELP = (
     "prompt lengths whose prefill to compile (default 1024); the cache holds the longest + --max-new-tokens"
 )
@@ -162,11 +164,13 @@ def run_generation(args, job, prompts, first, output) -> str:
         ]
         if output:
             output.write(records)
-        elif args.format == "text":
-            sys.stdout.write("".join(f"{r['prompt']}{r['completion']}\n\n" for r in records))
-            sys.stdout.flush()
+            return
+        if args.format == "text":
+            text = "".join(f"{r['prompt']}{r['completion']}\n\n" for r in records)
         else:
-            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        with errors_naming(STDOUT):  # redirected to a file on a full disk, say: the error line names where
+            sys.stdout.write(text)
             sys.stdout.flush()
 
     def compiling(program) -> None:

@@ -23,6 +23,7 @@ from flax import nnx
 from llama_jax.config import LORA_TARGETS
 from llama_jax.convert.safetensors_io import TensorSource, write_file
 from llama_jax.convert.weights import WEIGHTS
+from llama_jax.errors import errors_naming
 from llama_jax.lora import merged_weight, split_adapters
 from llama_jax.model import abstract_state
 from llama_jax.model_dir import ModelDir, lora_base_dir, read_model_dir, write_model_dir
@@ -74,7 +75,7 @@ def export_peft(source: ModelDir, out: str | Path, base_hf: str | Path | None = 
         "modules_to_save": None,
         "layers_to_transform": None,
     }
-    with staged_output_dir(out) as staging:
+    with staged_output_dir(out) as staging, errors_naming(Path(out).absolute()):
         write_file(staging / ADAPTER_WEIGHTS, tensors)
         (staging / ADAPTER_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
     return Path(out).absolute()

@@ -20,6 +20,7 @@ from llama_jax.convert.hf import INDEX_FILE, SINGLE_FILE
 from llama_jax.convert.hf_tokenizer import write_hf_tokenizer
 from llama_jax.convert.safetensors_io import TensorSource, shard_plan, write_file
 from llama_jax.convert.weights import Weight, hf_name, to_torch_layout, weights_for
+from llama_jax.errors import errors_naming
 from llama_jax.model import abstract_state
 from llama_jax.model_dir import read_model_dir
 from llama_jax.param_io import StoredParams
@@ -111,7 +112,7 @@ def export_hf(
     tensors = [
         tensor(w, layer) for w in weights_for(config) for layer in (range(config.n_layers) if w.per_layer else [None])
     ]
-    with staged_output_dir(out) as staging:
+    with staged_output_dir(out) as staging, errors_naming(Path(out).absolute()):
         _write_weights(staging, tensors, max_bytes)
         bos, eos = (tokenizer.bos_id, tokenizer.eos_id) if tokenizer else (None, None)
         (staging / "config.json").write_text(json.dumps(hf_config(config, name, bos, eos), indent=2) + "\n")

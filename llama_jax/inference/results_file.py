@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from llama_jax.errors import errors_naming
+
 RUN_SUFFIX = ".run.json"
 FORMAT = "llama_jax-infer"
 
@@ -44,26 +46,27 @@ class JsonlOutput:
         # failed run leaves nothing that would block the corrected rerun).
         self._created = not self.path.exists() and not self.run_path.exists()
         self._lock = self._take_lock()
-        try:
-            stored = self._lock.read()
-            if self.path.exists() and self.path.stat().st_size > 0:
-                self._check_settings(stored, settings)
-            else:  # new, or a run that ended before its first record: these settings now
-                self._lock.truncate(0)
-                self._lock.write(json.dumps({"format": FORMAT, "settings": settings}, indent=2) + "\n")
-                self._lock.flush()
-            self.done = 0
-            if self.path.exists():
-                data = self.path.read_bytes()
-                keep_bytes = self._check_existing(data, prompts)
-                if keep_bytes < len(data):
-                    with open(self.path, "r+b") as f:
-                        f.truncate(keep_bytes)
-            self._file = open(self.path, "a", encoding="utf-8")
-        except BaseException:
-            self._discard_if_created()
-            self._lock.close()
-            raise
+        with errors_naming(self.path):
+            try:
+                stored = self._lock.read()
+                if self.path.exists() and self.path.stat().st_size > 0:
+                    self._check_settings(stored, settings)
+                else:  # new, or a run that ended before its first record: these settings now
+                    self._lock.truncate(0)
+                    self._lock.write(json.dumps({"format": FORMAT, "settings": settings}, indent=2) + "\n")
+                    self._lock.flush()
+                self.done = 0
+                if self.path.exists():
+                    data = self.path.read_bytes()
+                    keep_bytes = self._check_existing(data, prompts)
+                    if keep_bytes < len(data):
+                        with open(self.path, "r+b") as f:
+                            f.truncate(keep_bytes)
+                self._file = open(self.path, "a", encoding="utf-8")
+            except BaseException:
+                self._discard_if_created()
+                self._lock.close()
+                raise
 
     def _take_lock(self):
         lock = open(self.run_path, "a+", encoding="utf-8")
@@ -111,13 +114,16 @@ class JsonlOutput:
         return sum(len(line) + 1 for line in lines)
 
     def write(self, records: Sequence[dict[str, Any]]) -> None:
-        self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        """Append `records` and flush them to the disk. A failed write (a full disk) names the output."""
+        with errors_naming(self.path):
+            self._file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            self._file.flush()
+            os.fsync(self._file.fileno())
         self.done += len(records)
 
     def close(self) -> None:
-        self._file.close()
+        with errors_naming(self.path):
+            self._file.close()
         if self.done == 0:
             self._discard_if_created()
         self._lock.close()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -34,7 +34,21 @@ class Tokenizer(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: Sequence[int]) -> str:
-        """Text of `ids`; BOS, EOS and other special ids produce no text."""
+        """Text of `ids`; BOS, EOS and other special ids produce no text. An id outside the vocabulary is a
+        ValueError that names it (`ids_in_vocabulary`)."""
+
+    def ids_in_vocabulary(self, ids: Iterable[int]) -> list[int]:
+        """`ids` as a list; ValueError naming the first outside 0..vocab_size-1. A checkpoint may have embedding
+        rows past its tokenizer's last id (a vocabulary padded to a round size, `model_dir.PADDING_ROWS`): those
+        rows have no text and a generator must not sample them; decoding one is refused, not dropped or misread."""
+        ids = list(ids)
+        if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
+            outside = next(token_id for token_id in ids if not 0 <= token_id < self.vocab_size)
+            raise ValueError(
+                f"token id {outside} is outside the {self.vocab_size} ids of tokenizer {self.path} "
+                "(an embedding row past the tokenizer's last id has no text)"
+            )
+        return ids
 
     @abc.abstractmethod
     def id_to_piece(self, token_id: int) -> str:

@@ -142,6 +142,7 @@ class Llama2cTokenizer(Tokenizer):
         the whole is read as UTF-8, so characters that fell back to bytes come back. Decode whole
         sequences, not pieces of one: each call starts as if after BOS.
         """
+        ids = self.ids_in_vocabulary(ids)
         out = bytearray()
         previous = _BOS
         for token_id in ids:

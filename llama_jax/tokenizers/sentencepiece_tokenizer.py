@@ -46,8 +46,9 @@ class SentencePieceTokenizer(Tokenizer):
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:
+        ids = self.ids_in_vocabulary(ids)
         # SentencePiece drops control pieces (BOS/EOS) itself and removes the dummy-prefix space.
-        return self._sp.decode(list(ids))
+        return self._sp.decode(ids)
 
     def id_to_piece(self, token_id: int) -> str:
         return self._sp.id_to_piece(token_id)

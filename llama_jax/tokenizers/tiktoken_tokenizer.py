@@ -117,12 +117,17 @@ class TiktokenTokenizer(Tokenizer):
         return ids + [self.eos_id] * eos
 
     def decode(self, ids: Sequence[int]) -> str:
+        ids = self.ids_in_vocabulary(ids)
         return self._encoding.decode([token_id for token_id in ids if token_id < self._num_ranks])
 
     def id_to_piece(self, token_id: int) -> str:
         if token_id in self._special_names:
             return self._special_names[token_id]
         return self._encoding.decode_single_token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def piece_bytes(self, token_id: int) -> bytes:
+        """The bytes of an ordinary token (part of a character, for some): what grammar masks match."""
+        return self._encoding.decode_single_token_bytes(token_id)
 
     @property
     def special_ids(self) -> dict[str, int]:

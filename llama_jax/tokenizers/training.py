@@ -7,7 +7,6 @@ and identity normalization without whitespace cleanup makes decode(encode(text))
 from __future__ import annotations
 
 import io
-import itertools
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -32,10 +31,22 @@ def train_sentencepiece(corpus: Iterable[Path | str], vocab_size: int, out_path:
     first_line = next(lines, None)
     if first_line is None:
         raise ValueError("cannot train a tokenizer on an empty corpus")
+    # SentencePiece pulls the lines from C++ and turns an error raised while reading them (a bad record of the
+    # corpus, which names its file and line) into "INTERNAL: ValueError: ...": it is kept to be raised as is.
+    reading_failed: list[Exception] = []
+
+    def sentences() -> Iterator[str]:
+        try:
+            yield first_line
+            yield from lines
+        except Exception as e:
+            reading_failed.append(e)
+            raise
+
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
-            sentence_iterator=itertools.chain([first_line], lines),
+            sentence_iterator=sentences(),
             model_writer=model,
             model_type="bpe",
             vocab_size=vocab_size,
@@ -55,7 +66,11 @@ def train_sentencepiece(corpus: Iterable[Path | str], vocab_size: int, out_path:
             input_sentence_size=0,
             minloglevel=2,
         )
-    except RuntimeError as e:
+    except Exception as e:
+        if reading_failed:
+            raise reading_failed[0] from None
+        if not isinstance(e, RuntimeError):
+            raise
         # SentencePiece's message reads "INTERNAL: file.cc(line) [check] reason"; keep the reason.
         reason = str(e).rsplit("] ", 1)[-1]
         raise ValueError(f"cannot train a {vocab_size}-piece tokenizer on this corpus: {reason}") from e

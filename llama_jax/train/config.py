@@ -27,6 +27,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from llama_jax.chat import TEMPLATES
 from llama_jax.config import DTYPES, LOSS_CHUNK, LoraConfig, MeshConfig, ModelConfig
+from llama_jax.train.base_fixed import without_pretraining_model
 from llama_jax.train.objective_settings import DpoSettings, GrpoSettings, check_rewards
 
 TRAINED_TOKENIZER_PREFIX = "train:"
@@ -320,11 +321,10 @@ _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str:
 
 
 def load_train_config(config_file: str | Path | None = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file's values, then `key=value` overrides (command-line strings)."""
-    layers = [OmegaConf.structured(TrainConfig)]
-    if config_file is not None:
-        layers.append(OmegaConf.create(_read_yaml(Path(config_file))))
-    layers.append(OmegaConf.create(_parse_overrides(overrides)))
+    """Defaults, the YAML file's values (less the model of one reused to fine-tune: `base_fixed.py`), `key=value`."""
+    command_line, file = _parse_overrides(overrides), Path(config_file) if config_file is not None else None
+    from_file = without_pretraining_model(_read_yaml(file), command_line, file) if file is not None else {}
+    layers = [OmegaConf.structured(TrainConfig), OmegaConf.create(from_file), OmegaConf.create(command_line)]
     try:
         return OmegaConf.to_object(OmegaConf.merge(*layers))
     except OmegaConfBaseException as e:

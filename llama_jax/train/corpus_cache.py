@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.errors import errors_naming
 from llama_jax.staging import staged_output_dir
 
 CACHE_FORMAT = 3  # 3: meta.json holds the files' checksums
@@ -106,7 +107,8 @@ def tokenize_corpus(examples: Iterable[Example], key: str, cache_dir: Path, dtyp
 
 
 def _build_entry(examples: Iterable[Example], entry: Path, dtype) -> None:
-    with staged_output_dir(entry, keep_existing=True) as staging:
+    # A write that fails (a full disk) names the entry it was building, not a staging file gone by then.
+    with staged_output_dir(entry, keep_existing=True) as staging, errors_naming(entry):
         starts = [0]
         with open(staging / "tokens.bin", "wb") as tokens, open(staging / "weights.bin", "wb") as weights:
             for ids, target_weights in examples:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llama_jax.errors import errors_naming
 from llama_jax.staging import staged_output_dir
 from llama_jax.tokenizers import Tokenizer, load_tokenizer
 from llama_jax.tokenizers.training import train_sentencepiece
@@ -116,7 +117,7 @@ def _open_store(url: str, config: TrainConfig, chat_template: str | None, cache_
         raise ValueError(f"{url} was tokenized with another tokenizer than {config.tokenizer}")
     entry = cache_dir / f"store-tokenizer-{hashlib.sha256(stored).hexdigest()[:24]}"
     if not entry.is_dir():
-        with staged_output_dir(entry, keep_existing=True) as staging:
+        with staged_output_dir(entry, keep_existing=True) as staging, errors_naming(entry):
             (staging / corpus.meta["tokenizer"]).write_bytes(stored)
     path = entry / corpus.meta["tokenizer"]
     return PreparedData(load_tokenizer(path), path, corpus)
@@ -127,6 +128,6 @@ def trained_tokenizer(texts: Iterable[str], vocab_size: int, texts_key: str, cac
     every host of a job and every rerun gets the same file."""
     entry = cache_dir / f"tokenizer-{texts_key[:24]}-{vocab_size}"
     if not entry.is_dir():
-        with staged_output_dir(entry, keep_existing=True) as staging:
+        with staged_output_dir(entry, keep_existing=True) as staging, errors_naming(entry):
             train_sentencepiece(texts, vocab_size, staging / TRAINED_TOKENIZER_FILE)
     return entry / TRAINED_TOKENIZER_FILE

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from llama_jax.config import COMPUTE_FIELDS, ModelConfig
+from llama_jax.errors import errors_naming
 from llama_jax.model_dir import CHECKPOINTS_DIR, CONFIG_FILE, write_config
 from llama_jax.staging import staged_output_dir
 from llama_jax.train.config import TrainConfig
@@ -99,7 +100,7 @@ def open_run_dir(run_dir: Path, files: RunFiles) -> TextIO:
     model files missing from it are written again."""
     if _read_run(run_dir) is None:
         try:
-            with staged_output_dir(run_dir) as staging:
+            with staged_output_dir(run_dir) as staging, errors_naming(run_dir):
                 files.write(staging)
                 (staging / LOCK_FILE).touch()
         except (ValueError, OSError):

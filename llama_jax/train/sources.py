@@ -68,8 +68,9 @@ def documents(files: list[Path], doc_separator: str | None = None) -> Iterator[s
     for path in files:
         if is_jsonl(path):
             for where, record in jsonl_records(path):
-                if not isinstance(record.get("text"), str):
-                    raise ValueError(f'{where}: expected a JSON object with a string "text" field')
+                problem = _field_problem(record, ("text",))
+                if problem is not None:
+                    raise ValueError(f'{where}: {problem}; expected a JSON object with a string "text" field')
                 yield record["text"]
         else:
             text = path.read_text(encoding="utf-8")
@@ -92,16 +93,41 @@ def jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
             yield where, record
 
 
+def _field_problem(record: dict, names: tuple[str, ...]) -> str | None:
+    """What is wrong with the fields `names` of `record`, which must be strings, in words; None if nothing."""
+    for name in names:
+        if name not in record:
+            return f'the "{name}" field is missing'
+        value = record[name]
+        if not isinstance(value, str):
+            return f'"{name}" is {_json_kind(value)}, not a string'
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON may escape half of a UTF-16 pair ("\ud800"), which is no text
+            return f'"{name}" is not text: it holds {value[e.start : e.end]!r}, half of a UTF-16 surrogate pair'
+    return None
+
+
+def _json_kind(value) -> str:
+    """A JSON value's kind as a sentence says it: `"prompt" is a number, not a string`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true or false"
+    kinds = {int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def sft_records(files: list[Path]) -> Iterator[tuple[str, str, str]]:
     """(where, prompt, response) for every record; one clear error for a file or record of another shape."""
     for path in files:
         if not is_jsonl(path):
             raise ValueError(f'SFT data must be JSONL files of {{"prompt": ..., "response": ...}} records; got {path}')
         for where, record in jsonl_records(path):
-            prompt, response = record.get("prompt"), record.get("response")
-            if not isinstance(prompt, str) or not isinstance(response, str):
-                raise ValueError(f'{where}: an SFT record needs string "prompt" and "response" fields')
-            yield where, prompt, response
+            problem = _field_problem(record, ("prompt", "response"))
+            if problem is not None:
+                raise ValueError(f'{where}: {problem}; an SFT record needs string "prompt" and "response" fields')
+            yield where, record["prompt"], record["response"]
 
 
 def sft_texts(files: list[Path]) -> Iterator[str]:
@@ -119,9 +145,12 @@ def dpo_records(files: list[Path]) -> Iterator[tuple[str, str, str, str]]:
                 f'DPO data must be JSONL files of {{"prompt": ..., "chosen": ..., "rejected": ...}} records; got {path}'
             )
         for where, record in jsonl_records(path):
-            fields = [record.get(name) for name in ("prompt", "chosen", "rejected")]
-            if not all(isinstance(field, str) for field in fields):
-                raise ValueError(f'{where}: a DPO record needs string "prompt", "chosen" and "rejected" fields')
+            problem = _field_problem(record, ("prompt", "chosen", "rejected"))
+            if problem is not None:
+                raise ValueError(
+                    f'{where}: {problem}; a DPO record needs string "prompt", "chosen" and "rejected" fields'
+                )
+            fields = [record[name] for name in ("prompt", "chosen", "rejected")]
             if not fields[1].strip() or not fields[2].strip():
                 raise ValueError(f"{where}: the chosen or the rejected response is empty")
             yield where, *fields
@@ -133,7 +162,8 @@ def grpo_records(files: list[Path]) -> Iterator[tuple[str, str, dict]]:
         if not is_jsonl(path):
             raise ValueError(f'GRPO data must be JSONL files of {{"prompt": ..., FIELD: ...}} records; got {path}')
         for where, record in jsonl_records(path):
-            prompt = record.pop("prompt", None)
-            if not isinstance(prompt, str) or not prompt.strip():
-                raise ValueError(f'{where}: a GRPO record needs a non-empty string "prompt" field')
+            problem = _field_problem(record, ("prompt",)) or ("" if record["prompt"].strip() else '"prompt" is empty')
+            if problem:
+                raise ValueError(f'{where}: {problem}; a GRPO record needs a non-empty string "prompt" field')
+            prompt = record.pop("prompt")
             yield where, prompt, record
