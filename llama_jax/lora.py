@@ -16,20 +16,29 @@ layers are one `nnx.vmap`-created DecoderLayer whose state is split and merged i
 the module it would attach to is a per-step clone; with qwix 0.1.8 the call fails inside the scan
 (`IndexError: tuple index out of range`, qwix having replaced the parameters it intercepts). A hand-written
 adapter is two einsums per target.
+
+An adapter BANK serves several adapters on one base in one batch (`{weight}_bank_a` (layers, n, *in, R) and
+`{weight}_bank_b` (layers, n, R, *out) beside W, built by `adapters.attach_bank`): entry 0 is zeros (the base),
+ranks below R are padded with zeros (exact), and each adapter's scale is folded into its B, so one pair of
+batched einsums adds every row's own delta, chosen by its `adapter_ids` entry.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llama_jax.config import LORA_TARGETS, LoraConfig
+from llama_jax.sharding import global_array, named_sharding
 
 RANK_AXIS = "lora_rank"  # a logical axis the rules table never shards
 SUFFIXES = ("_lora_a", "_lora_b")
+BANK_SUFFIXES = ("_bank_a", "_bank_b")
 _DROPOUT_STREAM = {weight: i for i, (_, weight, _) in enumerate(LORA_TARGETS.values())}  # one mask per weight
 
 
@@ -49,15 +58,24 @@ def add_adapters(module: nnx.Module, lora: LoraConfig, module_name: str, rngs: n
 
 
 def project(
-    module: nnx.Module, weight: str, equation: str, x: jax.Array, lora: LoraConfig, dropout_key: jax.Array | None = None
+    module: nnx.Module,
+    weight: str,
+    equation: str,
+    x: jax.Array,
+    lora: LoraConfig,
+    dropout_key: jax.Array | None = None,
+    adapter_ids: jax.Array | None = None,
 ) -> jax.Array:
     """`einsum(equation, x, W)` plus, when `module` has adapters for W, scale · (dropout(x)·A)·B. An int8 W
     (quantize.py) has a per-output-channel scale, applied to the product. Dropout (PEFT's: inverted, on the
-    adapter's input only, a mask of its own per weight) acts only when a `dropout_key` is given: training."""
+    adapter's input only, a mask of its own per weight) acts only when a `dropout_key` is given: training.
+    With `adapter_ids` (batch,) and a bank for W, each row adds the delta of its own bank entry (0: none)."""
     out = jnp.einsum(equation, x, getattr(module, weight)[...].astype(x.dtype))
     channel_scale = getattr(module, weight + "_scale", None)
     if channel_scale is not None:
         out = out * channel_scale[...].astype(out.dtype)
+    if adapter_ids is not None and hasattr(module, weight + "_bank_a"):
+        out = out + _bank_delta(module, weight, equation, x, adapter_ids).astype(out.dtype)
     adapter_a = getattr(module, weight + "_lora_a", None)
     if adapter_a is None:
         return out
@@ -72,6 +90,23 @@ def project(
     low = jnp.einsum(f"{x_axes},{in_axes}r->{kept}r", x, adapter_a[...].astype(x.dtype))
     delta = jnp.einsum(f"{kept}r,r{out_axes}->{result}", low, getattr(module, weight + "_lora_b")[...].astype(x.dtype))
     return out + (lora.scale * delta).astype(out.dtype)
+
+
+def _bank_delta(module: nnx.Module, weight: str, equation: str, x: jax.Array, adapter_ids: jax.Array) -> jax.Array:
+    """Each row's (x·A)·B with its own bank entry's A (n, *in, R) and B (n, R, *out), scale already in B. The
+    entries are gathered per row rather than every adapter applied to every row: a row costs what one adapter
+    costs. An id outside the bank, negative ones too, reads zeros (the base), never a neighbouring adapter."""
+    bank_a, bank_b = getattr(module, weight + "_bank_a")[...], getattr(module, weight + "_bank_b")[...]
+    adapter_ids = jnp.where(adapter_ids >= 0, adapter_ids, bank_a.shape[0])  # `take` would wrap a negative id
+    inputs, result = equation.split("->")
+    x_axes, w_axes = inputs.split(",")
+    n_in = bank_a.ndim - 2
+    in_axes, out_axes = w_axes[:n_in], w_axes[n_in:]
+    batch, kept = x_axes[0], "".join(c for c in x_axes if c not in in_axes)
+    row_a = jnp.take(bank_a, adapter_ids, axis=0, mode="fill", fill_value=0).astype(x.dtype)
+    row_b = jnp.take(bank_b, adapter_ids, axis=0, mode="fill", fill_value=0).astype(x.dtype)
+    low = jnp.einsum(f"{x_axes},{batch}{in_axes}r->{kept}r", x, row_a)
+    return jnp.einsum(f"{kept}r,{batch}r{out_axes}->{result}", low, row_b)
 
 
 def split_adapters(params: dict) -> tuple[dict, dict]:
@@ -125,3 +160,45 @@ def merged(params: dict, lora: LoraConfig) -> dict:
                 lora.scale,
             )
     return out
+
+
+def bank_arrays(
+    adapters: Sequence[tuple[np.ndarray, np.ndarray, float] | None], weight_shape: tuple[int, ...], n_in: int, dtype
+) -> tuple[np.ndarray, np.ndarray]:
+    """Host arrays of a bank for one stacked weight (layers, *in, *out): A (layers, 1 + n, *in, R) and B (layers,
+    1 + n, R, *out) from each adapter's (A (layers, *in, r), B (layers, r, *out), scale), or None where an
+    adapter leaves the weight alone. Entry 0 and the padding beyond an adapter's rank are zeros, so they add
+    exactly nothing; the scale is folded into B in float32 before rounding to `dtype`."""
+    layers, in_shape, out_shape = weight_shape[0], weight_shape[1 : 1 + n_in], weight_shape[1 + n_in :]
+    rank = max((a.shape[-1] for a, _, _ in filter(None, adapters)), default=1)
+    bank_a = np.zeros((layers, 1 + len(adapters), *in_shape, rank), np.float32)
+    bank_b = np.zeros((layers, 1 + len(adapters), rank, *out_shape), np.float32)
+    for i, adapter in enumerate(adapters, start=1):
+        if adapter is not None:
+            a, b, scale = adapter
+            bank_a[:, i, ..., : a.shape[-1]] = a
+            bank_b[:, i, : b.shape[1]] = scale * np.asarray(b, np.float32)
+    return bank_a.astype(dtype), bank_b.astype(dtype)
+
+
+def set_bank(module: nnx.Module, weight: str, bank_a: np.ndarray, bank_b: np.ndarray) -> None:
+    """Put a bank (`bank_arrays`) beside the stacked weight of `module`, named by the weight's own logical axes
+    (the adapter axis replicated, the rank axis never sharded) and placed as they say on the weight's mesh."""
+    param = getattr(module, weight)
+    names = param.get_metadata()["out_sharding"]
+    n_in = bank_a.ndim - 3
+    axes_a = (names[0], None, *names[1 : 1 + n_in], RANK_AXIS)
+    axes_b = (names[0], None, RANK_AXIS, *names[1 + n_in :])
+    placement = param[...].sharding
+    for suffix, value, axes in (("_bank_a", bank_a, axes_a), ("_bank_b", bank_b, axes_b)):
+        if isinstance(placement, jax.sharding.NamedSharding):
+            value = global_array(value, named_sharding(placement.mesh, axes, value.shape))
+        else:  # a model outside any mesh (one device): beside its weight
+            value = jax.device_put(value, placement)
+        setattr(module, weight + suffix, nnx.Param(value, out_sharding=axes, eager_sharding=False))
+
+
+def remove_bank(module: nnx.Module) -> None:
+    """Drop every bank of `module`: the plain weights again."""
+    for name in [name for name in vars(module) if name.endswith(BANK_SUFFIXES)]:
+        delattr(module, name)

@@ -77,16 +77,18 @@ class Attention(nnx.Module):
         if c.quantize == "int8":
             _quantize_in_place(self, "attention")
 
-    def __call__(self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None):
+    def __call__(
+        self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None, adapter_ids=None
+    ):
         """Without a cache: causal self-attention within `segment_ids` by `implementation`; returns the output
         and this layer's new (k, v). With `layer_cache` (the stacked pool, its int8 scales or None, and this
         layer's index): the new keys and values are written at each row's next positions in its pages and
         `live` reads the cache; returns the output and the updated layer_cache."""
         c = self.config
         inv_freq = inverse_frequencies(c.head_dim, c.rope_theta, c.rope_scaling)
-        q = project(self, "wq", "btd,dhk->bthk", x, self.lora, dropout_key)
-        k = project(self, "wk", "btd,dhk->bthk", x, self.lora, dropout_key)
-        v = project(self, "wv", "btd,dhk->bthk", x, self.lora, dropout_key)
+        q = project(self, "wq", "btd,dhk->bthk", x, self.lora, dropout_key, adapter_ids)
+        k = project(self, "wk", "btd,dhk->bthk", x, self.lora, dropout_key, adapter_ids)
+        v = project(self, "wv", "btd,dhk->bthk", x, self.lora, dropout_key, adapter_ids)
         q = shard(apply_rope(q, positions, inv_freq), "batch", "length", "q_heads", None)
         k = shard(apply_rope(k, positions, inv_freq), "batch", "length", "kv_heads", None)
         v = shard(v, "batch", "length", "kv_heads", None)
@@ -100,7 +102,7 @@ class Attention(nnx.Module):
             kv_all, scales = write(kv_all, scales, k, v, layer, live.page_table, live.q_index[:, 0])
             layer_cache = (kv_all, scales, layer)
             out = attend_live_cache(q, kv_all, scales, layer, live)
-        out = project(self, "wo", "bthk,hkd->btd", out, self.lora, dropout_key)
+        out = project(self, "wo", "bthk,hkd->btd", out, self.lora, dropout_key, adapter_ids)
         return shard(out, "batch", "length", None), layer_cache
 
 
@@ -118,11 +120,12 @@ class MLP(nnx.Module):
         if c.quantize == "int8":
             _quantize_in_place(self, "mlp")
 
-    def __call__(self, x, dropout_key=None):
-        gate = project(self, "w_gate", "btd,df->btf", x, self.lora, dropout_key)
-        up = project(self, "w_up", "btd,df->btf", x, self.lora, dropout_key)
+    def __call__(self, x, dropout_key=None, adapter_ids=None):
+        gate = project(self, "w_gate", "btd,df->btf", x, self.lora, dropout_key, adapter_ids)
+        up = project(self, "w_up", "btd,df->btf", x, self.lora, dropout_key, adapter_ids)
         hidden = shard(jax.nn.silu(gate) * up, "batch", "length", "mlp")
-        return shard(project(self, "w_down", "btf,fd->btd", hidden, self.lora, dropout_key), "batch", "length", None)
+        down = project(self, "w_down", "btf,fd->btd", hidden, self.lora, dropout_key, adapter_ids)
+        return shard(down, "batch", "length", None)
 
 
 class DecoderLayer(nnx.Module):
@@ -132,14 +135,17 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(config.dim, config.norm_eps, config.param_dtype)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None):
+    def __call__(
+        self, x, positions, segment_ids, implementation, live=None, layer_cache=None, dropout_key=None, adapter_ids=None
+    ):
         with jax.named_scope("attention"):
+            normed = self.attention_norm(x)
             h, layer_cache = self.attention(
-                self.attention_norm(x), positions, segment_ids, implementation, live, layer_cache, dropout_key
+                normed, positions, segment_ids, implementation, live, layer_cache, dropout_key, adapter_ids
             )
         x = x + h
         with jax.named_scope("mlp"):
-            x = x + self.mlp(self.mlp_norm(x), dropout_key)
+            x = x + self.mlp(self.mlp_norm(x), dropout_key, adapter_ids)
         return x, layer_cache
 
 
@@ -167,13 +173,15 @@ class Llama(nnx.Module):
         segment_ids: jax.Array | None = None,
         logits_at: jax.Array | None = None,
         cache_block: int | None = None,
+        adapter_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits of `ids` (batch, length). Without a cache: causal self-attention (training, scoring),
         within `segment_ids` if given. With a `KVCache`: the tokens come after what each row holds, are
         written into its pages, and attend to everything cached so far, read `cache_block` positions at a time
         and only as far as the furthest query (`attention.attend_live_cache`; default: up to 128 dividing a
-        row's positions). `logits_at` (batch, n) picks the positions of each row that get logits."""
-        x, cache = self.hidden_states(ids, positions, cache, segment_ids, cache_block)
+        row's positions). `logits_at` (batch, n) picks the positions of each row that get logits. `adapter_ids`
+        (batch,) int32: the adapter bank's entry of each row (0: the base; `adapters.attach_bank`)."""
+        x, cache = self.hidden_states(ids, positions, cache, segment_ids, cache_block, adapter_ids=adapter_ids)
         return self.logits(_take_positions(x, logits_at)), cache
 
     def prefill(
@@ -182,13 +190,14 @@ class Llama(nnx.Module):
         positions: jax.Array | None = None,
         segment_ids: jax.Array | None = None,
         logits_at: jax.Array | None = None,
+        adapter_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Prompts through the stack as a forward pass without a cache computes them — causal self-attention
         within `segment_ids`, by the flash kernel of the platform (splash, cuDNN, or the blockwise XLA path;
         no gradient flows) — returning the logits at `logits_at` (batch, n) and every layer's keys and
-        values, (layers, batch, length, kv_heads, head_dim) each, for a KV cache."""
+        values, (layers, batch, length, kv_heads, head_dim) each, for a KV cache. `adapter_ids`: as `__call__`'s."""
         implementation = choose_implementation(self.config.attention, self.config.dtype, differentiable=False)
-        x, kv = self._forward(ids, positions, None, segment_ids, None, None, implementation, keep_kv=True)
+        x, kv = self._forward(ids, positions, None, segment_ids, None, None, implementation, True, adapter_ids)
         return self.logits(_take_positions(x, logits_at)), kv
 
     def hidden_states(
@@ -200,15 +209,20 @@ class Llama(nnx.Module):
         cache_block: int | None = None,
         dropout_key: jax.Array | None = None,
         differentiable: bool = True,
+        adapter_ids: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """The decoder stack's output (batch, length, dim), before the final norm; `logits` finishes it.
         Training computes the logits from it a chunk at a time (`loss.token_nll`) and passes `dropout_key`
         when LoRA dropout is on (each layer draws its masks from its own fold of the key). Scoring without
         gradients passes differentiable=False: the platform's flash attention (blockwise XLA on CPU)."""
         implementation = choose_implementation(self.config.attention, self.config.dtype, differentiable=differentiable)
-        return self._forward(ids, positions, cache, segment_ids, cache_block, dropout_key, implementation)
+        return self._forward(
+            ids, positions, cache, segment_ids, cache_block, dropout_key, implementation, False, adapter_ids
+        )
 
-    def _forward(self, ids, positions, cache, segment_ids, cache_block, dropout_key, implementation, keep_kv=False):
+    def _forward(
+        self, ids, positions, cache, segment_ids, cache_block, dropout_key, implementation, keep_kv, adapter_ids
+    ):
         c = self.config
         batch, length = ids.shape
         starts = cache.lengths if cache is not None else jnp.zeros((batch,), jnp.int32)
@@ -222,7 +236,9 @@ class Llama(nnx.Module):
                 raise ValueError("segment_ids are for packed training batches; they cannot be used with a KV cache")
             block = cache_block or next(b for b in (128, 64, 32, 16, 8, 4, 2, 1) if cache.max_len % b == 0)
             live = LiveCache(starts[:, None] + jnp.arange(length, dtype=jnp.int32), cache.page_table, block)
-        return self._run_layers(x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv)
+        return self._run_layers(
+            x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv, adapter_ids
+        )
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Float32 logits (batch, n, vocab) of hidden states (batch, n, dim): final norm, output projection."""
@@ -238,14 +254,14 @@ class Llama(nnx.Module):
                 )
             return shard(logits, "batch", "length", "vocab")
 
-    def _run_layers(self, x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv):
+    def _run_layers(self, x, positions, segment_ids, implementation, live, cache, dropout_key, keep_kv, adapter_ids):
         """The scanned stack. With a cache it is the scan's carry (written in place); with `keep_kv` every
         layer's new keys and values are the scan's outputs."""
         graphdef, stacked = nnx.split(self.layers)
 
         def layer(x, layer_params, layer_cache, layer_key):
             return nnx.merge(graphdef, layer_params)(
-                x, positions, segment_ids, implementation, live, layer_cache, layer_key
+                x, positions, segment_ids, implementation, live, layer_cache, layer_key, adapter_ids
             )
 
         policy = REMAT_POLICIES[self.config.remat]
