@@ -18,7 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +134,7 @@ class Stream:
     sent: float
     chunks: list[tuple[float, int]]  # (arrival time, tokens in the chunk)
     tokens: int
+    extra_body: dict | None = None  # the request's fields beyond the common ones
 
 
 @dataclasses.dataclass
@@ -163,9 +164,12 @@ class Load:
         return len(self.streams) / self.seconds
 
 
-async def stream_completion(api, model: str, prompt: str, max_tokens: int, temperature: float, seed: int) -> Stream:
-    """Stream one completion. `logprobs: 0` makes llama_jax list each chunk's tokens (a chunk carries the tokens
-    of one device call); transformers serve ignores it and sends one token per chunk."""
+async def stream_completion(
+    api, model: str, prompt: str, max_tokens: int, temperature: float, seed: int, extra_body: dict | None = None
+) -> Stream:
+    """Stream one completion (`extra_body`: more request fields, a response_format say). `logprobs: 0` makes
+    llama_jax list each chunk's tokens (a chunk carries the tokens of one device call); transformers serve
+    ignores it and sends one token per chunk."""
     sent = time.perf_counter()
     chunks: list[tuple[float, int]] = []
     tokens = 0
@@ -178,6 +182,7 @@ async def stream_completion(api, model: str, prompt: str, max_tokens: int, tempe
         stream=True,
         logprobs=0,
         stream_options={"include_usage": True},
+        extra_body=extra_body,
     )
     async for chunk in stream:
         now = time.perf_counter()
@@ -189,7 +194,7 @@ async def stream_completion(api, model: str, prompt: str, max_tokens: int, tempe
         n = len(choice.logprobs.tokens) if choice.logprobs and choice.logprobs.tokens else int(bool(choice.text))
         if n:
             chunks.append((now, n))
-    return Stream(sent, chunks, tokens or sum(n for _, n in chunks))
+    return Stream(sent, chunks, tokens or sum(n for _, n in chunks), extra_body)
 
 
 async def run_clients(
@@ -199,8 +204,10 @@ async def run_clients(
     max_tokens: int,
     temperature: float = 0.8,
     delay: float = 0.0,
+    extra_body: Callable[[int, int], dict | None] | None = None,
 ) -> Load:
-    """len(prompts) clients at once, client i sending prompts[i] one after another (after `delay` s each)."""
+    """len(prompts) clients at once, client i sending prompts[i] one after another (after `delay` s each);
+    `extra_body(i, j)`: more fields of client i's j-th request."""
     import httpx
     import openai
 
@@ -209,7 +216,10 @@ async def run_clients(
     async def client(index: int, own: Sequence[str]) -> None:
         for j, prompt in enumerate(own):
             await asyncio.sleep(delay)
-            streams.append(await stream_completion(api, model, prompt, max_tokens, temperature, seed=index * 1000 + j))
+            extra = extra_body(index, j) if extra_body is not None else None
+            streams.append(
+                await stream_completion(api, model, prompt, max_tokens, temperature, index * 1000 + j, extra)
+            )
 
     async def probe_health(http, waits: list[float]) -> None:
         while True:

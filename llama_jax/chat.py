@@ -8,42 +8,68 @@ reach of user text: "<|eot_id|>" typed by a user stays plain text.
   llama3: meta-llama/llama3 llama/tokenizer.py `ChatFormat.encode_dialog_prompt`
 
 A Jinja template is rendered as transformers renders it (a sandboxed environment with `trim_blocks` and
-`lstrip_blocks`; `messages`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`), and the text
-encoded with the tokenizer's special tokens (`<s>`, `<|eot_id|>`, ...) read as their ids — so there, as in
-transformers, a special token's name typed by a user becomes that token.
+`lstrip_blocks`; `messages`, `tools`, `add_generation_prompt`, `bos_token`, `eos_token`, `raise_exception`), and
+the text encoded with the tokenizer's special tokens (`<s>`, `<|eot_id|>`, ...) read as their ids — so there, as
+in transformers, a special token's name typed by a user becomes that token.
+
+Tool calls (a chat given `tools`, OpenAI's function definitions) take Llama 3.1's JSON format in the llama3
+template, as Meta's prompt format and Hugging Face's Llama 3.1 template write it: the system turn opens with
+"Environment: ipython" and the knowledge-cutoff lines, the function definitions and the instruction to answer
+with `{"name": ..., "parameters": ...}` open the first user turn, an assistant's tool call is that JSON, and a
+tool's result is an `ipython` turn. (The date is fixed, 26 Jul 2024, so a prompt's tokens do not change from
+day to day.) A Jinja template gets the tools and renders them itself; the llama2 template has no tool format.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from llama_jax.tokenizers import Tokenizer
 
-Message = Mapping[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+# {"role": "system" | "user" | "assistant" | "tool", "content": str}; an assistant's tool call instead has
+# "tool_calls": [{"name": str, "arguments": dict}] (and "content" None or "").
+Message = Mapping[str, Any]
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
 
 
 def _validate(messages: Sequence[Message]) -> None:
-    """An optional system message, then user and assistant alternating, ending with user."""
+    """An optional system message, then user and assistant alternating, ending with user; an assistant's tool
+    call is answered by one or more tool messages, after which the assistant speaks again (or the chat ends,
+    for the assistant to answer)."""
     if not messages:
         raise ValueError("a chat needs at least one user message")
     for i, message in enumerate(messages):
-        if not {"role", "content"} <= set(message) or not isinstance(message["content"], str):
+        calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+        if calls:
+            if not all(isinstance(c.get("name"), str) and isinstance(c.get("arguments"), dict) for c in calls):
+                raise ValueError(f"message {i}: each tool call needs a name and a dict of arguments")
+        elif not {"role", "content"} <= set(message) or not isinstance(message["content"], str):
             raise ValueError(f"message {i} must be {{'role': ..., 'content': str}}, got {dict(message)!r}")
     turns = messages[1:] if messages[0]["role"] == "system" else messages
-    roles = [message["role"] for message in turns]
-    expected = ["user" if i % 2 == 0 else "assistant" for i in range(len(roles))]
-    if roles != expected or roles[-1:] != ["user"]:
+    roles = ["call" if m["role"] == "assistant" and m.get("tool_calls") else m["role"] for m in turns]
+    # What may follow each role: a tool call is answered by tools; tools by more tools or the assistant.
+    follows = {None: {"user"}, "user": {"assistant", "call"}, "assistant": {"user"}, "call": {"tool"}}
+    follows["tool"] = {"tool", "assistant", "call"}
+    ok = all(role in follows[before] for before, role in zip([None, *roles], roles)) and roles[-1:] in (
+        ["user"],
+        ["tool"],
+    )
+    if not ok:
         raise ValueError(
             "chat roles must be an optional 'system' first, then 'user' and 'assistant' alternating, "
-            f"ending with 'user'; got {[message['role'] for message in messages]}"
+            "an assistant's tool call followed by 'tool' results, ending with 'user' or 'tool'; "
+            f"got {[message['role'] for message in messages]}"
         )
 
 
-def _llama2(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
+def _llama2(tokenizer: Tokenizer, messages: Sequence[Message], tools: Sequence[Mapping] | None) -> list[int]:
+    if tools or any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
+        raise ValueError("the llama2 chat template has no tool calls: use llama3 or a Jinja template with tools")
     if messages[0]["role"] == "system":
         first = {"role": "user", "content": B_SYS + messages[0]["content"] + E_SYS + messages[1]["content"]}
         messages = [first, *messages[2:]]
@@ -54,7 +80,7 @@ def _llama2(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
     return ids + tokenizer.encode(f"{B_INST} {messages[-1]['content'].strip()} {E_INST}", bos=True, eos=False)
 
 
-def _llama3(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
+def _llama3(tokenizer: Tokenizer, messages: Sequence[Message], tools: Sequence[Mapping] | None) -> list[int]:
     try:
         begin, start_header, end_header, eot = (
             tokenizer.special_id(name)
@@ -68,12 +94,37 @@ def _llama3(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[int]:
         return [start_header, *role_ids, end_header, *tokenizer.encode("\n\n", bos=False)]
 
     ids = [begin]
-    for message in messages:
-        ids += header(message["role"]) + tokenizer.encode(message["content"].strip(), bos=False) + [eot]
+    for role, text in _llama31_turns(messages, tools) if tools else [(m["role"], m["content"]) for m in messages]:
+        ids += header(role) + tokenizer.encode(text.strip(), bos=False) + [eot]
     return ids + header("assistant")
 
 
-TEMPLATES: dict[str, Callable[[Tokenizer, Sequence[Message]], list[int]]] = {
+TOOLS_INSTRUCTION = (
+    "Given the following functions, please respond with a JSON for a function call with its proper arguments "
+    'that best answers the given prompt.\n\nRespond in the format {"name": function name, "parameters": '
+    "dictionary of argument name and its value}. Do not use variables.\n\n"
+)
+
+
+def _llama31_turns(messages: Sequence[Message], tools: Sequence[Mapping]) -> list[tuple[str, str]]:
+    """(role, text) turns of a chat with tools in Llama 3.1's JSON tool format (the module's docstring)."""
+    system = messages[0]["content"].strip() if messages[0]["role"] == "system" else ""
+    rest = list(messages[1:] if messages[0]["role"] == "system" else messages)
+    preamble = "Environment: ipython\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+    definitions = "".join(json.dumps(tool, indent=4) + "\n\n" for tool in tools)
+    turns = [("system", preamble + system), ("user", TOOLS_INSTRUCTION + definitions + rest[0]["content"].strip())]
+    for message in rest[1:]:
+        if message.get("tool_calls"):
+            if len(message["tool_calls"]) > 1:
+                raise ValueError("Llama 3.1's tool format has one tool call per assistant turn")
+            call = message["tool_calls"][0]
+            turns.append(("assistant", json.dumps({"name": call["name"], "parameters": call["arguments"]})))
+        else:
+            turns.append(("ipython" if message["role"] == "tool" else message["role"], message["content"]))
+    return turns
+
+
+TEMPLATES: dict[str, Callable[[Tokenizer, Sequence[Message], Sequence[Mapping] | None], list[int]]] = {
     "llama2": _llama2,
     "llama3": _llama3,
 }
@@ -100,14 +151,17 @@ def check_template(template: str) -> None:
         raise ValueError(f"the chat template is not valid Jinja: {e}") from None
 
 
-def encode_dialog(tokenizer: Tokenizer, template: str, messages: Sequence[Message]) -> list[int]:
+def encode_dialog(
+    tokenizer: Tokenizer, template: str, messages: Sequence[Message], tools: Sequence[Mapping] | None = None
+) -> list[int]:
     """Prompt ids for `messages` in chat `template` (a name in TEMPLATES, or Jinja text), ready for the model to
-    write the assistant's turn. The ids already start with BOS: do not add another."""
+    write the assistant's turn; `tools`: OpenAI's function definitions the model may call. The ids already
+    start with BOS: do not add another."""
     check_template(template)
     _validate(messages)
     if template in TEMPLATES:
-        return TEMPLATES[template](tokenizer, messages)
-    return _jinja(tokenizer, template, messages)
+        return TEMPLATES[template](tokenizer, messages, tools or None)
+    return _jinja(tokenizer, template, messages, tools or None)
 
 
 def _jinja_environment():
@@ -116,7 +170,7 @@ def _jinja_environment():
     return ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
 
-def _jinja(tokenizer: Tokenizer, template: str, messages: Sequence[Message]) -> list[int]:
+def _jinja(tokenizer: Tokenizer, template: str, messages: Sequence[Message], tools) -> list[int]:
     import jinja2
 
     def raise_exception(message: str):
@@ -127,7 +181,8 @@ def _jinja(tokenizer: Tokenizer, template: str, messages: Sequence[Message]) -> 
             _jinja_environment()
             .from_string(template)
             .render(
-                messages=[dict(m) for m in messages],
+                messages=[_as_hugging_face(m) for m in messages],
+                tools=[dict(t) for t in tools] if tools else None,
                 add_generation_prompt=True,
                 bos_token=_special_name(tokenizer, tokenizer.bos_id),
                 eos_token=_special_name(tokenizer, tokenizer.eos_id),
@@ -145,6 +200,15 @@ def _jinja(tokenizer: Tokenizer, template: str, messages: Sequence[Message]) -> 
         except KeyError:
             ids += tokenizer.encode(part, bos=False)
     return ids
+
+
+def _as_hugging_face(message: Message) -> dict:
+    """A message as transformers hands it to a template: a tool call as {"type": "function", "function":
+    {"name", "arguments"}}."""
+    message = dict(message)
+    if message.get("tool_calls"):
+        message["tool_calls"] = [{"type": "function", "function": dict(call)} for call in message["tool_calls"]]
+    return message
 
 
 _SPECIAL = re.compile(r"(<\|[^|<>]+\|>|</?s>)")  # what special tokens' names look like in rendered text

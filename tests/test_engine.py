@@ -11,11 +11,11 @@ import pytest
 
 from llama_jax.attention import LONG_ROWS, LiveCache, attend_live_cache, attention, blockwise_attention
 from llama_jax.config import preset
+from llama_jax.inference.backend import Admitting
 from llama_jax.inference.compiled import EnginePrograms
 from llama_jax.inference.engine import Engine
 from llama_jax.inference.pages import PagePool
 from llama_jax.inference.sampling import SamplingParams
-from llama_jax.inference.scheduler import Admitting
 from llama_jax.inference.settings import EngineSettings
 from llama_jax.inference.slots import SlotBackend
 from llama_jax.inference.types import Program, Request
@@ -196,8 +196,10 @@ def test_warm_up_compiles_every_program_the_engine_then_runs(loaded, prompts):
 
 
 def test_compile_for_lowers_the_engines_own_programs(loaded):
+    """The same programs, the decode loop's grammar callback included where the platform's devices are here
+    (`--compile-for` a TPU or GPU leaves that host call out)."""
     settings = EngineSettings(max_num_seqs=4, max_model_len=64)
-    abstract = EnginePrograms.abstract(CONFIG, loaded.mesh, settings)
+    abstract = EnginePrograms.abstract(CONFIG, loaded.mesh, settings, follows_in_loop=True)
     running = SlotBackend.of(loaded, settings.resolve(CONFIG)).programs
     programs = Engine(loaded, settings).status().programs
     assert list(programs) == abstract.all() == running.all()

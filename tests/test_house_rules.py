@@ -35,7 +35,7 @@ def test_no_function_is_over_the_line_limit():
 def test_only_the_inference_package_reaches_behind_the_engine():
     """Outside code sees the engine's settings and the values of `inference/types.py`, never its scheduler,
     slots or compiled programs."""
-    private = re.compile(r"inference\.(scheduler|slots|compiled|packing|programs)\b|\bengine\._\w+")
+    private = re.compile(r"inference\.(scheduler|backend|slots|compiled|packing|programs)\b|\bengine\._\w+")
     reaching = [
         str(path.relative_to(PACKAGE))
         for path in modules()

@@ -2,6 +2,7 @@
 whose slot tokens are a function of the request alone, driven through admission, refill, stop conditions,
 cancellation, fairness, the page pool (pages as sequences grow, shared cached prefixes) and preemption."""
 
+import numpy as np
 import pytest
 
 from llama_jax.inference.scheduler import PREFILL_BUDGET, QueueFull, Request, Scheduler
@@ -18,6 +19,9 @@ class FakeBackend:
     def __init__(self, slots: int, chunk: int = 1000, pages: int = 10_000, page_size: int = 4, prefix: int = 0):
         self.slots, self.chunk, self.prefix_chunks = slots, chunk, prefix
         self.num_pages, self.page_size, self.pages_per_seq = pages, page_size, 512
+        self.mask_words = 2  # a 64-token vocabulary
+        self.follows_in_loop = False  # the scheduler computes each mask between one-step calls
+        self.masks = []  # (call, slot, mask) of every grammar mask handed in
         self.requests, self.steps, self.lengths = {}, {}, {}
         self.inserts = []  # (slots, bucket)
         self.decodes = []  # active slots per decode
@@ -37,15 +41,18 @@ class FakeBackend:
         pages = tables[slot][: -(-positions // self.page_size)]
         assert (pages < self.num_pages).all(), (slot, positions, tables[slot][:8])
 
-    def insert(self, slots, items, bucket, tables):
+    def insert(self, slots, items, bucket, tables, allowed):
         self.inserts.append((list(slots), bucket))
+        self.masks += [("insert", slot, mask.tolist()) for slot, mask in zip(slots, allowed) if mask is not None]
         for slot, item in zip(slots, items):
             self.held(tables, slot, len(item.ids))
             self.requests[slot], self.steps[slot], self.lengths[slot] = item.request, item.first_step + 1, len(item.ids)
         return [self.token(i.request, i.first_step) for i in items], [-0.5] * len(items)
 
-    def extend(self, slot, item, start, tables):
+    def extend(self, slot, item, start, tables, allowed):
         self.calls.append(("extend", slot, start))
+        if allowed is not None:
+            self.masks.append(("extend", slot, allowed.tolist()))
         end = min(start + self.chunk, len(item.ids))
         self.held(tables, slot, end)
         self.tables.append(tables[slot][: -(-end // self.page_size)].tolist())
@@ -54,24 +61,32 @@ class FakeBackend:
         self.requests[slot], self.steps[slot], self.lengths[slot] = item.request, item.first_step + 1, len(item.ids)
         return self.token(item.request, item.first_step), -0.5
 
-    def decode(self, steps, active, stop_early, tables):
+    def decode(self, steps, active, stop_early, tables, allowed, follow=None):
         self.decodes.append([s for s in range(self.slots) if active[s]])
+        if allowed is not None:
+            self.masks += [("decode", slot, allowed[slot].tolist()) for slot in range(self.slots) if active[slot]]
         tokens = [[] for _ in range(self.slots)]
         live = {s for s in range(self.slots) if active[s] and self.requests.get(s)}
         ran = 0
         while ran < steps and live:
             ended = False
+            going = np.zeros(self.slots, bool)
             for slot in range(self.slots):
                 request, step = self.requests.get(slot), self.steps.get(slot, 0)
                 token = self.token(request, step) if request else 1
                 tokens[slot].append(token)
                 self.steps[slot] = step + 1
+                going[slot] = slot in live
                 if slot in live:
                     self.held(tables, slot, self.lengths[slot] + 1)  # this step writes the last token
                     self.lengths[slot] += 1
                 if slot in live and (token in request.stop_ids or step + 1 >= request.max_tokens):
                     live.discard(slot)
+                    going[slot] = False
                     ended = True
+            if follow is not None:  # as the device loop asks the host after each step
+                masks = follow(np.asarray([t[-1] for t in tokens]), going)
+                self.masks += [("loop", slot, masks[slot].tolist()) for slot in range(self.slots) if going[slot]]
             ran += 1
             if stop_early and ended:
                 break

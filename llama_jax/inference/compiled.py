@@ -95,28 +95,45 @@ class EnginePrograms:
         mesh,
         settings: EngineSettings,
         on_compile: Callable[[Program], None] | None = None,
+        adapters: tuple[str, ...] = (),
+        text_vocab: int = 0,
+        follows_in_loop: bool = False,
     ):
+        """`text_vocab`: the tokenizer's ids, when fewer than the model's rows (0: as many): the rest are never
+        sampled. `follows_in_loop`: the decode loop calls this process back for grammar masks between steps (a
+        host callback: only on devices this process runs, and not on a multi-host job)."""
+        self.follows_in_loop = follows_in_loop
         self.graphdef, self.config, self.mesh, self.settings = graphdef, config, mesh, settings
+        self.text_vocab = text_vocab if 0 < text_vocab < config.vocab_size else 0
         self.shapes = state_shapes(config, mesh, settings)  # (pool, slot state)
         self.slots, self.chunk = settings.max_num_seqs, settings.prefill_chunk
         self.cache_len = settings.positions_per_seq
         self.prefill_rows = settings.prefill_rows
         self.decode_rows = _decode_rows(self.slots, self.shapes[1].last.sharding)
         pages_per_seq = self.cache_len // settings.block_size
-        self.packer = Packer(self.slots, pages_per_seq, settings.num_pages, self.chunk)
+        mask_words = (config.vocab_size + 31) // 32
+        self.packer = Packer(self.slots, pages_per_seq, settings.num_pages, self.chunk, mask_words, adapters)
         self.on_compile = on_compile
         self.compiled: set[Program] = set()  # held compiled by this engine
+        # This engine's executables by program: hashing the signature for the process table costs ~0.5 ms on a
+        # CPU (the graph definition's hash), a share of a one-step decode call (a constrained request's).
+        self._held: dict[Program, jax.stages.Compiled] = {}
         self._params = abstract(params)
         # What compiled programs are keyed by beside their name: the model and the shapes, dtypes and
         # shardings of its parameters, cache, slot state and pool. Another engine of the same key reuses them.
         leaves, tree = jax.tree.flatten((self._params, self.shapes))
-        self._signature = (graphdef, tree, tuple(leaves))
+        self._signature = (graphdef, tree, tuple(leaves), self.text_vocab, self.follows_in_loop)
 
     @classmethod
-    def abstract(cls, config: ModelConfig, mesh, settings: EngineSettings) -> EnginePrograms:
-        """Shapes only, on `mesh` (a TPU slice's devices, say): nothing is allocated, nothing can run."""
+    def abstract(
+        cls, config: ModelConfig, mesh, settings: EngineSettings, follows_in_loop: bool = False
+    ) -> EnginePrograms:
+        """Shapes only, on `mesh` (a TPU slice's devices, say): nothing is allocated, nothing can run. The decode
+        loop's grammar callback is left out unless asked for: a host callback lowers only for a platform this
+        process has devices of (it moves no device memory)."""
         graphdef, params = abstract_state(config, mesh)
-        return cls(graphdef, params, config, mesh, settings.resolve(config, _batch_shards(mesh)))
+        resolved = settings.resolve(config, _batch_shards(mesh))
+        return cls(graphdef, params, config, mesh, resolved, follows_in_loop=follows_in_loop)
 
     def bucket(self, n: int) -> int:
         """The prefill bucket of an n-token prompt (n ≤ chunk: longer ones go chunk by chunk)."""
@@ -153,9 +170,20 @@ class EnginePrograms:
                 logits = jax.ShapeDtypeStruct(
                     shape, jnp.float32, sharding=named_sharding(self.mesh, LOGITS_AXES, shape)
                 )
-                return admit_program.lower(slot_state, logits, abstract(pack.admission([], program.rows)))
+                admission = abstract(pack.admission([], program.rows))
+                return admit_program.lower(slot_state, logits, admission, text_vocab=self.text_vocab)
             inputs = abstract((pack.tables(), *pack.decode_inputs([], 0, False)))
-            return decode_program.lower(graphdef, params, pool, slot_state, *inputs, READ_BLOCK, program.rows)
+            return decode_program.lower(
+                graphdef,
+                params,
+                pool,
+                slot_state,
+                *inputs,
+                READ_BLOCK,
+                program.rows,
+                text_vocab=self.text_vocab,
+                follows=self.follows_in_loop,
+            )
 
     @property
     def block(self) -> int:
@@ -166,6 +194,9 @@ class EnginePrograms:
     def executable(self, program: Program) -> jax.stages.Compiled:
         """`program` compiled: what every call of the engine runs, compiled the first time the process needs
         it."""
+        compiled = self._held.get(program)
+        if compiled is not None:
+            return compiled
         key = (program, self._signature)
         compiled = _TABLE.get(key)
         if compiled is None:
@@ -174,6 +205,7 @@ class EnginePrograms:
             compiled = self.lower(program).compile()
             _TABLE.put(key, compiled)
         self.compiled.add(program)
+        self._held[program] = compiled
         return compiled
 
 
@@ -228,4 +260,5 @@ def _slot_state(per_slot) -> SlotState:
         per_slot(jnp.int32, DEVICE_STOP_IDS),
         per_slot(jnp.bool_),
         per_slot(jnp.bool_),
+        per_slot(jnp.int32),
     )

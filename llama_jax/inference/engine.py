@@ -30,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import jax
 
+from llama_jax.inference.constraints import Grammars
 from llama_jax.inference.lockstep import Lockstep
 from llama_jax.inference.prompts import completion_text
 from llama_jax.inference.scheduler import Scheduler
@@ -45,20 +46,26 @@ class Engine:
         loaded: LoadedModel,
         settings: EngineSettings = DEFAULT_ENGINE,
         on_compile: Callable[[Program], None] | None = None,
+        adapters: Sequence[str] = (),
     ):
         """`settings` are resolved for the model and mesh (`EngineSettings.resolve`): `self.settings` says
-        what the engine holds. `on_compile(program)` hears of each program before its first compile."""
+        what the engine holds. `on_compile(program)` hears of each program before its first compile. `adapters`:
+        the names of the LoRA adapters of `loaded`'s bank, in its order (`adapters.with_adapters`); a request
+        picks one by name."""
         if loaded.mesh.shape["context"] > 1:  # its prefill and cache keep each sequence on one chip
             raise ValueError("the engine does not split sequences: its mesh must have context=1")
         self.config, self.tokenizer = loaded.config, loaded.tokenizer
+        self.adapters = tuple(adapters)
         self.settings = settings.resolve(loaded.config, loaded.mesh.shape["data"] * loaded.mesh.shape["fsdp"])
-        self._backend = SlotBackend.of(loaded, self.settings, on_compile)
+        self._backend = SlotBackend.of(loaded, self.settings, on_compile, self.adapters)
         self._programs = self._backend.programs
+        self.grammars = Grammars(self.tokenizer, self.config.vocab_size) if self.tokenizer is not None else None
         self._scheduler = Scheduler(
             self._backend,
             max_queue=self.settings.max_queue,
             steps_per_dispatch=self.settings.steps_per_dispatch,
             text=self._text,
+            follow=self.grammars.follow if self.grammars is not None else None,
         )
         self._wake = threading.Condition()
         self._lockstep = Lockstep(self._scheduler, self._wake) if jax.process_count() > 1 else None
@@ -91,6 +98,8 @@ class Engine:
         programs = [p for p in self._programs.all() if p not in self._programs.compiled]
         with ThreadPoolExecutor(max_workers=min(2, os.cpu_count() or 1)) as pool:
             list(pool.map(self._programs.executable, programs))
+        if self.grammars is not None:  # the vocabulary as the grammar engine reads it: up to 2 s, once
+            self.grammars.warm_up()
 
     def submit(self, requests: Sequence[Request], on_event: Callable[[int, Event], None]) -> Handle:
         """Queue `requests`, all or none: ValueError for one that cannot run (naming it), QueueFull when the
@@ -185,6 +194,13 @@ class Engine:
         bad = [i for i in (*request.stop_ids, *request.prompt_ids) if not 0 <= i < self.config.vocab_size]
         if bad:
             raise ValueError(f"token ids {bad[:3]} are outside the vocabulary (0..{self.config.vocab_size - 1})")
+        if request.adapter is not None and request.adapter not in self.adapters:
+            served = ", ".join(self.adapters) or "none"
+            raise ValueError(f"no LoRA adapter {request.adapter!r} in this engine (it has: {served})")
+        if request.constraint is not None:
+            if self.grammars is None:
+                raise ValueError("a constrained request needs the model's tokenizer, and this engine has none")
+            self.grammars.check(request.constraint)
 
     def _take_driver(self, who: str) -> None:
         if self._driver.acquire(blocking=False):

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 
 from llama_jax.distributed import Shared, is_leader
+from llama_jax.inference.constraints import Constraint
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.scheduler import Scheduler
 from llama_jax.inference.types import Event, Handle, QueueFull, Request
@@ -126,6 +127,8 @@ def _fields(request: Request) -> dict:
         "stop_ids": list(request.stop_ids),
         "stop_strings": list(request.stop_strings),
         "logprobs": request.logprobs,
+        "constraint": [request.constraint.kind, request.constraint.value] if request.constraint else None,
+        "adapter": request.adapter,
     }
 
 
@@ -140,4 +143,6 @@ def _request(fields: dict) -> Request:
         tuple(fields["stop_ids"]),
         tuple(fields["stop_strings"]),
         fields["logprobs"],
+        Constraint(*fields["constraint"]) if fields["constraint"] else None,
+        fields["adapter"],
     )

@@ -12,6 +12,13 @@ computes (`pages.py` decides them on the host):
   settings, key and step and stopping at its own stop ids or token budget; one program per row count (the
   first 1, 2, 4, ... slots), so that a step costs the slots in use, not all of them.
 
+Admission and decode take a grammar mask per row (`allowed`, all ones for an unconstrained request): a
+constrained request's token is sampled among the tokens its grammar allows next (`constraints.py`). Its next
+mask depends on that token: the decode loop asks the host for the next masks after each step (`io_callback`,
+the host's grammar follower numbered `follower`), or, with no follower (0: a multi-host job, where each process
+would answer for its own rows), runs a single step. Every program takes an
+adapter index per row (0: the base model), for an engine serving LoRA adapters (`adapters.py`).
+
 `compiled.EnginePrograms` lays out the state they work on and compiles them; `slots.SlotBackend` holds that
 state and calls them.
 """
@@ -23,8 +30,10 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import io_callback
 
-from llama_jax.inference.sampling import RowSampling, sample_rows
+from llama_jax.inference.constraints import masks_after
+from llama_jax.inference.sampling import RowSampling, only_allowed, sample_rows
 from llama_jax.inference.settings import MAX_STEPS
 from llama_jax.kv_cache import CACHE_AXES, KERNEL_CACHE_AXES, SCALE_AXES, KVCache, write_layers
 from llama_jax.sharding import shard
@@ -62,6 +71,7 @@ class SlotState:
     stop_ids: jax.Array  # (slots, DEVICE_STOP_IDS) ids that end the request; -1 pads
     logprobs: jax.Array  # (slots,) bool: the request wants its tokens' log-probabilities
     live: jax.Array  # (slots,) bool: still generating (a stop id or the budget clears it)
+    adapter: jax.Array  # (slots,) int32: the LoRA adapter of the slot's request (0: the base model)
 
 
 @jax.tree_util.register_dataclass
@@ -74,6 +84,7 @@ class Prompts:
     lengths: jax.Array  # (rows,) int32
     slots: jax.Array  # (rows,) int32
     tables: jax.Array  # (rows, pages_per_seq) int32
+    adapters: jax.Array  # (rows,) int32
 
 
 @jax.tree_util.register_dataclass
@@ -89,6 +100,8 @@ class Admission:
     max_tokens: jax.Array  # (rows,) int32
     stop_ids: jax.Array  # (rows, DEVICE_STOP_IDS) int32
     logprobs: jax.Array  # (rows,) bool
+    allowed: jax.Array  # (rows, ceil(vocab / 32)) int32: each row's grammar mask of its first token
+    adapters: jax.Array  # (rows,) int32
 
 
 def _chosen_logprob(logits, token, wanted):
@@ -128,7 +141,8 @@ def _laid_out(pool: Pool | None = None, slots: SlotState | None = None) -> tuple
 
 def _prefill(graphdef, state, pool: Pool, prompts: Prompts):
     """Prefill `prompts` into their slots' pages; the logits (rows, vocab) after each one's last token."""
-    logits, (k, v) = nnx.merge(graphdef, state).prefill(prompts.ids, logits_at=(prompts.lengths - 1)[:, None])
+    model = nnx.merge(graphdef, state)
+    logits, (k, v) = model.prefill(prompts.ids, logits_at=(prompts.lengths - 1)[:, None], adapter_ids=prompts.adapters)
     # Padding rows write nothing (length 0 keeps no position).
     lengths = jnp.where(prompts.slots < pool.lengths.shape[0], prompts.lengths, 0)
     kv, scales = write_layers(pool.kv, pool.scales, k, v, prompts.tables, lengths)
@@ -136,14 +150,22 @@ def _prefill(graphdef, state, pool: Pool, prompts: Prompts):
     return pool, shard(logits[:, 0], *LOGITS_AXES)
 
 
-def _admit(slots: SlotState, logits, admission: Admission):
+def _text_only(logits, text_vocab: int):
+    """Logits with the model's rows past the tokenizer's last id (`text_vocab`; 0: none) never chosen: a
+    vocabulary padded to a round size has embeddings that decode to nothing."""
+    if not 0 < text_vocab < logits.shape[-1]:
+        return logits
+    return jnp.where(jnp.arange(logits.shape[-1]) < text_vocab, logits, -jnp.inf)
+
+
+def _admit(slots: SlotState, logits, admission: Admission, text_vocab: int = 0):
     """Each prefilled request's first token (and its log-probability), and its slot's new state. A request
     resuming after preemption samples its next token at the step it had reached, with its own key."""
     a = admission
     keys = jax.vmap(lambda seed, stream: jax.random.fold_in(jax.random.key(seed), stream))(a.seeds, a.streams)
-    token = sample_rows(logits, keys, a.first_steps, a.sampling)
+    token = sample_rows(only_allowed(_text_only(logits, text_vocab), a.allowed), keys, a.first_steps, a.sampling)
     live = ~_ends(token, a.first_steps, a.stop_ids, a.max_tokens)
-    new = SlotState(token, a.first_steps + 1, keys, a.sampling, a.max_tokens, a.stop_ids, a.logprobs, live)
+    new = SlotState(token, a.first_steps + 1, keys, a.sampling, a.max_tokens, a.stop_ids, a.logprobs, live, a.adapters)
     _, slots = _laid_out(slots=jax.tree.map(lambda old, value: old.at[a.slots].set(value, mode="drop"), slots, new))
     return slots, *_on_every_host(token, _chosen_logprob(logits, token, a.logprobs))
 
@@ -159,32 +181,60 @@ class _Decoding:
     tokens: jax.Array  # (slots, MAX_STEPS)
     logprobs: jax.Array  # (slots, MAX_STEPS)
     finished: jax.Array  # bool: some slot ended in this call
+    allowed: jax.Array  # (slots, mask words): each slot's grammar mask of its next token
 
 
-def _decode(graphdef, state, pool: Pool, slots: SlotState, tables, active, steps, stop_early, block: int, rows: int):
+def _decode(
+    graphdef,
+    state,
+    pool: Pool,
+    slots: SlotState,
+    tables,
+    active,
+    steps,
+    stop_early,
+    allowed,
+    follower,
+    block: int,
+    rows: int,
+    text_vocab: int = 0,
+    follows: bool = False,
+):
     """Up to `steps` decode steps of the `active` slots among the first `rows` — fewer once none is live, or
     when `stop_early` and one ends: the (rows, MAX_STEPS) tokens and log-probabilities, of which the first
-    `steps run` columns are real, and that count. The slots from `rows` on are left as they are. `tables`
-    (slots, pages_per_seq): the pages of each slot, enough for these steps (the host saw to it)."""
+    `steps run` columns are real, and that count. A slot constrained by a grammar samples under its mask
+    (`allowed`: its first token's; the next ones from the host's `follower` after each step, or with no
+    follower the call ends after one step; `follows` False leaves the host callback out of the program, for a
+    platform this process has no devices of: `--compile-for`). The slots from `rows` on are left as they are.
+    `tables` (slots, pages_per_seq): the pages of each slot, enough for these steps (the host saw to it)."""
     model = nnx.merge(graphdef, state)
     own = jax.tree.map(lambda a: a[:rows], slots)
     own = dataclasses.replace(own, live=own.live & active[:rows])
-    tables = tables[:rows]
+    tables, allowed = tables[:rows], allowed[:rows]
+    constrained = jnp.any(allowed != -1)
+    asks_host = constrained & (follower > 0) if follows else jnp.bool_(False)
 
     def running(d: _Decoding):
-        return (d.step < steps) & jnp.any(d.slots.live) & ~(stop_early & d.finished)
+        one_step = constrained & ~asks_host & (d.step > 0)  # no follower: the host computes the next mask
+        return (d.step < steps) & jnp.any(d.slots.live) & ~(stop_early & d.finished) & ~one_step
 
     def advance(d: _Decoding) -> _Decoding:
         s, lengths = d.slots, d.pool.lengths
         # Slots not generating (free, finished, or holding half a prompt) decode at position -1: they write
         # nothing, keep their length, and the pool is read only as far as the live requests reach.
         reading = d.pool.cache(tables, jnp.where(s.live, lengths, -1))
-        logits, written = model(s.last[:, None], cache=reading, cache_block=block)
+        logits, written = model(s.last[:, None], cache=reading, cache_block=block, adapter_ids=s.adapter)
         pool = Pool(written.kv, written.scales, jnp.where(s.live, written.lengths, lengths))
         logits = logits[:, 0]
-        token = sample_rows(logits, s.keys, s.step, s.sampling)
+        token = sample_rows(only_allowed(_text_only(logits, text_vocab), d.allowed), s.keys, s.step, s.sampling)
         ended = s.live & _ends(token, s.step, s.stop_ids, s.max_tokens)
         logprob = _chosen_logprob(logits, token, s.live & s.logprobs)
+
+        def next_masks(_):
+            shape = jax.ShapeDtypeStruct(d.allowed.shape, jnp.int32)
+            return io_callback(masks_after, shape, follower, token, s.live & ~ended, ordered=False)
+
+        masks = jax.lax.cond(asks_host, next_masks, lambda _: d.allowed, None) if follows else d.allowed
         s = dataclasses.replace(s, last=token, step=s.step + 1, live=s.live & ~ended)
         return _Decoding(
             d.step + 1,
@@ -193,6 +243,7 @@ def _decode(graphdef, state, pool: Pool, slots: SlotState, tables, active, steps
             jax.lax.dynamic_update_index_in_dim(d.tokens, token, d.step, axis=1),
             jax.lax.dynamic_update_index_in_dim(d.logprobs, logprob, d.step, axis=1),
             d.finished | jnp.any(ended),
+            masks,
         )
 
     start = _Decoding(
@@ -202,6 +253,7 @@ def _decode(graphdef, state, pool: Pool, slots: SlotState, tables, active, steps
         jnp.zeros((rows, MAX_STEPS), jnp.int32),
         jnp.zeros((rows, MAX_STEPS), jnp.float32),
         jnp.bool_(False),
+        allowed,
     )
     with jax.named_scope("decode"):
         end = jax.lax.while_loop(running, advance, start)
@@ -222,6 +274,7 @@ class Chunk:
     starts: jax.Array  # (rows,) int32: the prompt tokens the sequence holds already
     lengths: jax.Array  # (rows,) int32: the chunk's real tokens
     tables: jax.Array  # (rows, pages_per_seq) int32
+    adapters: jax.Array  # (rows,) int32
 
 
 def _extend(graphdef, state, pool: Pool, chunk: Chunk, block: int):
@@ -230,7 +283,8 @@ def _extend(graphdef, state, pool: Pool, chunk: Chunk, block: int):
     it. The logits after each row's last real token."""
     at = (chunk.lengths - 1)[:, None]
     held = pool.cache(chunk.tables, chunk.starts)
-    logits, held = nnx.merge(graphdef, state)(chunk.ids, cache=held, logits_at=at, cache_block=block)
+    model = nnx.merge(graphdef, state)
+    logits, held = model(chunk.ids, cache=held, logits_at=at, cache_block=block, adapter_ids=chunk.adapters)
     lengths = pool.lengths.at[chunk.slots].set(chunk.starts + chunk.lengths, mode="drop")
     pool, _ = _laid_out(Pool(held.kv, held.scales, lengths))
     return pool, shard(logits[:, 0], *LOGITS_AXES)
@@ -238,5 +292,7 @@ def _extend(graphdef, state, pool: Pool, chunk: Chunk, block: int):
 
 prefill_program = jax.jit(_prefill, static_argnames=("graphdef",), donate_argnames=("pool",))
 extend_program = jax.jit(_extend, static_argnames=("graphdef", "block"), donate_argnames=("pool",))
-admit_program = jax.jit(_admit, donate_argnames=("slots",))
-decode_program = jax.jit(_decode, static_argnames=("graphdef", "block", "rows"), donate_argnames=("pool", "slots"))
+admit_program = jax.jit(_admit, static_argnames=("text_vocab",), donate_argnames=("slots",))
+decode_program = jax.jit(
+    _decode, static_argnames=("graphdef", "block", "rows", "text_vocab", "follows"), donate_argnames=("pool", "slots")
+)

@@ -120,3 +120,16 @@ def _largest_threshold(holds, low: jax.Array, high: jax.Array, iterations: int =
 
     low, high = jax.lax.fori_loop(0, iterations, halve, (low, high))
     return jnp.where(holds(high), high, low)
+
+
+def only_allowed(logits: jax.Array, allowed: jax.Array) -> jax.Array:
+    """`logits` (rows, vocab) with -inf wherever a row's grammar mask `allowed` (rows, ceil(vocab / 32)) int32
+    clears the token's bit (bit t % 32 of word t // 32: llguidance's layout). A row whose mask is all ones
+    (-1 words: an unconstrained request) is unchanged, and with no constrained row nothing is computed."""
+
+    def masked(_):
+        bits = (allowed[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1
+        keep = bits.reshape(allowed.shape[0], -1)[:, : logits.shape[-1]] == 1
+        return jnp.where(keep, logits, -jnp.inf)
+
+    return jax.lax.cond(jnp.any(allowed != -1), masked, lambda _: logits, None)

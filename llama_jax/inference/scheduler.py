@@ -17,6 +17,11 @@ fewer when requests are waiting and a slot finishes so that they get it at once 
 new tokens, finishing it at a stop id, a stop string or its token budget (or when cancelled), which frees its
 slot and pages.
 
+A request constrained by a grammar (`constraints.py`) has a follower that gives the mask of its next token
+before each call and takes each token after: its admission samples under its first mask, and a decode call
+while one is running takes every slot's mask and runs one step (the others' tokens are unchanged, only
+fewer come per call). Its text is complete when its grammar is: it finishes then with "stop".
+
 When the pool runs out, the prefix cache gives back its least recently used pages first; then the newest
 sequence is preempted: its pages go back and it waits at the head of the queue, to be prefilled again — its
 prompt and the tokens it had made — and go on from the step it had reached (vLLM's recompute preemption). Its
@@ -32,14 +37,14 @@ user of this class.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import itertools
 import threading
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 import numpy as np
 
+from llama_jax.inference.backend import Admitting, Backend
+from llama_jax.inference.constraints import Constraint, Follower, fill_masks
 from llama_jax.inference.pages import PagePool
 from llama_jax.inference.prefix_cache import PrefixCache
 from llama_jax.inference.types import Event, Handle, QueueFull, Request
@@ -50,16 +55,6 @@ from llama_jax.inference.types import Event, Handle, QueueFull, Request
 # half of the device (benchmarks/serve_chunked_prefill.py).
 PREFILL_BUDGET = 2
 INTERLEAVED_STEPS = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class Admitting:
-    """A request going into a slot: the ids to prefill — its prompt, and after a preemption the tokens it had
-    made too — and the sampling step its next token is drawn at."""
-
-    ids: tuple[int, ...]
-    request: Request
-    first_step: int = 0
 
 
 class _Live:
@@ -73,6 +68,7 @@ class _Live:
         self.prefilled = 0  # of `admitting.ids` in its slot so far (a prompt prefilled chunk by chunk)
         self.order = 0  # when it arrived: the newest in a slot is preempted first
         self.admitting = Admitting(request.prompt_ids, request)
+        self.grammar: Follower | None = None  # a constrained request's place in its grammar
 
     @property
     def cancelled(self) -> bool:
@@ -84,37 +80,6 @@ class _Live:
         self.prefilled = 0
 
 
-class Backend(Protocol):
-    """The device side: prompts into slots and their pages, and decode steps over all slots."""
-
-    slots: int
-    chunk: int  # prompts longer than this are prefilled chunk by chunk; cached prefixes are whole chunks
-    num_pages: int  # of the page pool
-    page_size: int
-    pages_per_seq: int  # a page table's length
-    prefix_chunks: int  # chunks the prefix cache may keep (0: no prefix cache)
-
-    def bucket(self, n: int) -> int:
-        """The prompt-length bucket of an n-token prompt: prompts of one bucket are prefilled together."""
-
-    def insert(
-        self, slots: Sequence[int], items: Sequence[Admitting], bucket: int, tables: np.ndarray
-    ) -> tuple[list[int], list[float]]:
-        """Prefill `items` (of at most `chunk` ids, all of bucket `bucket`) into `slots`, whose pages `tables`
-        gives: each one's next token and its log-probability."""
-
-    def extend(self, slot: int, item: Admitting, start: int, tables: np.ndarray) -> tuple[int, float] | None:
-        """Prefill the chunk of `item`'s ids from `start` into `slot`; at their end, its next token and its
-        log-probability."""
-
-    def decode(
-        self, steps: int, active: Sequence[bool], stop_early: bool, tables: np.ndarray
-    ) -> tuple[list[list[int]], list[list[float]], int]:
-        """Up to `steps` decode steps of the `active` slots, fewer when `stop_early` and a slot's request
-        ends (a stop id or its budget): (slots, steps run) tokens and log-probabilities (free slots' are junk),
-        and the steps run."""
-
-
 class Scheduler:
     def __init__(
         self,
@@ -123,9 +88,12 @@ class Scheduler:
         max_queue: int,
         steps_per_dispatch: int,
         text: Callable[[Sequence[int], Sequence[int]], str],
+        follow: Callable[[Constraint], Follower] | None = None,
     ):
-        """`text(prompt_ids, generated_ids)`: the text the generated ids add after the prompt."""
+        """`text(prompt_ids, generated_ids)`: the text the generated ids add after the prompt; `follow(constraint)`:
+        a follower of a constrained request's grammar (`constraints.Grammars.follow`)."""
         self.backend = backend
+        self.follow = follow
         self.max_queue = max_queue
         self.steps_per_dispatch = steps_per_dispatch
         self.text = text
@@ -148,7 +116,7 @@ class Scheduler:
     def submit_all(self, requests: Sequence[Request], on_event: Callable[[int, Event], None]) -> Handle:
         """Queue all of `requests` or none (QueueFull); request i's events go to on_event(i, event)."""
         handle = Handle()
-        live = [_Live(r, lambda event, i=i: on_event(i, event), handle) for i, r in enumerate(requests)]
+        live = [self._live(r, lambda event, i=i: on_event(i, event), handle) for i, r in enumerate(requests)]
         with self.lock:
             if len(self.queue) + len(live) > self.max_queue:
                 raise QueueFull(f"{len(self.queue)} requests are waiting already")
@@ -159,10 +127,26 @@ class Scheduler:
 
     def enqueue(self, request: Request, on_event: Callable[[Event], None], handle: Handle) -> None:
         """Queue a request whose admission was decided elsewhere (`lockstep.py`: by process 0 of a job)."""
-        live = _Live(request, on_event, handle)
+        live = self._live(request, on_event, handle)
         with self.lock:
             live.order = next(self._arrivals)
             self.queue.append(live)
+
+    def _live(self, request: Request, on_event: Callable[[Event], None], handle: Handle) -> _Live:
+        live = _Live(request, on_event, handle)
+        if request.constraint is not None:
+            if self.follow is None:
+                raise ValueError("this engine has no tokenizer to follow a grammar with")
+            live.grammar = self.follow(request.constraint)
+        return live
+
+    def _mask(self, live: _Live) -> np.ndarray | None:
+        """The grammar mask of a constrained request's next token (None: unconstrained)."""
+        if live.grammar is None:
+            return None
+        row = np.empty((self.backend.mask_words,), np.int32)
+        live.grammar.fill(row)
+        return row
 
     def held(self) -> tuple[int, int]:
         """(requests in a slot, cache positions their pages hold)."""
@@ -177,13 +161,33 @@ class Scheduler:
         if not self.running:
             return
         steps = min(self.steps_per_dispatch, INTERLEAVED_STEPS) if self.prefilling else self.steps_per_dispatch
+        constrained = any(live.grammar is not None for live in self.running.values())
+        in_loop = constrained and self.backend.follows_in_loop
+        if constrained and not in_loop:
+            steps = 1  # the host computes each next mask between calls
         self._make_room(steps)
         if not self.running:
             return
         active = [slot in self.running for slot in range(self.backend.slots)]
-        tokens, logprobs, _ = self.backend.decode(steps, active, bool(self.queue), self.pages.table)
+        allowed = self._masks(self.backend.slots) if constrained else None
+        follow = self._advance_grammars if in_loop else None
+        tokens, logprobs, _ = self.backend.decode(steps, active, bool(self.queue), self.pages.table, allowed, follow)
         for slot, live in list(self.running.items()):
-            self._deliver(slot, live, tokens[slot], logprobs[slot])
+            self._deliver(slot, live, tokens[slot], logprobs[slot], followed=in_loop)
+
+    def _masks(self, rows: int) -> np.ndarray:
+        """The grammar masks of the first `rows` slots' next tokens (all ones for an unconstrained one)."""
+        masks = np.full((rows, self.backend.mask_words), -1, np.int32)
+        fill_masks([(live.grammar, slot) for slot, live in self.running.items() if slot < rows and live.grammar], masks)
+        return masks
+
+    def _advance_grammars(self, tokens: np.ndarray, advancing: np.ndarray) -> np.ndarray:
+        """The decode loop's question after each step (from another thread, while `step` waits for the call):
+        each constrained slot that goes on takes its token; every slot's next mask."""
+        for slot, live in self.running.items():
+            if slot < len(tokens) and advancing[slot] and live.grammar is not None:
+                live.grammar.accept(int(tokens[slot]))
+        return self._masks(len(tokens))
 
     def _drop_cancelled(self) -> None:
         with self.lock:
@@ -233,7 +237,8 @@ class Scheduler:
                 self._start_chunked(free[0], head)
             else:
                 slots = free[: len(group)]
-                first, logprobs = self.backend.insert(slots, [h.admitting for h in group], bucket, self.pages.table)
+                items, masks = [h.admitting for h in group], [self._mask(h) for h in group]
+                first, logprobs = self.backend.insert(slots, items, bucket, self.pages.table, masks)
                 for slot, live, token, logprob in zip(slots, group, first, logprobs):
                     self.running[slot] = live
                     self._deliver(slot, live, [token], [logprob])
@@ -273,7 +278,8 @@ class Scheduler:
             end = min(live.prefilled + self.backend.chunk, len(ids))
             if not self._grow_or_preempt(slot, live, end):
                 continue  # it was preempted itself
-            first = self.backend.extend(slot, live.admitting, live.prefilled, self.pages.table)
+            mask = self._mask(live) if end == len(ids) else None
+            first = self.backend.extend(slot, live.admitting, live.prefilled, self.pages.table, mask)
             done += end - live.prefilled
             live.prefilled = end
             if first is not None:
@@ -324,21 +330,32 @@ class Scheduler:
     def _bucket(self, live: _Live) -> int:
         return self.backend.bucket(len(live.admitting.ids))
 
-    def _deliver(self, slot: int, live: _Live, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
+    def _deliver(
+        self, slot: int, live: _Live, tokens: Sequence[int], logprobs: Sequence[float], followed: bool = False
+    ) -> None:
+        """Hand a request its new tokens, finishing it at a stop id, a stop string, its budget or the end of its
+        grammar. `followed`: its grammar took the tokens already, inside the decode loop (after the end of the
+        grammar the loop allowed only a stop id)."""
         request = live.request
+        grammar = live.grammar if not followed else None
         new_ids: list[int] = []
         new_logprobs: list[float] = []
         reason = None
         for token, logprob in zip(tokens, logprobs):
-            if token in request.stop_ids:
-                reason = "stop"
+            if token in request.stop_ids or (grammar is not None and not grammar.accept(token)):
+                reason = "stop"  # (a token its grammar refuses cannot be sampled under its mask)
                 break
             new_ids.append(int(token))
             if request.logprobs:
                 new_logprobs.append(float(logprob))
+            if grammar is not None and grammar.finished:
+                reason = "stop"  # the grammar is complete: only an end of sequence could follow
+                break
             if len(live.token_ids) + len(new_ids) == request.max_tokens:
                 reason = "length"
                 break
+        if followed and reason is None and live.grammar is not None and live.grammar.finished:
+            reason = "stop"
         live.token_ids += new_ids
         live.logprobs += new_logprobs
         text = self.text(request.prompt_ids, live.token_ids)

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Literal
 
+from llama_jax.inference.constraints import Constraint
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.tokenizers import Tokenizer
 
@@ -34,6 +35,8 @@ class Request:
     stop_ids: tuple[int, ...] = ()
     stop_strings: tuple[str, ...] = ()
     logprobs: bool = False  # return each generated token's log-probability
+    constraint: Constraint | None = None  # a grammar the text must follow (`constraints.py`)
+    adapter: str | None = None  # the engine's LoRA adapter its tokens come from (None: the base model)
 
 
 def make_request(
@@ -47,6 +50,8 @@ def make_request(
     stop_ids: Sequence[int] = (),
     stop_strings: Sequence[str] = (),
     logprobs: bool = False,
+    constraint: Constraint | None = None,
+    adapter: str | None = None,
 ) -> Request:
     """A request that ends at the tokenizer's own stop ids (EOS, a template's end of turn) and at `stop_ids`.
     The tokenizer's come first: the device checks a request's first few stop ids itself (the host checks all),
@@ -54,7 +59,16 @@ def make_request(
     own = tuple(tokenizer.stop_ids) if tokenizer is not None else ()
     extra = tuple(i for i in dict.fromkeys(stop_ids) if i not in own)
     return Request(
-        tuple(prompt_ids), max_tokens, sampling, seed, stream, own + extra, tuple(stop_strings), logprobs=logprobs
+        tuple(prompt_ids),
+        max_tokens,
+        sampling,
+        seed,
+        stream,
+        own + extra,
+        tuple(stop_strings),
+        logprobs=logprobs,
+        constraint=constraint,
+        adapter=adapter,
     )
 
 

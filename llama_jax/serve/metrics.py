@@ -9,8 +9,9 @@ dashboards and alerts written for vLLM read them:
     vllm:request_success_total{finished_reason}                   finished requests by reason
     vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
 
-Each metric carries the `model_name` label. The engine's status (`EngineStatus`) is read when the metrics are
-scraped.
+Each metric carries the `model_name` label: a request's counters and latencies the model it asked for — the base
+model or one of its LoRA adapters —, the engine's gauges the base model's. The engine's status (`EngineStatus`)
+is read when the metrics are scraped.
 """
 
 from __future__ import annotations
@@ -69,20 +70,20 @@ class ServerMetrics:
         self.inter_token = histogram("vllm:inter_token_latency_seconds", "Time between tokens.", _INTER_TOKEN)
         self.e2e = histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.", _LATENCY)
 
-    def first_token(self, seconds: float) -> None:
-        self.ttft.labels(self.model_name).observe(seconds)
+    def first_token(self, model: str, seconds: float) -> None:
+        self.ttft.labels(model).observe(seconds)
 
-    def tokens(self, seconds: float, count: int) -> None:
-        """`count` tokens that arrived `seconds` after the ones before them."""
+    def tokens(self, model: str, seconds: float, count: int) -> None:
+        """`count` tokens of a request to `model` that arrived `seconds` after the ones before them."""
         for _ in range(count):
-            self.inter_token.labels(self.model_name).observe(seconds / count)
+            self.inter_token.labels(model).observe(seconds / count)
 
-    def finished(self, prompt_tokens: int, generated: int, seconds: float, reasons: list[str]) -> None:
-        self.prompt_tokens.labels(self.model_name).inc(prompt_tokens)
-        self.generation_tokens.labels(self.model_name).inc(generated)
-        self.e2e.labels(self.model_name).observe(seconds)
+    def finished(self, model: str, prompt_tokens: int, generated: int, seconds: float, reasons: list[str]) -> None:
+        self.prompt_tokens.labels(model).inc(prompt_tokens)
+        self.generation_tokens.labels(model).inc(generated)
+        self.e2e.labels(model).observe(seconds)
         for reason in reasons:
-            self.success.labels(self.model_name, reason).inc()
+            self.success.labels(model, reason).inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
