@@ -18,7 +18,7 @@ from llama_jax.inference.pages import PagePool
 from llama_jax.inference.sampling import SamplingParams
 from llama_jax.inference.settings import EngineSettings
 from llama_jax.inference.slots import SlotBackend
-from llama_jax.inference.types import Program, Request
+from llama_jax.inference.types import Program, Request, make_request
 from llama_jax.loading import LoadedModel
 from llama_jax.model import create_model
 from llama_jax.sharding import MeshConfig, make_mesh
@@ -252,3 +252,34 @@ def test_one_thread_steps_an_engine(loaded, prompts):
         engine.generate(requests(prompts[:1]))
     streaming.close()
     assert engine.generate(requests(prompts[:1]))[0].finish_reason == "length"
+
+
+def test_rows_past_the_tokenizers_ids_are_never_sampled(tmp_path, assets):
+    """A vocabulary padded past its tokenizer (576 rows, 512 pieces): the padding rows, however likely, are never
+    chosen, greedy or sampled (they would decode to nothing)."""
+    import dataclasses
+
+    from flax import nnx
+
+    from llama_jax.loading import load
+    from llama_jax.model_dir import write_model_dir
+
+    config = dataclasses.replace(preset("tiny"), vocab_size=576, tie_embeddings=False)
+    params = nnx.to_pure_dict(nnx.state(create_model(config)))
+    # The final norm keeps one feature; two padding rows read it at ±1000 (real rows at their own small weights):
+    # whatever its sign, a padding row has the largest logit at every step.
+    scale = np.zeros(config.dim, np.float32)
+    scale[0] = 1.0
+    head = np.array(params["lm_head"])
+    head[0, 512], head[0, 513] = 1000.0, -1000.0
+    params["norm"]["scale"], params["lm_head"] = scale, head
+    padded = load(write_model_dir(tmp_path / "padded", config, params, assets / "tok512.bin"))
+    tokenizer = padded.tokenizer
+    engine = Engine(padded, EngineSettings(max_num_seqs=2))
+    requests = [
+        make_request(tokenizer.encode("Once"), 12, tokenizer=tokenizer, sampling=SamplingParams(temperature=t))
+        for t in (0.0, 1.0)
+    ]
+    outputs = engine.generate(requests)
+    assert all(0 <= token < 512 for output in outputs for token in output.token_ids), outputs
+    assert all(len(output.token_ids) == 12 or output.finish_reason == "stop" for output in outputs)
