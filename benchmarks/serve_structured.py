@@ -115,7 +115,7 @@ def decode_ms(engine, requests) -> float:
         engine.generate(batch)
         return time.perf_counter() - start
 
-    best = min(seconds(requests) - seconds(first_only) for _ in range(2))
+    best = min(seconds(requests) - seconds(first_only) for _ in range(4))  # the box is noisy: the quickest
     return best * 1e3 / (requests[0].max_tokens - 1)
 
 

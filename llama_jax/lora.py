@@ -93,20 +93,21 @@ def project(
 
 
 def _bank_delta(module: nnx.Module, weight: str, equation: str, x: jax.Array, adapter_ids: jax.Array) -> jax.Array:
-    """Each row's (x·A)·B with its own bank entry's A (n, *in, R) and B (n, R, *out), scale already in B. The
-    entries are gathered per row rather than every adapter applied to every row: a row costs what one adapter
-    costs. An id outside the bank, negative ones too, reads zeros (the base), never a neighbouring adapter."""
+    """Each row's (x·A)·B with its own bank entry's A (n, *in, R) and B (n, R, *out), scale already in B: every
+    entry's A applied to every row, each row's own kept (a one-hot over the bank, exact zeros elsewhere), then
+    the B's. No per-row copy of an adapter is made: gathering them moved more memory than the arithmetic it
+    saves at serving's ranks (n·R columns beside a projection's thousands; `benchmarks/serve_structured.py`).
+    An id outside the bank, negative ones too, keeps nothing: the base."""
     bank_a, bank_b = getattr(module, weight + "_bank_a")[...], getattr(module, weight + "_bank_b")[...]
-    adapter_ids = jnp.where(adapter_ids >= 0, adapter_ids, bank_a.shape[0])  # `take` would wrap a negative id
     inputs, result = equation.split("->")
     x_axes, w_axes = inputs.split(",")
     n_in = bank_a.ndim - 2
     in_axes, out_axes = w_axes[:n_in], w_axes[n_in:]
-    batch, kept = x_axes[0], "".join(c for c in x_axes if c not in in_axes)
-    row_a = jnp.take(bank_a, adapter_ids, axis=0, mode="fill", fill_value=0).astype(x.dtype)
-    row_b = jnp.take(bank_b, adapter_ids, axis=0, mode="fill", fill_value=0).astype(x.dtype)
-    low = jnp.einsum(f"{x_axes},{batch}{in_axes}r->{kept}r", x, row_a)
-    return jnp.einsum(f"{kept}r,{batch}r{out_axes}->{result}", low, row_b)
+    kept = "".join(c for c in x_axes if c not in in_axes)  # batch, then length
+    low = jnp.einsum(f"{x_axes},n{in_axes}r->{kept}nr", x, bank_a.astype(x.dtype))
+    own = adapter_ids[:, None] == jnp.arange(bank_a.shape[0])  # (batch, n)
+    low = low * own.reshape(own.shape[0], *(1,) * (len(kept) - 1), own.shape[1], 1).astype(low.dtype)
+    return jnp.einsum(f"{kept}nr,nr{out_axes}->{result}", low, bank_b.astype(x.dtype))
 
 
 def split_adapters(params: dict) -> tuple[dict, dict]:
