@@ -98,8 +98,11 @@ class Exchange:
             for i, evs in zip(ids, events)
         ]
         reasons = [evs[-1].finish_reason for evs in events]
-        calls = [tools.parse_calls(text, body) if self.reads_calls else None for text in texts]
-        reasons = ["tool_calls" if c and r == "stop" else r for c, r in zip(calls, reasons)]
+        # A call is read from a finished answer only (one cut by max_tokens stays content, as when streamed).
+        calls = [
+            tools.parse_calls(t, body) if self.reads_calls and r == "stop" else None for t, r in zip(texts, reasons)
+        ]
+        reasons = ["tool_calls" if c else r for c, r in zip(calls, reasons)]
         generated = sum(len(i) for i in ids)
         self._finished(prompt_tokens, generated, reasons)
         usage = protocol.usage(prompt_tokens, generated)
