@@ -17,10 +17,11 @@ fewer when requests are waiting and a slot finishes so that they get it at once 
 new tokens, finishing it at a stop id, a stop string or its token budget (or when cancelled), which frees its
 slot and pages.
 
-A request constrained by a grammar (`constraints.py`) has a follower that gives the mask of its next token
-before each call and takes each token after: its admission samples under its first mask, and a decode call
-while one is running takes every slot's mask and runs one step (the others' tokens are unchanged, only
-fewer come per call). Its text is complete when its grammar is: it finishes then with "stop".
+A request constrained by a grammar (`constraints.py`) has a follower that gives the mask of its next token and
+takes each token: its admission samples under its first mask; a decode call while one is running takes every
+slot's mask and, between its steps, asks the scheduler for the next ones (`_advance_grammars`, called from the
+device loop) — or, where the backend cannot call back (a multi-host job), runs one step. The others' tokens are
+unchanged. Its text is complete when its grammar is: it finishes then with "stop".
 
 When the pool runs out, the prefix cache gives back its least recently used pages first; then the newest
 sequence is preempted: its pages go back and it waits at the head of the queue, to be prefilled again — its
