@@ -112,8 +112,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """The server's socket, bound and listening before anything slow starts: an address it cannot listen on is
-    one error line at once, not after minutes of compiling (uvicorn binds only when it starts)."""
+    """The server's socket, bound before anything slow starts: an address it cannot listen on is one error line
+    at once, not after minutes of compiling (uvicorn binds only when it starts). Bound, not yet listening: until
+    uvicorn serves on it (and listens), a client is refused at once rather than left waiting in a backlog."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as e:
@@ -122,7 +123,6 @@ def listening_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
     try:
         sock.bind(address)
-        sock.listen(2048)
     except OSError as e:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {e.strerror}") from None
