@@ -110,6 +110,31 @@ def test_the_device_mask_clears_what_llguidance_clears(llama3_tok):
     assert np.isfinite(expected[0]).sum() < 100 and np.isfinite(expected[2]).all()
 
 
+def test_followers_of_one_cached_grammar_are_independent(assets):
+    """The second request with a schema copies the compiled grammar: each copy starts at the beginning, and
+    what one follower accepts moves no other."""
+    from llama_jax.tokenizers import load_tokenizer
+
+    tokenizer = load_tokenizer(assets / "tok512.bin")
+    grammars = Grammars(tokenizer, 512)
+    schema = Constraint("json_schema", json.dumps(PERSON))
+    first, second = grammars.follow(schema), grammars.follow(schema)
+    assert list(grammars._compiled) == [schema]
+    start = np.zeros((2, grammars.words), np.int32)
+    first.fill(start[0])
+    for token in tokenizer.encode('{"name":"Al', bos=False)[1:]:  # after SentencePiece's leading space
+        assert first.accept(token)
+    second.fill(start[1])
+    np.testing.assert_array_equal(start[0], start[1])
+    moved = np.zeros(grammars.words, np.int32)
+    first.fill(moved)
+    assert not np.array_equal(moved, start[1])
+    third = grammars.follow(schema)
+    third.fill(moved)
+    np.testing.assert_array_equal(moved, start[1])
+    assert not third.accept(tokenizer.encode("}", bos=False)[-1])
+
+
 def test_token_bytes_spell_the_text_for_each_vocabulary(llama2_tok, llama3_tok, assets):
     from llama_jax.tokenizers import load_tokenizer
 
