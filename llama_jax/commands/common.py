@@ -338,6 +338,8 @@ def run_settings(args: argparse.Namespace, model_dir, settings) -> dict:
         "stop_ids": sorted(settings.stop_ids),
         # only when int8: the files of earlier runs, whose KV cache was in the model's dtype, still resume
         **({"kv_cache_dtype": "int8"} if args.kv_cache_dtype == "int8" else {}),
+        # only when constrained (infer.py's structured outputs), for the same reason
+        **({"constraint": dataclasses.asdict(settings.constraint)} if settings.constraint is not None else {}),
     }
 
 

@@ -11,6 +11,12 @@ generated ids; a stop id that ends generation is not included) and finish_reason
 BOS is prepended to every prompt. With --output, records are written batch by batch as they finish, and
 rerunning the same command continues after the records already there.
 
+    python infer.py --checkpoint DIR --prompts prompts.txt --json-schema person.json --temperature 0
+
+holds every completion to a JSON schema (or --json-object, --regex, --choice, --grammar FILE.lark): the
+grammar engine masks each step's disallowed tokens, so the text is valid by construction; a completion that
+ran out of --max-new-tokens first says finish_reason "length".
+
     python infer.py --compile-for v5e-8 --model llama3-8b --mesh tensor=8 --max-num-seqs 32 --prompt-len 4096
 
 compiles the engine's own programs for that setting (the prefill of each --prompt-len's bucket, the decode
@@ -22,6 +28,7 @@ kernel and a roofline bound; the last line is JSON. Exit status 1: it does not f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -72,6 +79,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "separated by blank lines (standard output only)",
     )
     add_generation_arguments(parser, temperature=0.6, max_new_tokens=256)
+    _add_structured_output_arguments(parser)
     add_job_arguments(parser)
     compile_group = parser.add_argument_group("compiling for a TPU slice or GPUs instead of generating")
     add_compile_for_argument(compile_group)
@@ -85,6 +93,47 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.format == "text" and args.output:
         parser.error("--format text prints to standard output; --output writes JSONL records")
     return args
+
+
+def _add_structured_output_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "structured outputs: every completion follows one (a grammar engine masks the tokens it does not allow)"
+    ).add_mutually_exclusive_group()
+    group.add_argument("--json-schema", metavar="FILE", help="JSON valid for the JSON schema in FILE")
+    group.add_argument("--json-object", action="store_true", help="a JSON object")
+    group.add_argument("--regex", metavar="PATTERN", help="text matching PATTERN (Rust regex syntax)")
+    group.add_argument("--choice", action="append", metavar="TEXT", help="exactly one of these; repeat for each")
+    group.add_argument("--grammar", metavar="FILE", help="text of the Lark grammar in FILE (llguidance's dialect)")
+
+
+def structured_output(args: argparse.Namespace):
+    """The Constraint the structured-output flags ask for, or None; a file that is not there or a schema that
+    is not JSON is a ValueError naming the flag."""
+    from llama_jax.inference.constraints import Constraint
+
+    if args.json_schema is not None:
+        text = Path(args.json_schema).read_text(encoding="utf-8")
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--json-schema {args.json_schema} is not JSON: {e}") from None
+        return Constraint("json_schema", text)
+    if args.json_object:
+        return Constraint("json_object")
+    if args.regex is not None:
+        return Constraint("regex", args.regex)
+    if args.choice:
+        return Constraint("choice", json.dumps(args.choice))
+    if args.grammar is not None:
+        return Constraint("lark", Path(args.grammar).read_text(encoding="utf-8"))
+    return None
+
+
+def _check_structured_output(job, constraint) -> None:
+    """A grammar llguidance cannot compile is refused before any weights are read."""
+    from llama_jax.inference.constraints import Grammars
+
+    Grammars(job.model_dir.tokenizer(), job.model_dir.config.vocab_size).check(constraint)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     shared = Shared("infer")
     prompts = shared.value(lambda: read_prompts(args))
     job = generation_job(args, prompts, "infer.py needs one to read text prompts")
+    constraint = structured_output(args)
+    if constraint is not None:
+        _check_structured_output(job, constraint)
+        job = dataclasses.replace(job, settings=dataclasses.replace(job.settings, constraint=constraint))
     output = None
 
     def resume_point() -> int:

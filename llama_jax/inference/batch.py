@@ -50,6 +50,7 @@ def generate_in_order(
             stream=index,
             stop_ids=settings.stop_ids,
             stop_strings=stop_strings,
+            constraint=settings.constraint,
         )
         for index, ids in enumerate(prompt_ids)
         if index >= first

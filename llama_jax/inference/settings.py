@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from llama_jax.config import ModelConfig
+from llama_jax.inference.constraints import Constraint
 from llama_jax.inference.sampling import SamplingParams
 
 MAX_SEED = 2**32 - 1  # JAX keys hold 32 bits: larger seeds would silently repeat smaller ones
@@ -41,13 +42,15 @@ def _check_int(name: str, value, low: int, high: int | None = None) -> None:
 class GenerationSettings:
     """max_new_tokens: most tokens generated per prompt. seed: with the prompt's index in the input, it picks
     the prompt's random stream. chat: prompts are a user's message in the checkpoint's chat template.
-    stop_ids: ids that end a completion, besides the tokenizer's own."""
+    stop_ids: ids that end a completion, besides the tokenizer's own. constraint: what every completion's text
+    must be (a JSON schema, a regex...), or None."""
 
     max_new_tokens: int = 256
     sampling: SamplingParams = SamplingParams()
     seed: int = 0
     chat: bool = False
     stop_ids: tuple[int, ...] = ()
+    constraint: Constraint | None = None
 
     def __post_init__(self):
         _check_int("max_new_tokens", self.max_new_tokens, 1)
