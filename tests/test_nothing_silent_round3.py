@@ -297,6 +297,29 @@ def test_a_full_disk_while_writing_a_model_directory_names_it(assets, tmp_path, 
     assert one_line(error.value) == f"{NO_SPACE}: {tmp_path / 'model'}"
 
 
+def test_a_full_disk_under_training_logs_names_the_file(tmp_path, monkeypatch):
+    """TensorBoard's event file and metrics.jsonl are written in the training loop's thread: a write that
+    fails names the file or directory (before, TensorBoard's worker thread failed and `close` said only
+    `No space left on device`)."""
+    from tensorboardX import record_writer
+
+    from llama_jax.train.metrics import METRICS_FILE, TENSORBOARD_DIR, TrainLogger
+
+    logger = TrainLogger(
+        tmp_path, enabled=True, steps=2, start_step=0, tokens_per_step=1, flops_per_token=1.0, peak_flops_total=None
+    )
+    logger.train(1, {"loss": 2.0})
+    monkeypatch.setattr(record_writer.RecordWriter, "flush", lambda self: FullDisk(None).write(b""))
+    with pytest.raises(OSError) as error:
+        logger.train(2, {"loss": 1.0})
+    assert one_line(error.value) == f"{NO_SPACE}: {tmp_path / TENSORBOARD_DIR}"
+    monkeypatch.undo()
+    logger._jsonl = FullDisk(logger._jsonl)
+    with pytest.raises(OSError) as error:
+        logger.eval(2, 1.5)
+    assert one_line(error.value) == f"{NO_SPACE}: {tmp_path / METRICS_FILE}"
+
+
 def sft_config(tmp_path: Path, data: Path, tokenizer: str):
     settings = ["sft=true", f"data={data}", f"tokenizer={tokenizer}", f"data_cache={tmp_path / 'cache'}"]
     return load_train_config(None, settings)

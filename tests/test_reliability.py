@@ -387,6 +387,30 @@ def full_disk(tmp_path):
     subprocess.run(["umount", str(mount)], check=False)
 
 
+def test_a_full_disk_under_training_checkpoints_stops_the_run_in_one_line(full_disk):
+    """Orbax writes checkpoints from background threads, and its own finalizing thread takes a failed save's
+    error: before, the run trained on and said `error: No space left on device` (from TensorBoard's flush at
+    exit) followed by tracebacks of tensorboardX's threads."""
+    run_dir = full_disk / "run"
+    result = subprocess.run(
+        [sys.executable, "train.py", "--config", "configs/tiny_test.yaml", f"run_dir={run_dir}", "steps=40"],
+        cwd=REPO,
+        env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and "Exception" not in result.stderr, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (
+        f"error: No space left on device: {run_dir / CHECKPOINTS_DIR} (step 10; no checkpoint is written)"
+    ), result.stderr[-3000:]
+    # Every metrics line written is whole, and nothing claims a step that was not saved.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert records and not list((run_dir / CHECKPOINTS_DIR).glob("[0-9]*[0-9]")), records
+
+
 def test_a_full_disk_during_conversion_is_one_line_and_leaves_nothing(assets, full_disk):
     (full_disk / "filler").write_bytes(b"\0" * (400 << 10))  # stories260K needs about 1 MiB
     result = run_module(

@@ -17,7 +17,10 @@ one is tried, so a damaged newest step costs the steps since the one before, nev
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -38,29 +41,41 @@ log = logging.getLogger("llama_jax")
 class TrainingCheckpoints:
     """Orbax CheckpointManager over RUN_DIR/checkpoints with the items above, keeping the last `keep`."""
 
+    _saving: int | None = None  # the step of the newest save started
+
     def __init__(self, run_dir: Path, keep: int):
         self.run_dir = run_dir
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=True, cleanup_tmp_directories=True
         )
-        self._manager = ocp.CheckpointManager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
+        self._manager = _Manager((run_dir / CHECKPOINTS_DIR).absolute(), options=options)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict[str, Any]) -> None:
         """Start saving `state` as `step` (asynchronously: returns once the arrays are copied off device),
-        with the checksums of what is saved."""
+        with the checksums of what is saved. A CheckpointWriteError when the save before it failed."""
         checksums = {"params": device_checksums(state.params), "opt_state": device_checksums(state.opt_state)}
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
-                opt_state=ocp.args.StandardSave(state.opt_state),
-                **{META_ITEM: ocp.args.JsonSave(sealed({"step": step, **meta, "checksums": checksums}))},
-            ),
-            force=True,
-        )
+        with self._writing():
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    params=ocp.args.StandardSave(state.params),
+                    opt_state=ocp.args.StandardSave(state.opt_state),
+                    **{META_ITEM: ocp.args.JsonSave(sealed({"step": step, **meta, "checksums": checksums}))},
+                ),
+                force=True,
+            )
+            self._saving = step
+
+    def check(self) -> None:
+        """A CheckpointWriteError as soon as a save running in the background has failed (a full disk): the
+        run stops instead of training on past checkpoints it cannot write."""
+        with self._writing():
+            self._manager.check_for_errors()
+            if self._manager.failure is not None:
+                raise self._manager.failure
 
     def restore_newest_intact(self, abstract_state) -> tuple[Any, Any, dict] | None:
         """(params, opt_state, meta) of the newest intact step, placed as `abstract_state`'s shardings say;
@@ -111,12 +126,58 @@ class TrainingCheckpoints:
         return (restored.params, restored.opt_state, restored[META_ITEM]), None
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        with self._writing():
+            self._manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """Orbax's and TensorStore's errors of a failed save, raised from its threads, name the step's
+        temporary directory (gone by now) in pages of detail: said here as one line naming the checkpoints
+        directory, the step and the newest step that was written."""
+        try:
+            yield
+        except Exception as error:
+            raise CheckpointWriteError(self, error) from None
 
     def close(self) -> None:
         self._manager.close()
 
 
+class _Manager(ocp.CheckpointManager):
+    """Orbax's manager, keeping the error of a failed background save: its finalizing thread takes the error
+    (orbax raises one only once), logs it and skips the step, so the run would train on with its saves
+    failing and learn of it only at exit."""
+
+    failure: Exception | None = None
+
+    def check_for_errors(self):
+        try:
+            super().check_for_errors()
+        except Exception as error:
+            self.failure = self.failure or error
+            raise
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written: `reason: RUN_DIR/checkpoints (step N; ...)`, the reason being the
+    operating system's (No space left on device) when the storage layers' message carries one."""
+
+    def __init__(self, checkpoints: TrainingCheckpoints, error: Exception):
+        message = str(error)
+        code = re.search(r"os_error_code='?(\d+)", message)
+        if isinstance(error, OSError) and error.strerror:
+            reason = error.strerror
+        elif code is not None:
+            reason = os.strerror(int(code.group(1)))
+        else:
+            reason = f"writing failed ({_OS_CODE.sub('', one_line(error))})"
+        newest = checkpoints.latest_step()
+        kept = f"the newest checkpoint written is step {newest}" if newest is not None else "no checkpoint is written"
+        where = f"step {checkpoints._saving}; {kept}" if checkpoints._saving is not None else kept
+        super().__init__(f"{reason}: {checkpoints.run_dir / CHECKPOINTS_DIR} ({where})")
+
+
+_OS_CODE = re.compile(r"\s*\[os_error_code=[^]]*\]")
 REQUIRED_META = ("step", "checksums")
 
 

@@ -16,8 +16,12 @@ import time
 from pathlib import Path
 
 import matplotlib
-from tensorboardX import SummaryWriter
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto.event_pb2 import Event
+from tensorboardX.summary import scalar
 from tqdm import tqdm
+
+from llama_jax.errors import errors_naming
 
 matplotlib.use("Agg")  # files only: training runs on machines without a display
 from matplotlib import pyplot  # noqa: E402
@@ -54,9 +58,10 @@ class TrainLogger:
             unit="step",
         )
         if enabled:
-            self._writer = SummaryWriter(str(run_dir / TENSORBOARD_DIR))
-            _drop_partial_last_line(run_dir / METRICS_FILE)
-            self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
+            self._events = EventFile(run_dir / TENSORBOARD_DIR)
+            with errors_naming(run_dir / METRICS_FILE):
+                _drop_partial_last_line(run_dir / METRICS_FILE)
+                self._jsonl = open(run_dir / METRICS_FILE, "a", encoding="utf-8")
 
     def restart_clock(self, step: int) -> None:
         """Start timing afresh (after compilation, evaluation or a checkpoint, which are not training)."""
@@ -113,18 +118,46 @@ class TrainLogger:
     def _write(self, step: int, record: dict[str, float], split: str) -> None:
         if not self.enabled:
             return
-        for name, value in record.items():
-            if value is not None:
-                self._writer.add_scalar(f"{split}/{name}", value, step)
-        self._jsonl.write(json.dumps({"step": step, "split": split, **record}) + "\n")
-        self._jsonl.flush()
+        self._events.scalars(step, {f"{split}/{name}": value for name, value in record.items() if value is not None})
+        with errors_naming(self.run_dir / METRICS_FILE):
+            self._jsonl.write(json.dumps({"step": step, "split": split, **record}) + "\n")
+            self._jsonl.flush()
 
-    def close(self) -> None:
+    def close(self, plot: bool = True) -> None:
+        """Close the files; draw the loss curve unless `plot` is False (the run failed: the files are closed
+        without anything new written, whose own error would hide the run's)."""
         self._bar.close()
         if self.enabled:
-            self._writer.close()
+            self._events.close()
             self._jsonl.close()
-            plot_losses(self.run_dir)
+            if plot:
+                with errors_naming(self.run_dir / LOSS_PLOT):
+                    plot_losses(self.run_dir)
+
+
+class EventFile:
+    """A TensorBoard event file in `directory`, written and flushed in the caller's thread by tensorboardX's
+    own record writer. Not its SummaryWriter: that writes from a worker thread and flushes again at exit, so
+    an error (a full disk) surfaced late, naming no file, and was printed again as tracebacks after the
+    command's error line. Here it is raised where the step is logged, naming the directory."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        with errors_naming(directory):
+            directory.mkdir(exist_ok=True)
+            self._writer = EventsWriter(str(directory / "events"))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        with errors_naming(self.directory):
+            for name, value in values.items():
+                self._writer.write_event(Event(wall_time=time.time(), step=step, summary=scalar(name, value)))
+            self._writer.flush()
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except OSError:  # only when the last flush failed, already reported where it happened
+            pass
 
 
 def plot_losses(run_dir: Path) -> None:

@@ -9,6 +9,7 @@ would. All processes of a multi-host job run it in lockstep; only the first writ
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 from typing import Any, TextIO
@@ -103,14 +104,12 @@ def run(config: TrainConfig) -> dict[str, Any]:
     for line in _introduction(inputs, start):
         logger.message(line)
     with jax.set_mesh(inputs.mesh), PreemptionNotice() as preemption:
+        failed = True
         try:
             state, train_loss, (eval_loss, eval_metrics), preempted = _loop(job, start, logger, preemption)
+            failed = False
         finally:  # a diverged run still finishes writing the checkpoints it started
-            job.checkpoints.wait()
-            job.checkpoints.close()
-            logger.close()
-            if lock is not None:
-                lock.close()
+            _close_run(job, logger, lock, failed)
     samples = [] if preempted else _samples(job, state)
     return {
         "step": int(jax.device_get(state.step)),
@@ -125,6 +124,21 @@ def run(config: TrainConfig) -> dict[str, Any]:
         "preempted": preempted,
         "samples": samples,
     }
+
+
+def _close_run(job: _Job, logger: TrainLogger, lock: TextIO | None, failed: bool) -> None:
+    """Finish the checkpoint saves the run started, close its logs and unlock its directory, each even when
+    one before it fails. The first error is the one raised, and none after a failed run: its own error says
+    what went wrong (a full disk fails every write after it)."""
+    closing = [job.checkpoints.wait, job.checkpoints.close, functools.partial(logger.close, plot=not failed)]
+    first_error = None
+    for close in closing + ([lock.close] if lock is not None else []):
+        try:
+            close()
+        except Exception as error:
+            first_error = first_error or error
+    if first_error is not None and not failed:
+        raise first_error
 
 
 def _init_from_weights(inputs: Inputs, layout: StateLayout) -> _InitFromWeights:
@@ -231,6 +245,7 @@ def _loop(
             jax.block_until_ready(metrics)
             logger.restart_clock(done)  # compilation is not training throughput
         if save or done % config.log_every == 0:
+            job.checkpoints.check()  # a save in the background failed: stop now, not at the next save
             step_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
             train_loss = logger.train(done, step_metrics | rollout_metrics)["loss"]
         if last or done % config.eval_every == 0:
