@@ -43,7 +43,11 @@ def staged_output_dir(target: str | Path, *, keep_existing: bool = False) -> Ite
     if not existing.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(existing))
     target.parent.mkdir(parents=True, exist_ok=True)
-    _remove_abandoned_staging(target)
+    writers = _remove_abandoned_staging(target)
+    if writers and not keep_existing:
+        raise ValueError(
+            f"another process (pid {writers[0]}) is writing {target}: wait for it, or choose another output"
+        )
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.partial-{os.getpid()}-", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result should be like any new directory
     try:
@@ -85,12 +89,20 @@ def _remove_failed_staging(staging: Path, rounds: int = 20) -> None:
             return
 
 
-def _remove_abandoned_staging(target: Path) -> None:
-    """Remove the staging directories for `target` whose writer (the pid in their name) no longer runs."""
+def _remove_abandoned_staging(target: Path) -> list[int]:
+    """Remove the staging directories for `target` whose writer (the pid in their name) no longer runs; the
+    pids of the other processes writing `target` now (a second conversion to the same place learns of the
+    first at its start, not after converting)."""
+    writers = []
     for staging in target.parent.glob(f".{glob.escape(target.name)}.partial-*"):
         pid = staging.name.rsplit(".partial-", 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if not pid.isdigit():
+            continue
+        if not _running(int(pid)):
             shutil.rmtree(staging, ignore_errors=True)
+        elif int(pid) != os.getpid():
+            writers.append(int(pid))
+    return writers
 
 
 def _running(pid: int) -> bool:

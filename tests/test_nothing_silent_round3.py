@@ -355,6 +355,27 @@ def test_an_sft_record_that_is_not_text_is_named(assets, tmp_path):
     assert str(error.value).startswith(f'{data}:2: "prompt" is not text: it holds')
 
 
+def test_a_conversion_to_an_out_another_is_writing_is_refused_at_its_start(assets, tmp_path, capsys):
+    """A live writer's staging directory beside OUT (its process runs): the second conversion stops before
+    converting anything, and leaves the first one's work alone."""
+    out = tmp_path / "out"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as writer:
+        try:
+            staging = tmp_path / f".out.partial-{writer.pid}-x"
+            staging.mkdir()
+            (staging / "params").write_text("the other conversion's")
+            argv = ["llama2c", str(assets / "stories260K.bin"), "--tokenizer", str(assets / "tok512.bin")]
+            with pytest.raises(SystemExit) as exit_info:
+                run_cli(convert_command.main, [*argv, "--out", str(out)])
+        finally:
+            writer.kill()
+    assert exit_info.value.code == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line == f"error: another process (pid {writer.pid}) is writing {out}: wait for it, or choose another output"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [staging.name]
+    assert (staging / "params").read_text() == "the other conversion's"
+
+
 def test_the_loser_of_two_conversions_to_one_out_says_another_is_writing_it(assets, tmp_path, monkeypatch, capsys):
     """Two conversions checked OUT was new at the same moment; the other one renamed its result into place first.
     Before: `error: Directory not empty: OUT`."""
