@@ -1,17 +1,35 @@
 """Shared test setup: two fake CPU devices for mesh tests, float32 matmuls, and the real files tests read."""
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 # Must happen before JAX initialises its backend: two fake CPU devices let the sharding tests build a
 # real 2-device mesh (more would hit XLA CPU rendezvous timeouts on a 2-core machine).
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One XLA compilation cache for the session, shared by pytest's workers and by every command the tests start:
+# they compile the same tiny programs again and again (a `train.py` of configs/tiny_test.yaml takes half the
+# time with it). A new directory each session, so that no test depends on an earlier run; a size limit turns
+# on JAX's file lock, since two workers write it at once. The first process (pytest's controller) removes it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="llama_jax-test-xla-cache-")
+    os.environ["LLAMA_JAX_TEST_CACHE_OWNER"] = str(os.getpid())
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.05")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("LLAMA_JAX_TEST_CACHE_OWNER") == str(os.getpid()):
+        shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
 
 REPO = Path(__file__).resolve().parents[1]
 # Meta's tokenizers are not bundled (their license): tests that need them skip unless the folder that
