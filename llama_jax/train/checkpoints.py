@@ -41,7 +41,7 @@ log = logging.getLogger("llama_jax")
 class TrainingCheckpoints:
     """Orbax CheckpointManager over RUN_DIR/checkpoints with the items above, keeping the last `keep`."""
 
-    _saving: int | None = None  # the step of the newest save started
+    _started: tuple[int, ...] = ()  # the steps whose saves this process started
 
     def __init__(self, run_dir: Path, keep: int):
         self.run_dir = run_dir
@@ -57,6 +57,7 @@ class TrainingCheckpoints:
         """Start saving `state` as `step` (asynchronously: returns once the arrays are copied off device),
         with the checksums of what is saved. A CheckpointWriteError when the save before it failed."""
         checksums = {"params": device_checksums(state.params), "opt_state": device_checksums(state.opt_state)}
+        self._started += (step,)
         with self._writing():
             self._manager.save(
                 step,
@@ -67,7 +68,6 @@ class TrainingCheckpoints:
                 ),
                 force=True,
             )
-            self._saving = step
 
     def check(self) -> None:
         """A CheckpointWriteError as soon as a save running in the background has failed (a full disk): the
@@ -133,11 +133,14 @@ class TrainingCheckpoints:
     def _writing(self):
         """Orbax's and TensorStore's errors of a failed save, raised from its threads, name the step's
         temporary directory (gone by now) in pages of detail: said here as one line naming the checkpoints
-        directory, the step and the newest step that was written."""
+        directory, the first step this run started and did not write, and the newest step written."""
         try:
             yield
         except Exception as error:
-            raise CheckpointWriteError(self, error) from None
+            written = self._manager.all_steps(read=True)
+            failed = min((s for s in self._started if s not in written), default=None)
+            newest = max(written, default=None)
+            raise CheckpointWriteError(self.run_dir / CHECKPOINTS_DIR, error, failed, newest) from None
 
     def close(self) -> None:
         self._manager.close()
@@ -162,7 +165,7 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written: `reason: RUN_DIR/checkpoints (step N; ...)`, the reason being the
     operating system's (No space left on device) when the storage layers' message carries one."""
 
-    def __init__(self, checkpoints: TrainingCheckpoints, error: Exception):
+    def __init__(self, directory: Path, error: Exception, step: int | None, newest: int | None):
         message = str(error)
         code = re.search(r"os_error_code='?(\d+)", message)
         if isinstance(error, OSError) and error.strerror:
@@ -171,10 +174,9 @@ class CheckpointWriteError(OSError):
             reason = os.strerror(int(code.group(1)))
         else:
             reason = f"writing failed ({_OS_CODE.sub('', one_line(error))})"
-        newest = checkpoints.latest_step()
         kept = f"the newest checkpoint written is step {newest}" if newest is not None else "no checkpoint is written"
-        where = f"step {checkpoints._saving}; {kept}" if checkpoints._saving is not None else kept
-        super().__init__(f"{reason}: {checkpoints.run_dir / CHECKPOINTS_DIR} ({where})")
+        where = f"step {step}; {kept}" if step is not None else kept
+        super().__init__(f"{reason}: {directory} ({where})")
 
 
 _OS_CODE = re.compile(r"\s*\[os_error_code=[^]]*\]")
