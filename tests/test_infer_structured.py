@@ -91,8 +91,12 @@ def test_bad_grammars_are_one_line_and_write_nothing(stories, tmp_path, capsys):
     not_json.write_text("{'type': 'object'}")
     lark = tmp_path / "bad.lark"
     lark.write_text("start: missing_rule\n")
+    binary = tmp_path / "grammar.bin"
+    binary.write_bytes(b"\xff\xfe start")
     for args, expected in (
         (["--json-schema", not_json], f"--json-schema {not_json} is not JSON"),
+        (["--grammar", binary], f"--grammar {binary} is not UTF-8 text (invalid start byte at byte 0)"),
+        (["--json-schema", tmp_path], f"Is a directory: {tmp_path}"),
         (["--json-schema", tmp_path / "absent.json"], f"no such file: {tmp_path / 'absent.json'}"),
         (["--regex", "[a-"], "the regex constraint is not valid"),
         (["--grammar", lark], "the lark constraint is not valid"),

@@ -112,7 +112,7 @@ def structured_output(args: argparse.Namespace):
     from llama_jax.inference.constraints import Constraint
 
     if args.json_schema is not None:
-        text = Path(args.json_schema).read_text(encoding="utf-8")
+        text = _read_text(args.json_schema, "--json-schema")
         try:
             json.loads(text)
         except json.JSONDecodeError as e:
@@ -125,8 +125,15 @@ def structured_output(args: argparse.Namespace):
     if args.choice:
         return Constraint("choice", json.dumps(args.choice))
     if args.grammar is not None:
-        return Constraint("lark", Path(args.grammar).read_text(encoding="utf-8"))
+        return Constraint("lark", _read_text(args.grammar, "--grammar"))
     return None
+
+
+def _read_text(path: str, flag: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{flag} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _check_structured_output(job, constraint) -> None:
