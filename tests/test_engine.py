@@ -254,6 +254,7 @@ def test_one_thread_steps_an_engine(loaded, prompts):
     assert engine.generate(requests(prompts[:1]))[0].finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_rows_past_the_tokenizers_ids_are_never_sampled(tmp_path, assets):
     """A vocabulary padded past its tokenizer (576 rows, 512 pieces): the padding rows, however likely, are never
     chosen, greedy or sampled (they would decode to nothing)."""

@@ -55,6 +55,7 @@ def last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_generate_scores_every_record_and_resumes_without_redoing_finished_ones(stories_model, tmp_path, capsys):
     stories = [
         ("Once upon a time, there was a little girl named Lily.", "She liked to play in the park."),

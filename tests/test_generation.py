@@ -261,6 +261,7 @@ def test_bad_requests_are_refused_with_a_clear_message(model, mesh, text_model):
         generate(text_model, ["story " * 200], max_new_tokens=8)
 
 
+@pytest.mark.slow
 def test_kv_heads_spread_over_a_wider_tensor_axis_give_the_same_tokens(tmp_path, prompts):
     """One KV head on a tensor axis of 2: `load` repeats it so that each device holds one head of the cache (as
     vLLM does) instead of all of it, and the logits and greedy tokens are those of the one-head model."""
@@ -282,6 +283,7 @@ def test_kv_heads_spread_over_a_wider_tensor_axis_give_the_same_tokens(tmp_path,
     assert same == [r.token_ids for r in Engine(alone, settings).generate(asked)]
 
 
+@pytest.mark.slow
 def test_a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_tokens(model, mesh, prompts):
     """Six prompts of 1-40 tokens in four slots over a pool of six pages of 16: sequences take pages as they
     grow, the newest are preempted and prefilled again with the tokens they had, and every request's tokens —
@@ -298,6 +300,7 @@ def test_a_pool_too_small_for_every_sequence_preempts_and_recomputes_the_same_to
     assert tight.status().positions == 96 and tight.status().positions_used == 2 * 16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_config", [None, MeshConfig(data=1, tensor=2)], ids=["one-device", "tensor"])
 def test_the_tpu_kernel_layout_of_the_pool_gives_the_same_tokens(model, mesh, prompts, reference_greedy, mesh_config):
     """The pool laid out for the TPU's ragged paged attention kernel (what `attention="splash"` asks for on any

@@ -36,6 +36,8 @@ from llama_jax.train.init_from import build_model_config
 from llama_jax.train.inputs import read_inputs
 from llama_jax.train.sources import data_files, sft_texts
 
+pytestmark = pytest.mark.slow  # commands run end to end, as test_reliability.py's: the whole suite runs them
+
 REPO = Path(__file__).resolve().parents[1]
 TINY_TEST = REPO / "configs" / "tiny_test.yaml"
 NO_SPACE = os.strerror(errno.ENOSPC)

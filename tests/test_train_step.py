@@ -148,6 +148,7 @@ def test_loss_and_gradient_are_masked_cross_entropy_plus_z_loss(initial_params):
     assert int(state.step) == 1
 
 
+@pytest.mark.slow
 def test_chunked_loss_gives_the_full_logits_loss_and_gradients(initial_params):
     """6-position chunks over 16 positions: two full chunks and a padded third, values and gradients as the
     loss over the whole (batch, seq, vocab) logits."""
